@@ -1,0 +1,85 @@
+"""Thin torch wrappers over single kernels: validate, allocate, launch.
+
+These are the building blocks the public API composes (scheduler -> split
+kernel -> combine); tests and benchmarks call them directly too.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from cute_mla import launcher
+from schedules import decode_plan
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_int32_vector(name: str, t: torch.Tensor, n: Optional[int] = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _require(t.dtype == torch.int32, f"{name} must be int32, got {t.dtype}")
+    _require(t.dim() == 1, f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    _require(t.is_cuda, f"{name} must be a CUDA tensor, got device {t.device}")
+    if n is not None:
+        _require(t.shape[0] == n, f"{name} must have {n} entries, got {t.shape[0]}")
+
+
+def plan_decode(cache_seqlens: torch.Tensor, num_parts: int, block_n: int = decode_plan.BLOCK_N,
+                fixed_overhead: int = decode_plan.FIXED_OVERHEAD_BLOCKS):
+    """Run the split-KV scheduler on the GPU: returns (sched_meta [parts, 8], split_offsets [b + 1]).
+
+    Enqueued on the current stream with no host sync; the decode kernel that follows
+    may start early (it is a PDL dependent of this one).
+    """
+    _check_int32_vector("cache_seqlens", cache_seqlens)
+    _require(cache_seqlens.is_contiguous(), "cache_seqlens must be contiguous")
+    _require(num_parts >= 1, f"num_parts must be >= 1, got {num_parts}")
+    b = cache_seqlens.shape[0]
+    dev = cache_seqlens.device
+    sched_meta = torch.empty(num_parts, decode_plan.SCHED_META_FIELDS, dtype=torch.int32, device=dev)
+    split_offsets = torch.empty(b + 1, dtype=torch.int32, device=dev)
+    if b == 0:
+        return sched_meta.zero_(), split_offsets.zero_()
+    launcher.launch("decode_scheduler", {}, (1, 1, 1),
+                    [cache_seqlens, sched_meta, split_offsets, block_n, fixed_overhead],
+                    device_index=dev.index)
+    return sched_meta, split_offsets
+
+
+def combine(o_accum: torch.Tensor, lse_accum: torch.Tensor, split_offsets: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor, attn_sink: Optional[torch.Tensor] = None,
+            skip_single_split: bool = False, pdl: bool = True) -> None:
+    """Merge split-KV partials into ``out`` [b, s_q, h_q, 512] and ``lse`` [b, h_q, s_q].
+
+    o_accum [n_splits, s_q, h_q, 512] float32 and lse_accum [n_splits, s_q, h_q] float32
+    (base-2 lse of the scaled logits; -inf marks a split without a valid key, whose
+    o_accum row is never read).  Request i owns rows split_offsets[i] .. split_offsets[i+1].
+    With ``skip_single_split`` rows of single-split requests are left untouched (the split
+    kernel finalised them).  The sink is applied here, once.
+    """
+    _require(out.dtype in _DTYPE_NAMES, f"out must be bfloat16 or float16, got {out.dtype}")
+    _require(out.dim() == 4 and out.shape[3] == 512, f"out must be [b, s_q, h_q, 512], got {tuple(out.shape)}")
+    b, s_q, h_q, _ = out.shape
+    _require(o_accum.dim() == 4 and tuple(o_accum.shape[1:]) == (s_q, h_q, 512),
+             f"o_accum must be [n_splits, {s_q}, {h_q}, 512], got {tuple(o_accum.shape)}")
+    _require(tuple(lse_accum.shape) == tuple(o_accum.shape[:3]),
+             f"lse_accum must be {tuple(o_accum.shape[:3])}, got {tuple(lse_accum.shape)}")
+    _require(tuple(lse.shape) == (b, h_q, s_q), f"lse must be [{b}, {h_q}, {s_q}], got {tuple(lse.shape)}")
+    _check_int32_vector("split_offsets", split_offsets, b + 1)
+    if attn_sink is not None:
+        _require(attn_sink.dtype == torch.float32 and tuple(attn_sink.shape) == (h_q,),
+                 f"attn_sink must be float32 [{h_q}], got {attn_sink.dtype} {tuple(attn_sink.shape)}")
+        sink = attn_sink
+    else:
+        sink = torch.empty(1, dtype=torch.float32, device=out.device)
+    launcher.launch(
+        "combine", {"dtype": _DTYPE_NAMES[out.dtype]},
+        (-(-h_q // decode_plan.COMBINE_HEADS_PER_CTA), s_q, b),
+        [o_accum, lse_accum, split_offsets, sink, out, lse, int(skip_single_split), int(attn_sink is not None)],
+        device_index=out.device.index, pdl=pdl)

@@ -1,0 +1,83 @@
+"""The one registry of compiled kernel variants (runtime code: no DSL import).
+
+Each ``KernelDef`` names a CuTe DSL class, the architectures it builds for,
+its static-config variants and its parameter ABI (from ``layouts.operands``).
+``python -m cute_mla.compile`` builds every (kernel, variant, arch) from here,
+and the launcher finds cubins by the same derived key, so a kernel is added by
+writing its class and one entry below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from layouts import operands
+
+ARCHS = ("sm_90a", "sm_100a")
+# compute capability (major, minor) -> cubin architecture
+ARCH_FOR_CC = {(9, 0): "sm_90a", (10, 0): "sm_100a", (10, 3): "sm_100a"}
+
+
+@dataclass(frozen=True)
+class KernelDef:
+    name: str
+    source: str  # "package.module:ClassName"
+    archs: tuple[str, ...]
+    args: Callable[..., tuple]  # config -> ABI spec tuple
+    variants: tuple[Mapping[str, Any], ...] = ({},)
+    # extra source files (besides the class's module) whose edits must trigger a rebuild
+    deps: tuple[str, ...] = ()
+
+    def abi(self, config: Mapping[str, Any]) -> tuple:
+        return self.args(**config)
+
+    def key(self, config: Mapping[str, Any]) -> str:
+        return variant_key(self.name, config)
+
+
+def variant_key(name: str, config: Mapping[str, Any]) -> str:
+    """Derived compile key, e.g. ``combine__dtype-bf16``; never written by hand."""
+    parts = [f"{k}-{config[k]}" for k in sorted(config)]
+    return "__".join([name] + parts)
+
+
+_COMMON_DEPS = ("kernels/common/fake.py", "kernels/common/dtypes.py", "cute_mla/abi.py", "layouts/operands.py")
+
+KERNELS: tuple[KernelDef, ...] = (
+    KernelDef(
+        name="combine",
+        source="kernels.common.combine:CombineKernel",
+        archs=ARCHS,
+        args=operands.combine_args,
+        variants=({"dtype": "bf16"}, {"dtype": "fp16"}),
+        deps=_COMMON_DEPS + ("schedules/decode_plan.py",),
+    ),
+    KernelDef(
+        name="decode_scheduler",
+        source="schedules.decode_scheduler:DecodeSchedulerKernel",
+        archs=ARCHS,
+        args=operands.decode_scheduler_args,
+        deps=_COMMON_DEPS + ("schedules/decode_plan.py",),
+    ),
+)
+
+BY_NAME = {k.name: k for k in KERNELS}
+
+
+def get(name: str) -> KernelDef:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"no kernel named {name!r}; registered: {sorted(BY_NAME)}") from None
+
+
+def variants(arch: str | None = None, only: Sequence[str] | None = None):
+    """(KernelDef, config, arch) triples to build, filtered by arch and name/key."""
+    for kd in KERNELS:
+        for cfg in kd.variants:
+            for a in kd.archs:
+                if arch is not None and a != arch:
+                    continue
+                if only and kd.name not in only and kd.key(cfg) not in only:
+                    continue
+                yield kd, dict(cfg), a

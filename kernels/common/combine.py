@@ -1,0 +1,131 @@
+"""Split-KV combine: merge partial attention outputs by their log-sum-exp.
+
+Architecture-neutral (plain loads/stores, warp shuffles), so it is compiled for
+every target.
+"""
+from __future__ import annotations
+
+import math
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32
+
+from kernels.common.dtypes import dsl_dtype
+from layouts.operands import D_V
+from schedules.decode_plan import COMBINE_HEADS_PER_CTA
+
+LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
+
+
+class CombineKernel:
+    """Finalise attention rows from split-KV partials.
+
+    Work split: one warp per (request, query token, head) row; a CTA of
+    ``warps_per_cta`` warps covers that many heads of one (request, query token).
+    Grid: (ceil(h_q / warps_per_cta), s_q, b).  Each lane owns ``D_V / 128`` float4
+    chunks of the 512-wide row, strided by 128 so every load and store of the warp
+    is one coalesced 512-byte line.
+
+    Per row, with n = the request's split count and lse2_i the partials' base-2 lse:
+      lse2 = log2(sum_i exp2(lse2_i)),  O = sum_i exp2(lse2_i - lse2) * O_i.
+    Splits with lse2_i = -inf (no valid key) are never read, so whatever their
+    partial rows hold cannot leak.  A row with no valid key at all becomes
+    O = 0, lse = +inf.  The attention sink scales O by 1 / (1 + exp(sink - lse)),
+    here and nowhere else, so it is applied exactly once.
+
+    Launched as a programmatic dependent (PDL) of the split kernel: everything
+    before ``griddepcontrol_wait`` overlaps the producer's tail.
+    """
+
+    warps_per_cta = COMBINE_HEADS_PER_CTA
+    threads = 32 * warps_per_cta
+    chunks = D_V // 128  # float4 chunks per lane
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+        self.out_dtype = dsl_dtype(dtype)
+        self.smem_bytes = 0
+
+    @cute.jit
+    def __call__(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSplitOffsets: cute.Tensor,
+                 mSink: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
+                 skip_single_split: Int32, has_sink: Int32, stream: cuda.CUstream):
+        b, s_q, h_q = mOut.shape[0], mOut.shape[1], mOut.shape[2]
+        self.kernel(mOAccum, mLseAccum, mSplitOffsets, mSink, mOut, mLse, skip_single_split, has_sink).launch(
+            grid=[cute.ceil_div(h_q, self.warps_per_cta), s_q, b],
+            block=[self.threads, 1, 1],
+            stream=stream,
+            use_pdl=True,
+        )
+
+    @cute.kernel
+    def kernel(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSplitOffsets: cute.Tensor,
+               mSink: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
+               skip_single_split: Int32, has_sink: Int32):
+        # mOAccum (n_splits, s_q, h_q, d_v) f32, mLseAccum (n_splits, s_q, h_q) f32 (log2)
+        # mOut (b, s_q, h_q, d_v), mLse (b, h_q, s_q) f32 (natural log)
+        lane = cute.arch.lane_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        hblk, iq, ib = cute.arch.block_idx()
+        h = hblk * self.warps_per_cta + warp
+        h_q = mOut.shape[2]
+
+        # Everything above is independent of the producer; partials are read only after it.
+        cute.arch.griddepcontrol_wait()
+        if h < h_q:
+            start = mSplitOffsets[ib]
+            n = mSplitOffsets[ib + 1] - start
+            if not (skip_single_split != 0 and n == 1):
+                self.combine_row(mOAccum, mLseAccum, mSink, mOut, mLse, has_sink, start, n, ib, iq, h, lane)
+
+    @cute.jit
+    def combine_row(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSink: cute.Tensor,
+                    mOut: cute.Tensor, mLse: cute.Tensor, has_sink: Int32,
+                    start: Int32, n: Int32, ib: Int32, iq: Int32, h: Int32, lane: Int32):
+        neg_inf = -Float32.inf
+        # Row max and sum of the partial lse values, lanes striding over splits.
+        m = neg_inf
+        for i in cutlass.range(lane, n, 32):
+            m = cute.arch.fmax(m, mLseAccum[start + i, iq, h])
+        m = cute.arch.warp_reduction_max(m)
+        lse2 = neg_inf
+        if m != neg_inf:
+            s = Float32(0.0)
+            for i in cutlass.range(lane, n, 32):
+                s += cute.math.exp2(mLseAccum[start + i, iq, h] - m, fastmath=True)
+            s = cute.arch.warp_reduction_sum(s)
+            lse2 = m + cute.math.log2(s, fastmath=False)
+
+        # (4, 32, chunks) view of the row: lane owns [4*lane + 128*j, +4) for each chunk j
+        row_layout = cute.make_layout((4, 32, self.chunks), stride=(1, 4, 128))
+        acc = cute.make_rmem_tensor(cute.make_layout((4, self.chunks), stride=(1, 4)), Float32)
+        acc.fill(0.0)
+        if lse2 != neg_inf:
+            for i in cutlass.range(n):
+                lse_i = mLseAccum[start + i, iq, h]
+                if lse_i != neg_inf:
+                    w = cute.math.exp2(lse_i - lse2, fastmath=True)
+                    gRow = cute.make_tensor(mOAccum[start + i, iq, h, None].iterator, row_layout)
+                    part = cute.make_rmem_tensor_like(acc)
+                    cute.autovec_copy(gRow[None, lane, None], part)
+                    for k in cutlass.range_constexpr(4 * self.chunks):
+                        acc[k] += w * part[k]
+
+        lse_out = Float32.inf
+        scale = Float32(0.0)
+        if lse2 != neg_inf:
+            lse_out = lse2 * LN_2
+            scale = Float32(1.0)
+            if has_sink != 0:
+                # exp(lse) / (exp(lse) + exp(sink)); sink = +inf gives 0, -inf gives 1
+                scale = 1.0 / (1.0 + cute.math.exp2(mSink[h] * LOG2_E - lse2, fastmath=True))
+        res = cute.make_rmem_tensor_like(acc, self.out_dtype)
+        for k in cutlass.range_constexpr(4 * self.chunks):
+            res[k] = (acc[k] * scale).to(self.out_dtype)
+        gOutRow = cute.make_tensor(mOut[ib, iq, h, None].iterator, row_layout)
+        cute.autovec_copy(res, gOutRow[None, lane, None])
+        if lane == 0:
+            mLse[ib, h, iq] = lse_out

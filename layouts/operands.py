@@ -1,0 +1,53 @@
+"""Kernel parameter ABIs: what each compiled kernel takes, in order.
+
+The compile step specialises every kernel from these specs (static extents and
+strides are compiled in, named ones stay dynamic) and the launcher packs runtime
+tensors by them, so this file is the one place the two meet.  Shape comments use
+SPEC.md's names.
+"""
+from __future__ import annotations
+
+from cute_mla.abi import ScalarArg, TensorArg
+
+D_V = 512  # every MLA kernel here writes 512-wide V rows
+
+
+def split_kv_partials(dtype_out: str = "bf16"):
+    """The split-KV partial buffers written by decode kernels and read by the combine."""
+    return (
+        # (total_splits, s_q, h_q, d_v) float32: partial O of each split, already divided
+        # by its own softmax sum.  Split rows with lse = -inf are never read.
+        TensorArg("o_accum", "f32", ("n_splits", "s_q", "h_q", D_V), ("so0", "so1", D_V, 1),
+                  divisibility=(("so0", 4), ("so1", 4))),
+        # (total_splits, s_q, h_q) float32: base-2 log-sum-exp of each split's scaled logits
+        TensorArg("lse_accum", "f32", ("n_splits", "s_q", "h_q"), ("sl0", "sl1", 1), align=4),
+    )
+
+
+def combine_args(dtype: str):
+    return split_kv_partials() + (
+        # (b + 1,) int32: split_offsets[i] = first partial row of request i
+        TensorArg("split_offsets", "i32", ("b1",), (1,), align=4),
+        # (h_q,) float32 attention sink (a dummy 1-element tensor when absent)
+        TensorArg("attn_sink", "f32", ("h_sink",), (1,), align=4),
+        # (b, s_q, h_q, d_v) final output in q's dtype
+        TensorArg("out", dtype, ("b", "s_q", "h_q", D_V), ("ob", "os", "oh", 1),
+                  divisibility=(("ob", 8), ("os", 8), ("oh", 8))),
+        # (b, h_q, s_q) float32 natural-log lse
+        TensorArg("lse", "f32", ("b", "h_q", "s_q"), ("lb", "lh", 1), align=4),
+        ScalarArg("skip_single_split"),  # 1: requests with one split were finalised by the main kernel
+        ScalarArg("has_sink"),
+    )
+
+
+def decode_scheduler_args():
+    return (
+        # (b,) int32 KV length per request
+        TensorArg("cache_seqlens", "i32", ("b",), (1,), align=4),
+        # (num_sm_parts, SCHED_META_FIELDS) int32, see schedules.decode_plan
+        TensorArg("sched_meta", "i32", ("parts", 8), (8, 1), align=16),
+        # (b + 1,) int32 split offsets
+        TensorArg("split_offsets", "i32", ("b1",), (1,), align=4),
+        ScalarArg("block_n"),
+        ScalarArg("fixed_overhead"),
+    )

@@ -1,0 +1,111 @@
+"""python -m perf: time every registered case against this GPU's measured roofline and write the results.
+
+    python -m perf [--filter SUBSTR ...] [--out DIR] [--iters N] [--no-png] [--list] [--commit SHA]
+
+On the GPU machine the tree is a copy without .git: pass --commit or CUTE_MLA_COMMIT=$(git rev-parse --short HEAD).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from perf import cases as registry
+from perf import report
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m perf", description=__doc__.splitlines()[0])
+    p.add_argument("--filter", action="extend", nargs="+", default=[], metavar="SUBSTR",
+                   help="run only cases whose name ('kernel k=v ...') contains any of these substrings")
+    p.add_argument("--out", default=str(report.DEFAULT_OUT), help="output directory (default: perf/results)")
+    p.add_argument("--iters", type=int, default=100, help="timed calls per case (default 100)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls per case first (default 10)")
+    p.add_argument("--rotate", type=int, default=None,
+                   help="input sets to cycle through (default: enough to exceed L2, see perf/timing.py)")
+    p.add_argument("--no-png", action="store_true", help="skip the PNG chart")
+    p.add_argument("--list", action="store_true", help="list the selected cases and exit (no GPU needed)")
+    p.add_argument("--commit", default=None, help="commit id to record (default: $CUTE_MLA_COMMIT or git)")
+    p.add_argument("--provider", action="extend", nargs="+", default=[], metavar="MODULE",
+                   help="extra provider modules to import besides perf.cases.PROVIDER_MODULES")
+    return p.parse_args(argv)
+
+
+def _progress(items):
+    """tqdm when available, else one stderr line per case: '[3/12] dense_decode b=128 ...'.
+
+    tqdm only on a terminal: captured logs (the GPU machine's output tail) would fill with carriage-return redraws.
+    """
+    try:
+        from tqdm import tqdm
+        if not sys.stderr.isatty():
+            raise ImportError
+    except ImportError:
+        for i, c in enumerate(items, 1):
+            print(f"[{i}/{len(items)}] {c.name} ...", file=sys.stderr, flush=True)
+            yield c, lambda msg: print(f"    {msg}", file=sys.stderr, flush=True)
+        return
+    bar = tqdm(items, unit="case", file=sys.stderr)
+    for c in bar:
+        bar.set_description(c.name[:60])
+        yield c, tqdm.write
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    load_errors: list[str] = []
+    selected = registry.all_cases(args.filter, args.provider, load_errors)
+    for err in load_errors:
+        print(f"error: {err}", file=sys.stderr)
+
+    if args.list:
+        for c in selected:
+            print(f"{c.name}  [{c.bound}-bound, {c.flops:.3g} FLOP, {c.bytes:.3g} B]")
+        print(f"{len(selected)} case(s)", file=sys.stderr)
+        return 1 if load_errors else 0
+
+    import torch
+    if not torch.cuda.is_available():
+        print("error: python -m perf needs a CUDA GPU, and torch.cuda.is_available() is False here "
+              f"(torch {torch.__version__}). Run it on the GPU machine; --list works without one.",
+              file=sys.stderr)
+        return 2
+    if args.filter and not selected:
+        print(f"error: no case matches --filter {' '.join(args.filter)} (see --list)", file=sys.stderr)
+        return 2
+
+    from perf import roofline, timing   # these need CUDA
+    device = torch.cuda.get_device_name()
+    print(f"measuring roofline on {device} ...", file=sys.stderr, flush=True)
+    roof = roofline.measure()
+    print(f"roofline: copy {roof['copy_gbs']:.1f} GB/s, bf16 GEMM {roof['gemm_tflops']:.1f} TFLOPS",
+          file=sys.stderr, flush=True)
+
+    entries = []
+    for case, say in _progress(selected):
+        common = dict(kernel=case.kernel, params=case.params, bound=case.bound, flops=case.flops,
+                      bytes=case.bytes, roofline=roof, published=case.published)
+        try:
+            t = timing.time_case(case, iters=args.iters, warmup=args.warmup, rotate=args.rotate)
+        except Exception as e:   # report and go on: one broken kernel must not hide the others' numbers
+            msg = f"{type(e).__name__}: {e}".strip()
+            say(f"FAILED {case.name}: {msg.splitlines()[0] if msg else ''}")
+            entries.append(report.case_entry(us=None, error=msg, **common))
+            continue
+        entries.append(report.case_entry(us=t.us, us_p10=t.p10_us, us_p90=t.p90_us, iters=t.iters,
+                                         rotate=t.rotate, **common))
+        e = entries[-1]
+        say(f"{case.name}: {t.us:.2f} us, ratio {e['ratio']:.3f}" if e["ratio"] is not None
+            else f"{case.name}: {t.us:.2f} us")
+
+    rep = report.build_report(entries, roof, device, report.git_commit(args.commit))
+    paths = report.write_report(rep, args.out, png=not args.no_png)
+    print(report.markdown(rep))
+    print("wrote " + ", ".join(str(p) for p in paths.values() if p), file=sys.stderr)
+    failed = sum(1 for e in entries if e.get("error")) + len(load_errors)
+    if failed:
+        print(f"error: {failed} failure(s), see above", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Split-KV planning for the decode kernels (host side, runtime code: no DSL).
+
+The decode kernels run on a persistent grid of ``num_sm_parts`` CTAs per
+(kv head, query-row block).  The plan cuts the concatenation of all requests'
+KV blocks (``block_n`` tokens each) into ``num_sm_parts`` contiguous pieces of
+about equal cost, where a request costs its block count plus a fixed overhead
+(``FIXED_OVERHEAD_BLOCKS``: the prologue/epilogue of a split, worth a few blocks
+of main-loop time).  A piece may start or end inside a request; such a request
+is then computed as several splits whose partial results the combine kernel
+merges.
+
+``sched_meta[part]`` (int32, ``SCHED_META_FIELDS`` wide):
+  [0] begin_req     first request of the part
+  [1] begin_block   first KV block (of ``block_n`` tokens) in begin_req
+  [2] end_req       last request of the part (inclusive; < begin_req: empty part)
+  [3] end_block     one past the last KV block in end_req
+  [4] begin_split   split index the part writes for begin_req
+  [5..7] zero       reserved
+``split_offsets[i]`` (b + 1 entries): request i owns partial rows
+``split_offsets[i] .. split_offsets[i + 1]``; a request with one split needs no combine.
+
+The same arithmetic runs on the GPU in ``schedules.decode_scheduler`` (the path
+used at inference, with no host sync); ``plan_host`` is its reference.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+SCHED_META_FIELDS = 8
+BLOCK_N = 64
+FIXED_OVERHEAD_BLOCKS = 5
+BLOCK_M = 64  # query rows (s_q * h_q / h_kv) a decode CTA processes at once
+COMBINE_HEADS_PER_CTA = 4  # the combine kernel runs one warp per head row
+
+
+def num_sm_parts(num_sms: int, s_q: int, h_q: int, h_kv: int, block_m: int = BLOCK_M) -> int:
+    """How many persistent CTAs share the KV of one (kv head, row block).
+
+    Every (kv head, row block) pair gets its own set of parts, so all of them
+    together fill the GPU once.
+    """
+    rows = s_q * (h_q // h_kv)
+    row_blocks = -(-rows // block_m)
+    return max(num_sms // h_kv // row_blocks, 1)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def plan_host(cache_seqlens: Sequence[int], parts: int, block_n: int = BLOCK_N,
+              fixed_overhead: int = FIXED_OVERHEAD_BLOCKS) -> tuple[list[list[int]], list[int]]:
+    """Plan on the host: returns (sched_meta rows, split_offsets)."""
+    b = len(cache_seqlens)
+    nblocks = [_cdiv(int(s), block_n) for s in cache_seqlens]
+    total = sum(nblocks) + fixed_overhead * b
+    payload = _cdiv(total, parts) + fixed_overhead
+    meta = []
+    offsets = [0] * (b + 1)
+    req, blk, split, cum = 0, 0, 0, 0
+    for _ in range(parts):
+        begin = [req, blk, split]
+        remain = payload
+        done = False
+        while req < b and not done:
+            left = nblocks[req] - blk
+            if remain >= left + fixed_overhead:
+                cum += split + 1
+                offsets[req + 1] = cum
+                remain -= left + fixed_overhead
+                req, blk, split = req + 1, 0, 0
+            else:
+                if remain - fixed_overhead > 0:
+                    blk += remain - fixed_overhead
+                    split += 1
+                done = True
+        if blk > 0:
+            end_req, end_blk = req, blk
+        else:
+            end_req, end_blk = req - 1, nblocks[req - 1] if req > 0 else 0
+        meta.append([begin[0], begin[1], end_req, end_blk, begin[2], 0, 0, 0])
+    return meta, offsets
+
+
+def part_work(meta_row: Sequence[int], nblocks: Sequence[int]):
+    """Expand one part into (request, first block, end block, split index) pieces,
+    exactly as a decode kernel walks it."""
+    begin_req, begin_blk, end_req, end_blk, begin_split = meta_row[:5]
+    out = []
+    for r in range(begin_req, end_req + 1):
+        lo = begin_blk if r == begin_req else 0
+        hi = end_blk if r == end_req else nblocks[r]
+        out.append((r, lo, hi, begin_split if r == begin_req else 0))
+    return out

@@ -1,0 +1,91 @@
+"""GPU side of the split-KV plan (see ``schedules.decode_plan`` for the format).
+
+One warp: the lanes add up the requests' block counts, then lane 0 walks the
+requests once, exactly as ``plan_host`` does.  The walk is O(b + parts) scalar
+steps, a few microseconds for serving batch sizes, and it runs on the stream
+with no host synchronisation, so a decode step stays graph-capturable.
+"""
+from __future__ import annotations
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+from cutlass import Int32
+
+
+class DecodeSchedulerKernel:
+    """Computes ``sched_meta`` and ``split_offsets`` from ``cache_seqlens``.
+
+    Warp roles: a single warp; all lanes reduce, lane 0 plans and writes.
+    Launched as a PDL primary: it lets the decode kernel start its prologue early.
+    """
+
+    threads = 32
+
+    def __init__(self):
+        self.smem_bytes = 0
+
+    @cute.jit
+    def __call__(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mOffsets: cute.Tensor,
+                 block_n: Int32, fixed_overhead: Int32, stream: cuda.CUstream):
+        self.kernel(mSeqlens, mMeta, mOffsets, block_n, fixed_overhead).launch(
+            grid=[1, 1, 1], block=[self.threads, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mOffsets: cute.Tensor,
+               block_n: Int32, fixed_overhead: Int32):
+        # mSeqlens (b,), mMeta (parts, 8), mOffsets (b + 1,)
+        lane = cute.arch.lane_idx()
+        b = mSeqlens.shape[0]
+        parts = mMeta.shape[0]
+        total = Int32(0)
+        for i in cutlass.range(lane, b, 32):
+            total += (mSeqlens[i] + block_n - 1) // block_n + fixed_overhead
+        total = cute.arch.warp_reduction_sum(total)
+        if lane == 0:
+            self.plan(mSeqlens, mMeta, mOffsets, block_n, fixed_overhead, total)
+        cute.arch.griddepcontrol_launch_dependents()
+
+    @cute.jit
+    def plan(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mOffsets: cute.Tensor,
+             block_n: Int32, fixed_overhead: Int32, total: Int32):
+        b = mSeqlens.shape[0]
+        parts = mMeta.shape[0]
+        payload = (total + parts - 1) // parts + fixed_overhead
+        mOffsets[0] = 0
+        req = Int32(0)
+        blk = Int32(0)
+        split = Int32(0)
+        cum = Int32(0)
+        for p in cutlass.range(parts):
+            mMeta[p, 0] = req
+            mMeta[p, 1] = blk
+            mMeta[p, 4] = split
+            remain = payload
+            done = Int32(0)
+            while req < b and done == 0:
+                left = (mSeqlens[req] + block_n - 1) // block_n - blk
+                if remain >= left + fixed_overhead:
+                    cum += split + 1
+                    mOffsets[req + 1] = cum
+                    remain -= left + fixed_overhead
+                    req += 1
+                    blk = Int32(0)
+                    split = Int32(0)
+                else:
+                    if remain - fixed_overhead > 0:
+                        blk += remain - fixed_overhead
+                        split += 1
+                    done = Int32(1)
+            end_req = req
+            end_blk = blk
+            if blk == 0:
+                end_req = req - 1
+                end_blk = Int32(0)
+                if req > 0:
+                    end_blk = (mSeqlens[req - 1] + block_n - 1) // block_n
+            mMeta[p, 2] = end_req
+            mMeta[p, 3] = end_blk
+            mMeta[p, 5] = 0
+            mMeta[p, 6] = 0
+            mMeta[p, 7] = 0

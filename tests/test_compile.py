@@ -1,0 +1,103 @@
+"""Compile-only tests (CPU, run in CI): every variant builds for every arch it is
+registered for, the PTX ABI matches layouts.operands, SASS has what we intended."""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cute_mla import abi, compile as cm, registry
+
+pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl (the build extra) is not installed")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cubins")
+    n = cm.build(registry.ARCHS, out, log=lambda s: None)
+    assert n == len(list(registry.variants()))
+    return out
+
+
+def test_every_variant_builds_with_matching_abi(built):
+    for kd, cfg, arch in registry.variants():
+        entry = json.loads((built / arch / "manifest.json").read_text())["kernels"][kd.key(cfg)]
+        assert (built / arch / entry["cubin"]).stat().st_size > 0
+        assert entry["params"] == abi.param_layout(kd.abi(cfg))
+        assert entry["dsl_version"] == cm.DSL_PIN
+        assert entry["block"][0] > 0 and entry["smem_bytes"] >= 0
+
+
+def test_unchanged_variants_are_skipped(built):
+    log = []
+    assert cm.build(registry.ARCHS, built, log=log.append) == 0
+    assert all("up to date" in line for line in log)
+
+
+def test_only_filters_and_unknown_name_fails(built, tmp_path):
+    assert cm.build(["sm_90a"], tmp_path, only=["decode_scheduler"], log=lambda s: None) == 1
+    with pytest.raises(cm.CompileError, match="no_such_kernel"):
+        cm.build(["sm_90a"], tmp_path, only=["no_such_kernel"], log=lambda s: None)
+
+
+def test_failure_names_the_variant(tmp_path, monkeypatch):
+    broken = registry.KernelDef(name="broken", source="kernels.common.combine:CombineKernel", archs=("sm_90a",),
+                                args=lambda: registry.operands.decode_scheduler_args(), variants=({},))
+    monkeypatch.setattr(registry, "KERNELS", (broken,))
+    with pytest.raises(cm.CompileError, match=r"sm_90a broken"):
+        cm.build(["sm_90a"], tmp_path, log=lambda s: None)
+
+
+def test_ptx_abi_mismatch_is_caught():
+    spec = registry.get("decode_scheduler").abi({})
+    expected = abi.param_layout(spec)
+    wrong = [dict(p) for p in expected]
+    wrong[0]["size"] += 8
+    with pytest.raises(cm.CompileError, match="do not match"):
+        cm.check_abi("decode_scheduler", expected, wrong)
+
+
+def _cuobjdump():
+    exe = shutil.which("cuobjdump")
+    if exe is None:
+        try:
+            import nvidia
+
+            for root in nvidia.__path__:
+                for cand in Path(root).glob("*/bin/cuobjdump"):
+                    exe = str(cand)
+        except ImportError:
+            pass
+    return exe
+
+
+def sass(cubin: Path) -> str:
+    exe = _cuobjdump()
+    if exe is None:
+        pytest.skip("cuobjdump not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    env = dict(os.environ, PATH=os.environ.get("PATH", "") + os.pathsep + str(Path(exe).parent))
+    r = subprocess.run([exe, "-sass", str(cubin)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+# What each sm_90a kernel's SASS must (and must not) contain.
+SASS_EXPECT = {
+    # 16-byte loads of the partial rows; ACQBULK is griddepcontrol.wait (PDL)
+    "combine": (["LDG.E.128", "ACQBULK"], ["LDL", "STL"]),
+    "decode_scheduler": (["SHFL.BFLY", "STG.E"], ["LDL", "STL"]),
+}
+
+
+@pytest.mark.parametrize("kd,cfg", [(kd, cfg) for kd in registry.KERNELS for cfg in kd.variants],
+                         ids=lambda x: getattr(x, "name", None) or str(x))
+def test_sm90_sass_has_intended_instructions(built, kd, cfg):
+    entry = json.loads((built / "sm_90a" / "manifest.json").read_text())["kernels"][kd.key(cfg)]
+    text = sass(built / "sm_90a" / entry["cubin"])
+    must, must_not = SASS_EXPECT[kd.name]
+    for ins in must:
+        assert ins in text, f"{kd.key(cfg)}: expected {ins} in SASS"
+    for ins in must_not:
+        assert ins not in text, f"{kd.key(cfg)}: unexpected {ins} (local memory) in SASS"
