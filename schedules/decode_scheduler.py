@@ -1,9 +1,12 @@
 """GPU side of the split-KV plan (see ``schedules.decode_plan`` for the format).
 
-One warp: the lanes add up the requests' block counts, then lane 0 walks the
-requests once, exactly as ``plan_host`` does.  The walk is O(b + parts) scalar
-steps, a few microseconds for serving batch sizes, and it runs on the stream
-with no host synchronisation, so a decode step stays graph-capturable.
+One warp: the lanes add up the requests' block counts and stage the lengths in
+shared memory, then lane 0 walks the requests once, exactly as ``plan_host``
+does.  The walk is O(b + parts) dependent scalar steps, so it must read shared
+memory, not global: from global each step would pay a full memory latency.
+Batches larger than the staging buffer are walked from global memory (same code,
+slower).  It runs on the stream with no host synchronisation, so a decode step
+stays graph-capturable.
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 from cutlass import Int32
+
+STAGED_REQUESTS = 8192  # lengths staged in shared memory (32 KiB, under the 48 KiB default limit)
 
 
 class DecodeSchedulerKernel:
@@ -23,13 +28,13 @@ class DecodeSchedulerKernel:
     threads = 32
 
     def __init__(self):
-        self.smem_bytes = 0
+        self.smem_bytes = STAGED_REQUESTS * 4
 
     @cute.jit
     def __call__(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mOffsets: cute.Tensor,
                  block_n: Int32, fixed_overhead: Int32, stream: cuda.CUstream):
         self.kernel(mSeqlens, mMeta, mOffsets, block_n, fixed_overhead).launch(
-            grid=[1, 1, 1], block=[self.threads, 1, 1], stream=stream)
+            grid=[1, 1, 1], block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream)
 
     @cute.kernel
     def kernel(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mOffsets: cute.Tensor,
@@ -37,19 +42,29 @@ class DecodeSchedulerKernel:
         # mSeqlens (b,), mMeta (parts, 8), mOffsets (b + 1,)
         lane = cute.arch.lane_idx()
         b = mSeqlens.shape[0]
-        parts = mMeta.shape[0]
+        smem = cutlass.memory.SmemAllocator()
+        sSeqlens = smem.allocate_tensor(Int32, cute.make_layout(STAGED_REQUESTS), byte_alignment=16)  # (b,)
+        staged = b <= STAGED_REQUESTS
         total = Int32(0)
         for i in cutlass.range(lane, b, 32):
-            total += (mSeqlens[i] + block_n - 1) // block_n + fixed_overhead
+            s = mSeqlens[i]
+            if staged:
+                sSeqlens[i] = s
+            total += (s + block_n - 1) // block_n + fixed_overhead
         total = cute.arch.warp_reduction_sum(total)
+        cute.arch.sync_warp()
         if lane == 0:
-            self.plan(mSeqlens, mMeta, mOffsets, block_n, fixed_overhead, total)
+            if staged:
+                self.plan(sSeqlens, mMeta, mOffsets, block_n, fixed_overhead, total)
+            else:
+                self.plan(mSeqlens, mMeta, mOffsets, block_n, fixed_overhead, total)
         cute.arch.griddepcontrol_launch_dependents()
 
     @cute.jit
-    def plan(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mOffsets: cute.Tensor,
+    def plan(self, seqlens: cute.Tensor, mMeta: cute.Tensor, mOffsets: cute.Tensor,
              block_n: Int32, fixed_overhead: Int32, total: Int32):
-        b = mSeqlens.shape[0]
+        # seqlens (b,): shared-memory copy or the global tensor itself
+        b = mOffsets.shape[0] - 1
         parts = mMeta.shape[0]
         payload = (total + parts - 1) // parts + fixed_overhead
         mOffsets[0] = 0
@@ -64,7 +79,7 @@ class DecodeSchedulerKernel:
             remain = payload
             done = Int32(0)
             while req < b and done == 0:
-                left = (mSeqlens[req] + block_n - 1) // block_n - blk
+                left = (seqlens[req] + block_n - 1) // block_n - blk
                 if remain >= left + fixed_overhead:
                     cum += split + 1
                     mOffsets[req + 1] = cum
@@ -83,7 +98,7 @@ class DecodeSchedulerKernel:
                 end_req = req - 1
                 end_blk = Int32(0)
                 if req > 0:
-                    end_blk = (mSeqlens[req - 1] + block_n - 1) // block_n
+                    end_blk = (seqlens[req - 1] + block_n - 1) // block_n
             mMeta[p, 2] = end_req
             mMeta[p, 3] = end_blk
             mMeta[p, 5] = 0

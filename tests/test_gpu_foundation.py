@@ -24,6 +24,7 @@ SCHED_CASES = [(lens, parts) for lens, parts in [
     ([0], 1), ([1], 132), ([0, 0, 0], 7), ([64 * 1000], 132), ([4096] * 128, 66),
     (_lens(128, 4096, 1), 66), (_lens(64, 140, 2), 132), (_lens(6, 20, 3), 33), (_lens(300, 32768, 4), 132),
     (_lens(1, 5, 5, 0.0), 2), (_lens(1000, 100, 6), 128),
+    (_lens(9000, 300, 7), 132),  # more requests than the scheduler stages in shared memory
 ]]
 
 
