@@ -80,6 +80,9 @@ class TensorArg:
     def layout(self) -> tuple[int, int]:
         return _struct_layout([code for _, code in self.fields()], align=8)
 
+    def params(self, t: Any = None) -> list["Param"]:
+        return [Param(self.name, *self.layout(), self.fields(), None if t is None else self.values(t))]
+
     def values(self, t: Any) -> list[int]:
         """Check a torch tensor against the spec and return the struct's values."""
         import torch
@@ -120,6 +123,9 @@ class ScalarArg:
         code = self.fields()[0][1]
         return struct.calcsize(code), struct.calcsize(code)
 
+    def params(self, v: Any = None) -> list["Param"]:
+        return [Param(self.name, *self.layout(), self.fields(), None if v is None else self.values(v))]
+
     def values(self, v: Any) -> list:
         if self.dtype == "f32":
             return [float(v)]
@@ -130,7 +136,104 @@ class ScalarArg:
         return [v]
 
 
-ArgSpec = Union[TensorArg, ScalarArg]
+@dataclass(frozen=True)
+class TmaArg:
+    """A tensor the kernel reads (or writes) through one TMA descriptor.
+
+    The host-side argument is the whole tensor (``tensor`` says which extents and
+    strides are compiled in); the kernel receives two parameters: the 128-byte
+    ``CUtensorMap`` (by value, 64-byte aligned) and the TMA coordinate tensor's
+    dynamic extents (one int32 per dynamic extent of ``tensor``).
+    ``dims`` lists, innermost first, which tensor mode feeds each TMA dimension
+    (the atom's ``tma_gbasis``), ``box`` the box extent of each TMA dimension,
+    ``swizzle`` the shared-memory swizzle in bytes (0, 32, 64, 128).
+    """
+
+    tensor: TensorArg
+    dims: tuple[int, ...]
+    box: tuple[int, ...]
+    swizzle: int = 128
+    oob_nan: bool = False  # fill out-of-bounds elements with NaN instead of zero
+
+    def __post_init__(self):
+        if sorted(self.dims) != list(range(len(self.tensor.shape))) or len(self.box) != len(self.dims):
+            raise ValueError(f"{self.name}: dims must be a permutation of the tensor's modes, one box extent each")
+        if self.tensor.stride[self.dims[0]] != 1:
+            raise ValueError(f"{self.name}: the innermost TMA dimension must have a static stride of 1")
+        if self.swizzle not in (0, 32, 64, 128):
+            raise ValueError(f"{self.name}: swizzle must be 0, 32, 64 or 128 bytes")
+
+    @property
+    def name(self) -> str:
+        return self.tensor.name
+
+    def params(self, t: Any = None) -> list["Param"]:
+        coords = [(f"{self.name}.coord[{i}]", "i") for i in self.tensor.dynamic_shape]
+        cvals = None
+        mvals = None
+        if t is not None:
+            self.tensor.values(t)  # same checks as a plain tensor argument
+            cvals = [t.shape[i] for i in self.tensor.dynamic_shape]
+            mvals = [encode_tensor_map(self, t)]
+        out = [Param(f"{self.name}.tma", 128, 64, [(f"{self.name}.tma", "128s")], mvals)]
+        if coords:
+            out.append(Param(f"{self.name}.coords", *_struct_layout([c for _, c in coords]), coords, cvals))
+        return out
+
+
+def encode_tensor_map(spec: TmaArg, t: Any) -> bytes:
+    """The 128-byte CUtensorMap for tensor ``t`` as ``spec`` describes it."""
+    from cuda.bindings import driver as drv
+
+    from cute_mla.launcher import check
+
+    dt = drv.CUtensorMapDataType
+    kinds = {"bf16": dt.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, "fp16": dt.CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+             "f32": dt.CU_TENSOR_MAP_DATA_TYPE_FLOAT32, "i32": dt.CU_TENSOR_MAP_DATA_TYPE_INT32,
+             "u8": dt.CU_TENSOR_MAP_DATA_TYPE_UINT8, "fp8e4m3": dt.CU_TENSOR_MAP_DATA_TYPE_UINT8}
+    sw = drv.CUtensorMapSwizzle
+    swizzle = {0: sw.CU_TENSOR_MAP_SWIZZLE_NONE, 32: sw.CU_TENSOR_MAP_SWIZZLE_32B,
+               64: sw.CU_TENSOR_MAP_SWIZZLE_64B, 128: sw.CU_TENSOR_MAP_SWIZZLE_128B}[spec.swizzle]
+    esize = DTYPES[spec.tensor.dtype][1]
+    rank = len(spec.dims)
+    gdim = [drv.cuuint64_t(int(t.shape[m])) for m in spec.dims]
+    gstride = [drv.cuuint64_t(int(t.stride(m)) * esize) for m in spec.dims[1:]]
+    for m in spec.dims[1:]:
+        if (t.stride(m) * esize) % 16:
+            raise AbiError(f"{spec.name}: TMA needs 16-byte multiples for strides, mode {m} has {t.stride(m) * esize} bytes")
+    box = [drv.cuuint32_t(b) for b in spec.box]
+    estr = [drv.cuuint32_t(1)] * rank
+    oob = (drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA if spec.oob_nan
+           else drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    tmap = check(drv.cuTensorMapEncodeTiled(
+        kinds[spec.tensor.dtype], rank, t.data_ptr(), gdim, gstride, box, estr,
+        drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+        drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_128B, oob), f"cuTensorMapEncodeTiled({spec.name})")
+    return struct.pack("<16Q", *[int(x) for x in tmap.opaque])
+
+
+@dataclass(frozen=True)
+class Param:
+    """One kernel parameter: its size/alignment, struct fields and (when packing) values."""
+
+    name: str
+    size: int
+    align: int
+    fields: list
+    values: Any = None
+
+    def blob(self) -> bytes:
+        out = bytearray(self.size)
+        off = 0
+        for (_, code), x in zip(self.fields, self.values):
+            sz = struct.calcsize(code)
+            off = -(-off // min(sz, 8)) * min(sz, 8)
+            struct.pack_into("<" + code, out, off, x)
+            off += sz
+        return bytes(out)
+
+
+ArgSpec = Union[TensorArg, ScalarArg, TmaArg]
 
 
 def _struct_layout(codes: Sequence[str], align: int = 1) -> tuple[int, int]:
@@ -145,8 +248,8 @@ def _struct_layout(codes: Sequence[str], align: int = 1) -> tuple[int, int]:
 
 
 def param_layout(args: Sequence[ArgSpec]) -> list[dict]:
-    """The expected kernel parameter list: one entry per argument with size and alignment."""
-    return [{"name": a.name, "size": a.layout()[0], "align": a.layout()[1]} for a in args]
+    """The expected kernel parameter list (an argument may be several parameters)."""
+    return [{"name": p.name, "size": p.size, "align": p.align} for a in args for p in a.params()]
 
 
 @dataclass
@@ -163,16 +266,11 @@ def pack(args: Sequence[ArgSpec], values: Sequence[Any]) -> PackedParams:
         raise AbiError(f"expected {len(args)} kernel arguments, got {len(values)}")
     out = PackedParams()
     for spec, v in zip(args, values):
-        size, al = spec.layout()
-        base = -(-len(out.buffer) // max(al, 8)) * max(al, 8)
-        out.buffer.extend(b"\0" * (base - len(out.buffer)))
-        off = 0
-        blob = bytearray(size)
-        for (fname, code), x in zip(spec.fields(), spec.values(v)):
-            sz = struct.calcsize(code)
-            off = -(-off // sz) * sz
-            struct.pack_into("<" + code, blob, off, x)
-            off += sz
-        out.offsets.append(base)
-        out.buffer.extend(blob)
+        for p in spec.params(v):
+            # Each parameter is handed to the driver by address, so only its own
+            # alignment matters; 64 covers the tensor maps.
+            base = -(-len(out.buffer) // 64) * 64
+            out.buffer.extend(b"\0" * (base - len(out.buffer)))
+            out.offsets.append(base)
+            out.buffer.extend(p.blob())
     return out

@@ -59,6 +59,14 @@ KERNELS: tuple[KernelDef, ...] = (
         args=operands.decode_scheduler_args,
         deps=_COMMON_DEPS + ("schedules/decode_plan.py",),
     ),
+    # Tests the launcher's TMA descriptors end to end; no public op uses it.
+    KernelDef(
+        name="tma_probe",
+        source="kernels.common.tma_probe:TmaProbeKernel",
+        archs=ARCHS,
+        args=operands.tma_probe_args,
+        deps=_COMMON_DEPS,
+    ),
 )
 
 BY_NAME = {k.name: k for k in KERNELS}

@@ -7,7 +7,7 @@ SPEC.md's names.
 """
 from __future__ import annotations
 
-from cute_mla.abi import ScalarArg, TensorArg
+from cute_mla.abi import ScalarArg, TensorArg, TmaArg
 
 D_V = 512  # every MLA kernel here writes 512-wide V rows
 
@@ -50,4 +50,17 @@ def decode_scheduler_args():
         TensorArg("split_offsets", "i32", ("b1",), (1,), align=4),
         ScalarArg("block_n"),
         ScalarArg("fixed_overhead"),
+    )
+
+
+TMA_PROBE_TILE = (64, 64)  # (rows, cols) of one TMA box; 64 bf16 = one 128-byte swizzle row
+
+
+def tma_probe_args():
+    return (
+        # (rows, cols) bf16 source read through TMA: TMA dim 0 = cols (mode 1), dim 1 = rows (mode 0)
+        TmaArg(TensorArg("src", "bf16", ("rows", "cols"), ("s_row", 1), divisibility=(("s_row", 8),)),
+               dims=(1, 0), box=(TMA_PROBE_TILE[1], TMA_PROBE_TILE[0]), swizzle=128),
+        # (rows, cols) bf16 destination, plain stores
+        TensorArg("dst", "bf16", ("rows", "cols"), ("d_row", 1)),
     )

@@ -88,6 +88,8 @@ SASS_EXPECT = {
     # 16-byte loads of the partial rows; ACQBULK is griddepcontrol.wait (PDL)
     "combine": (["LDG.E.128", "ACQBULK"], ["LDL", "STL"]),
     "decode_scheduler": (["SHFL.BFLY", "STG.E"], ["LDL", "STL"]),
+    # bulk tensor copy (TMA) completing on an mbarrier
+    "tma_probe": (["UTMALDG", "SYNCS"], ["LDL", "STL"]),
 }
 
 

@@ -184,3 +184,27 @@ def test_launcher_rejects_bad_inputs():
         ops.plan_decode(seqlens, 4)
     with pytest.raises(ValueError, match="cache_seqlens must be a CUDA tensor|CUDA"):
         ops.plan_decode(torch.zeros(4, dtype=torch.int32), 4)
+
+
+@pytest.mark.parametrize("rows,cols,pad", [(64, 64, 0), (200, 136, 0), (1000, 520, 24), (7, 8, 8)])
+def test_tma_descriptor_round_trip_is_bit_exact(rows, cols, pad):
+    """The launcher's own CUtensorMap (from layouts.operands) against the kernel's TMA atom:
+    partial tiles, a padded row stride and > 48 KiB of dynamic shared memory."""
+    from cute_mla import launcher
+
+    base = torch.randn(rows, cols + pad, device=DEV).to(torch.bfloat16)
+    src = base[:, :cols]
+    dst = torch.full((rows, cols), math.nan, dtype=torch.bfloat16, device=DEV)
+    launcher.launch("tma_probe", {}, (-(-cols // 64), -(-rows // 64)), [src, dst])
+    torch.cuda.synchronize()
+    assert torch.equal(dst.view(torch.int16), src.contiguous().view(torch.int16))
+
+
+def test_launcher_refuses_tensor_that_breaks_the_abi():
+    from cute_mla import abi, launcher
+
+    src = torch.zeros(64, 64, dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(abi.AbiError, match="dst: expected dtype"):
+        launcher.launch("tma_probe", {}, (1, 1), [src, src.float()])
+    with pytest.raises(abi.AbiError, match="src: stride 1 must be 1"):
+        launcher.launch("tma_probe", {}, (1, 1), [src.t(), src])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 
-from cute_mla.abi import ScalarArg, TensorArg
+from cute_mla.abi import ScalarArg, TensorArg, TmaArg
 from kernels.common.dtypes import dsl_dtype
 
 _SCALARS = {"i32": cutlass.Int32, "i64": cutlass.Int64, "f32": cutlass.Float32}
@@ -16,7 +16,9 @@ def fake_arg(spec):
     divisibility the spec promises; int entries are compiled in."""
     if isinstance(spec, ScalarArg):
         return _SCALARS[spec.dtype](0)
-    assert isinstance(spec, TensorArg)
+    if isinstance(spec, TmaArg):  # the kernel's __call__ builds the TMA atom from the tensor
+        spec = spec.tensor
+    assert isinstance(spec, TensorArg), spec
     div = dict(spec.divisibility)
     shape = tuple(d if isinstance(d, int) else cute.sym_int(32, divisibility=div.get(d, 1)) for d in spec.shape)
     stride = tuple(d if isinstance(d, int) else cute.sym_int(64, divisibility=div.get(d, 1)) for d in spec.stride)
