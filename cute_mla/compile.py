@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from cute_mla import abi, registry
+from cute_mla import registry
+from layouts import abi
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "_cubins"
 REPO_ROOT = Path(__file__).resolve().parent.parent

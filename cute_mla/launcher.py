@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cute_mla import abi, registry
+from cute_mla import registry
+from layouts import abi
 
 CUBIN_DIR_ENV = "CUTE_MLA_CUBIN_DIR"
 BUILD_HINT = "build them with `python -m cute_mla.compile` (on any machine, no GPU needed)"

@@ -41,7 +41,7 @@ def variant_key(name: str, config: Mapping[str, Any]) -> str:
     return "__".join([name] + parts)
 
 
-_COMMON_DEPS = ("kernels/common/fake.py", "kernels/common/dtypes.py", "cute_mla/abi.py", "layouts/operands.py")
+_COMMON_DEPS = ("kernels/common/fake.py", "kernels/common/dtypes.py", "layouts/abi.py", "layouts/operands.py")
 
 KERNELS: tuple[KernelDef, ...] = (
     KernelDef(

@@ -7,7 +7,7 @@ SPEC.md's names.
 """
 from __future__ import annotations
 
-from cute_mla.abi import ScalarArg, TensorArg, TmaArg
+from layouts.abi import ScalarArg, TensorArg, TmaArg
 
 D_V = 512  # every MLA kernel here writes 512-wide V rows
 

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cute_mla import abi
-from cute_mla.abi import ScalarArg, TensorArg
+from layouts import abi
+from layouts.abi import ScalarArg, TensorArg
 
 
 class FakeCudaTensor(SimpleNamespace):

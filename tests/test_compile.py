@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cute_mla import abi, compile as cm, registry
+from cute_mla import compile as cm, registry
+from layouts import abi
 
 pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl (the build extra) is not installed")
 

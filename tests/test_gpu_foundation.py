@@ -201,7 +201,8 @@ def test_tma_descriptor_round_trip_is_bit_exact(rows, cols, pad):
 
 
 def test_launcher_refuses_tensor_that_breaks_the_abi():
-    from cute_mla import abi, launcher
+    from cute_mla import launcher
+    from layouts import abi
 
     src = torch.zeros(64, 64, dtype=torch.bfloat16, device=DEV)
     with pytest.raises(abi.AbiError, match="dst: expected dtype"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 
-from cute_mla.abi import ScalarArg, TensorArg, TmaArg
+from layouts.abi import ScalarArg, TensorArg, TmaArg
 from kernels.common.dtypes import dsl_dtype
 
 _SCALARS = {"i32": cutlass.Int32, "i64": cutlass.Int64, "f32": cutlass.Float32}

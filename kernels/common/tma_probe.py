@@ -19,8 +19,8 @@ from layouts.operands import TMA_PROBE_TILE
 class TmaProbeKernel:
     """Copies a (rows, cols) bf16 matrix tile by tile: global -TMA-> swizzled smem -> global.
 
-    One CTA per (TILE_M x TILE_N) tile; thread 0 issues the bulk tensor copy on an
-    mbarrier with the tile's byte count, all threads wait on it and then write the
+    One CTA per (TILE_M x TILE_N) tile; warp 0 issues the bulk tensor copy on an
+    mbarrier armed with the tile's byte count, all threads wait on it and then write the
     in-bounds part of the tile with plain stores through the swizzled smem layout.
     ``pad_kib`` extra shared memory pushes the request past the 48 KiB default so
     the launcher's opt-in of larger dynamic shared memory is exercised.
@@ -62,8 +62,11 @@ class TmaProbeKernel:
         gSrc = cute.local_tile(mSrcTma, (tm, tn), (by, bx))  # (tm, tn) coordinates
         tSs, tSg = cpasync.tma_partition(atom, 0, cute.make_layout(1),
                                          cute.group_modes(sTile, 0, 2), cute.group_modes(gSrc, 0, 2))
-        if tidx == 0:
-            cute.arch.mbarrier_arrive_and_expect_tx(mbar, tm * tn * 2)
+        # The TMA copy elects its issuing lane itself (elect.sync over the full warp),
+        # so it must be reached by a whole warp, never from inside a one-thread branch.
+        if cute.arch.make_warp_uniform(cute.arch.warp_idx()) == 0:
+            with cute.arch.elect_one():
+                cute.arch.mbarrier_arrive_and_expect_tx(mbar, tm * tn * 2)
             cute.copy(atom, tSg, tSs, tma_bar_ptr=mbar)
         cute.arch.mbarrier_wait(mbar, 0)
 
