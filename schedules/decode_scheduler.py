@@ -1,7 +1,7 @@
 """GPU side of the split-KV plan (see ``schedules.decode_plan`` for the format).
 
-One warp: the lanes add up the requests' block counts and stage the lengths in
-shared memory, then lane 0 walks the requests once, exactly as ``plan_host``
+One warp: the lanes compute the requests' block counts, add them up and stage
+them in shared memory, then lane 0 walks the requests once, exactly as ``plan_host``
 does.  The walk is O(b + parts) dependent scalar steps, so it must read shared
 memory, not global: from global each step would pay a full memory latency.
 Batches larger than the staging buffer are walked from global memory (same code,
@@ -43,28 +43,25 @@ class DecodeSchedulerKernel:
         lane = cute.arch.lane_idx()
         b = mSeqlens.shape[0]
         smem = cutlass.memory.SmemAllocator()
-        sSeqlens = smem.allocate_tensor(Int32, cute.make_layout(STAGED_REQUESTS), byte_alignment=16)  # (b,)
+        sBlocks = smem.allocate_tensor(Int32, cute.make_layout(STAGED_REQUESTS), byte_alignment=16)  # (b,)
         staged = b <= STAGED_REQUESTS
         total = Int32(0)
         for i in cutlass.range(lane, b, 32):
-            s = mSeqlens[i]
+            nb = (mSeqlens[i] + block_n - 1) // block_n
             if staged:
-                sSeqlens[i] = s
-            total += (s + block_n - 1) // block_n + fixed_overhead
+                sBlocks[i] = nb
+            total += nb + fixed_overhead
         total = cute.arch.warp_reduction_sum(total)
         cute.arch.sync_warp()
         if lane == 0:
-            if staged:
-                self.plan(sSeqlens, mMeta, mOffsets, block_n, fixed_overhead, total)
-            else:
-                self.plan(mSeqlens, mMeta, mOffsets, block_n, fixed_overhead, total)
+            self.plan(sBlocks, mSeqlens, staged, mMeta, mOffsets, block_n, fixed_overhead, total)
         cute.arch.griddepcontrol_launch_dependents()
 
     @cute.jit
-    def plan(self, seqlens: cute.Tensor, mMeta: cute.Tensor, mOffsets: cute.Tensor,
-             block_n: Int32, fixed_overhead: Int32, total: Int32):
-        # seqlens (b,): shared-memory copy or the global tensor itself
-        b = mOffsets.shape[0] - 1
+    def plan(self, sBlocks: cute.Tensor, mSeqlens: cute.Tensor, staged: cutlass.Boolean, mMeta: cute.Tensor,
+             mOffsets: cute.Tensor, block_n: Int32, fixed_overhead: Int32, total: Int32):
+        # sBlocks (b,) staged block counts, valid when `staged`; else they are derived from mSeqlens
+        b = mSeqlens.shape[0]
         parts = mMeta.shape[0]
         payload = (total + parts - 1) // parts + fixed_overhead
         mOffsets[0] = 0
@@ -79,7 +76,7 @@ class DecodeSchedulerKernel:
             remain = payload
             done = Int32(0)
             while req < b and done == 0:
-                left = (seqlens[req] + block_n - 1) // block_n - blk
+                left = self.num_blocks(sBlocks, mSeqlens, staged, block_n, req) - blk
                 if remain >= left + fixed_overhead:
                     cum += split + 1
                     mOffsets[req + 1] = cum
@@ -98,9 +95,21 @@ class DecodeSchedulerKernel:
                 end_req = req - 1
                 end_blk = Int32(0)
                 if req > 0:
-                    end_blk = (seqlens[req - 1] + block_n - 1) // block_n
+                    end_blk = self.num_blocks(sBlocks, mSeqlens, staged, block_n, req - 1)
             mMeta[p, 2] = end_req
             mMeta[p, 3] = end_blk
             mMeta[p, 5] = 0
             mMeta[p, 6] = 0
             mMeta[p, 7] = 0
+
+    @cute.jit
+    def num_blocks(self, sBlocks: cute.Tensor, mSeqlens: cute.Tensor, staged: cutlass.Boolean,
+                   block_n: Int32, i: Int32) -> Int32:
+        # The walk is a chain of dependent steps: a staged count costs one shared load,
+        # recomputing it costs a global load plus an emulated integer division.
+        nb = Int32(0)
+        if staged:
+            nb = sBlocks[i]
+        else:
+            nb = (mSeqlens[i] + block_n - 1) // block_n
+        return nb

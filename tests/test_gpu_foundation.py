@@ -207,5 +207,6 @@ def test_launcher_refuses_tensor_that_breaks_the_abi():
     src = torch.zeros(64, 64, dtype=torch.bfloat16, device=DEV)
     with pytest.raises(abi.AbiError, match="dst: expected dtype"):
         launcher.launch("tma_probe", {}, (1, 1), [src, src.float()])
+    strided = torch.zeros(64, 128, dtype=torch.bfloat16, device=DEV)[:, ::2]  # inner stride 2
     with pytest.raises(abi.AbiError, match="src: stride 1 must be 1"):
-        launcher.launch("tma_probe", {}, (1, 1), [src.t(), src])
+        launcher.launch("tma_probe", {}, (1, 1), [strided, src])
