@@ -9,6 +9,7 @@ from cute_mla.api import (
     flash_mla_with_kvcache,
     get_mla_metadata,
 )
+from cute_mla.quant import dequantize_kvcache, quantize_kvcache
 
 __all__ = [
     "FlashMLASchedMeta",
@@ -18,4 +19,6 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_varlen_kvpacked_func",
+    "quantize_kvcache",
+    "dequantize_kvcache",
 ]

@@ -210,3 +210,12 @@ def test_launcher_refuses_tensor_that_breaks_the_abi():
     strided = torch.zeros(64, 128, dtype=torch.bfloat16, device=DEV)[:, ::2]  # inner stride 2
     with pytest.raises(abi.AbiError, match="src: stride 1 must be 1"):
         launcher.launch("tma_probe", {}, (1, 1), [strided, src])
+
+
+def test_missing_cubins_name_the_build_command(tmp_path, monkeypatch):
+    from cute_mla import launcher
+
+    monkeypatch.setenv(launcher.CUBIN_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(launcher, "_DEVICES", {})
+    with pytest.raises(launcher.CubinsNotBuilt, match="python -m cute_mla.compile"):
+        ops.plan_decode(torch.zeros(4, dtype=torch.int32, device=DEV), 4)
