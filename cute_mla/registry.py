@@ -65,7 +65,16 @@ KERNELS: tuple[KernelDef, ...] = (
         source="kernels.common.tma_probe:TmaProbeKernel",
         archs=ARCHS,
         args=operands.tma_probe_args,
-        deps=_COMMON_DEPS,
+        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py",),
+    ),
+    # Tests the paged-KV TMA view the decode kernels stream pages through.
+    KernelDef(
+        name="paged_kv_probe",
+        source="kernels.common.tma_probe:PagedKvProbeKernel",
+        archs=ARCHS,
+        args=operands.paged_kv_probe_args,
+        variants=({"dtype": "bf16", "d": 576},),
+        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py",),
     ),
 )
 

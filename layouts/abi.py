@@ -154,6 +154,9 @@ class TmaArg:
     box: tuple[int, ...]
     swizzle: int = 128
     oob_nan: bool = False  # fill out-of-bounds elements with NaN instead of zero
+    # The kernel's view of the tensor as a permutation of its modes, when it reorders
+    # them before building the atom: the coordinate extents follow the view's order.
+    view: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if sorted(self.dims) != list(range(len(self.tensor.shape))) or len(self.box) != len(self.dims):
@@ -162,18 +165,26 @@ class TmaArg:
             raise ValueError(f"{self.name}: the innermost TMA dimension must have a static stride of 1")
         if self.swizzle not in (0, 32, 64, 128):
             raise ValueError(f"{self.name}: swizzle must be 0, 32, 64 or 128 bytes")
+        if self.view is not None and sorted(self.view) != list(range(len(self.tensor.shape))):
+            raise ValueError(f"{self.name}: view must be a permutation of the tensor's modes")
+
+    @property
+    def coord_modes(self) -> list[int]:
+        """Tensor modes whose extents the kernel takes as coordinate extents, in its order."""
+        order = self.view if self.view is not None else range(len(self.tensor.shape))
+        return [m for m in order if isinstance(self.tensor.shape[m], str)]
 
     @property
     def name(self) -> str:
         return self.tensor.name
 
     def params(self, t: Any = None) -> list["Param"]:
-        coords = [(f"{self.name}.coord[{i}]", "i") for i in self.tensor.dynamic_shape]
+        coords = [(f"{self.name}.coord[{i}]", "i") for i in self.coord_modes]
         cvals = None
         mvals = None
         if t is not None:
             self.tensor.values(t)  # same checks as a plain tensor argument
-            cvals = [t.shape[i] for i in self.tensor.dynamic_shape]
+            cvals = [t.shape[i] for i in self.coord_modes]
             mvals = [encode_tensor_map(self, t)]
         out = [Param(f"{self.name}.tma", 128, 64, [(f"{self.name}.tma", "128s")], mvals)]
         if coords:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from layouts.abi import ScalarArg, TensorArg, TmaArg
 
 D_V = 512  # every MLA kernel here writes 512-wide V rows
+PAGE_BLOCK_SIZE = 64  # tokens per page of the dense (bf16/fp16) KV cache
 
 
 def split_kv_partials(dtype_out: str = "bf16"):
@@ -63,4 +64,25 @@ def tma_probe_args():
                dims=(1, 0), box=(TMA_PROBE_TILE[1], TMA_PROBE_TILE[0]), swizzle=128),
         # (rows, cols) bf16 destination, plain stores
         TensorArg("dst", "bf16", ("rows", "cols"), ("d_row", 1)),
+    )
+
+
+def paged_kv_tma(dtype: str, d: int, name: str = "k_cache"):
+    """The dense paged cache ``[num_blocks, PAGE, h_kv, d]`` read one page of one head at a
+    time (see ``kernels.common.paged_kv``, which views it as (token, d, head, block)):
+    TMA dims innermost first are d (mode 3), token (mode 1), head (mode 2), block
+    (mode 0); a box of 64 columns (one 128-byte swizzle row) by PAGE tokens.  The
+    atom's tma_gbasis, (64,64,1,1):(1@1,1@0,1@2,1@3) over the view, says the same."""
+    return TmaArg(TensorArg(name, dtype, ("num_blocks", PAGE_BLOCK_SIZE, "h_kv", d), ("s_blk", "s_tok", "s_head", 1),
+                            divisibility=(("s_blk", 8), ("s_tok", 8), ("s_head", 8))),
+                  dims=(3, 1, 2, 0), box=(64, PAGE_BLOCK_SIZE, 1, 1), swizzle=128, view=(1, 3, 2, 0))
+
+
+def paged_kv_probe_args(dtype: str, d: int):
+    return (
+        paged_kv_tma(dtype, d),
+        # (b, max_blocks) int32 page ids
+        TensorArg("block_table", "i32", ("b", "max_blocks"), ("s_bt", 1), align=4),
+        # (b, max_blocks * PAGE, h_kv, d) gathered pages
+        TensorArg("out", dtype, ("b", "n_tok", "h_kv", d), ("o0", "o1", "o2", 1)),
     )

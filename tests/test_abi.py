@@ -83,3 +83,12 @@ def test_tma_arg_params_and_checks():
         abi.TmaArg(t, dims=(0, 1), box=(64, 64))
     with pytest.raises(ValueError, match="permutation"):
         abi.TmaArg(t, dims=(1,), box=(64,))
+
+
+def test_tma_coordinate_extents_follow_the_kernels_view():
+    from layouts import operands
+
+    spec = operands.paged_kv_tma("bf16", 576)
+    # the kernel views (num_blocks, 64, h_kv, 576) as (64, 576, h_kv, num_blocks)
+    assert spec.coord_modes == [2, 0]
+    assert [(p.size, p.align) for p in spec.params()] == [(128, 64), (8, 4)]

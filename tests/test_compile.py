@@ -91,6 +91,7 @@ SASS_EXPECT = {
     "decode_scheduler": (["SHFL.BFLY", "STG.E"], ["LDL", "STL"]),
     # bulk tensor copy (TMA) completing on an mbarrier
     "tma_probe": (["UTMALDG", "SYNCS"], ["LDL", "STL"]),
+    "paged_kv_probe": (["UTMALDG", "SYNCS"], ["LDL", "STL"]),
 }
 
 

@@ -219,3 +219,21 @@ def test_missing_cubins_name_the_build_command(tmp_path, monkeypatch):
     monkeypatch.setattr(launcher, "_DEVICES", {})
     with pytest.raises(launcher.CubinsNotBuilt, match="python -m cute_mla.compile"):
         ops.plan_decode(torch.zeros(4, dtype=torch.int32, device=DEV), 4)
+
+
+@pytest.mark.parametrize("h_kv,padded", [(1, False), (2, True), (3, False)])
+def test_paged_kv_tma_gathers_pages_bit_exact(h_kv, padded):
+    """The decode kernels' page view: block-table-driven TMA of (64 x 576) pages into the
+    WGMMA smem layout, against torch indexing, with a padded (non-contiguous) block stride."""
+    from cute_mla import launcher
+
+    num_blocks, b, max_blocks = 37, 3, 5
+    g = torch.Generator(device=DEV).manual_seed(h_kv)
+    base = torch.randn(num_blocks, 64 + (8 if padded else 0), h_kv, 576, generator=g, device=DEV).to(torch.bfloat16)
+    k_cache = base[:, :64]
+    block_table = torch.randperm(num_blocks, generator=g, device=DEV)[: b * max_blocks].view(b, max_blocks).int()
+    out = torch.full((b, max_blocks * 64, h_kv, 576), math.nan, dtype=torch.bfloat16, device=DEV)
+    launcher.launch("paged_kv_probe", {"dtype": "bf16", "d": 576}, (max_blocks, b, h_kv), [k_cache, block_table, out])
+    torch.cuda.synchronize()
+    ref = k_cache[block_table.long()].reshape(b, max_blocks * 64, h_kv, 576)
+    assert torch.equal(out.view(torch.int16), ref.view(torch.int16))

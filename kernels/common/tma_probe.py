@@ -13,6 +13,8 @@ import cutlass.cute as cute
 import cutlass.cute.nvgpu.cpasync as cpasync
 from cutlass import Int32
 
+from kernels.common.dtypes import dsl_dtype
+from kernels.common.paged_kv import PAGE, kv_smem_layout, make_kv_tma, page_tile
 from layouts.operands import TMA_PROBE_TILE
 
 
@@ -78,3 +80,60 @@ class TmaProbeKernel:
             gc = bx * tn + c
             if gr < rows and gc < cols:
                 mDst[gr, gc] = sTile[r, c]
+
+
+class PagedKvProbeKernel:
+    """Gathers whole KV pages through a block table with the decode kernels' TMA view.
+
+    One CTA per (block-table column j, request b, kv head h): it loads page
+    ``block_table[b, j]`` of head h (PAGE x d, several TMA boxes on one mbarrier)
+    into the WGMMA-ready swizzled smem layout, then writes it to
+    ``out[b, j*PAGE : (j+1)*PAGE, h, :]``.  Tested bit-exact, this pins down the
+    host descriptor of ``layouts.operands.paged_kv_tma`` before a kernel relies on it.
+    """
+
+    threads = 128
+
+    def __init__(self, dtype: str, d: int):
+        self.dtype = dsl_dtype(dtype)
+        self.d = d
+        self.smem_layout = None
+        self.smem_bytes = PAGE * d * 2 + 1024 + 64
+
+    @cute.jit
+    def __call__(self, mK: cute.Tensor, mBlockTable: cute.Tensor, mOut: cute.Tensor, stream: cuda.CUstream):
+        # mK (num_blocks, PAGE, h_kv, d); mBlockTable (b, max_blocks) int32; mOut (b, max_blocks*PAGE, h_kv, d)
+        sLayout = kv_smem_layout(self.dtype, self.d, 1)
+        atom, mKTma = make_kv_tma(mK, sLayout, self.d)
+        self.kernel(atom, mKTma, mBlockTable, mOut, sLayout).launch(
+            grid=[mBlockTable.shape[1], mBlockTable.shape[0], mK.shape[2]],
+            block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream)
+
+    @cute.kernel
+    def kernel(self, atom: cute.CopyAtom, mKTma: cute.Tensor, mBlockTable: cute.Tensor, mOut: cute.Tensor,
+               sLayout: cute.ComposedLayout):
+        tidx, _, _ = cute.arch.thread_idx()
+        j, ib, hk = cute.arch.block_idx()
+        smem = cutlass.memory.SmemAllocator()
+        sK = smem.allocate_tensor(self.dtype, sLayout.outer, byte_alignment=1024, swizzle=sLayout.inner)
+        mbar = smem.allocate_array(cutlass.Int64, 1)
+        if tidx == 0:
+            cpasync.prefetch_descriptor(atom)
+            cute.arch.mbarrier_init(mbar, 1)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.barrier()
+
+        page = mBlockTable[ib, j]
+        gK = page_tile(mKTma, self.d, hk, page)  # (PAGE, d)
+        tKs, tKg = cpasync.tma_partition(atom, 0, cute.make_layout(1),
+                                         cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2))
+        if cute.arch.make_warp_uniform(cute.arch.warp_idx()) == 0:
+            with cute.arch.elect_one():
+                cute.arch.mbarrier_arrive_and_expect_tx(mbar, PAGE * self.d * self.dtype.width // 8)
+            cute.copy(atom, tKg, tKs[None, 0], tma_bar_ptr=mbar)
+        cute.arch.mbarrier_wait(mbar, 0)
+
+        for i in cutlass.range(tidx, PAGE * self.d, self.threads):
+            t = i // self.d
+            c = i - t * self.d
+            mOut[ib, j * PAGE + t, hk, c] = sK[t, c, 0]

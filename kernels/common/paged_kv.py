@@ -1,0 +1,46 @@
+"""The paged KV cache as the SM90 kernels see it: one TMA view, one smem layout.
+
+A page block of the cache (``PAGE`` tokens x d columns of one kv head) is the
+unit every decode kernel streams.  The cache tensor ``[num_blocks, PAGE, h_kv, d]``
+is viewed as ``(PAGE, d, h_kv, num_blocks)`` so that a (PAGE, d) tile is one page
+of one head and the TMA coordinates of a page are simply ``(0, 0, head, block)``.
+In shared memory a page is the WGMMA B operand: K-major (d contiguous) with the
+128-byte swizzle, so TMA writes exactly what the tensor cores read.  The matching
+host-side descriptor is ``layouts.operands.paged_kv_tma``.
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.cute.nvgpu.cpasync as cpasync
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass.tensor_utils import LayoutEnum
+
+from layouts.operands import PAGE_BLOCK_SIZE as PAGE
+
+
+@cute.jit
+def paged_kv_view(mK: cute.Tensor) -> cute.Tensor:
+    """(num_blocks, PAGE, h_kv, d) -> (PAGE, d, h_kv, num_blocks), same memory."""
+    return cute.make_tensor(
+        mK.iterator,
+        cute.make_layout((mK.shape[1], mK.shape[3], mK.shape[2], mK.shape[0]),
+                         stride=(mK.stride[1], mK.stride[3], mK.stride[2], mK.stride[0])))
+
+
+def kv_smem_layout(dtype, d: int, stages: int):
+    """(PAGE, d, stages) K-major, 128B-swizzled: the WGMMA B-operand layout of a page."""
+    return sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (64, PAGE, d), dtype, stages)
+
+
+@cute.jit
+def make_kv_tma(mK: cute.Tensor, smem_layout_staged, d: cutlass.Constexpr):
+    """TMA atom + coordinate tensor (PAGE, d, h_kv, num_blocks) for whole-page loads."""
+    smem_layout = cute.slice_(smem_layout_staged, (None, None, 0))
+    return cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), paged_kv_view(mK), smem_layout, (PAGE, d))
+
+
+@cute.jit
+def page_tile(mKTma: cute.Tensor, d: cutlass.Constexpr, head, block) -> cute.Tensor:
+    """The (PAGE, d) coordinate tile of page ``block`` of kv head ``head``."""
+    return cute.flat_divide(mKTma, (PAGE, d))[None, None, 0, 0, head, block]
