@@ -105,9 +105,54 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     if head_dim_v != 512:
         raise ValueError(f"head_dim_v must be 512, got {head_dim_v}")
     config = _config_of(q, k_cache, causal, is_fp8_kvcache, indices, extra_k_cache, extra_indices_in_kvcache)
-    _bind_sched_meta(tile_scheduler_metadata, config)
-    path = "FP8 sparse decode (issue 4)" if indices is not None else "dense decode (issue 3)"
-    raise NotImplementedError(f"cute-mla: the {path} kernel is not built yet")
+    if indices is not None or is_fp8_kvcache:
+        _bind_sched_meta(tile_scheduler_metadata, config)
+        raise NotImplementedError("cute-mla: the FP8 sparse decode kernel (issue 4) is not built yet")
+    for name, val in (("attn_sink", attn_sink), ("extra_k_cache", extra_k_cache),
+                      ("extra_indices_in_kvcache", extra_indices_in_kvcache), ("topk_length", topk_length),
+                      ("extra_topk_length", extra_topk_length)):
+        if val is not None:
+            raise ValueError(f"{name} is only supported by sparse attention (indices given); got it with dense decode")
+    _check_dense_decode(q, k_cache, block_table, cache_seqlens)
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    if _bind_sched_meta(tile_scheduler_metadata, config):
+        schedule_decode(tile_scheduler_metadata, cache_seqlens, q.shape[1], q.shape[2], k_cache.shape[2])
+    b, s_q, h_q, _ = q.shape
+    out = torch.empty(b, s_q, h_q, head_dim_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+    ops.dense_decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata.tile_scheduler_metadata,
+                     tile_scheduler_metadata.num_splits, softmax_scale, causal, out, lse)
+    return out, lse
+
+
+def _check_dense_decode(q, k_cache, block_table, cache_seqlens) -> None:
+    """Every shape, dtype and device rule of the dense path, with the argument named."""
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+
+    need(q.dtype in (torch.bfloat16, torch.float16), f"q must be bfloat16 or float16, got {q.dtype}")
+    need(k_cache.dtype == q.dtype, f"k_cache must have q's dtype {q.dtype} for dense decode, got {k_cache.dtype}")
+    need(q.is_cuda, f"q must be a CUDA tensor, got device {q.device}")
+    for name, t in (("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+        need(isinstance(t, torch.Tensor), f"{name} must be a tensor for dense decode, got {type(t).__name__}")
+        need(t.device == q.device, f"{name} must be on {q.device}, got {t.device}")
+    b, s_q, h_q, d = q.shape
+    need(d == 576, f"q's head dim must be 576 (512 NoPE + 64 RoPE) for dense decode, got {d}")
+    need(k_cache.shape[3] == d, f"k_cache's head dim must be {d}, got {k_cache.shape[3]}")
+    need(k_cache.shape[1] == 64, f"k_cache page_block_size must be 64 for dense decode, got {k_cache.shape[1]}")
+    h_kv = k_cache.shape[2]
+    need(h_kv >= 1 and h_q % h_kv == 0, f"h_q ({h_q}) must be a multiple of k_cache's h_kv ({h_kv})")
+    need(s_q >= 1 and b >= 1, f"q must have b >= 1 and s_q >= 1, got shape {tuple(q.shape)}")
+    need(q.stride(3) == 1, "q's last dim must be contiguous")
+    need(k_cache.stride(3) == 1, "k_cache's last dim must be contiguous")
+    need(block_table.dtype == torch.int32 and block_table.dim() == 2 and block_table.shape[0] == b,
+         f"block_table must be int32 [{b}, max_blocks], got {block_table.dtype} {tuple(block_table.shape)}")
+    need(block_table.stride(1) == 1, "block_table's last dim must be contiguous")
+    need(cache_seqlens.dtype == torch.int32 and tuple(cache_seqlens.shape) == (b,),
+         f"cache_seqlens must be int32 [{b}], got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+    need(cache_seqlens.is_contiguous(), "cache_seqlens must be contiguous")
 
 
 def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None):

@@ -83,3 +83,25 @@ def combine(o_accum: torch.Tensor, lse_accum: torch.Tensor, split_offsets: torch
         (-(-h_q // decode_plan.COMBINE_HEADS_PER_CTA), s_q, b),
         [o_accum, lse_accum, split_offsets, sink, out, lse, int(skip_single_split), int(attn_sink is not None)],
         device_index=out.device.index, pdl=pdl)
+
+
+def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                 sched_meta: torch.Tensor, split_offsets: torch.Tensor, softmax_scale: float, causal: bool,
+                 out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Split-KV dense decode (SM90) then the combine of multi-split requests, on the current
+    stream.  Inputs are assumed validated by the API layer."""
+    b, s_q, h_q, _ = q.shape
+    parts = sched_meta.shape[0]
+    h_kv = k_cache.shape[2]
+    # at most one extra split per part on top of one per request
+    n_partial = b + parts
+    o_accum = torch.empty(n_partial, s_q, h_q, 512, dtype=torch.float32, device=q.device)
+    lse_accum = torch.empty(n_partial, s_q, h_q, dtype=torch.float32, device=q.device)
+    rows = s_q * (h_q // h_kv)
+    launcher.launch(
+        "dense_decode_sm90", {"dtype": _DTYPE_NAMES[q.dtype]},
+        (parts, h_kv, -(-rows // decode_plan.BLOCK_M)),
+        [q, k_cache, block_table, cache_seqlens, sched_meta, split_offsets, out, lse, o_accum, lse_accum,
+         float(softmax_scale), int(bool(causal) and s_q > 1), h_q // h_kv],
+        device_index=q.device.index)
+    combine(o_accum, lse_accum, split_offsets, out, lse, skip_single_split=True, pdl=True)

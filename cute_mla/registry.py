@@ -45,6 +45,14 @@ _COMMON_DEPS = ("kernels/common/fake.py", "kernels/common/dtypes.py", "layouts/a
 
 KERNELS: tuple[KernelDef, ...] = (
     KernelDef(
+        name="dense_decode_sm90",
+        source="kernels.sm90.dense_decode:DenseDecodeSm90",
+        archs=("sm_90a",),
+        args=operands.dense_decode_args,
+        variants=({"dtype": "bf16"}, {"dtype": "fp16"}),
+        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py", "schedules/decode_plan.py"),
+    ),
+    KernelDef(
         name="combine",
         source="kernels.common.combine:CombineKernel",
         archs=ARCHS,

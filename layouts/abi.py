@@ -6,7 +6,10 @@ order), then every *dynamic* stride as int64 (in mode order), each naturally
 aligned, the struct aligned to 8 bytes.  Static extents and strides are folded
 into the code and are absent from the struct.  Scalars are passed as themselves.
 
-One ``ArgSpec`` tuple per kernel describes those parameters.  The compile step
+One ``ArgSpec`` tuple per kernel describes those parameters, in the order of the
+kernel's ``@cute.jit __call__`` arguments, which must also be the order of the
+``@cute.kernel`` parameters (static objects such as tiled MMAs and smem layouts
+become no parameter; keep them last).  The compile step
 turns it into fake tensors (so the kernel is specialised exactly as described)
 and records the sizes the PTX actually declares; the launcher packs runtime
 values by the same description and refuses a tensor that does not fit it

@@ -86,3 +86,25 @@ def paged_kv_probe_args(dtype: str, d: int):
         # (b, max_blocks * PAGE, h_kv, d) gathered pages
         TensorArg("out", dtype, ("b", "n_tok", "h_kv", d), ("o0", "o1", "o2", 1)),
     )
+
+
+def dense_decode_args(dtype: str, d_qk: int = 576):
+    """SM90 dense decode (kernels.sm90.dense_decode), host order = kernel parameter order."""
+    return (
+        # (b, s_q, h_q, d_qk) queries; any strides with 16-byte aligned rows
+        TensorArg("q", dtype, ("b", "s_q", "h_q", d_qk), ("qb", "qs", "qh", 1),
+                  divisibility=(("qb", 8), ("qs", 8), ("qh", 8))),
+        paged_kv_tma(dtype, d_qk),
+        # (b, max_blocks) int32 page ids; entries past a request's length are never read
+        TensorArg("block_table", "i32", ("b", "max_blocks"), ("s_bt", 1), align=4),
+        TensorArg("cache_seqlens", "i32", ("b",), (1,), align=4),
+        TensorArg("sched_meta", "i32", ("parts", 8), (8, 1), align=16),
+        TensorArg("split_offsets", "i32", ("b1",), (1,), align=4),
+        # (b, s_q, h_q, 512) output in q's dtype, (b, h_q, s_q) natural-log lse
+        TensorArg("out", dtype, ("b", "s_q", "h_q", D_V), ("ob", "os", "oh", 1)),
+        TensorArg("lse", "f32", ("b", "h_q", "s_q"), ("lb", "lh", 1), align=4),
+    ) + split_kv_partials() + (
+        ScalarArg("softmax_scale", "f32"),
+        ScalarArg("causal"),
+        ScalarArg("heads_per_kv"),
+    )

@@ -52,7 +52,7 @@ def plan_host(cache_seqlens: Sequence[int], parts: int, block_n: int = BLOCK_N,
               fixed_overhead: int = FIXED_OVERHEAD_BLOCKS) -> tuple[list[list[int]], list[int]]:
     """Plan on the host: returns (sched_meta rows, split_offsets)."""
     b = len(cache_seqlens)
-    nblocks = [_cdiv(int(s), block_n) for s in cache_seqlens]
+    nblocks = [_cdiv(max(int(s), 0), block_n) for s in cache_seqlens]  # negative = empty
     total = sum(nblocks) + fixed_overhead * b
     payload = _cdiv(total, parts) + fixed_overhead
     meta = []

@@ -47,7 +47,7 @@ class DecodeSchedulerKernel:
         staged = b <= STAGED_REQUESTS
         total = Int32(0)
         for i in cutlass.range(lane, b, 32):
-            nb = (mSeqlens[i] + block_n - 1) // block_n
+            nb = (cutlass.max(mSeqlens[i], 0) + block_n - 1) // block_n  # negative = empty
             if staged:
                 sBlocks[i] = nb
             total += nb + fixed_overhead
@@ -111,5 +111,5 @@ class DecodeSchedulerKernel:
         if staged:
             nb = sBlocks[i]
         else:
-            nb = (mSeqlens[i] + block_n - 1) // block_n
+            nb = (cutlass.max(mSeqlens[i], 0) + block_n - 1) // block_n  # negative = empty
         return nb

@@ -1,0 +1,367 @@
+"""SM90 dense MLA decode over a paged bf16/fp16 KV cache (split-KV, persistent grid)."""
+from __future__ import annotations
+
+import math
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Float32, Int32
+from cutlass.cute.nvgpu import warpgroup
+from cutlass.tensor_utils import LayoutEnum
+
+from kernels.common.dtypes import dsl_dtype
+from kernels.common.mma_sm90 import acc_to_operand, gemm
+from kernels.common.paged_kv import PAGE, kv_smem_layout, make_kv_tma, page_tile
+from layouts.operands import D_V
+from schedules.decode_plan import BLOCK_M, SCHED_META_FIELDS
+
+LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
+
+
+class DenseDecodeSm90:
+    """Dense MLA decode: O = softmax(Q K^T * scale) V with V = K[:, :512], one kv head at a time.
+
+    Grid: (num_sm_parts, h_kv, ceil(s_q * h_q / h_kv / 64)).  A CTA owns 64 query rows
+    (row m = query token m // h_r, head m % h_r of the kv head's h_r = h_q / h_kv) and
+    walks the (request, KV block range, split) pieces its part of ``sched_meta`` lists.
+
+    Warp roles (384 threads):
+      warpgroup 0  producer: one warp streams whole 64-token pages of K (9 TMA boxes each)
+                   through a ``stages``-deep ring, page ids from the block table;
+      warpgroups 1, 2  consumers: each computes S = Q K^T for the block (64 x 64), the
+                   online softmax, and O[:, 256*i : 256*(i+1)] += P V for its half of V.
+    The consumers are independent (each recomputes S), so they need no exchange and
+    meet only at Q reloads.  Q (64 x 576) is loaded once per piece by the consumers.
+
+    Pipelines: ``kv`` (PipelineTmaAsync, producer warp -> 8 consumer warps) per page.
+    Tokens past a request's length are masked by selection before the softmax and
+    their V rows are zeroed in shared memory before P V, so NaN there never reaches
+    an output (0 * NaN would).
+
+    Output: a request computed in one split is finalised here (O / sum, natural-log
+    lse; no valid key gives O = 0, lse = +inf); otherwise each split writes fp32 O and
+    its base-2 lse to the partial buffers for the combine kernel.
+    """
+
+    threads = 384
+    consumer_threads = 256
+    stages = 2
+    regs_producer = 24
+    regs_consumer = 240
+
+    def __init__(self, dtype: str, d_qk: int = 576):
+        self.dtype_name = dtype
+        self.dtype = dsl_dtype(dtype)
+        self.d = d_qk
+        self.v_half = D_V // 2
+        elt = self.dtype.width // 8
+        self.q_bytes = BLOCK_M * d_qk * elt
+        self.page_bytes = PAGE * d_qk * elt
+        # sQ + K ring + barriers, every buffer 1024-byte aligned for the 128B swizzle
+        self.smem_bytes = self.q_bytes + self.stages * self.page_bytes + 2048
+
+    @cute.jit
+    def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mBlockTable: cute.Tensor, mSeqlens: cute.Tensor,
+                 mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
+                 mOAccum: cute.Tensor, mLseAccum: cute.Tensor, softmax_scale: Float32, causal: Int32,
+                 heads_per_kv: Int32, stream: cuda.CUstream):
+        # mQ (b, s_q, h_q, d); mK (num_blocks, PAGE, h_kv, d); mOut (b, s_q, h_q, 512); mLse (b, h_q, s_q)
+        sQ_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (BLOCK_M, PAGE, self.d), self.dtype, 1)
+        sK_layout = kv_smem_layout(self.dtype, self.d, self.stages)
+        # V = first 512 columns of a K page read as an MN-major (d, token) operand: with the
+        # 128B swizzle both views address the same bytes (see paged_kv).
+        sV_layout = sm90_utils.make_smem_layout_b(LayoutEnum.COL_MAJOR, (BLOCK_M, D_V, PAGE), self.dtype, 1)
+        kv_atom, mKTma = make_kv_tma(mK, sK_layout, self.d)
+
+        rows = mQ.shape[1] * heads_per_kv
+        grid = [mSchedMeta.shape[0], mK.shape[2], cute.ceil_div(rows, BLOCK_M)]
+        self.kernel(mQ, kv_atom, mKTma, mBlockTable, mSeqlens, mSchedMeta, mSplitOffsets,
+                    mOut, mLse, mOAccum, mLseAccum, softmax_scale, causal, heads_per_kv,
+                    sQ_layout, sK_layout, sV_layout).launch(
+            grid=grid, block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream, min_blocks_per_mp=1)
+
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, kv_atom: cute.CopyAtom, mKTma: cute.Tensor, mBlockTable: cute.Tensor,
+               mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor,
+               mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, softmax_scale: Float32,
+               causal: Int32, heads_per_kv: Int32,
+               sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout):
+        # Parameters in layouts.operands.dense_decode_args order; static objects (no parameter) last.
+        # The tiled MMAs are built here: passed in, their mutable accumulate flag would
+        # become a kernel parameter.
+        qk_mma = sm90_utils.make_trivial_tiled_mma(
+            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K,
+            Float32, (1, 1, 1), (BLOCK_M, PAGE))
+        pv_mma = sm90_utils.make_trivial_tiled_mma(
+            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
+            Float32, (1, 1, 1), (BLOCK_M, self.v_half), warpgroup.OperandSource.RMEM)
+        tidx, _, _ = cute.arch.thread_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        wg = warp // 4
+
+        smem = cutlass.memory.SmemAllocator()
+        sQ = smem.allocate_tensor(self.dtype, sQ_layout.outer, byte_alignment=1024, swizzle=sQ_layout.inner)
+        sK = smem.allocate_tensor(self.dtype, sK_layout.outer, byte_alignment=1024, swizzle=sK_layout.inner)
+        kv_mbar = smem.allocate_array(cutlass.Int64, 2 * self.stages, byte_alignment=8)
+
+        kv_producer, kv_consumer = pipeline.PipelineTmaAsync.create(
+            num_stages=self.stages,
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.consumer_threads // 32),
+            tx_count=self.page_bytes, barrier_storage=kv_mbar, defer_sync=True).make_participants()
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+
+        part, hk, mblk = cute.arch.block_idx()
+        if wg == 0:
+            cute.arch.setmaxregister_decrease(self.regs_producer)
+            if warp == 0:
+                cpasync_prefetch(kv_atom)
+                self.load(kv_atom, mKTma, sK, mBlockTable, mSeqlens, mSchedMeta, kv_producer, part, hk)
+        else:
+            cute.arch.setmaxregister_increase(self.regs_consumer)
+            self.consume(qk_mma, pv_mma, sQ, sK, sV_layout, mQ, mBlockTable, mSeqlens, mSchedMeta, mSplitOffsets,
+                         mOut, mLse, mOAccum, mLseAccum, kv_consumer, softmax_scale, causal, heads_per_kv,
+                         part, hk, mblk, wg - 1, tidx - 128)
+
+    # ------------------------------------------------------------------ producer
+    @cute.jit
+    def load(self, kv_atom: cute.CopyAtom, mKTma: cute.Tensor, sK: cute.Tensor, mBlockTable: cute.Tensor,
+             mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor, kv_producer, part: Int32, hk: Int32):
+        begin_req = mSchedMeta[part, 0]
+        end_req = mSchedMeta[part, 2]
+        for r in cutlass.range(begin_req, end_req + 1, unroll=1):
+            lo, hi = self.block_range(self.seqlen_of(mSeqlens, mBlockTable.shape[1], r), mSchedMeta, part, r)
+            for blk in cutlass.range(lo, hi, unroll=1):
+                # An out-of-range page id is harmless: TMA bounds-checks it and fills zeros.
+                page = mBlockTable[r, blk]
+                gK = page_tile(mKTma, self.d, hk, page)
+                tKs, tKg = cpasync_partition(kv_atom, sK, gK)
+                handle = kv_producer.acquire_and_advance()
+                cute.copy(kv_atom, tKg, tKs[None, handle.index], tma_bar_ptr=handle.barrier)
+
+    @cute.jit
+    def seqlen_of(self, mSeqlens: cute.Tensor, max_blocks: Int32, r: Int32) -> Int32:
+        """Request r's length, clamped to what its block table row can hold, so that no
+        length, however wrong, makes a kernel read past the table."""
+        return cutlass.min(cutlass.max(mSeqlens[r], 0), max_blocks * PAGE)
+
+    @cute.jit
+    def block_range(self, seqlen: Int32, mSchedMeta: cute.Tensor, part: Int32, r: Int32):
+        """KV blocks [lo, hi) of request r that this part computes."""
+        lo = Int32(0)
+        hi = (seqlen + PAGE - 1) // PAGE
+        if r == mSchedMeta[part, 0]:
+            lo = mSchedMeta[part, 1]
+        if r == mSchedMeta[part, 2]:
+            hi = cutlass.min(hi, mSchedMeta[part, 3])
+        return lo, hi
+
+    # ------------------------------------------------------------------ consumers
+    @cute.jit
+    def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, sQ: cute.Tensor, sK: cute.Tensor,
+                sV_layout: cute.ComposedLayout, mQ: cute.Tensor, mBlockTable: cute.Tensor, mSeqlens: cute.Tensor,
+                mSchedMeta: cute.Tensor,
+                mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor,
+                mLseAccum: cute.Tensor, kv_consumer, softmax_scale: Float32, causal: Int32, heads_per_kv: Int32,
+                part: Int32, hk: Int32, mblk: Int32, half: Int32, ctid: Int32):
+        wtid = ctid % 128  # thread index inside this consumer warpgroup
+        thr_qk = qk_mma.get_slice(wtid)
+        thr_pv = pv_mma.get_slice(wtid)
+        tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))  # (MMA, 1, d/16)
+        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK))  # (MMA, 1, d/16, stages)
+        tScS = thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, PAGE)))  # (row, token) of each S value
+        tOcO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.v_half)))  # (row, col) of each O value
+        scale_log2 = softmax_scale * LOG2_E
+        s_q = mQ.shape[1]
+
+        begin_req = mSchedMeta[part, 0]
+        end_req = mSchedMeta[part, 2]
+        for r in cutlass.range(begin_req, end_req + 1, unroll=1):
+            seqlen = self.seqlen_of(mSeqlens, mBlockTable.shape[1], r)
+            lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
+            split = Int32(0)
+            if r == begin_req:
+                split = mSchedMeta[part, 4]
+            self.load_q(mQ, sQ, r, hk, mblk, heads_per_kv, ctid)
+
+            acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.v_half)))
+            acc_o.fill(0.0)
+            row_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+            row_sum = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+            row_max.fill(-Float32.inf)
+            row_sum.fill(0.0)
+            for blk in cutlass.range(lo, hi, unroll=1):
+                handle = kv_consumer.wait_and_advance()
+                acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, PAGE)))
+                warpgroup.fence()
+                gemm(qk_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, handle.index], True)
+                warpgroup.commit_group()
+                warpgroup.wait_group(0)
+
+                # key limit of each query token: the request length, less s_q-1-i under causal masking
+                self.mask_and_softmax(acc_s, tScS, acc_o, row_max, row_sum, blk * PAGE, seqlen, s_q, causal,
+                                      heads_per_kv, mblk, scale_log2)
+                valid = seqlen - blk * PAGE
+                if valid < PAGE:
+                    self.zero_tail_rows(sK, handle.index, valid, half, wtid)
+                tOrP = acc_to_operand(acc_s, pv_mma, self.dtype)
+                sV = self.v_view(sK, sV_layout, handle.index, half)
+                tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sV))
+                warpgroup.fence()
+                gemm(pv_mma, acc_o, tOrP, tOrV, False)
+                warpgroup.commit_group()
+                warpgroup.wait_group(0)
+                handle.release()
+
+            nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
+            self.epilogue(acc_o, tOcO, row_max, row_sum, mOut, mLse, mOAccum, mLseAccum, r, hk, mblk,
+                          heads_per_kv, half, scale_log2, nsplits, mSplitOffsets[r] + split, wtid)
+
+    @cute.jit
+    def load_q(self, mQ: cute.Tensor, sQ: cute.Tensor, r: Int32, hk: Int32, mblk: Int32, heads_per_kv: Int32,
+               ctid: Int32):
+        """Both consumer warpgroups copy the 64 query rows of (request r, kv head hk) into sQ;
+        rows past s_q * h_r are zero."""
+        # Nobody may still be reading the previous piece's Q.
+        cute.arch.barrier(barrier_id=1, number_of_threads=self.consumer_threads)
+        rows = mQ.shape[1] * heads_per_kv
+        for i in cutlass.range(ctid, BLOCK_M * self.d, self.consumer_threads):
+            row = i // self.d
+            col = i - row * self.d
+            m = mblk * BLOCK_M + row
+            v = self.dtype(0.0)
+            if m < rows:
+                iq = m // heads_per_kv
+                v = mQ[r, iq, hk * heads_per_kv + (m - iq * heads_per_kv), col]
+            sQ[row, col, 0] = v
+        # Generic-proxy stores read next by WGMMA (async proxy).
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.barrier(barrier_id=1, number_of_threads=self.consumer_threads)
+
+    @cute.jit
+    def mask_and_softmax(self, acc_s: cute.Tensor, tScS: cute.Tensor, acc_o: cute.Tensor, row_max: cute.Tensor,
+                         row_sum: cute.Tensor, tok0: Int32, seqlen: Int32, s_q: Int32, causal: Int32,
+                         heads_per_kv: Int32, mblk: Int32, scale_log2: Float32):
+        """Online softmax over one 64-token block, rows owned by this thread (2 per thread).
+
+        Masked logits are replaced (selected) by -inf, never multiplied, so NaN in
+        masked positions disappears.  Values are kept as exp2(s * scale_log2 - max')."""
+        neg_inf = -Float32.inf
+        n = cute.size(acc_s)
+        # acc fragment order (2 cols, 2 rows, N/8 col groups): element k is in row-half (k // 2) % 2
+        for k in cutlass.range_constexpr(n):
+            row, tok = tScS[k]
+            limit = seqlen
+            if causal != 0:
+                iq = (mblk * BLOCK_M + row) // heads_per_kv
+                limit = seqlen - (s_q - 1 - iq)
+            if tok0 + tok >= limit:
+                acc_s[k] = neg_inf
+        new_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        new_max.fill(neg_inf)
+        for k in cutlass.range_constexpr(n):
+            h = (k // 2) % 2
+            new_max[h] = cute.arch.fmax(new_max[h], acc_s[k])
+        rescale = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        base = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        for h in cutlass.range_constexpr(2):
+            m = cute.arch.warp_reduction_max(new_max[h], threads_in_group=4)
+            m = cute.arch.fmax(m, row_max[h])
+            # a row with no valid key so far keeps max -inf: use 0 so exp2 sees -inf, not NaN
+            b = m * scale_log2
+            if m == neg_inf:
+                b = Float32(0.0)
+            prev = row_max[h] * scale_log2
+            if row_max[h] == neg_inf:
+                prev = b
+            rescale[h] = cute.math.exp2(prev - b, fastmath=True)
+            base[h] = b
+            row_max[h] = m
+            row_sum[h] = row_sum[h] * rescale[h]
+        for k in cutlass.range_constexpr(n):
+            h = (k // 2) % 2
+            p = cute.math.exp2(acc_s[k] * scale_log2 - base[h], fastmath=True)
+            acc_s[k] = p
+            row_sum[h] += p
+        for k in cutlass.range_constexpr(cute.size(acc_o)):
+            acc_o[k] = acc_o[k] * rescale[(k // 2) % 2]
+
+    @cute.jit
+    def zero_tail_rows(self, sK: cute.Tensor, stage: Int32, valid: Int32, half: Int32, wtid: Int32):
+        """Zero this warpgroup's V columns of the tokens past the request's end (they may be
+        NaN), then make the stores visible to WGMMA."""
+        for i in cutlass.range(wtid, PAGE * self.v_half, 128):
+            t = i // self.v_half
+            c = i - t * self.v_half
+            if t >= valid:
+                sK[t, half * self.v_half + c, stage] = self.dtype(0.0)
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.barrier(barrier_id=2 + half, number_of_threads=128)
+
+    @cute.jit
+    def v_view(self, sK: cute.Tensor, sV_layout: cute.ComposedLayout, stage: Int32, half: Int32) -> cute.Tensor:
+        """(256, 64) MN-major view of V columns [256*half, 256*half + 256) of K stage ``stage``."""
+        base = sK[None, None, stage].iterator
+        sV = cute.make_tensor(cute.recast_ptr(base, sV_layout.inner), cute.slice_(sV_layout.outer, (None, None, 0)))
+        return cute.local_tile(sV, (self.v_half, PAGE), (half, 0))
+
+    @cute.jit
+    def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
+                 mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, r: Int32,
+                 hk: Int32, mblk: Int32, heads_per_kv: Int32, half: Int32, scale_log2: Float32, nsplits: Int32,
+                 split_row: Int32, wtid: Int32):
+        neg_inf = -Float32.inf
+        rows = mOut.shape[1] * heads_per_kv
+        lse2 = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        inv = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        for h in cutlass.range_constexpr(2):
+            s = cute.arch.warp_reduction_sum(row_sum[h], threads_in_group=4)
+            lse2[h] = neg_inf
+            inv[h] = Float32(0.0)
+            if s > 0.0:
+                lse2[h] = row_max[h] * scale_log2 + cute.math.log2(s, fastmath=False)
+                inv[h] = 1.0 / s
+        for k in cutlass.range_constexpr(cute.size(acc_o)):
+            row, col = tOcO[k]
+            m = mblk * BLOCK_M + row
+            if m < rows:
+                iq = m // heads_per_kv
+                hq = hk * heads_per_kv + (m - iq * heads_per_kv)
+                v = acc_o[k] * inv[(k // 2) % 2]
+                c = half * self.v_half + col
+                if nsplits == 1:
+                    mOut[r, iq, hq, c] = v.to(self.dtype)
+                else:
+                    mOAccum[split_row, iq, hq, c] = v
+        # one lane per row writes its lse (rows of a quad are shared by 4 lanes)
+        if half == 0 and wtid % 4 == 0:
+            for h in cutlass.range_constexpr(2):
+                row, _ = tOcO[2 * h]
+                m = mblk * BLOCK_M + row
+                if m < rows:
+                    iq = m // heads_per_kv
+                    hq = hk * heads_per_kv + (m - iq * heads_per_kv)
+                    if nsplits == 1:
+                        out_lse = Float32.inf
+                        if lse2[h] != neg_inf:
+                            out_lse = lse2[h] * LN_2
+                        mLse[r, hq, iq] = out_lse
+                    else:
+                        mLseAccum[split_row, iq, hq] = lse2[h]
+
+
+@cute.jit
+def cpasync_prefetch(atom: cute.CopyAtom):
+    cute.nvgpu.cpasync.prefetch_descriptor(atom)
+
+
+@cute.jit
+def cpasync_partition(atom: cute.CopyAtom, sK: cute.Tensor, gK: cute.Tensor):
+    """TMA partition of one (PAGE, d) page tile against the staged smem ring."""
+    return cute.nvgpu.cpasync.tma_partition(atom, 0, cute.make_layout(1),
+                                            cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2))

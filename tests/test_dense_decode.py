@@ -1,0 +1,154 @@
+"""SM90 dense MLA decode against the float32 reference (GPU; skipped without one).
+
+Every case uses NaN-poisoned cache rows past each request's length, permuted pages,
+garbage block-table entries past each request and NaN-poisoned outputs.  The fast
+subset runs by default; ``-m full`` runs the issue's whole grid.
+"""
+import itertools
+
+import pytest
+import torch
+
+import cute_mla
+from cute_mla.reference import ref_dense_decode
+from cute_mla.testing import assert_close_named, make_paged_kv, randn_clipped, strided_view, varlen_seqlens
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def run_case(b, s_q, s_k, h_q, h_kv, varlen, causal, dtype=torch.bfloat16, seed=0, num_zero=0,
+             strided=False, sched_meta=None):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    if varlen:
+        lens = varlen_seqlens(b, s_k, g, min_len=1, num_zero=num_zero)
+    else:
+        lens = torch.full((b,), s_k, dtype=torch.int32)
+        lens[:num_zero] = 0
+    kv = make_paged_kv(lens, 64, h_kv, 576, g, dtype=dtype)
+    q = randn_clipped((b, s_q, h_q, 576), g, dtype=dtype)
+    block_table = kv.block_table
+    if strided:
+        q = strided_view(q, dim=2)
+        block_table = strided_view(block_table, dim=0)
+    meta = sched_meta if sched_meta is not None else cute_mla.get_mla_metadata()[0]
+    out, lse = cute_mla.flash_mla_with_kvcache(q, kv.k_cache, block_table, kv.cache_seqlens, 512, meta,
+                                               causal=causal)
+    ref_out, ref_lse = ref_dense_decode(q, kv.k_cache, kv.block_table, kv.cache_seqlens, 512, causal=causal)
+    assert out.dtype == dtype and tuple(out.shape) == (b, s_q, h_q, 512)
+    assert_close_named("dense_decode_out", out.float(), ref_out)
+    assert_close_named("decode_lse", lse, ref_lse)
+    return out, lse
+
+
+def _valid(h_q, h_kv):
+    return h_q % h_kv == 0
+
+
+FULL_GRID = [c for c in itertools.product([1, 2, 6, 64], [1, 2, 4], [20, 140, 4096], [1, 3, 9, 63, 64, 126, 128],
+                                          [1, 2, 3, 8], [False, True], [False, True]) if _valid(c[3], c[4])]
+FAST = [
+    # b, s_q, s_k, h_q, h_kv, varlen, causal
+    (1, 1, 20, 1, 1, False, False),
+    (2, 1, 140, 128, 1, True, False),
+    (2, 2, 140, 128, 1, True, True),
+    (6, 4, 140, 64, 1, True, True),
+    (6, 1, 4096, 128, 1, True, False),
+    (2, 2, 4096, 126, 2, False, True),
+    (6, 2, 140, 9, 3, True, True),
+    (2, 4, 20, 63, 3, True, True),  # s_k < s_q rows under causal masking see no key
+    (2, 1, 140, 64, 8, True, False),
+    (64, 2, 140, 16, 1, True, True),
+    (64, 1, 4096, 128, 1, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", FAST, ids=lambda c: "b{}-sq{}-sk{}-h{}-kv{}-{}-{}".format(
+    *c[:5], "var" if c[5] else "fix", "causal" if c[6] else "full"))
+def test_dense_decode_fast(case, dtype):
+    run_case(*case, dtype=dtype, seed=hash(case) % 1000)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("case", FULL_GRID, ids=lambda c: "b{}-sq{}-sk{}-h{}-kv{}-{}-{}".format(
+    *c[:5], "var" if c[5] else "fix", "causal" if c[6] else "full"))
+def test_dense_decode_full_grid(case):
+    run_case(*case, dtype=torch.bfloat16 if hash(case) % 2 else torch.float16, seed=hash(case) % 1000)
+
+
+def test_zero_length_requests_b128():
+    out, lse = run_case(128, 2, 4096, 128, 1, True, False, num_zero=17, seed=5)
+    assert torch.isfinite(out).all()
+
+
+def test_strided_q_and_block_table():
+    run_case(6, 2, 140, 64, 1, True, True, strided=True, seed=7)
+
+
+def test_deterministic_over_five_runs_and_meta_reuse():
+    g = torch.Generator(device=DEV).manual_seed(11)
+    lens = varlen_seqlens(16, 1500, g, min_len=1, num_zero=2)
+    kv = make_paged_kv(lens, 64, 1, 576, g)
+    q = randn_clipped((16, 2, 128, 576), g)
+    meta, _ = cute_mla.get_mla_metadata()
+    first = None
+    for _ in range(5):  # the same sched_meta serves every "layer"
+        out, lse = cute_mla.flash_mla_with_kvcache(q, kv.k_cache, kv.block_table, kv.cache_seqlens, 512, meta)
+        if first is None:
+            first = (out.clone(), lse.clone())
+        else:
+            assert torch.equal(out.view(torch.int16), first[0].view(torch.int16))
+            assert torch.equal(lse.view(torch.int32), first[1].view(torch.int32))
+    # another layer's cache and queries, same shapes and lengths: reuse is valid
+    kv2 = make_paged_kv(lens, 64, 1, 576, g)
+    q2 = randn_clipped((16, 2, 128, 576), g)
+    out2, lse2 = cute_mla.flash_mla_with_kvcache(q2, kv2.k_cache, kv2.block_table, kv2.cache_seqlens, 512, meta)
+    ref_out, ref_lse = ref_dense_decode(q2, kv2.k_cache, kv2.block_table, kv2.cache_seqlens, 512)
+    assert_close_named("dense_decode_out", out2.float(), ref_out)
+    with pytest.raises(ValueError, match="s_q"):
+        cute_mla.flash_mla_with_kvcache(q2[:, :1], kv2.k_cache, kv2.block_table, kv2.cache_seqlens, 512, meta)
+
+
+def test_cuda_graph_capture():
+    g = torch.Generator(device=DEV).manual_seed(3)
+    lens = varlen_seqlens(8, 700, g, min_len=1)
+    kv = make_paged_kv(lens, 64, 1, 576, g)
+    q = randn_clipped((8, 1, 64, 576), g)
+    meta, _ = cute_mla.get_mla_metadata()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        cute_mla.flash_mla_with_kvcache(q, kv.k_cache, kv.block_table, kv.cache_seqlens, 512, meta)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = cute_mla.flash_mla_with_kvcache(q, kv.k_cache, kv.block_table, kv.cache_seqlens, 512, meta)
+    q.copy_(randn_clipped(q.shape, g))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_out, ref_lse = ref_dense_decode(q, kv.k_cache, kv.block_table, kv.cache_seqlens, 512)
+    assert_close_named("dense_decode_out", out.float(), ref_out)
+    assert_close_named("decode_lse", lse, ref_lse)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a.update(q=a["q"].float()), "q must be bfloat16 or float16"),
+    (lambda a: a.update(k_cache=a["k_cache"].half()), "k_cache must have q's dtype"),
+    (lambda a: a.update(q=a["q"][..., :512]), "head dim must be 576"),
+    (lambda a: a.update(block_table=a["block_table"].long()), "block_table must be int32"),
+    (lambda a: a.update(cache_seqlens=a["cache_seqlens"][:1]), "cache_seqlens must be int32"),
+    (lambda a: a.update(k_cache=a["k_cache"].view(-1, 32, 1, 576)), "page_block_size must be 64"),
+    (lambda a: a.update(q=a["q"][:, :, :3]), r"h_q \(3\) must be a multiple"),
+    (lambda a: a.update(head_dim_v=256), "head_dim_v must be 512"),
+    (lambda a: a.update(attn_sink=torch.zeros(4, device=DEV)), "attn_sink is only supported"),
+])
+def test_bad_input_names_the_argument(mutate, match):
+    g = torch.Generator(device=DEV).manual_seed(0)
+    kv = make_paged_kv([70, 10], 64, 2, 576, g)
+    args = dict(q=randn_clipped((2, 1, 4, 576), g), k_cache=kv.k_cache, block_table=kv.block_table,
+                cache_seqlens=kv.cache_seqlens, head_dim_v=512)
+    mutate(args)
+    meta, _ = cute_mla.get_mla_metadata()
+    with pytest.raises(ValueError, match=match):
+        cute_mla.flash_mla_with_kvcache(tile_scheduler_metadata=meta, **args)
