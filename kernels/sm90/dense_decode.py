@@ -226,19 +226,35 @@ class DenseDecodeSm90:
     def load_q(self, mQ: cute.Tensor, sQ: cute.Tensor, r: Int32, hk: Int32, mblk: Int32, heads_per_kv: Int32,
                ctid: Int32):
         """Both consumer warpgroups copy the 64 query rows of (request r, kv head hk) into sQ;
-        rows past s_q * h_r are zero."""
+        rows past s_q * h_r are zero.
+
+        Each thread moves 16-byte chunks and issues all its global loads before its first
+        shared store, so the loads overlap instead of paying a memory latency each."""
         # Nobody may still be reading the previous piece's Q.
         cute.arch.barrier(barrier_id=1, number_of_threads=self.consumer_threads)
         rows = mQ.shape[1] * heads_per_kv
-        for i in cutlass.range(ctid, BLOCK_M * self.d, self.consumer_threads):
-            row = i // self.d
-            col = i - row * self.d
-            m = mblk * BLOCK_M + row
-            v = self.dtype(0.0)
-            if m < rows:
-                iq = m // heads_per_kv
-                v = mQ[r, iq, hk * heads_per_kv + (m - iq * heads_per_kv), col]
-            sQ[row, col, 0] = v
+        vec = 128 // self.dtype.width  # elements per 16-byte chunk
+        chunks_per_row = self.d // vec
+        per_thread = BLOCK_M * chunks_per_row // self.consumer_threads
+        batch = per_thread // 2
+        for half_batch in cutlass.range_constexpr(2):
+            buf = cute.make_rmem_tensor(cute.make_layout((vec, batch)), self.dtype)
+            for j in cutlass.range_constexpr(batch):
+                chunk = ctid + (half_batch * batch + j) * self.consumer_threads
+                row = chunk // chunks_per_row
+                c = chunk - row * chunks_per_row
+                m = mblk * BLOCK_M + row
+                if m < rows:
+                    iq = m // heads_per_kv
+                    gq = cute.local_tile(mQ[r, iq, hk * heads_per_kv + (m - iq * heads_per_kv), None], (vec,), (c,))
+                    cute.autovec_copy(gq, buf[None, j])
+                else:
+                    buf[None, j].fill(0.0)
+            for j in cutlass.range_constexpr(batch):
+                chunk = ctid + (half_batch * batch + j) * self.consumer_threads
+                row = chunk // chunks_per_row
+                c = chunk - row * chunks_per_row
+                cute.autovec_copy(buf[None, j], cute.local_tile(sQ[row, None, 0], (vec,), (c,)))
         # Generic-proxy stores read next by WGMMA (async proxy).
         cute.arch.fence_proxy("async.shared", space="cta")
         cute.arch.barrier(barrier_id=1, number_of_threads=self.consumer_threads)
