@@ -13,7 +13,7 @@ from cutlass.cute.nvgpu import warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from kernels.common.dtypes import dsl_dtype
-from kernels.common.mma_sm90 import acc_to_operand, gemm
+from kernels.common.mma_sm90 import gemm
 from kernels.common.paged_kv import PAGE, kv_smem_layout, make_kv_tma, page_tile
 from layouts.operands import D_V
 from schedules.decode_plan import BLOCK_M, SCHED_META_FIELDS
@@ -32,10 +32,12 @@ class DenseDecodeSm90:
     Warp roles (384 threads):
       warpgroup 0  producer: one warp streams whole 64-token pages of K (9 TMA boxes each)
                    through a ``stages``-deep ring, page ids from the block table;
-      warpgroups 1, 2  consumers: each computes S = Q K^T for the block (64 x 64), the
-                   online softmax, and O[:, 256*i : 256*(i+1)] += P V for its half of V.
-    The consumers are independent (each recomputes S), so they need no exchange and
-    meet only at Q reloads.  Q (64 x 576) is loaded once per piece by the consumers.
+      warpgroups 1, 2  consumers: consumer i computes S for tokens [32i, 32i + 32) of the
+                   block (64 x 32 = Q K_i^T), the two exchange row maxima through shared
+                   memory, each writes its half of P (bf16) to shared memory, and then
+                   consumer i accumulates O[:, 256i : 256i + 256] += P V_i over all 64 tokens.
+    So every tensor-core FLOP is done once, at the price of two 256-thread barriers per
+    block (max exchange, P ready).  Q (64 x 576) is loaded once per piece by the consumers.
 
     Pipelines: ``kv`` (PipelineTmaAsync, producer warp -> 8 consumer warps) per page.
     Tokens past a request's length are masked by selection before the softmax and
@@ -61,8 +63,11 @@ class DenseDecodeSm90:
         elt = self.dtype.width // 8
         self.q_bytes = BLOCK_M * d_qk * elt
         self.page_bytes = PAGE * d_qk * elt
-        # sQ + K ring + barriers, every buffer 1024-byte aligned for the 128B swizzle
-        self.smem_bytes = self.q_bytes + self.stages * self.page_bytes + 2048
+        self.p_bytes = BLOCK_M * PAGE * elt
+        # sQ + K ring + P + row statistics + barriers; every operand buffer is 1024-byte
+        # aligned for the 128B swizzle.  231424 bytes: all the opt-in shared memory an
+        # SM90 CTA can have next to the allocator's reserved 1 KiB.
+        self.smem_bytes = self.q_bytes + self.stages * self.page_bytes + self.p_bytes + 2048
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mBlockTable: cute.Tensor, mSeqlens: cute.Tensor,
@@ -75,13 +80,15 @@ class DenseDecodeSm90:
         # V = first 512 columns of a K page read as an MN-major (d, token) operand: with the
         # 128B swizzle both views address the same bytes (see paged_kv).
         sV_layout = sm90_utils.make_smem_layout_b(LayoutEnum.COL_MAJOR, (BLOCK_M, D_V, PAGE), self.dtype, 1)
+        # P (64 rows x 64 tokens) as the K-major A operand of P V
+        sP_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (BLOCK_M, self.v_half, PAGE), self.dtype, 1)
         kv_atom, mKTma = make_kv_tma(mK, sK_layout, self.d)
 
         rows = mQ.shape[1] * heads_per_kv
         grid = [mSchedMeta.shape[0], mK.shape[2], cute.ceil_div(rows, BLOCK_M)]
         self.kernel(mQ, kv_atom, mKTma, mBlockTable, mSeqlens, mSchedMeta, mSplitOffsets,
                     mOut, mLse, mOAccum, mLseAccum, softmax_scale, causal, heads_per_kv,
-                    sQ_layout, sK_layout, sV_layout).launch(
+                    sQ_layout, sK_layout, sV_layout, sP_layout).launch(
             grid=grid, block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream, min_blocks_per_mp=1)
 
     @cute.kernel
@@ -89,16 +96,17 @@ class DenseDecodeSm90:
                mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor,
                mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, softmax_scale: Float32,
                causal: Int32, heads_per_kv: Int32,
-               sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout):
+               sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout,
+               sP_layout: cute.ComposedLayout):
         # Parameters in layouts.operands.dense_decode_args order; static objects (no parameter) last.
         # The tiled MMAs are built here: passed in, their mutable accumulate flag would
         # become a kernel parameter.
         qk_mma = sm90_utils.make_trivial_tiled_mma(
             self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K,
-            Float32, (1, 1, 1), (BLOCK_M, PAGE))
+            Float32, (1, 1, 1), (BLOCK_M, PAGE // 2))
         pv_mma = sm90_utils.make_trivial_tiled_mma(
             self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
-            Float32, (1, 1, 1), (BLOCK_M, self.v_half), warpgroup.OperandSource.RMEM)
+            Float32, (1, 1, 1), (BLOCK_M, self.v_half))
         tidx, _, _ = cute.arch.thread_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         wg = warp // 4
@@ -106,6 +114,9 @@ class DenseDecodeSm90:
         smem = cutlass.memory.SmemAllocator()
         sQ = smem.allocate_tensor(self.dtype, sQ_layout.outer, byte_alignment=1024, swizzle=sQ_layout.inner)
         sK = smem.allocate_tensor(self.dtype, sK_layout.outer, byte_alignment=1024, swizzle=sK_layout.inner)
+        sP = smem.allocate_tensor(self.dtype, sP_layout.outer, byte_alignment=1024, swizzle=sP_layout.inner)
+        # (consumer, row) partial row maxima, then row sums, exchanged between the consumers
+        sStat = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
         kv_mbar = smem.allocate_array(cutlass.Int64, 2 * self.stages, byte_alignment=8)
 
         kv_producer, kv_consumer = pipeline.PipelineTmaAsync.create(
@@ -124,7 +135,7 @@ class DenseDecodeSm90:
                 self.load(kv_atom, mKTma, sK, mBlockTable, mSeqlens, mSchedMeta, kv_producer, part, hk)
         else:
             cute.arch.setmaxregister_increase(self.regs_consumer)
-            self.consume(qk_mma, pv_mma, sQ, sK, sV_layout, mQ, mBlockTable, mSeqlens, mSchedMeta, mSplitOffsets,
+            self.consume(qk_mma, pv_mma, sQ, sK, sP, sStat, sV_layout, mQ, mBlockTable, mSeqlens, mSchedMeta, mSplitOffsets,
                          mOut, mLse, mOAccum, mLseAccum, kv_consumer, softmax_scale, causal, heads_per_kv,
                          part, hk, mblk, wg - 1, tidx - 128)
 
@@ -164,6 +175,7 @@ class DenseDecodeSm90:
     # ------------------------------------------------------------------ consumers
     @cute.jit
     def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, sQ: cute.Tensor, sK: cute.Tensor,
+                sP: cute.Tensor, sStat: cute.Tensor,
                 sV_layout: cute.ComposedLayout, mQ: cute.Tensor, mBlockTable: cute.Tensor, mSeqlens: cute.Tensor,
                 mSchedMeta: cute.Tensor,
                 mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor,
@@ -173,8 +185,10 @@ class DenseDecodeSm90:
         thr_qk = qk_mma.get_slice(wtid)
         thr_pv = pv_mma.get_slice(wtid)
         tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))  # (MMA, 1, d/16)
-        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK))  # (MMA, 1, d/16, stages)
-        tScS = thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, PAGE)))  # (row, token) of each S value
+        sKhalf = cute.local_tile(sK, (PAGE // 2, self.d, self.stages), (half, 0, 0))  # this consumer's 32 tokens
+        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sKhalf))  # (MMA, 1, d/16, stages)
+        tScS = thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, PAGE // 2)))  # (row, token - 32*half)
+        tOrP = thr_pv.make_fragment_A(thr_pv.partition_A(sP))  # (MMA, 1, PAGE/16, 1)
         tOcO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.v_half)))  # (row, col) of each O value
         scale_log2 = softmax_scale * LOG2_E
         s_q = mQ.shape[1]
@@ -197,29 +211,34 @@ class DenseDecodeSm90:
             row_sum.fill(0.0)
             for blk in cutlass.range(lo, hi, unroll=1):
                 handle = kv_consumer.wait_and_advance()
-                acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, PAGE)))
+                acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, PAGE // 2)))
                 warpgroup.fence()
                 gemm(qk_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, handle.index], True)
                 warpgroup.commit_group()
                 warpgroup.wait_group(0)
 
                 # key limit of each query token: the request length, less s_q-1-i under causal masking
-                self.mask_and_softmax(acc_s, tScS, acc_o, row_max, row_sum, blk * PAGE, seqlen, s_q, causal,
-                                      heads_per_kv, mblk, scale_log2)
+                self.mask_and_softmax(acc_s, tScS, acc_o, row_max, row_sum, sStat, blk * PAGE + half * (PAGE // 2),
+                                      seqlen, s_q, causal, heads_per_kv, mblk, scale_log2, half, wtid)
+                for k in cutlass.range_constexpr(cute.size(acc_s)):
+                    row, tok = tScS[k]
+                    sP[row, half * (PAGE // 2) + tok, 0] = acc_s[k].to(self.dtype)
                 valid = seqlen - blk * PAGE
                 if valid < PAGE:
                     self.zero_tail_rows(sK, handle.index, valid, half, wtid)
-                tOrP = acc_to_operand(acc_s, pv_mma, self.dtype)
+                # P halves and zeroed V rows (generic stores) are read next by WGMMA.
+                cute.arch.fence_proxy("async.shared", space="cta")
+                cute.arch.barrier(barrier_id=5, number_of_threads=self.consumer_threads)
                 sV = self.v_view(sK, sV_layout, handle.index, half)
                 tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sV))
                 warpgroup.fence()
-                gemm(pv_mma, acc_o, tOrP, tOrV, False)
+                gemm(pv_mma, acc_o, tOrP[None, None, None, 0], tOrV, False)
                 warpgroup.commit_group()
                 warpgroup.wait_group(0)
                 handle.release()
 
             nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
-            self.epilogue(acc_o, tOcO, row_max, row_sum, mOut, mLse, mOAccum, mLseAccum, r, hk, mblk,
+            self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mOut, mLse, mOAccum, mLseAccum, r, hk, mblk,
                           heads_per_kv, half, scale_log2, nsplits, mSplitOffsets[r] + split, wtid)
 
     @cute.jit
@@ -261,9 +280,12 @@ class DenseDecodeSm90:
 
     @cute.jit
     def mask_and_softmax(self, acc_s: cute.Tensor, tScS: cute.Tensor, acc_o: cute.Tensor, row_max: cute.Tensor,
-                         row_sum: cute.Tensor, tok0: Int32, seqlen: Int32, s_q: Int32, causal: Int32,
-                         heads_per_kv: Int32, mblk: Int32, scale_log2: Float32):
-        """Online softmax over one 64-token block, rows owned by this thread (2 per thread).
+                         row_sum: cute.Tensor, sStat: cute.Tensor, tok0: Int32, seqlen: Int32, s_q: Int32,
+                         causal: Int32, heads_per_kv: Int32, mblk: Int32, scale_log2: Float32, half: Int32,
+                         wtid: Int32):
+        """Online softmax over this consumer's 32 tokens of a block, rows owned by this
+        thread (2 per thread); the row maximum is taken over both consumers' halves, so
+        both rescale O identically.  Row sums stay per consumer until the epilogue.
 
         Masked logits are replaced (selected) by -inf, never multiplied, so NaN in
         masked positions disappears.  Values are kept as exp2(s * scale_log2 - max')."""
@@ -283,10 +305,17 @@ class DenseDecodeSm90:
         for k in cutlass.range_constexpr(n):
             h = (k // 2) % 2
             new_max[h] = cute.arch.fmax(new_max[h], acc_s[k])
+        for h in cutlass.range_constexpr(2):
+            new_max[h] = cute.arch.warp_reduction_max(new_max[h], threads_in_group=4)
+            if wtid % 4 == 0:
+                row, _ = tScS[2 * h]
+                sStat[half, row] = new_max[h]
+        cute.arch.barrier(barrier_id=4, number_of_threads=self.consumer_threads)
         rescale = cute.make_rmem_tensor(cute.make_layout(2), Float32)
         base = cute.make_rmem_tensor(cute.make_layout(2), Float32)
         for h in cutlass.range_constexpr(2):
-            m = cute.arch.warp_reduction_max(new_max[h], threads_in_group=4)
+            row, _ = tScS[2 * h]
+            m = cute.arch.fmax(new_max[h], sStat[1 - half, row])
             m = cute.arch.fmax(m, row_max[h])
             # a row with no valid key so far keeps max -inf: use 0 so exp2 sees -inf, not NaN
             b = m * scale_log2
@@ -310,14 +339,12 @@ class DenseDecodeSm90:
     @cute.jit
     def zero_tail_rows(self, sK: cute.Tensor, stage: Int32, valid: Int32, half: Int32, wtid: Int32):
         """Zero this warpgroup's V columns of the tokens past the request's end (they may be
-        NaN), then make the stores visible to WGMMA."""
+        NaN); the caller fences and synchronises before WGMMA reads them."""
         for i in cutlass.range(wtid, PAGE * self.v_half, 128):
             t = i // self.v_half
             c = i - t * self.v_half
             if t >= valid:
                 sK[t, half * self.v_half + c, stage] = self.dtype(0.0)
-        cute.arch.fence_proxy("async.shared", space="cta")
-        cute.arch.barrier(barrier_id=2 + half, number_of_threads=128)
 
     @cute.jit
     def v_view(self, sK: cute.Tensor, sV_layout: cute.ComposedLayout, stage: Int32, half: Int32) -> cute.Tensor:
@@ -328,15 +355,25 @@ class DenseDecodeSm90:
 
     @cute.jit
     def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
-                 mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, r: Int32,
+                 sStat: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, r: Int32,
                  hk: Int32, mblk: Int32, heads_per_kv: Int32, half: Int32, scale_log2: Float32, nsplits: Int32,
                  split_row: Int32, wtid: Int32):
         neg_inf = -Float32.inf
         rows = mOut.shape[1] * heads_per_kv
         lse2 = cute.make_rmem_tensor(cute.make_layout(2), Float32)
         inv = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        part_sum = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        # Both consumers have read the last block's maxima (before the P barrier), so
+        # sStat is free to carry the row sums.
         for h in cutlass.range_constexpr(2):
-            s = cute.arch.warp_reduction_sum(row_sum[h], threads_in_group=4)
+            part_sum[h] = cute.arch.warp_reduction_sum(row_sum[h], threads_in_group=4)
+            if wtid % 4 == 0:
+                row, _ = tOcO[2 * h]
+                sStat[half, row] = part_sum[h]
+        cute.arch.barrier(barrier_id=6, number_of_threads=self.consumer_threads)
+        for h in cutlass.range_constexpr(2):
+            row, _ = tOcO[2 * h]
+            s = part_sum[h] + sStat[1 - half, row]
             lse2[h] = neg_inf
             inv[h] = Float32(0.0)
             if s > 0.0:
