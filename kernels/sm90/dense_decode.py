@@ -119,11 +119,12 @@ class DenseDecodeSm90:
         sStat = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
         kv_mbar = smem.allocate_array(cutlass.Int64, 2 * self.stages, byte_alignment=8)
 
-        kv_producer, kv_consumer = pipeline.PipelineTmaAsync.create(
+        kv_pipe = pipeline.PipelineTmaAsync.create(
             num_stages=self.stages,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
             consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.consumer_threads // 32),
-            tx_count=self.page_bytes, barrier_storage=kv_mbar, defer_sync=True).make_participants()
+            tx_count=self.page_bytes, barrier_storage=kv_mbar, defer_sync=True)
+        kv_producer, _ = kv_pipe.make_participants()
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
@@ -136,7 +137,7 @@ class DenseDecodeSm90:
         else:
             cute.arch.setmaxregister_increase(self.regs_consumer)
             self.consume(qk_mma, pv_mma, sQ, sK, sP, sStat, sV_layout, mQ, mBlockTable, mSeqlens, mSchedMeta, mSplitOffsets,
-                         mOut, mLse, mOAccum, mLseAccum, kv_consumer, softmax_scale, causal, heads_per_kv,
+                         mOut, mLse, mOAccum, mLseAccum, kv_pipe, softmax_scale, causal, heads_per_kv,
                          part, hk, mblk, wg - 1, tidx - 128)
 
     # ------------------------------------------------------------------ producer
@@ -179,7 +180,7 @@ class DenseDecodeSm90:
                 sV_layout: cute.ComposedLayout, mQ: cute.Tensor, mBlockTable: cute.Tensor, mSeqlens: cute.Tensor,
                 mSchedMeta: cute.Tensor,
                 mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor,
-                mLseAccum: cute.Tensor, kv_consumer, softmax_scale: Float32, causal: Int32, heads_per_kv: Int32,
+                mLseAccum: cute.Tensor, kv_pipe, softmax_scale: Float32, causal: Int32, heads_per_kv: Int32,
                 part: Int32, hk: Int32, mblk: Int32, half: Int32, ctid: Int32):
         wtid = ctid % 128  # thread index inside this consumer warpgroup
         thr_qk = qk_mma.get_slice(wtid)
@@ -193,6 +194,10 @@ class DenseDecodeSm90:
         scale_log2 = softmax_scale * LOG2_E
         s_q = mQ.shape[1]
 
+        # Explicit consumer states: a page is released one block late, after the P V that
+        # reads it has been waited for together with the next block's S, so that P V never
+        # blocks the warpgroup before the next S is issued.
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         begin_req = mSchedMeta[part, 0]
         end_req = mSchedMeta[part, 2]
         for r in cutlass.range(begin_req, end_req + 1, unroll=1):
@@ -203,39 +208,58 @@ class DenseDecodeSm90:
                 split = mSchedMeta[part, 4]
             self.load_q(mQ, sQ, r, hk, mblk, heads_per_kv, ctid)
 
+            # Key limit of this thread's two rows: the request length, less s_q-1-i for query
+            # token i under causal masking.  Computed once per piece: only blocks that reach
+            # min_limit need masking at all.
+            row_limit = cute.make_rmem_tensor(cute.make_layout(2), Int32)
+            for h in cutlass.range_constexpr(2):
+                row, _ = tScS[2 * h]
+                row_limit[h] = seqlen
+                if causal != 0:
+                    iq = (mblk * BLOCK_M + row) // heads_per_kv
+                    row_limit[h] = seqlen - (s_q - 1 - iq)
+            min_limit = cutlass.min(row_limit[0], row_limit[1])
             acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.v_half)))
             acc_o.fill(0.0)
             row_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
             row_sum = cute.make_rmem_tensor(cute.make_layout(2), Float32)
             row_max.fill(-Float32.inf)
             row_sum.fill(0.0)
+            prev = state.clone()
             for blk in cutlass.range(lo, hi, unroll=1):
-                handle = kv_consumer.wait_and_advance()
+                kv_pipe.consumer_wait(state)
+                stage = state.index
                 acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, PAGE // 2)))
                 warpgroup.fence()
-                gemm(qk_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, handle.index], True)
+                gemm(qk_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, stage], True)
                 warpgroup.commit_group()
+                # S of this block and P V of the previous one: after this O may be rescaled,
+                # the previous page is free and (once both consumers pass the max exchange) sP too.
                 warpgroup.wait_group(0)
+                if blk > lo:
+                    kv_pipe.consumer_release(prev)
 
-                # key limit of each query token: the request length, less s_q-1-i under causal masking
                 self.mask_and_softmax(acc_s, tScS, acc_o, row_max, row_sum, sStat, blk * PAGE + half * (PAGE // 2),
-                                      seqlen, s_q, causal, heads_per_kv, mblk, scale_log2, half, wtid)
+                                      row_limit, min_limit, scale_log2, half, wtid)
                 for k in cutlass.range_constexpr(cute.size(acc_s)):
                     row, tok = tScS[k]
                     sP[row, half * (PAGE // 2) + tok, 0] = acc_s[k].to(self.dtype)
                 valid = seqlen - blk * PAGE
                 if valid < PAGE:
-                    self.zero_tail_rows(sK, handle.index, valid, half, wtid)
+                    self.zero_tail_rows(sK, stage, valid, half, wtid)
                 # P halves and zeroed V rows (generic stores) are read next by WGMMA.
                 cute.arch.fence_proxy("async.shared", space="cta")
                 cute.arch.barrier(barrier_id=5, number_of_threads=self.consumer_threads)
-                sV = self.v_view(sK, sV_layout, handle.index, half)
+                sV = self.v_view(sK, sV_layout, stage, half)
                 tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sV))
                 warpgroup.fence()
                 gemm(pv_mma, acc_o, tOrP[None, None, None, 0], tOrV, False)
                 warpgroup.commit_group()
-                warpgroup.wait_group(0)
-                handle.release()
+                prev = state.clone()
+                state.advance()
+            warpgroup.wait_group(0)
+            if hi > lo:
+                kv_pipe.consumer_release(prev)
 
             nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
             self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mOut, mLse, mOAccum, mLseAccum, r, hk, mblk,
@@ -280,9 +304,8 @@ class DenseDecodeSm90:
 
     @cute.jit
     def mask_and_softmax(self, acc_s: cute.Tensor, tScS: cute.Tensor, acc_o: cute.Tensor, row_max: cute.Tensor,
-                         row_sum: cute.Tensor, sStat: cute.Tensor, tok0: Int32, seqlen: Int32, s_q: Int32,
-                         causal: Int32, heads_per_kv: Int32, mblk: Int32, scale_log2: Float32, half: Int32,
-                         wtid: Int32):
+                         row_sum: cute.Tensor, sStat: cute.Tensor, tok0: Int32, row_limit: cute.Tensor,
+                         min_limit: Int32, scale_log2: Float32, half: Int32, wtid: Int32):
         """Online softmax over this consumer's 32 tokens of a block, rows owned by this
         thread (2 per thread); the row maximum is taken over both consumers' halves, so
         both rescale O identically.  Row sums stay per consumer until the epilogue.
@@ -292,14 +315,11 @@ class DenseDecodeSm90:
         neg_inf = -Float32.inf
         n = cute.size(acc_s)
         # acc fragment order (2 cols, 2 rows, N/8 col groups): element k is in row-half (k // 2) % 2
-        for k in cutlass.range_constexpr(n):
-            row, tok = tScS[k]
-            limit = seqlen
-            if causal != 0:
-                iq = (mblk * BLOCK_M + row) // heads_per_kv
-                limit = seqlen - (s_q - 1 - iq)
-            if tok0 + tok >= limit:
-                acc_s[k] = neg_inf
+        if tok0 + PAGE // 2 > min_limit:
+            for k in cutlass.range_constexpr(n):
+                _, tok = tScS[k]
+                if tok0 + tok >= row_limit[(k // 2) % 2]:
+                    acc_s[k] = neg_inf
         new_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
         new_max.fill(neg_inf)
         for k in cutlass.range_constexpr(n):
