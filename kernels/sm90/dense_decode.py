@@ -39,7 +39,10 @@ class DenseDecodeSm90:
     So every tensor-core FLOP is done once, at the price of two 256-thread barriers per
     block (max exchange, P ready).  Q (64 x 576) is loaded once per piece by the consumers.
 
-    Pipelines: ``kv`` (PipelineTmaAsync, producer warp -> 8 consumer warps) per page.
+    Pipelines: ``kv`` (PipelineTmaAsync, producer warp -> 8 consumer warps), one page
+    per stage; a consumer releases page j after waiting for S of page j + 1 and P V of
+    page j together.  Named barriers among the 256 consumer threads: 1 Q reload,
+    4 row-max exchange, 5 P (and zeroed V rows) ready, 6 row-sum exchange.
     Tokens past a request's length are masked by selection before the softmax and
     their V rows are zeroed in shared memory before P V, so NaN there never reaches
     an output (0 * NaN would).
