@@ -160,6 +160,13 @@ class DenseDecodeSm90:
                 cute.copy(kv_atom, tKg, tKs[None, handle.index], tma_bar_ptr=handle.barrier)
 
     @cute.jit
+    def query_of_row(self, m: Int32, hk: Int32, heads_per_kv: Int32):
+        """Query row m of kv head hk -> (query token, q head): rows run over the kv head's
+        h_r = h_q / h_kv query heads fastest, then over the query tokens."""
+        iq = m // heads_per_kv
+        return iq, hk * heads_per_kv + (m - iq * heads_per_kv)
+
+    @cute.jit
     def seqlen_of(self, mSeqlens: cute.Tensor, max_blocks: Int32, r: Int32) -> Int32:
         """Request r's length, clamped to what its block table row can hold, so that no
         length, however wrong, makes a kernel read past the table."""
@@ -219,7 +226,7 @@ class DenseDecodeSm90:
                 row, _ = tScS[2 * h]
                 row_limit[h] = seqlen
                 if causal != 0:
-                    iq = (mblk * BLOCK_M + row) // heads_per_kv
+                    iq, _ = self.query_of_row(mblk * BLOCK_M + row, hk, heads_per_kv)
                     row_limit[h] = seqlen - (s_q - 1 - iq)
             min_limit = cutlass.min(row_limit[0], row_limit[1])
             acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.v_half)))
@@ -291,8 +298,8 @@ class DenseDecodeSm90:
                 c = chunk - row * chunks_per_row
                 m = mblk * BLOCK_M + row
                 if m < rows:
-                    iq = m // heads_per_kv
-                    gq = cute.local_tile(mQ[r, iq, hk * heads_per_kv + (m - iq * heads_per_kv), None], (vec,), (c,))
+                    iq, hq = self.query_of_row(m, hk, heads_per_kv)
+                    gq = cute.local_tile(mQ[r, iq, hq, None], (vec,), (c,))
                     cute.autovec_copy(gq, buf[None, j])
                 else:
                     buf[None, j].fill(0.0)
@@ -328,18 +335,11 @@ class DenseDecodeSm90:
         for k in cutlass.range_constexpr(n):
             h = (k // 2) % 2
             new_max[h] = cute.arch.fmax(new_max[h], acc_s[k])
-        for h in cutlass.range_constexpr(2):
-            new_max[h] = cute.arch.warp_reduction_max(new_max[h], threads_in_group=4)
-            if wtid % 4 == 0:
-                row, _ = tScS[2 * h]
-                sStat[half, row] = new_max[h]
-        cute.arch.barrier(barrier_id=4, number_of_threads=self.consumer_threads)
+        self.exchange_rows(new_max, tScS, sStat, half, wtid, 4, True)
         rescale = cute.make_rmem_tensor(cute.make_layout(2), Float32)
         base = cute.make_rmem_tensor(cute.make_layout(2), Float32)
         for h in cutlass.range_constexpr(2):
-            row, _ = tScS[2 * h]
-            m = cute.arch.fmax(new_max[h], sStat[1 - half, row])
-            m = cute.arch.fmax(m, row_max[h])
+            m = cute.arch.fmax(new_max[h], row_max[h])
             # a row with no valid key so far keeps max -inf: use 0 so exp2 sees -inf, not NaN
             b = m * scale_log2
             if m == neg_inf:
@@ -358,6 +358,28 @@ class DenseDecodeSm90:
             row_sum[h] += p
         for k in cutlass.range_constexpr(cute.size(acc_o)):
             acc_o[k] = acc_o[k] * rescale[(k // 2) % 2]
+
+    @cute.jit
+    def exchange_rows(self, vals: cute.Tensor, tC: cute.Tensor, sStat: cute.Tensor, half: Int32, wtid: Int32,
+                      barrier_id: cutlass.Constexpr[int], is_max: cutlass.Constexpr[bool]):
+        """Turn this thread's per-row partial values (its 2 rows, own columns) into the row's
+        value over both consumers' columns: reduce across the 4 lanes of a row, publish
+        through sStat, meet at ``barrier_id``, fold in the other consumer's value."""
+        for h in cutlass.range_constexpr(2):
+            if cutlass.const_expr(is_max):
+                vals[h] = cute.arch.warp_reduction_max(vals[h], threads_in_group=4)
+            else:
+                vals[h] = cute.arch.warp_reduction_sum(vals[h], threads_in_group=4)
+            if wtid % 4 == 0:
+                row, _ = tC[2 * h]
+                sStat[half, row] = vals[h]
+        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=self.consumer_threads)
+        for h in cutlass.range_constexpr(2):
+            row, _ = tC[2 * h]
+            if cutlass.const_expr(is_max):
+                vals[h] = cute.arch.fmax(vals[h], sStat[1 - half, row])
+            else:
+                vals[h] = vals[h] + sStat[1 - half, row]
 
     @cute.jit
     def zero_tail_rows(self, sK: cute.Tensor, stage: Int32, valid: Int32, half: Int32, wtid: Int32):
@@ -385,18 +407,11 @@ class DenseDecodeSm90:
         rows = mOut.shape[1] * heads_per_kv
         lse2 = cute.make_rmem_tensor(cute.make_layout(2), Float32)
         inv = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        part_sum = cute.make_rmem_tensor(cute.make_layout(2), Float32)
         # Both consumers have read the last block's maxima (before the P barrier), so
         # sStat is free to carry the row sums.
+        self.exchange_rows(row_sum, tOcO, sStat, half, wtid, 6, False)
         for h in cutlass.range_constexpr(2):
-            part_sum[h] = cute.arch.warp_reduction_sum(row_sum[h], threads_in_group=4)
-            if wtid % 4 == 0:
-                row, _ = tOcO[2 * h]
-                sStat[half, row] = part_sum[h]
-        cute.arch.barrier(barrier_id=6, number_of_threads=self.consumer_threads)
-        for h in cutlass.range_constexpr(2):
-            row, _ = tOcO[2 * h]
-            s = part_sum[h] + sStat[1 - half, row]
+            s = row_sum[h]
             lse2[h] = neg_inf
             inv[h] = Float32(0.0)
             if s > 0.0:
@@ -406,8 +421,7 @@ class DenseDecodeSm90:
             row, col = tOcO[k]
             m = mblk * BLOCK_M + row
             if m < rows:
-                iq = m // heads_per_kv
-                hq = hk * heads_per_kv + (m - iq * heads_per_kv)
+                iq, hq = self.query_of_row(m, hk, heads_per_kv)
                 v = acc_o[k] * inv[(k // 2) % 2]
                 c = half * self.v_half + col
                 if nsplits == 1:
@@ -420,8 +434,7 @@ class DenseDecodeSm90:
                 row, _ = tOcO[2 * h]
                 m = mblk * BLOCK_M + row
                 if m < rows:
-                    iq = m // heads_per_kv
-                    hq = hk * heads_per_kv + (m - iq * heads_per_kv)
+                    iq, hq = self.query_of_row(m, hk, heads_per_kv)
                     if nsplits == 1:
                         out_lse = Float32.inf
                         if lse2[h] != neg_inf:
