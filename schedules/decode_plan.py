@@ -28,7 +28,7 @@ from typing import Sequence
 
 SCHED_META_FIELDS = 8
 BLOCK_N = 64
-FIXED_OVERHEAD_BLOCKS = 5
+FIXED_OVERHEAD_BLOCKS = 12
 BLOCK_M = 64  # query rows (s_q * h_q / h_kv) a decode CTA processes at once
 COMBINE_HEADS_PER_CTA = 4  # the combine kernel runs one warp per head row
 
