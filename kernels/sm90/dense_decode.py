@@ -135,7 +135,7 @@ class DenseDecodeSm90:
         if wg == 0:
             cute.arch.setmaxregister_decrease(self.regs_producer)
             if warp == 0:
-                cpasync_prefetch(kv_atom)
+                cute.nvgpu.cpasync.prefetch_descriptor(kv_atom)
                 self.load(kv_atom, mKTma, sK, mBlockTable, mSeqlens, mSchedMeta, kv_producer, part, hk)
         else:
             cute.arch.setmaxregister_increase(self.regs_consumer)
@@ -442,11 +442,6 @@ class DenseDecodeSm90:
                         mLse[r, hq, iq] = out_lse
                     else:
                         mLseAccum[split_row, iq, hq] = lse2[h]
-
-
-@cute.jit
-def cpasync_prefetch(atom: cute.CopyAtom):
-    cute.nvgpu.cpasync.prefetch_descriptor(atom)
 
 
 @cute.jit
