@@ -57,7 +57,6 @@ class DenseDecodeSm90:
     stages = 2
     regs_producer = 24
     regs_consumer = 240
-    q_load_batches = 3  # Q chunks in flight per thread = 18 / 3; more spills registers
 
     def __init__(self, dtype: str, d_qk: int = 576):
         self.dtype_name = dtype
@@ -486,8 +485,8 @@ class DenseDecodeSm90:
         vec = 128 // self.dtype.width  # elements per 16-byte chunk
         chunks_per_row = self.d // vec
         per_thread = BLOCK_M * chunks_per_row // self.consumer_threads
-        batch = per_thread // self.q_load_batches
-        for half_batch in cutlass.range_constexpr(self.q_load_batches):
+        batch = per_thread // 2
+        for half_batch in cutlass.range_constexpr(2):
             buf = cute.make_rmem_tensor(cute.make_layout((vec, batch)), self.dtype)
             for j in cutlass.range_constexpr(batch):
                 chunk = ctid + (half_batch * batch + j) * self.consumer_threads
