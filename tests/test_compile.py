@@ -92,9 +92,9 @@ SASS_EXPECT = {
     # bulk tensor copy (TMA) completing on an mbarrier
     "tma_probe": (["UTMALDG", "SYNCS"], ["LDL", "STL"]),
     "paged_kv_probe": (["UTMALDG", "SYNCS"], ["LDL", "STL"]),
-    # S = Q K^T on 64x64 pages from smem, O half += P V with P from registers or smem and V transposed
+    # S = Q K^T on 64x32 halves from smem, O += P V with P from smem and V transposed
     # from the same K pages, pages by 4-D TMA, register reallocation between roles
-    "dense_decode_sm90": (["HGMMA.64x64x16.F32", "HGMMA.64x256x16.F32", "tnspB", "UTMALDG.4D",
+    "dense_decode_sm90": (["HGMMA.64x32x16.F32", "HGMMA.64x256x16.F32", "tnspB", "UTMALDG.4D",
                            "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
 }
 

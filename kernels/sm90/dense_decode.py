@@ -13,7 +13,7 @@ from cutlass.cute.nvgpu import warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from kernels.common.dtypes import dsl_dtype
-from kernels.common.mma_sm90 import acc_to_operand, gemm
+from kernels.common.mma_sm90 import gemm
 from kernels.common.paged_kv import PAGE, kv_smem_layout, make_kv_tma, page_tile
 from layouts.operands import D_V
 from schedules.decode_plan import BLOCK_M, SCHED_META_FIELDS
@@ -66,9 +66,11 @@ class DenseDecodeSm90:
         elt = self.dtype.width // 8
         self.q_bytes = BLOCK_M * d_qk * elt
         self.page_bytes = PAGE * d_qk * elt
-        # sQ + K ring + row statistics + barriers; every operand buffer is 1024-byte aligned
-        # for the 128B swizzle.  P tiles live in the pages' dead RoPE columns (p_view).
-        self.smem_bytes = self.q_bytes + self.stages * self.page_bytes + 2048
+        self.p_bytes = BLOCK_M * PAGE * elt
+        # sQ + K ring + P + row statistics + barriers; every operand buffer is 1024-byte
+        # aligned for the 128B swizzle.  231424 bytes: all the opt-in shared memory an
+        # SM90 CTA can have next to the allocator's reserved 1 KiB.
+        self.smem_bytes = self.q_bytes + self.stages * self.page_bytes + self.p_bytes + 2048
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mBlockTable: cute.Tensor, mSeqlens: cute.Tensor,
@@ -100,8 +102,14 @@ class DenseDecodeSm90:
                sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout,
                sP_layout: cute.ComposedLayout):
         # Parameters in layouts.operands.dense_decode_args order; static objects (no parameter) last.
-        qk_mma, pv_rs, pv_ss = self.make_mmas()
-
+        # The tiled MMAs are built here: passed in, their mutable accumulate flag would
+        # become a kernel parameter.
+        qk_mma = sm90_utils.make_trivial_tiled_mma(
+            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K,
+            Float32, (1, 1, 1), (BLOCK_M, PAGE // 2))
+        pv_mma = sm90_utils.make_trivial_tiled_mma(
+            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
+            Float32, (1, 1, 1), (BLOCK_M, self.v_half))
         tidx, _, _ = cute.arch.thread_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         wg = warp // 4
@@ -109,6 +117,7 @@ class DenseDecodeSm90:
         smem = cutlass.memory.SmemAllocator()
         sQ = smem.allocate_tensor(self.dtype, sQ_layout.outer, byte_alignment=1024, swizzle=sQ_layout.inner)
         sK = smem.allocate_tensor(self.dtype, sK_layout.outer, byte_alignment=1024, swizzle=sK_layout.inner)
+        sP = smem.allocate_tensor(self.dtype, sP_layout.outer, byte_alignment=1024, swizzle=sP_layout.inner)
         # (consumer, row) partial row maxima, then row sums, exchanged between the consumers
         sStat = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
         kv_mbar = smem.allocate_array(cutlass.Int64, 2 * self.stages, byte_alignment=8)
@@ -130,28 +139,9 @@ class DenseDecodeSm90:
                 self.load(kv_atom, mKTma, sK, mBlockTable, mSeqlens, mSchedMeta, kv_producer, part, hk)
         else:
             cute.arch.setmaxregister_increase(self.regs_consumer)
-            self.consume(qk_mma, pv_rs, pv_ss, sQ, sK, sStat, sV_layout, sP_layout, mQ, mBlockTable, mSeqlens, mSchedMeta, mSplitOffsets,
+            self.consume(qk_mma, pv_mma, sQ, sK, sP, sStat, sV_layout, mQ, mBlockTable, mSeqlens, mSchedMeta, mSplitOffsets,
                          mOut, mLse, mOAccum, mLseAccum, kv_pipe, softmax_scale, causal, heads_per_kv,
                          part, hk, mblk, wg - 1, tidx - 128)
-
-    @cute.jit
-    def make_mmas(self):
-        """The tiled MMAs: S = Q K^T (64 x 64 from smem), and O half += P V half with P from
-        registers (pv_rs, own page) or from smem (pv_ss, the other consumer's page).
-
-        Each consumer role builds its own: the accumulate flag is state that ``gemm`` sets,
-        and state set inside one branch of a staged ``if`` must not be read outside it;
-        passed in as kernel arguments that flag would also become a parameter."""
-        qk_mma = sm90_utils.make_trivial_tiled_mma(
-            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K,
-            Float32, (1, 1, 1), (BLOCK_M, PAGE))
-        pv_rs = sm90_utils.make_trivial_tiled_mma(
-            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
-            Float32, (1, 1, 1), (BLOCK_M, self.v_half), warpgroup.OperandSource.RMEM)
-        pv_ss = sm90_utils.make_trivial_tiled_mma(
-            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
-            Float32, (1, 1, 1), (BLOCK_M, self.v_half))
-        return qk_mma, pv_rs, pv_ss
 
     # ------------------------------------------------------------------ producer
     @cute.jit
@@ -161,11 +151,9 @@ class DenseDecodeSm90:
         end_req = mSchedMeta[part, 2]
         for r in cutlass.range(begin_req, end_req + 1, unroll=1):
             lo, hi = self.block_range(self.seqlen_of(mSeqlens, mBlockTable.shape[1], r), mSchedMeta, part, r)
-            # Pages go to the consumers in pairs; an odd piece ends with a stand-in page
-            # (its last page again) that the consumers mask out entirely.
-            for blk in cutlass.range(lo, lo + 2 * ((hi - lo + 1) // 2), unroll=1):
+            for blk in cutlass.range(lo, hi, unroll=1):
                 # An out-of-range page id is harmless: TMA bounds-checks it and fills zeros.
-                page = mBlockTable[r, cutlass.min(blk, hi - 1)]
+                page = mBlockTable[r, blk]
                 gK = page_tile(mKTma, self.d, hk, page)
                 tKs, tKg = cpasync_partition(kv_atom, sK, gK)
                 handle = kv_producer.acquire_and_advance()
@@ -197,22 +185,28 @@ class DenseDecodeSm90:
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
-    def consume(self, qk_mma: cute.TiledMma, pv_rs: cute.TiledMma, pv_ss: cute.TiledMma, sQ: cute.Tensor,
-                sK: cute.Tensor, sStat: cute.Tensor, sV_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout,
-                mQ: cute.Tensor, mBlockTable: cute.Tensor, mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor,
+    def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, sQ: cute.Tensor, sK: cute.Tensor,
+                sP: cute.Tensor, sStat: cute.Tensor,
+                sV_layout: cute.ComposedLayout, mQ: cute.Tensor, mBlockTable: cute.Tensor, mSeqlens: cute.Tensor,
+                mSchedMeta: cute.Tensor,
                 mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor,
                 mLseAccum: cute.Tensor, kv_pipe, softmax_scale: Float32, causal: Int32, heads_per_kv: Int32,
                 part: Int32, hk: Int32, mblk: Int32, half: Int32, ctid: Int32):
         wtid = ctid % 128  # thread index inside this consumer warpgroup
         thr_qk = qk_mma.get_slice(wtid)
-        thr_rs = pv_rs.get_slice(wtid)
-        thr_ss = pv_ss.get_slice(wtid)
+        thr_pv = pv_mma.get_slice(wtid)
         tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))  # (MMA, 1, d/16)
-        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK))  # (MMA, 1, d/16, stages)
-        tScS = thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, PAGE)))  # (row, token) of each S value
-        tOcO = thr_rs.partition_C(cute.make_identity_tensor((BLOCK_M, self.v_half)))  # (row, col) of each O value
+        sKhalf = cute.local_tile(sK, (PAGE // 2, self.d, self.stages), (half, 0, 0))  # this consumer's 32 tokens
+        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sKhalf))  # (MMA, 1, d/16, stages)
+        tScS = thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, PAGE // 2)))  # (row, token - 32*half)
+        tOrP = thr_pv.make_fragment_A(thr_pv.partition_A(sP))  # (MMA, 1, PAGE/16, 1)
+        tOcO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.v_half)))  # (row, col) of each O value
         scale_log2 = softmax_scale * LOG2_E
         s_q = mQ.shape[1]
+
+        # Explicit consumer states: a page is released one block late, after the P V that
+        # reads it has been waited for together with the next block's S, so that P V never
+        # blocks the warpgroup before the next S is issued.
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         begin_req = mSchedMeta[part, 0]
         end_req = mSchedMeta[part, 2]
@@ -225,7 +219,8 @@ class DenseDecodeSm90:
             self.load_q(mQ, sQ, r, hk, mblk, heads_per_kv, ctid)
 
             # Key limit of this thread's two rows: the request length, less s_q-1-i for query
-            # token i under causal masking.  Only blocks that reach min_limit need masking.
+            # token i under causal masking.  Computed once per piece: only blocks that reach
+            # min_limit need masking at all.
             row_limit = cute.make_rmem_tensor(cute.make_layout(2), Int32)
             for h in cutlass.range_constexpr(2):
                 row, _ = tScS[2 * h]
@@ -233,243 +228,52 @@ class DenseDecodeSm90:
                 if causal != 0:
                     iq, _ = self.query_of_row(mblk * BLOCK_M + row, hk, heads_per_kv)
                     row_limit[h] = seqlen - (s_q - 1 - iq)
-            # A piece that ends inside the request must not see the next part's keys (the
-            # stand-in page of an odd piece sits there).
-            kv_end = cutlass.min(seqlen, hi * PAGE)
-            for h in cutlass.range_constexpr(2):
-                row_limit[h] = cutlass.min(row_limit[h], kv_end)
             min_limit = cutlass.min(row_limit[0], row_limit[1])
-            acc_o = thr_rs.make_fragment_C(thr_rs.partition_shape_C((BLOCK_M, self.v_half)))
+            acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.v_half)))
             acc_o.fill(0.0)
             row_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
             row_sum = cute.make_rmem_tensor(cute.make_layout(2), Float32)
             row_max.fill(-Float32.inf)
             row_sum.fill(0.0)
-            for blk0 in cutlass.range(lo, hi, 2, unroll=1):
-                st1 = state.clone()
-                st1.advance()
-                if half == 0:
-                    self.seesaw_left(thr_qk, thr_rs, thr_ss, qk_mma, pv_rs, pv_ss, tSrQ, tSrK, tScS, sK, sStat,
-                                     sV_layout, sP_layout, kv_pipe, state, st1, blk0, kv_end, row_limit,
-                                     min_limit, acc_o, row_max, row_sum, scale_log2, wtid)
-                else:
-                    self.seesaw_right(thr_qk, thr_rs, thr_ss, qk_mma, pv_rs, pv_ss, tSrQ, tSrK, tScS, sK, sStat,
-                                      sV_layout, sP_layout, kv_pipe, state, st1, blk0, kv_end, row_limit,
-                                      min_limit, acc_o, row_max, row_sum, scale_log2, wtid)
+            prev = state.clone()
+            for blk in cutlass.range(lo, hi, unroll=1):
+                kv_pipe.consumer_wait(state)
+                stage = state.index
+                acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, PAGE // 2)))
+                warpgroup.fence()
+                gemm(qk_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, stage], True)
+                warpgroup.commit_group()
+                # S of this block and P V of the previous one: after this O may be rescaled,
+                # the previous page is free and (once both consumers pass the max exchange) sP too.
+                warpgroup.wait_group(0)
+                if blk > lo:
+                    kv_pipe.consumer_release(prev)
+
+                self.mask_and_softmax(acc_s, tScS, acc_o, row_max, row_sum, sStat, blk * PAGE + half * (PAGE // 2),
+                                      row_limit, min_limit, scale_log2, half, wtid)
+                for k in cutlass.range_constexpr(cute.size(acc_s)):
+                    row, tok = tScS[k]
+                    sP[row, half * (PAGE // 2) + tok, 0] = acc_s[k].to(self.dtype)
+                valid = seqlen - blk * PAGE
+                if valid < PAGE:
+                    self.zero_tail_rows(sK, stage, valid, half, wtid)
+                # P halves and zeroed V rows (generic stores) are read next by WGMMA.
+                cute.arch.fence_proxy("async.shared", space="cta")
+                cute.arch.barrier(barrier_id=5, number_of_threads=self.consumer_threads)
+                sV = self.v_view(sK, sV_layout, stage, half)
+                tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sV))
+                warpgroup.fence()
+                gemm(pv_mma, acc_o, tOrP[None, None, None, 0], tOrV, False)
+                warpgroup.commit_group()
+                prev = state.clone()
                 state.advance()
-                state.advance()
+            warpgroup.wait_group(0)
+            if hi > lo:
+                kv_pipe.consumer_release(prev)
 
             nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
             self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mOut, mLse, mOAccum, mLseAccum, r, hk, mblk,
                           heads_per_kv, half, scale_log2, nsplits, mSplitOffsets[r] + split, wtid)
-
-    @cute.jit
-    def seesaw_left(self, thr_qk, thr_rs, thr_ss, qk_mma, pv_rs, pv_ss, tSrQ, tSrK, tScS, sK, sStat, sV_layout,
-                    sP_layout, kv_pipe, st0, st1, blk0: Int32, kv_end: Int32, row_limit, min_limit: Int32,
-                    acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, scale_log2: Float32,
-                    wtid: Int32):
-        """Consumer 0 (owns O[:, :256]) on the page pair (blk0, blk0 + 1):
-        S0 -> m0 (to consumer 1) -> P0 -> O_L = O_L*scale0 + P0 V0_L (P0 from registers)
-        -> m1 (from consumer 1) -> P0*scale1 into page 0's RoPE slot (to consumer 1)
-        -> O_L = O_L*scale1 + P1 V1_L (P1 from page 1's RoPE slot)."""
-        qk_mma, pv_rs, pv_ss = self.make_mmas()
-        kv_pipe.consumer_wait(st0)
-        s0 = st0.index
-        acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, PAGE)))
-        warpgroup.fence()
-        gemm(qk_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, s0], True)
-        warpgroup.commit_group()
-        warpgroup.wait_group(0)
-        self.mask(acc_s, tScS, blk0 * PAGE, row_limit, min_limit)
-        m0 = self.row_max_of(acc_s, row_max)
-        self.publish_rows(m0, tScS, sStat, 0, wtid)
-        cute.arch.barrier_arrive(barrier_id=7, number_of_threads=self.consumer_threads)
-        scale0 = self.rescale_factor(row_max, m0, scale_log2)
-        self.exp_rows(acc_s, m0, row_sum, scale0, scale_log2)
-        self.scale_acc(acc_o, scale0)
-        valid0 = kv_end - blk0 * PAGE
-        if valid0 < PAGE:
-            self.zero_tail_rows(sK, s0, valid0, 0, wtid)
-            cute.arch.fence_proxy("async.shared", space="cta")
-            cute.arch.barrier(barrier_id=2, number_of_threads=128)
-        tOrP0 = acc_to_operand(acc_s, pv_rs, self.dtype)
-        tOrV0 = thr_rs.make_fragment_B(thr_rs.partition_B(self.v_view(sK, sV_layout, s0, 0)))
-        warpgroup.fence()
-        gemm(pv_rs, acc_o, tOrP0, tOrV0, False)
-        warpgroup.commit_group()
-        # consumer 1's row maximum after page 1 (equal to m0 when there is no page 1)
-        cute.arch.barrier(barrier_id=8, number_of_threads=self.consumer_threads)
-        m1 = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        for h in cutlass.range_constexpr(2):
-            row, _ = tScS[2 * h]
-            m1[h] = sStat[1, row]
-        scale1 = self.rescale_factor(m0, m1, scale_log2)
-        # P0 rescaled to m1 for consumer 1, into page 0's RoPE columns (dead once S0 is done)
-        sP0 = self.p_view(sK, sP_layout, s0)
-        for k in cutlass.range_constexpr(cute.size(acc_s)):
-            row, tok = tScS[k]
-            sP0[row, tok, 0] = (acc_s[k] * scale1[(k // 2) % 2]).to(self.dtype)
-        cute.arch.fence_proxy("async.shared", space="cta")
-        cute.arch.barrier_arrive(barrier_id=9, number_of_threads=self.consumer_threads)
-        warpgroup.wait_group(0)
-        self.scale_acc(acc_o, scale1)
-        for h in cutlass.range_constexpr(2):
-            row_sum[h] = row_sum[h] * scale1[h]
-            row_max[h] = m1[h]
-        kv_pipe.consumer_wait(st1)
-        s1 = st1.index
-        valid1 = kv_end - (blk0 + 1) * PAGE
-        if valid1 < PAGE:
-            self.zero_tail_rows(sK, s1, valid1, 0, wtid)
-            cute.arch.fence_proxy("async.shared", space="cta")
-        # P1 is in page 1's RoPE slot (this barrier also orders our zeroed rows before WGMMA)
-        cute.arch.barrier(barrier_id=10, number_of_threads=self.consumer_threads)
-        tOrP1 = thr_ss.make_fragment_A(thr_ss.partition_A(self.p_view(sK, sP_layout, s1)))
-        tOrV1 = thr_ss.make_fragment_B(thr_ss.partition_B(self.v_view(sK, sV_layout, s1, 0)))
-        warpgroup.fence()
-        gemm(pv_ss, acc_o, tOrP1[None, None, None, 0], tOrV1, False)
-        warpgroup.commit_group()
-        warpgroup.wait_group(0)
-        kv_pipe.consumer_release(st1)
-        kv_pipe.consumer_release(st0)
-
-    @cute.jit
-    def seesaw_right(self, thr_qk, thr_rs, thr_ss, qk_mma, pv_rs, pv_ss, tSrQ, tSrK, tScS, sK, sStat, sV_layout,
-                     sP_layout, kv_pipe, st0, st1, blk0: Int32, kv_end: Int32, row_limit, min_limit: Int32,
-                     acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, scale_log2: Float32,
-                     wtid: Int32):
-        """Consumer 1 (owns O[:, 256:]) on the page pair (blk0, blk0 + 1):
-        S1 (overlaps consumer 0's softmax) -> m0 (from consumer 0) -> m1, P1 -> P1 into page 1's
-        RoPE slot (to consumer 0) -> O_R = O_R*scale0*scale1 + P1 V1_R (P1 from registers)
-        -> O_R += (P0*scale1) V0_R (from page 0's RoPE slot)."""
-        qk_mma, pv_rs, pv_ss = self.make_mmas()
-        acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, PAGE)))
-        kv_pipe.consumer_wait(st1)
-        s1 = st1.index
-        warpgroup.fence()
-        gemm(qk_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, s1], True)
-        warpgroup.commit_group()
-        warpgroup.wait_group(0)
-        self.mask(acc_s, tScS, (blk0 + 1) * PAGE, row_limit, min_limit)
-        cute.arch.barrier(barrier_id=7, number_of_threads=self.consumer_threads)
-        m0 = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        for h in cutlass.range_constexpr(2):
-            row, _ = tScS[2 * h]
-            m0[h] = sStat[0, row]
-        m1 = self.row_max_of(acc_s, m0)
-        self.publish_rows(m1, tScS, sStat, 1, wtid)
-        cute.arch.barrier_arrive(barrier_id=8, number_of_threads=self.consumer_threads)
-        scale01 = self.rescale_factor(row_max, m1, scale_log2)
-        self.exp_rows(acc_s, m1, row_sum, scale01, scale_log2)
-        self.scale_acc(acc_o, scale01)
-        for h in cutlass.range_constexpr(2):
-            row_max[h] = m1[h]
-        sP1 = self.p_view(sK, sP_layout, s1)
-        for k in cutlass.range_constexpr(cute.size(acc_s)):
-            row, tok = tScS[k]
-            sP1[row, tok, 0] = acc_s[k].to(self.dtype)
-        valid1 = kv_end - (blk0 + 1) * PAGE
-        if valid1 < PAGE:
-            self.zero_tail_rows(sK, s1, valid1, 1, wtid)
-        cute.arch.fence_proxy("async.shared", space="cta")
-        cute.arch.barrier_arrive(barrier_id=10, number_of_threads=self.consumer_threads)
-        # our zeroed V rows must be visible to our own WGMMA: the warpgroup meets first
-        cute.arch.barrier(barrier_id=3, number_of_threads=128)
-        tOrP1 = acc_to_operand(acc_s, pv_rs, self.dtype)
-        tOrV1 = thr_rs.make_fragment_B(thr_rs.partition_B(self.v_view(sK, sV_layout, s1, 1)))
-        warpgroup.fence()
-        gemm(pv_rs, acc_o, tOrP1, tOrV1, False)
-        warpgroup.commit_group()
-        kv_pipe.consumer_wait(st0)
-        s0 = st0.index
-        valid0 = kv_end - blk0 * PAGE
-        if valid0 < PAGE:
-            self.zero_tail_rows(sK, s0, valid0, 1, wtid)
-            cute.arch.fence_proxy("async.shared", space="cta")
-            cute.arch.barrier(barrier_id=3, number_of_threads=128)
-        # P0 (rescaled to m1) is in page 0's RoPE slot
-        cute.arch.barrier(barrier_id=9, number_of_threads=self.consumer_threads)
-        tOrP0 = thr_ss.make_fragment_A(thr_ss.partition_A(self.p_view(sK, sP_layout, s0)))
-        tOrV0 = thr_ss.make_fragment_B(thr_ss.partition_B(self.v_view(sK, sV_layout, s0, 1)))
-        warpgroup.fence()
-        gemm(pv_ss, acc_o, tOrP0[None, None, None, 0], tOrV0, False)
-        warpgroup.commit_group()
-        warpgroup.wait_group(0)
-        kv_pipe.consumer_release(st1)
-        kv_pipe.consumer_release(st0)
-
-    # ------------------------------------------------------------------ softmax pieces
-    @cute.jit
-    def mask(self, acc_s: cute.Tensor, tScS: cute.Tensor, tok0: Int32, row_limit: cute.Tensor, min_limit: Int32):
-        """Replace (select, never multiply) logits of keys past each row's limit by -inf, so
-        NaN there disappears."""
-        if tok0 + PAGE > min_limit:
-            for k in cutlass.range_constexpr(cute.size(acc_s)):
-                _, tok = tScS[k]
-                if tok0 + tok >= row_limit[(k // 2) % 2]:
-                    acc_s[k] = -Float32.inf
-
-    @cute.jit
-    def row_max_of(self, acc_s: cute.Tensor, prev: cute.Tensor) -> cute.Tensor:
-        """max(prev, row maximum of S) for this thread's 2 rows (the 4 lanes of a row agree)."""
-        m = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        for h in cutlass.range_constexpr(2):
-            m[h] = prev[h]
-        for k in cutlass.range_constexpr(cute.size(acc_s)):
-            h = (k // 2) % 2
-            m[h] = cute.arch.fmax(m[h], acc_s[k])
-        for h in cutlass.range_constexpr(2):
-            m[h] = cute.arch.warp_reduction_max(m[h], threads_in_group=4)
-        return m
-
-    @cute.jit
-    def rescale_factor(self, m_old: cute.Tensor, m_new: cute.Tensor, scale_log2: Float32) -> cute.Tensor:
-        """exp2((m_old - m_new) * scale): 1 while a row has seen no valid key (both -inf),
-        0 for the first valid one (old -inf), never NaN."""
-        f = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        for h in cutlass.range_constexpr(2):
-            f[h] = Float32(1.0)
-            if m_new[h] != -Float32.inf:
-                f[h] = cute.math.exp2((m_old[h] - m_new[h]) * scale_log2, fastmath=True)
-        return f
-
-    @cute.jit
-    def exp_rows(self, acc_s: cute.Tensor, m: cute.Tensor, row_sum: cute.Tensor, rescale: cute.Tensor,
-                 scale_log2: Float32):
-        """S -> P = exp2(S * scale - m * scale) in place; row_sum = row_sum * rescale + sum(P)
-        over this thread's columns (lanes of a row are added up in the epilogue)."""
-        base = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        for h in cutlass.range_constexpr(2):
-            base[h] = Float32(0.0)
-            if m[h] != -Float32.inf:
-                base[h] = m[h] * scale_log2
-            row_sum[h] = row_sum[h] * rescale[h]
-        for k in cutlass.range_constexpr(cute.size(acc_s)):
-            h = (k // 2) % 2
-            p = cute.math.exp2(acc_s[k] * scale_log2 - base[h], fastmath=True)
-            acc_s[k] = p
-            row_sum[h] += p
-
-    @cute.jit
-    def scale_acc(self, acc_o: cute.Tensor, f: cute.Tensor):
-        for k in cutlass.range_constexpr(cute.size(acc_o)):
-            acc_o[k] = acc_o[k] * f[(k // 2) % 2]
-
-    @cute.jit
-    def publish_rows(self, vals: cute.Tensor, tC: cute.Tensor, sStat: cute.Tensor, slot: cutlass.Constexpr[int],
-                     wtid: Int32):
-        if wtid % 4 == 0:
-            for h in cutlass.range_constexpr(2):
-                row, _ = tC[2 * h]
-                sStat[slot, row] = vals[h]
-
-    @cute.jit
-    def p_view(self, sK: cute.Tensor, sP_layout: cute.ComposedLayout, stage: Int32) -> cute.Tensor:
-        """(64 rows, 64 tokens) P tile in the RoPE columns (512..575) of K stage ``stage``:
-        the same K-major, 128B-swizzled atoms as a page's column block, so a P tile fits
-        exactly, and those columns are dead once S of the page is done (V reads 0..511)."""
-        base = sK[None, None, stage].iterator + D_V * PAGE
-        return cute.make_tensor(cute.recast_ptr(base, sP_layout.inner), sP_layout.outer)
 
     @cute.jit
     def load_q(self, mQ: cute.Tensor, sQ: cute.Tensor, r: Int32, hk: Int32, mblk: Int32, heads_per_kv: Int32,
@@ -507,6 +311,53 @@ class DenseDecodeSm90:
         # Generic-proxy stores read next by WGMMA (async proxy).
         cute.arch.fence_proxy("async.shared", space="cta")
         cute.arch.barrier(barrier_id=1, number_of_threads=self.consumer_threads)
+
+    @cute.jit
+    def mask_and_softmax(self, acc_s: cute.Tensor, tScS: cute.Tensor, acc_o: cute.Tensor, row_max: cute.Tensor,
+                         row_sum: cute.Tensor, sStat: cute.Tensor, tok0: Int32, row_limit: cute.Tensor,
+                         min_limit: Int32, scale_log2: Float32, half: Int32, wtid: Int32):
+        """Online softmax over this consumer's 32 tokens of a block, rows owned by this
+        thread (2 per thread); the row maximum is taken over both consumers' halves, so
+        both rescale O identically.  Row sums stay per consumer until the epilogue.
+
+        Masked logits are replaced (selected) by -inf, never multiplied, so NaN in
+        masked positions disappears.  Values are kept as exp2(s * scale_log2 - max')."""
+        neg_inf = -Float32.inf
+        n = cute.size(acc_s)
+        # acc fragment order (2 cols, 2 rows, N/8 col groups): element k is in row-half (k // 2) % 2
+        if tok0 + PAGE // 2 > min_limit:
+            for k in cutlass.range_constexpr(n):
+                _, tok = tScS[k]
+                if tok0 + tok >= row_limit[(k // 2) % 2]:
+                    acc_s[k] = neg_inf
+        new_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        new_max.fill(neg_inf)
+        for k in cutlass.range_constexpr(n):
+            h = (k // 2) % 2
+            new_max[h] = cute.arch.fmax(new_max[h], acc_s[k])
+        self.exchange_rows(new_max, tScS, sStat, half, wtid, 4, True)
+        rescale = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        base = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        for h in cutlass.range_constexpr(2):
+            m = cute.arch.fmax(new_max[h], row_max[h])
+            # a row with no valid key so far keeps max -inf: use 0 so exp2 sees -inf, not NaN
+            b = m * scale_log2
+            if m == neg_inf:
+                b = Float32(0.0)
+            prev = row_max[h] * scale_log2
+            if row_max[h] == neg_inf:
+                prev = b
+            rescale[h] = cute.math.exp2(prev - b, fastmath=True)
+            base[h] = b
+            row_max[h] = m
+            row_sum[h] = row_sum[h] * rescale[h]
+        for k in cutlass.range_constexpr(n):
+            h = (k // 2) % 2
+            p = cute.math.exp2(acc_s[k] * scale_log2 - base[h], fastmath=True)
+            acc_s[k] = p
+            row_sum[h] += p
+        for k in cutlass.range_constexpr(cute.size(acc_o)):
+            acc_o[k] = acc_o[k] * rescale[(k // 2) % 2]
 
     @cute.jit
     def exchange_rows(self, vals: cute.Tensor, tC: cute.Tensor, sStat: cute.Tensor, half: Int32, wtid: Int32,
