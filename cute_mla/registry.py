@@ -8,7 +8,7 @@ writing its class and one entry below.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from layouts import operands
@@ -41,7 +41,8 @@ def variant_key(name: str, config: Mapping[str, Any]) -> str:
     return "__".join([name] + parts)
 
 
-_COMMON_DEPS = ("kernels/common/fake.py", "kernels/common/dtypes.py", "layouts/abi.py", "layouts/operands.py")
+_COMMON_DEPS = ("kernels/common/fake.py", "kernels/common/dtypes.py", "kernels/common/softmax.py",
+                "layouts/abi.py", "layouts/operands.py")
 
 KERNELS: tuple[KernelDef, ...] = (
     KernelDef(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cute_mla import api, ops
-from schedules.decode_plan import BLOCK_N, plan_host
+from schedules.decode_plan import plan_host
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"

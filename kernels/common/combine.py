@@ -5,19 +5,16 @@ every target.
 """
 from __future__ import annotations
 
-import math
-
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
 from kernels.common.dtypes import dsl_dtype
+from kernels.common.softmax import LN_2, LOG2_E
 from layouts.operands import D_V
 from schedules.decode_plan import COMBINE_HEADS_PER_CTA
 
-LOG2_E = math.log2(math.e)
-LN_2 = math.log(2.0)
 
 
 class CombineKernel:

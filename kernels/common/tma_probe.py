@@ -11,7 +11,6 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import cutlass.cute.nvgpu.cpasync as cpasync
-from cutlass import Int32
 
 from kernels.common.dtypes import dsl_dtype
 from kernels.common.paged_kv import PAGE, kv_smem_layout, make_kv_tma, page_tile

@@ -1,8 +1,6 @@
 """SM90 dense MLA decode over a paged bf16/fp16 KV cache (split-KV, persistent grid)."""
 from __future__ import annotations
 
-import math
-
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
@@ -13,13 +11,12 @@ from cutlass.cute.nvgpu import warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from kernels.common.dtypes import dsl_dtype
+from kernels.common.softmax import LN_2, LOG2_E
 from kernels.common.mma_sm90 import gemm
 from kernels.common.paged_kv import PAGE, kv_smem_layout, make_kv_tma, page_tile
 from layouts.operands import D_V
-from schedules.decode_plan import BLOCK_M, SCHED_META_FIELDS
+from schedules.decode_plan import BLOCK_M
 
-LOG2_E = math.log2(math.e)
-LN_2 = math.log(2.0)
 
 
 class DenseDecodeSm90:
