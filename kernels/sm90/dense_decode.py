@@ -248,9 +248,13 @@ class DenseDecodeSm90:
 
                 self.mask_and_softmax(acc_s, tScS, acc_o, row_max, row_sum, sStat, blk * PAGE + half * (PAGE // 2),
                                       row_limit, min_limit, scale_log2, half, wtid)
-                for k in cutlass.range_constexpr(cute.size(acc_s)):
-                    row, tok = tScS[k]
-                    sP[row, half * (PAGE // 2) + tok, 0] = acc_s[k].to(self.dtype)
+                # fragment elements 2j, 2j+1 are adjacent columns of one row: one 4-byte store
+                for j in cutlass.range_constexpr(cute.size(acc_s) // 2):
+                    row, tok = tScS[2 * j]
+                    pair = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
+                    pair[0] = acc_s[2 * j].to(self.dtype)
+                    pair[1] = acc_s[2 * j + 1].to(self.dtype)
+                    cute.autovec_copy(pair, cute.local_tile(sP[row, None, 0], (2,), ((half * (PAGE // 2) + tok) // 2,)))
                 valid = seqlen - blk * PAGE
                 if valid < PAGE:
                     self.zero_tail_rows(sK, stage, valid, half, wtid)
@@ -353,8 +357,11 @@ class DenseDecodeSm90:
             p = cute.math.exp2(acc_s[k] * scale_log2 - base[h], fastmath=True)
             acc_s[k] = p
             row_sum[h] += p
-        for k in cutlass.range_constexpr(cute.size(acc_o)):
-            acc_o[k] = acc_o[k] * rescale[(k // 2) % 2]
+        # Once a row's maximum has settled the factor is exactly 1: skip the 128 multiplies
+        # that sit between the max exchange and the P V issue.
+        if rescale[0] != 1.0 or rescale[1] != 1.0:
+            for k in cutlass.range_constexpr(cute.size(acc_o)):
+                acc_o[k] = acc_o[k] * rescale[(k // 2) % 2]
 
     @cute.jit
     def exchange_rows(self, vals: cute.Tensor, tC: cute.Tensor, sStat: cute.Tensor, half: Int32, wtid: Int32,
