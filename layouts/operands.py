@@ -101,7 +101,8 @@ def dense_decode_args(dtype: str, d_qk: int = 576):
         TensorArg("sched_meta", "i32", ("parts", 8), (8, 1), align=16),
         TensorArg("split_offsets", "i32", ("b1",), (1,), align=4),
         # (b, s_q, h_q, 512) output in q's dtype, (b, h_q, s_q) natural-log lse
-        TensorArg("out", dtype, ("b", "s_q", "h_q", D_V), ("ob", "os", "oh", 1)),
+        TensorArg("out", dtype, ("b", "s_q", "h_q", D_V), ("ob", "os", "oh", 1),
+                  divisibility=(("ob", 8), ("os", 8), ("oh", 8))),
         TensorArg("lse", "f32", ("b", "h_q", "s_q"), ("lb", "lh", 1), align=4),
     ) + split_kv_partials() + (
         ScalarArg("softmax_scale", "f32"),

@@ -421,17 +421,27 @@ class DenseDecodeSm90:
             if s > 0.0:
                 lse2[h] = row_max[h] * scale_log2 + cute.math.log2(s, fastmath=False)
                 inv[h] = 1.0 / s
-        for k in cutlass.range_constexpr(cute.size(acc_o)):
-            row, col = tOcO[k]
+        # This thread's O values lie in 2 rows; fragment elements 2j, 2j+1 are adjacent
+        # columns of one row, stored together (4 bytes of bf16/fp16, 8 of fp32).
+        for h in cutlass.range_constexpr(2):
+            row, _ = tOcO[2 * h]
             m = mblk * BLOCK_M + row
             if m < rows:
                 iq, hq = self.query_of_row(m, hk, heads_per_kv)
-                v = acc_o[k] * inv[(k // 2) % 2]
-                c = half * self.v_half + col
-                if nsplits == 1:
-                    mOut[r, iq, hq, c] = v.to(self.dtype)
-                else:
-                    mOAccum[split_row, iq, hq, c] = v
+                for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
+                    k = 4 * j + 2 * h
+                    _, col = tOcO[k]
+                    c2 = (half * self.v_half + col) // 2
+                    if nsplits == 1:
+                        pair = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
+                        pair[0] = (acc_o[k] * inv[h]).to(self.dtype)
+                        pair[1] = (acc_o[k + 1] * inv[h]).to(self.dtype)
+                        cute.autovec_copy(pair, cute.local_tile(mOut[r, iq, hq, None], (2,), (c2,)))
+                    else:
+                        pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+                        pair[0] = acc_o[k] * inv[h]
+                        pair[1] = acc_o[k + 1] * inv[h]
+                        cute.autovec_copy(pair, cute.local_tile(mOAccum[split_row, iq, hq, None], (2,), (c2,)))
         # one lane per row writes its lse (rows of a quad are shared by 4 lanes)
         if half == 0 and wtid % 4 == 0:
             for h in cutlass.range_constexpr(2):
