@@ -15,7 +15,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Int32
 
-STAGED_REQUESTS = 8192  # lengths staged in shared memory (32 KiB, under the 48 KiB default limit)
+STAGED_REQUESTS = 8192  # block counts staged in shared memory (32 KiB, under the 48 KiB default limit)
 
 
 class DecodeSchedulerKernel:

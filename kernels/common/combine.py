@@ -16,7 +16,6 @@ from layouts.operands import D_V
 from schedules.decode_plan import COMBINE_HEADS_PER_CTA
 
 
-
 class CombineKernel:
     """Finalise attention rows from split-KV partials.
 

@@ -56,7 +56,6 @@ class DenseDecodeSm90:
     regs_consumer = 240
 
     def __init__(self, dtype: str, d_qk: int = 576):
-        self.dtype_name = dtype
         self.dtype = dsl_dtype(dtype)
         self.d = d_qk
         self.v_half = D_V // 2
