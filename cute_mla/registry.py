@@ -51,7 +51,8 @@ KERNELS: tuple[KernelDef, ...] = (
         archs=("sm_90a",),
         args=operands.dense_decode_args,
         variants=({"dtype": "bf16"}, {"dtype": "fp16"}),
-        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py", "schedules/decode_plan.py"),
+        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py", "schedules/decode_plan.py",
+                             "kernels/sm90/mla_consumers.py"),
     ),
     KernelDef(
         name="combine",

@@ -5,21 +5,19 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import cutlass.pipeline as pipeline
-import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import warpgroup
-from cutlass.tensor_utils import LayoutEnum
 
 from kernels.common.dtypes import dsl_dtype
 from kernels.common.softmax import LN_2, LOG2_E
 from kernels.common.mma_sm90 import gemm
+from kernels.sm90.mla_consumers import NamedBarrier, TwoConsumerMlaSm90
 from kernels.common.paged_kv import PAGE, kv_smem_layout, make_kv_tma, page_tile
-from layouts.operands import D_V
 from schedules.decode_plan import BLOCK_M
 
 
 
-class DenseDecodeSm90:
+class DenseDecodeSm90(TwoConsumerMlaSm90):
     """Dense MLA decode: O = softmax(Q K^T * scale) V with V = K[:, :512], one kv head at a time.
 
     Grid: (num_sm_parts, h_kv, ceil(s_q * h_q / h_kv / 64)).  A CTA owns 64 query rows
@@ -29,12 +27,8 @@ class DenseDecodeSm90:
     Warp roles (384 threads):
       warpgroup 0  producer: one warp streams whole 64-token pages of K (9 TMA boxes each)
                    through a ``stages``-deep ring, page ids from the block table;
-      warpgroups 1, 2  consumers: consumer i computes S for tokens [32i, 32i + 32) of the
-                   block (64 x 32 = Q K_i^T), the two exchange row maxima through shared
-                   memory, each writes its half of P (bf16) to shared memory, and then
-                   consumer i accumulates O[:, 256i : 256i + 256] += P V_i over all 64 tokens.
-    So every tensor-core FLOP is done once, at the price of two 256-thread barriers per
-    block (max exchange, P ready).  Q (64 x 576) is loaded once per piece by the consumers.
+      warpgroups 1, 2  consumers: the split-S / split-O scheme of ``kernels.sm90.mla_consumers``.
+    Q (64 x 576) is loaded once per piece by the consumers.
 
     Pipelines: ``kv`` (PipelineTmaAsync, producer warp -> 8 consumer warps), one page
     per stage; a consumer releases page j after waiting for S of page j + 1 and P V of
@@ -49,16 +43,12 @@ class DenseDecodeSm90:
     its base-2 lse to the partial buffers for the combine kernel.
     """
 
-    threads = 384
-    consumer_threads = 256
     stages = 2
     regs_producer = 24
     regs_consumer = 240
 
     def __init__(self, dtype: str, d_qk: int = 576):
-        self.dtype = dsl_dtype(dtype)
-        self.d = d_qk
-        self.v_half = D_V // 2
+        super().__init__(dsl_dtype(dtype), d_qk)
         elt = self.dtype.width // 8
         self.q_bytes = BLOCK_M * d_qk * elt
         self.page_bytes = PAGE * d_qk * elt
@@ -74,13 +64,10 @@ class DenseDecodeSm90:
                  mOAccum: cute.Tensor, mLseAccum: cute.Tensor, softmax_scale: Float32, causal: Int32,
                  heads_per_kv: Int32, stream: cuda.CUstream):
         # mQ (b, s_q, h_q, d); mK (num_blocks, PAGE, h_kv, d); mOut (b, s_q, h_q, 512); mLse (b, h_q, s_q)
-        sQ_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (BLOCK_M, PAGE, self.d), self.dtype, 1)
+        sQ_layout = self.q_smem_layout()
         sK_layout = kv_smem_layout(self.dtype, self.d, self.stages)
-        # V = first 512 columns of a K page read as an MN-major (d, token) operand: with the
-        # 128B swizzle both views address the same bytes (see paged_kv).
-        sV_layout = sm90_utils.make_smem_layout_b(LayoutEnum.COL_MAJOR, (BLOCK_M, D_V, PAGE), self.dtype, 1)
-        # P (64 rows x 64 tokens) as the K-major A operand of P V
-        sP_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (BLOCK_M, self.v_half, PAGE), self.dtype, 1)
+        sV_layout = self.v_smem_layout()
+        sP_layout = self.p_smem_layout()
         kv_atom, mKTma = make_kv_tma(mK, sK_layout, self.d)
 
         rows = mQ.shape[1] * heads_per_kv
@@ -98,14 +85,7 @@ class DenseDecodeSm90:
                sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout,
                sP_layout: cute.ComposedLayout):
         # Parameters in layouts.operands.dense_decode_args order; static objects (no parameter) last.
-        # The tiled MMAs are built here: passed in, their mutable accumulate flag would
-        # become a kernel parameter.
-        qk_mma = sm90_utils.make_trivial_tiled_mma(
-            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K,
-            Float32, (1, 1, 1), (BLOCK_M, PAGE // 2))
-        pv_mma = sm90_utils.make_trivial_tiled_mma(
-            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
-            Float32, (1, 1, 1), (BLOCK_M, self.v_half))
+        qk_mma, pv_mma = self.make_mmas()
         tidx, _, _ = cute.arch.thread_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         wg = warp // 4
@@ -247,19 +227,13 @@ class DenseDecodeSm90:
 
                 self.mask_and_softmax(acc_s, tScS, acc_o, row_max, row_sum, sStat, blk * PAGE + half * (PAGE // 2),
                                       row_limit, min_limit, scale_log2, half, wtid)
-                # fragment elements 2j, 2j+1 are adjacent columns of one row: one 4-byte store
-                for j in cutlass.range_constexpr(cute.size(acc_s) // 2):
-                    row, tok = tScS[2 * j]
-                    pair = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
-                    pair[0] = acc_s[2 * j].to(self.dtype)
-                    pair[1] = acc_s[2 * j + 1].to(self.dtype)
-                    cute.autovec_copy(pair, cute.local_tile(sP[row, None, 0], (2,), ((half * (PAGE // 2) + tok) // 2,)))
+                self.store_p(acc_s, tScS, sP, half)
                 valid = seqlen - blk * PAGE
                 if valid < PAGE:
                     self.zero_tail_rows(sK, stage, valid, half, wtid)
                 # P halves and zeroed V rows (generic stores) are read next by WGMMA.
                 cute.arch.fence_proxy("async.shared", space="cta")
-                cute.arch.barrier(barrier_id=5, number_of_threads=self.consumer_threads)
+                cute.arch.barrier(barrier_id=NamedBarrier.P_READY, number_of_threads=self.consumer_threads)
                 sV = self.v_view(sK, sV_layout, stage, half)
                 tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sV))
                 warpgroup.fence()
@@ -284,7 +258,7 @@ class DenseDecodeSm90:
         Each thread moves 16-byte chunks and issues all its global loads before its first
         shared store, so the loads overlap instead of paying a memory latency each."""
         # Nobody may still be reading the previous piece's Q.
-        cute.arch.barrier(barrier_id=1, number_of_threads=self.consumer_threads)
+        cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
         rows = mQ.shape[1] * heads_per_kv
         vec = 128 // self.dtype.width  # elements per 16-byte chunk
         chunks_per_row = self.d // vec
@@ -310,79 +284,23 @@ class DenseDecodeSm90:
                 cute.autovec_copy(buf[None, j], cute.local_tile(sQ[row, None, 0], (vec,), (c,)))
         # Generic-proxy stores read next by WGMMA (async proxy).
         cute.arch.fence_proxy("async.shared", space="cta")
-        cute.arch.barrier(barrier_id=1, number_of_threads=self.consumer_threads)
+        cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
 
     @cute.jit
     def mask_and_softmax(self, acc_s: cute.Tensor, tScS: cute.Tensor, acc_o: cute.Tensor, row_max: cute.Tensor,
                          row_sum: cute.Tensor, sStat: cute.Tensor, tok0: Int32, row_limit: cute.Tensor,
                          min_limit: Int32, scale_log2: Float32, half: Int32, wtid: Int32):
-        """Online softmax over this consumer's 32 tokens of a block, rows owned by this
-        thread (2 per thread); the row maximum is taken over both consumers' halves, so
-        both rescale O identically.  Row sums stay per consumer until the epilogue.
+        """Mask keys at or past each row's limit, then the shared online softmax.
 
         Masked logits are replaced (selected) by -inf, never multiplied, so NaN in
-        masked positions disappears.  Values are kept as exp2(s * scale_log2 - max')."""
-        neg_inf = -Float32.inf
-        n = cute.size(acc_s)
+        masked positions disappears."""
         # acc fragment order (2 cols, 2 rows, N/8 col groups): element k is in row-half (k // 2) % 2
         if tok0 + PAGE // 2 > min_limit:
-            for k in cutlass.range_constexpr(n):
+            for k in cutlass.range_constexpr(cute.size(acc_s)):
                 _, tok = tScS[k]
                 if tok0 + tok >= row_limit[(k // 2) % 2]:
-                    acc_s[k] = neg_inf
-        new_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        new_max.fill(neg_inf)
-        for k in cutlass.range_constexpr(n):
-            h = (k // 2) % 2
-            new_max[h] = cute.arch.fmax(new_max[h], acc_s[k])
-        self.exchange_rows(new_max, tScS, sStat, half, wtid, 4, True)
-        rescale = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        base = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        for h in cutlass.range_constexpr(2):
-            m = cute.arch.fmax(new_max[h], row_max[h])
-            # a row with no valid key so far keeps max -inf: use 0 so exp2 sees -inf, not NaN
-            b = m * scale_log2
-            if m == neg_inf:
-                b = Float32(0.0)
-            prev = row_max[h] * scale_log2
-            if row_max[h] == neg_inf:
-                prev = b
-            rescale[h] = cute.math.exp2(prev - b, fastmath=True)
-            base[h] = b
-            row_max[h] = m
-            row_sum[h] = row_sum[h] * rescale[h]
-        for k in cutlass.range_constexpr(n):
-            h = (k // 2) % 2
-            p = cute.math.exp2(acc_s[k] * scale_log2 - base[h], fastmath=True)
-            acc_s[k] = p
-            row_sum[h] += p
-        # Once a row's maximum has settled the factor is exactly 1: skip the 128 multiplies
-        # that sit between the max exchange and the P V issue.
-        if rescale[0] != 1.0 or rescale[1] != 1.0:
-            for k in cutlass.range_constexpr(cute.size(acc_o)):
-                acc_o[k] = acc_o[k] * rescale[(k // 2) % 2]
-
-    @cute.jit
-    def exchange_rows(self, vals: cute.Tensor, tC: cute.Tensor, sStat: cute.Tensor, half: Int32, wtid: Int32,
-                      barrier_id: cutlass.Constexpr[int], is_max: cutlass.Constexpr[bool]):
-        """Turn this thread's per-row partial values (its 2 rows, own columns) into the row's
-        value over both consumers' columns: reduce across the 4 lanes of a row, publish
-        through sStat, meet at ``barrier_id``, fold in the other consumer's value."""
-        for h in cutlass.range_constexpr(2):
-            if cutlass.const_expr(is_max):
-                vals[h] = cute.arch.warp_reduction_max(vals[h], threads_in_group=4)
-            else:
-                vals[h] = cute.arch.warp_reduction_sum(vals[h], threads_in_group=4)
-            if wtid % 4 == 0:
-                row, _ = tC[2 * h]
-                sStat[half, row] = vals[h]
-        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=self.consumer_threads)
-        for h in cutlass.range_constexpr(2):
-            row, _ = tC[2 * h]
-            if cutlass.const_expr(is_max):
-                vals[h] = cute.arch.fmax(vals[h], sStat[1 - half, row])
-            else:
-                vals[h] = vals[h] + sStat[1 - half, row]
+                    acc_s[k] = -Float32.inf
+        self.online_softmax(acc_s, tScS, acc_o, row_max, row_sum, sStat, scale_log2, half, wtid)
 
     @cute.jit
     def zero_tail_rows(self, sK: cute.Tensor, stage: Int32, valid: Int32, half: Int32, wtid: Int32):
@@ -395,31 +313,13 @@ class DenseDecodeSm90:
                 sK[t, half * self.v_half + c, stage] = self.dtype(0.0)
 
     @cute.jit
-    def v_view(self, sK: cute.Tensor, sV_layout: cute.ComposedLayout, stage: Int32, half: Int32) -> cute.Tensor:
-        """(256, 64) MN-major view of V columns [256*half, 256*half + 256) of K stage ``stage``."""
-        base = sK[None, None, stage].iterator
-        sV = cute.make_tensor(cute.recast_ptr(base, sV_layout.inner), cute.slice_(sV_layout.outer, (None, None, 0)))
-        return cute.local_tile(sV, (self.v_half, PAGE), (half, 0))
-
-    @cute.jit
     def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
                  sStat: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, r: Int32,
                  hk: Int32, mblk: Int32, heads_per_kv: Int32, half: Int32, scale_log2: Float32, nsplits: Int32,
                  split_row: Int32, wtid: Int32):
         neg_inf = -Float32.inf
         rows = mOut.shape[1] * heads_per_kv
-        lse2 = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        inv = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        # Both consumers have read the last block's maxima (before the P barrier), so
-        # sStat is free to carry the row sums.
-        self.exchange_rows(row_sum, tOcO, sStat, half, wtid, 6, False)
-        for h in cutlass.range_constexpr(2):
-            s = row_sum[h]
-            lse2[h] = neg_inf
-            inv[h] = Float32(0.0)
-            if s > 0.0:
-                lse2[h] = row_max[h] * scale_log2 + cute.math.log2(s, fastmath=False)
-                inv[h] = 1.0 / s
+        lse2, inv = self.finish_rows(row_max, row_sum, tOcO, sStat, scale_log2, half, wtid)
         # This thread's O values lie in 2 rows; fragment elements 2j, 2j+1 are adjacent
         # columns of one row, stored together (4 bytes of bf16/fp16, 8 of fp32).
         for h in cutlass.range_constexpr(2):

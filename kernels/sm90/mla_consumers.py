@@ -1,0 +1,177 @@
+"""What every SM90 MLA attention kernel's two consumer warpgroups do with one KV block.
+
+The layout of the work (shared by dense decode, sparse prefill and sparse decode):
+a CTA owns 64 query rows; a KV block of 64 tokens sits in shared memory as a
+K-major (token, d) WGMMA B operand whose first 512 columns are also V.  Consumer
+``half`` (0 or 1) computes S for tokens [32*half, 32*half + 32) (64 x 32 = Q K^T),
+the two exchange row maxima through shared memory, each writes its half of P (bf16)
+to ``sP``, and then consumer ``half`` accumulates O[:, 256*half : 256*half + 256] +=
+P V over all 64 tokens.  Every tensor-core FLOP is done once, at the price of two
+256-thread named barriers per block.
+
+Subclasses supply how blocks arrive (the producer role), which logits are masked and
+what the epilogue writes; the helpers here are the online softmax in base 2, the
+row-statistic exchange, the P store and the V view.
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Float32, Int32
+from cutlass.tensor_utils import LayoutEnum
+
+from layouts.operands import D_V
+
+BLOCK_M = 64  # query rows per CTA
+BLOCK_N = 64  # KV tokens per block
+
+
+class NamedBarrier:
+    """Named barrier ids among the 256 consumer threads (0 is __syncthreads)."""
+
+    Q_RELOAD = 1
+    ROW_MAX = 4
+    P_READY = 5
+    ROW_SUM = 6
+
+
+class TwoConsumerMlaSm90:
+    """Base of the SM90 MLA kernels: warpgroup 0 produces KV blocks, warpgroups 1 and 2
+    consume them as described in this module's docstring."""
+
+    threads = 384
+    consumer_threads = 256
+
+    def __init__(self, dtype, d_qk: int):
+        self.dtype = dtype
+        self.d = d_qk
+        self.v_half = D_V // 2
+
+    # ------------------------------------------------------------------ layouts / MMAs
+    def q_smem_layout(self):
+        return sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (BLOCK_M, BLOCK_N, self.d), self.dtype, 1)
+
+    def v_smem_layout(self):
+        # V = first 512 columns of a K block read as an MN-major (d, token) operand: with the
+        # 128B swizzle both views address the same bytes (see kernels.common.paged_kv).
+        return sm90_utils.make_smem_layout_b(LayoutEnum.COL_MAJOR, (BLOCK_M, D_V, BLOCK_N), self.dtype, 1)
+
+    def p_smem_layout(self):
+        # P (64 rows x 64 tokens) as the K-major A operand of P V
+        return sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (BLOCK_M, self.v_half, BLOCK_N), self.dtype, 1)
+
+    def make_mmas(self):
+        """(Q K^T over 32 tokens, P V over 256 columns).  Built inside the kernel: passed in,
+        a tiled MMA's mutable accumulate flag would become a kernel parameter."""
+        qk_mma = sm90_utils.make_trivial_tiled_mma(
+            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K,
+            Float32, (1, 1, 1), (BLOCK_M, BLOCK_N // 2))
+        pv_mma = sm90_utils.make_trivial_tiled_mma(
+            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
+            Float32, (1, 1, 1), (BLOCK_M, self.v_half))
+        return qk_mma, pv_mma
+
+    # ------------------------------------------------------------------ per-block steps
+    @cute.jit
+    def online_softmax(self, acc_s: cute.Tensor, tScS: cute.Tensor, acc_o: cute.Tensor, row_max: cute.Tensor,
+                       row_sum: cute.Tensor, sStat: cute.Tensor, scale_log2: Float32, half: Int32, wtid: Int32):
+        """Online softmax over this consumer's 32 (already masked) logits of a block, for the
+        2 rows this thread owns; the row maximum is taken over both consumers' halves, so
+        both rescale O identically.  Row sums stay per consumer until the epilogue.
+
+        On return ``acc_s`` holds exp2(s * scale_log2 - max'), row_max is raw (unscaled)."""
+        neg_inf = -Float32.inf
+        n = cute.size(acc_s)
+        # acc fragment order (2 cols, 2 rows, N/8 col groups): element k is in row-half (k // 2) % 2
+        new_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        new_max.fill(neg_inf)
+        for k in cutlass.range_constexpr(n):
+            h = (k // 2) % 2
+            new_max[h] = cute.arch.fmax(new_max[h], acc_s[k])
+        self.exchange_rows(new_max, tScS, sStat, half, wtid, NamedBarrier.ROW_MAX, True)
+        rescale = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        base = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        for h in cutlass.range_constexpr(2):
+            m = cute.arch.fmax(new_max[h], row_max[h])
+            # a row with no valid key so far keeps max -inf: use 0 so exp2 sees -inf, not NaN
+            b = m * scale_log2
+            if m == neg_inf:
+                b = Float32(0.0)
+            prev = row_max[h] * scale_log2
+            if row_max[h] == neg_inf:
+                prev = b
+            rescale[h] = cute.math.exp2(prev - b, fastmath=True)
+            base[h] = b
+            row_max[h] = m
+            row_sum[h] = row_sum[h] * rescale[h]
+        for k in cutlass.range_constexpr(n):
+            h = (k // 2) % 2
+            p = cute.math.exp2(acc_s[k] * scale_log2 - base[h], fastmath=True)
+            acc_s[k] = p
+            row_sum[h] += p
+        # Once a row's maximum has settled the factor is exactly 1: skip the 128 multiplies
+        # that sit between the max exchange and the P V issue.
+        if rescale[0] != 1.0 or rescale[1] != 1.0:
+            for k in cutlass.range_constexpr(cute.size(acc_o)):
+                acc_o[k] = acc_o[k] * rescale[(k // 2) % 2]
+
+    @cute.jit
+    def exchange_rows(self, vals: cute.Tensor, tC: cute.Tensor, sStat: cute.Tensor, half: Int32, wtid: Int32,
+                      barrier_id: cutlass.Constexpr[int], is_max: cutlass.Constexpr[bool]):
+        """Turn this thread's per-row partial values (its 2 rows, own columns) into the row's
+        value over both consumers' columns: reduce across the 4 lanes of a row, publish
+        through sStat, meet at ``barrier_id``, fold in the other consumer's value."""
+        for h in cutlass.range_constexpr(2):
+            if cutlass.const_expr(is_max):
+                vals[h] = cute.arch.warp_reduction_max(vals[h], threads_in_group=4)
+            else:
+                vals[h] = cute.arch.warp_reduction_sum(vals[h], threads_in_group=4)
+            if wtid % 4 == 0:
+                row, _ = tC[2 * h]
+                sStat[half, row] = vals[h]
+        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=self.consumer_threads)
+        for h in cutlass.range_constexpr(2):
+            row, _ = tC[2 * h]
+            if cutlass.const_expr(is_max):
+                vals[h] = cute.arch.fmax(vals[h], sStat[1 - half, row])
+            else:
+                vals[h] = vals[h] + sStat[1 - half, row]
+
+    @cute.jit
+    def store_p(self, acc_s: cute.Tensor, tScS: cute.Tensor, sP: cute.Tensor, half: Int32):
+        """This consumer's 64 x 32 probabilities into its half of sP (fragment elements 2j,
+        2j+1 are adjacent columns of one row: one 4-byte store each)."""
+        for j in cutlass.range_constexpr(cute.size(acc_s) // 2):
+            row, tok = tScS[2 * j]
+            pair = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
+            pair[0] = acc_s[2 * j].to(self.dtype)
+            pair[1] = acc_s[2 * j + 1].to(self.dtype)
+            cute.autovec_copy(pair, cute.local_tile(sP[row, None, 0], (2,), ((half * (BLOCK_N // 2) + tok) // 2,)))
+
+    @cute.jit
+    def v_view(self, sK: cute.Tensor, sV_layout: cute.ComposedLayout, stage: Int32, half: Int32) -> cute.Tensor:
+        """(256, 64) MN-major view of V columns [256*half, 256*half + 256) of K stage ``stage``."""
+        base = sK[None, None, stage].iterator
+        sV = cute.make_tensor(cute.recast_ptr(base, sV_layout.inner), cute.slice_(sV_layout.outer, (None, None, 0)))
+        return cute.local_tile(sV, (self.v_half, BLOCK_N), (half, 0))
+
+    @cute.jit
+    def finish_rows(self, row_max: cute.Tensor, row_sum: cute.Tensor, tOcO: cute.Tensor, sStat: cute.Tensor,
+                    scale_log2: Float32, half: Int32, wtid: Int32):
+        """Row sums over both consumers -> (base-2 lse, 1 / sum) of this thread's 2 rows;
+        a row without a valid key gets lse -inf and factor 0 (so O = 0, never NaN)."""
+        neg_inf = -Float32.inf
+        lse2 = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        inv = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        # Both consumers have read the last block's maxima (before the P barrier), so
+        # sStat is free to carry the row sums.
+        self.exchange_rows(row_sum, tOcO, sStat, half, wtid, NamedBarrier.ROW_SUM, False)
+        for h in cutlass.range_constexpr(2):
+            s = row_sum[h]
+            lse2[h] = neg_inf
+            inv[h] = Float32(0.0)
+            if s > 0.0:
+                lse2[h] = row_max[h] * scale_log2 + cute.math.log2(s, fastmath=False)
+                inv[h] = 1.0 / s
+        return lse2, inv
