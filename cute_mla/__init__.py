@@ -7,6 +7,7 @@ from cute_mla.api import (
     flash_attn_varlen_qkvpacked_func,
     flash_mla_sparse_fwd,
     flash_mla_with_kvcache,
+    flatten_sparse_prefill_batch,
     get_mla_metadata,
 )
 from cute_mla.quant import dequantize_kvcache, quantize_kvcache
@@ -16,6 +17,7 @@ __all__ = [
     "get_mla_metadata",
     "flash_mla_with_kvcache",
     "flash_mla_sparse_fwd",
+    "flatten_sparse_prefill_batch",
     "flash_attn_varlen_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_varlen_kvpacked_func",

@@ -155,9 +155,93 @@ def _check_dense_decode(q, k_cache, block_table, cache_seqlens) -> None:
     need(cache_seqlens.is_contiguous(), "cache_seqlens must be contiguous")
 
 
-def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None):
-    """Sparse MLA prefill: returns (out, max_logits, lse)."""
-    raise NotImplementedError("cute-mla: the sparse prefill kernel (issue 5) is not built yet")
+def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
+                         d_v: int = 512, attn_sink: Optional[torch.Tensor] = None,
+                         topk_length: Optional[torch.Tensor] = None
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse MLA prefill: token i of q attends to the kv rows ``indices[i, 0, :]`` selects.
+
+    q [s_q, h_q, d_qk] bf16 (d_qk 576 or 512, h_q 64 or 128); kv [s_kv, 1, d_qk] bf16 (V is
+    its first 512 columns); indices [s_q, 1, topk] int32 with topk a multiple of 64 (entries
+    outside [0, s_kv) are invalid and never read); attn_sink [h_q] float32; topk_length
+    [s_q] int32 (only the first topk_length[i] indices of token i count).
+    Returns out [s_q, h_q, 512] bf16, max_logits [s_q, h_q] and lse [s_q, h_q] float32, both
+    natural-log scale of the scaled logits and without the sink.  To run a batch of
+    requests, flatten it with ``flatten_sparse_prefill_batch``.
+    """
+    _check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+    s_q, h_q, _ = q.shape
+    out = torch.empty(s_q, h_q, d_v, dtype=q.dtype, device=q.device)
+    max_logits = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
+    lse = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
+    ops.sparse_prefill(q, kv, indices, sm_scale, attn_sink, topk_length, out, max_logits, lse)
+    return out, max_logits, lse
+
+
+def _check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length) -> None:
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+
+    for name, t in (("q", q), ("kv", kv), ("indices", indices)):
+        need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    need(q.dim() == 3, f"q must be [s_q, h_q, d_qk], got shape {tuple(q.shape)}")
+    s_q, h_q, d_qk = q.shape
+    need(q.dtype == torch.bfloat16, f"q must be bfloat16, got {q.dtype}")
+    need(q.is_cuda, f"q must be a CUDA tensor, got device {q.device}")
+    need(d_qk in (576, 512), f"q's head dim must be 576 or 512, got {d_qk}")
+    need(h_q in (64, 128), f"q's head count h_q must be 64 or 128, got {h_q}")
+    need(d_v == 512, f"d_v must be 512, got {d_v}")
+    need(kv.dtype == torch.bfloat16, f"kv must be bfloat16, got {kv.dtype}")
+    need(kv.dim() == 3 and kv.shape[1] == 1 and kv.shape[2] == d_qk,
+         f"kv must be [s_kv, 1, {d_qk}], got shape {tuple(kv.shape)}")
+    need(indices.dtype == torch.int32, f"indices must be int32, got {indices.dtype}")
+    need(indices.dim() == 3 and indices.shape[0] == s_q and indices.shape[1] == 1,
+         f"indices must be [{s_q}, 1, topk], got shape {tuple(indices.shape)}")
+    topk = indices.shape[2]
+    need(topk > 0 and topk % 64 == 0, f"indices' topk must be a positive multiple of 64, got {topk}")
+    need(isinstance(sm_scale, (int, float)) and sm_scale > 0, f"sm_scale must be a positive float, got {sm_scale!r}")
+    for name, t in (("kv", kv), ("indices", indices)):
+        need(t.device == q.device, f"{name} must be on {q.device}, got {t.device}")
+    need(q.stride(2) == 1 and kv.stride(2) == 1 and indices.stride(2) == 1,
+         "q, kv and indices must be contiguous in their last dim")
+    need(q.stride(0) % 8 == 0 and q.stride(1) % 8 == 0, f"q's strides must be multiples of 8 elements, got {q.stride()}")
+    need(kv.stride(0) % 8 == 0, f"kv's row stride must be a multiple of 8 elements, got {kv.stride(0)}")
+    if attn_sink is not None:
+        need(isinstance(attn_sink, torch.Tensor) and attn_sink.dtype == torch.float32
+             and tuple(attn_sink.shape) == (h_q,) and attn_sink.is_contiguous() and attn_sink.device == q.device,
+             f"attn_sink must be a contiguous float32 [{h_q}] tensor on {q.device}")
+    if topk_length is not None:
+        need(isinstance(topk_length, torch.Tensor) and topk_length.dtype == torch.int32
+             and tuple(topk_length.shape) == (s_q,) and topk_length.is_contiguous()
+             and topk_length.device == q.device,
+             f"topk_length must be a contiguous int32 [{s_q}] tensor on {q.device}")
+
+
+def flatten_sparse_prefill_batch(qs, kvs, indices, topk_lengths=None):
+    """Turn a batch of sparse-prefill requests into one ``flash_mla_sparse_fwd`` call.
+
+    qs[i] [s_q_i, h_q, d_qk], kvs[i] [s_kv_i, 1, d_qk], indices[i] [s_q_i, 1, topk] index
+    request i's own kv; topk_lengths[i] [s_q_i] optional.  Returns (q, kv, indices,
+    topk_length) with queries and kv rows concatenated and each request's valid indices
+    offset by where its kv starts; its invalid ones (outside [0, s_kv_i)) become -1, so
+    they can never select another request's rows.  Split the outputs back with
+    ``torch.split(out, [q.shape[0] for q in qs])``.
+    """
+    if not (len(qs) == len(kvs) == len(indices)) or not qs:
+        raise ValueError("qs, kvs and indices must be non-empty lists of the same length")
+    if topk_lengths is not None and len(topk_lengths) != len(qs):
+        raise ValueError("topk_lengths must have one entry per request")
+    flat_idx, base = [], 0
+    for i, (kv, idx) in enumerate(zip(kvs, indices)):
+        if idx.dtype != torch.int32:
+            raise ValueError(f"indices[{i}] must be int32, got {idx.dtype}")
+        n = kv.shape[0]
+        valid = (idx >= 0) & (idx < n)
+        flat_idx.append(torch.where(valid, idx + base, torch.full_like(idx, -1)))
+        base += n
+    lengths = None if topk_lengths is None else torch.cat(list(topk_lengths))
+    return torch.cat(list(qs)), torch.cat(list(kvs)), torch.cat(flat_idx), lengths
 
 
 def flash_attn_varlen_func(*args, **kwargs):

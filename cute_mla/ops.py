@@ -105,3 +105,19 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
          float(softmax_scale), int(bool(causal) and s_q > 1), h_q // h_kv],
         device_index=q.device.index)
     combine(o_accum, lse_accum, split_offsets, out, lse, skip_single_split=True, pdl=True)
+
+
+def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
+                   attn_sink: Optional[torch.Tensor], topk_length: Optional[torch.Tensor],
+                   out: torch.Tensor, max_logits: torch.Tensor, lse: torch.Tensor) -> None:
+    """SM90 sparse prefill on the current stream; inputs are assumed validated by the API layer."""
+    s_q, h_q, d_qk = q.shape
+    if s_q == 0:
+        return
+    dummy_i32 = topk_length if topk_length is not None else torch.empty(1, dtype=torch.int32, device=q.device)
+    dummy_f32 = attn_sink if attn_sink is not None else torch.empty(1, dtype=torch.float32, device=q.device)
+    launcher.launch(
+        "sparse_prefill_sm90", {"d_qk": d_qk}, (s_q * (h_q // 64), 1, 1),
+        [q, kv, indices, dummy_i32, dummy_f32, out, max_logits, lse, float(sm_scale),
+         int(topk_length is not None), int(attn_sink is not None)],
+        device_index=q.device.index)

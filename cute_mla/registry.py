@@ -55,6 +55,15 @@ KERNELS: tuple[KernelDef, ...] = (
                              "kernels/sm90/mla_consumers.py"),
     ),
     KernelDef(
+        name="sparse_prefill_sm90",
+        source="kernels.sm90.sparse_prefill:SparsePrefillSm90",
+        archs=("sm_90a",),
+        args=operands.sparse_prefill_args,
+        variants=({"d_qk": 576}, {"d_qk": 512}),
+        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py",
+                             "kernels/sm90/mla_consumers.py"),
+    ),
+    KernelDef(
         name="combine",
         source="kernels.common.combine:CombineKernel",
         archs=ARCHS,

@@ -109,3 +109,29 @@ def dense_decode_args(dtype: str, d_qk: int = 576):
         ScalarArg("causal"),
         ScalarArg("heads_per_kv"),
     )
+
+
+SPARSE_PREFILL_HEAD_BLOCK = 64  # query heads per CTA of the sparse prefill kernel
+
+
+def sparse_prefill_args(d_qk: int):
+    """SM90 sparse prefill (kernels.sm90.sparse_prefill), host order = kernel parameter order."""
+    return (
+        # (s_q, h_q, d_qk) bf16 queries; any strides with 16-byte aligned rows
+        TensorArg("q", "bf16", ("s_q", "h_q", d_qk), ("qs", "qh", 1), divisibility=(("qs", 8), ("qh", 8))),
+        # (s_kv, 1, d_qk) bf16 keys = values (first 512 columns); rows gathered by index
+        TensorArg("kv", "bf16", ("s_kv", 1, d_qk), ("kvs", d_qk, 1), divisibility=(("kvs", 8),)),
+        # (s_q, 1, topk) int32 row ids into kv; anything outside [0, s_kv) is invalid
+        TensorArg("indices", "i32", ("s_q", 1, "topk"), ("is", "ih", 1), align=4),
+        # (s_q,) int32 valid prefix of each token's indices (a dummy 1-element tensor when absent)
+        TensorArg("topk_length", "i32", ("n_len",), (1,), align=4),
+        # (h_q,) float32 attention sink (a dummy 1-element tensor when absent)
+        TensorArg("attn_sink", "f32", ("h_sink",), (1,), align=4),
+        # (s_q, h_q, 512) bf16 output; (s_q, h_q) float32 max logit and lse (natural log)
+        TensorArg("out", "bf16", ("s_q", "h_q", D_V), ("os", "oh", 1), divisibility=(("os", 8), ("oh", 8))),
+        TensorArg("max_logits", "f32", ("s_q", "h_q"), ("ms", 1), align=4),
+        TensorArg("lse", "f32", ("s_q", "h_q"), ("ls", 1), align=4),
+        ScalarArg("sm_scale", "f32"),
+        ScalarArg("has_topk_length"),
+        ScalarArg("has_sink"),
+    )

@@ -96,6 +96,9 @@ SASS_EXPECT = {
     # from the same K pages, pages by 4-D TMA, register reallocation between roles
     "dense_decode_sm90": (["HGMMA.64x32x16.F32", "HGMMA.64x256x16.F32", "tnspB", "UTMALDG.4D",
                            "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
+    # the same consumer MMAs; kv rows gathered by 16-byte cp.async that bypass L1
+    "sparse_prefill_sm90": (["HGMMA.64x32x16.F32", "HGMMA.64x256x16.F32", "tnspB", "LDGSTS.E.BYPASS.128",
+                             "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
 }
 
 

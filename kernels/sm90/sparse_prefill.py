@@ -1,0 +1,275 @@
+"""SM90 sparse MLA prefill (``flash_mla_sparse_fwd``): each query token attends to its own
+top-k rows of a flat bf16 KV tensor."""
+from __future__ import annotations
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+import cutlass.cute.nvgpu.cpasync as cpasync
+import cutlass.pipeline as pipeline
+from cutlass import Float32, Int32
+from cutlass.cute.nvgpu import warpgroup
+
+from kernels.common.mma_sm90 import gemm
+from kernels.common.paged_kv import kv_smem_layout
+from kernels.common.softmax import LN_2, LOG2_E
+from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, NamedBarrier, TwoConsumerMlaSm90
+
+
+class SparsePrefillSm90(TwoConsumerMlaSm90):
+    """O = softmax(Q K_sel^T * scale) V_sel for 64 query heads of one query token, where
+    K_sel are the kv rows its ``indices`` select (V = their first 512 columns).
+
+    Grid: (s_q * h_q / 64,), CTA x = token * (h_q / 64) + head block, so both head blocks
+    of a token run next to each other and the second finds the gathered rows in L2.  A
+    CTA walks ceil(n / 64) blocks of 64 selected slots, n = min(topk, topk_length[token]).
+
+    Warp roles (384 threads):
+      warpgroup 0  producer: 4 warps gather the 64 selected rows of a block with 16-byte
+                   cp.async (warp w: slots 16w .. 16w + 15), straight into the K-major
+                   128B-swizzled layout the tensor cores read.  A slot whose index is
+                   outside [0, s_kv) or past topk_length is never read from memory: its
+                   row is written as zeros and its logit bias is -inf.
+      warpgroups 1, 2  consumers: the split-S / split-O scheme of
+                   ``kernels.sm90.mla_consumers``; Q (64 x d) is loaded once per CTA.
+
+    Pipeline ``kv`` (PipelineAsync, 128 producer threads -> 256 consumer threads), one
+    block per stage: each producer thread waits for its own cp.asyncs, fences them into
+    the async proxy (WGMMA reads smem through it) and arrives.  The logit bias of a
+    block (0 or -inf per slot) travels with it in ``sBias``.  A consumer releases block
+    j after waiting for S of block j + 1 and P V of block j together.
+
+    Output: out = O / sum scaled by the sink factor exp(lse) / (exp(lse) + exp(sink)),
+    lse and max_logits in natural-log scale of the scaled logits, without the sink.  No
+    valid key gives out = 0, lse = +inf, max_logits = -inf.
+    """
+
+    stages = 2
+    producer_threads = 128
+    regs_producer = 40
+    regs_consumer = 232
+
+    def __init__(self, d_qk: int):
+        super().__init__(cutlass.BFloat16, d_qk)
+        self.chunks = d_qk * 2 // 16  # 16-byte pieces of one kv row
+        self.chunks_per_lane = 16 * self.chunks // 32  # a warp moves 16 rows
+        self.q_bytes = BLOCK_M * d_qk * 2
+        self.kv_bytes = BLOCK_N * d_qk * 2
+        self.p_bytes = BLOCK_M * BLOCK_N * 2
+        # sQ + KV ring + P + (row statistics, logit bias, barriers)
+        self.smem_bytes = self.q_bytes + self.stages * self.kv_bytes + self.p_bytes + 2048
+
+    @cute.jit
+    def __call__(self, mQ: cute.Tensor, mKV: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor,
+                 mSink: cute.Tensor, mOut: cute.Tensor, mMaxLogits: cute.Tensor, mLse: cute.Tensor,
+                 sm_scale: Float32, has_topk_length: Int32, has_sink: Int32, stream: cuda.CUstream):
+        # mQ (s_q, h_q, d); mKV (s_kv, 1, d); mIndices (s_q, 1, topk); mOut (s_q, h_q, 512)
+        sK_layout = kv_smem_layout(self.dtype, self.d, self.stages)
+        grid = [mQ.shape[0] * (mQ.shape[1] // BLOCK_M), 1, 1]
+        self.kernel(mQ, mKV, mIndices, mTopkLength, mSink, mOut, mMaxLogits, mLse, sm_scale, has_topk_length,
+                    has_sink, self.q_smem_layout(), sK_layout, self.v_smem_layout(), self.p_smem_layout()).launch(
+            grid=grid, block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream, min_blocks_per_mp=1)
+
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, mKV: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor,
+               mSink: cute.Tensor, mOut: cute.Tensor, mMaxLogits: cute.Tensor, mLse: cute.Tensor,
+               sm_scale: Float32, has_topk_length: Int32, has_sink: Int32,
+               sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout,
+               sP_layout: cute.ComposedLayout):
+        # Parameters in layouts.operands.sparse_prefill_args order; static objects last.
+        qk_mma, pv_mma = self.make_mmas()
+        tidx, _, _ = cute.arch.thread_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        wg = warp // 4
+
+        smem = cutlass.memory.SmemAllocator()
+        sQ = smem.allocate_tensor(self.dtype, sQ_layout.outer, byte_alignment=1024, swizzle=sQ_layout.inner)
+        sK = smem.allocate_tensor(self.dtype, sK_layout.outer, byte_alignment=1024, swizzle=sK_layout.inner)
+        sP = smem.allocate_tensor(self.dtype, sP_layout.outer, byte_alignment=1024, swizzle=sP_layout.inner)
+        sStat = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
+        # (slot, stage) logit bias of each selected slot: 0 valid, -inf invalid
+        sBias = smem.allocate_tensor(Float32, cute.make_layout((BLOCK_N, self.stages)), byte_alignment=16)
+        kv_mbar = smem.allocate_array(cutlass.Int64, 2 * self.stages, byte_alignment=8)
+        kv_pipe = pipeline.PipelineAsync.create(
+            num_stages=self.stages,
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.producer_threads),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.consumer_threads),
+            barrier_storage=kv_mbar, defer_sync=True)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+
+        bid, _, _ = cute.arch.block_idx()
+        head_blocks = mQ.shape[1] // BLOCK_M
+        token = bid // head_blocks
+        hblk = bid - token * head_blocks
+        # Selected slots [0, n) count; a topk_length outside [0, topk] is clamped into it.
+        topk = mIndices.shape[2]
+        n = topk
+        if has_topk_length != 0:
+            n = cutlass.min(cutlass.max(mTopkLength[token], 0), topk)
+        nblk = (n + BLOCK_N - 1) // BLOCK_N
+
+        if wg == 0:
+            cute.arch.setmaxregister_decrease(self.regs_producer)
+            self.load(mKV, mIndices, sK, sBias, kv_pipe, token, n, nblk, warp, tidx % 32)
+        else:
+            cute.arch.setmaxregister_increase(self.regs_consumer)
+            self.consume(qk_mma, pv_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, mSink, mOut, mMaxLogits, mLse,
+                         kv_pipe, sm_scale, has_sink, token, hblk, nblk, wg - 1, tidx - 128)
+
+    # ------------------------------------------------------------------ producer
+    @cute.jit
+    def load(self, mKV: cute.Tensor, mIndices: cute.Tensor, sK: cute.Tensor, sBias: cute.Tensor, kv_pipe,
+             token: Int32, n: Int32, nblk: Int32, warp: Int32, lane: Int32):
+        atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
+                                   num_bits_per_copy=128)
+        zeros = cute.make_rmem_tensor(cute.make_layout(8), self.dtype)
+        zeros.fill(0.0)
+        s_kv = mKV.shape[0]
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+        for blk in cutlass.range(nblk, unroll=1):
+            # Lane l (and l + 16) owns slot 16 * warp + l % 16 of the block: its kv row, or -1.
+            slot = blk * BLOCK_N + warp * 16 + lane % 16
+            row = Int32(-1)
+            if slot < n:
+                idx = mIndices[token, 0, slot]
+                if idx >= 0 and idx < s_kv:
+                    row = idx
+            kv_pipe.producer_acquire(state)
+            stage = state.index
+            if lane < 16:
+                bias = Float32(0.0)
+                if row < 0:
+                    bias = -Float32.inf
+                sBias[warp * 16 + lane, stage] = bias
+            # The warp's 16 rows as one flat run of 16 * chunks 16-byte pieces, 32 at a time:
+            # consecutive lanes read consecutive bytes of a row.
+            for i in cutlass.range(self.chunks_per_lane, unroll=4):
+                f = lane + 32 * i
+                t = f // self.chunks
+                c = f - t * self.chunks
+                r = cute.arch.shuffle_sync(row, t)
+                dst = cute.local_tile(sK[warp * 16 + t, None, stage], (8,), (c,))
+                if r >= 0:
+                    cute.copy(atom, cute.local_tile(mKV[r, 0, None], (8,), (c,)), dst)
+                else:
+                    cute.autovec_copy(zeros, dst)
+            cute.arch.cp_async_commit_group()
+            cute.arch.cp_async_wait_group(0)
+            # cp.async and the zero stores are generic-proxy writes; WGMMA reads through the
+            # async proxy.
+            cute.arch.fence_proxy("async.shared", space="cta")
+            kv_pipe.producer_commit(state)
+            state.advance()
+
+    # ------------------------------------------------------------------ consumers
+    @cute.jit
+    def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, sQ: cute.Tensor, sK: cute.Tensor,
+                sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor, sV_layout: cute.ComposedLayout,
+                mQ: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mMaxLogits: cute.Tensor, mLse: cute.Tensor,
+                kv_pipe, sm_scale: Float32, has_sink: Int32, token: Int32, hblk: Int32, nblk: Int32, half: Int32,
+                ctid: Int32):
+        wtid = ctid % 128
+        thr_qk = qk_mma.get_slice(wtid)
+        thr_pv = pv_mma.get_slice(wtid)
+        tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))  # (MMA, 1, d/16)
+        sKhalf = cute.local_tile(sK, (BLOCK_N // 2, self.d, self.stages), (half, 0, 0))  # this consumer's 32 slots
+        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sKhalf))  # (MMA, 1, d/16, stages)
+        tScS = thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, BLOCK_N // 2)))  # (row, slot - 32*half)
+        tOrP = thr_pv.make_fragment_A(thr_pv.partition_A(sP))
+        tOcO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.v_half)))  # (row, col)
+        scale_log2 = sm_scale * LOG2_E
+
+        self.load_q(mQ, sQ, token, hblk, ctid)
+        acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.v_half)))
+        acc_o.fill(0.0)
+        row_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        row_sum = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        row_max.fill(-Float32.inf)
+        row_sum.fill(0.0)
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        prev = state.clone()
+        for blk in cutlass.range(nblk, unroll=1):
+            kv_pipe.consumer_wait(state)
+            stage = state.index
+            acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N // 2)))
+            warpgroup.fence()
+            gemm(qk_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, stage], True)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            if blk > 0:
+                kv_pipe.consumer_release(prev)
+            # An invalid slot's row is zeros, so its logit is exactly 0 and + (-inf) masks it.
+            for k in cutlass.range_constexpr(cute.size(acc_s)):
+                _, slot = tScS[k]
+                acc_s[k] = acc_s[k] + sBias[half * (BLOCK_N // 2) + slot, stage]
+            self.online_softmax(acc_s, tScS, acc_o, row_max, row_sum, sStat, scale_log2, half, wtid)
+            self.store_p(acc_s, tScS, sP, half)
+            cute.arch.fence_proxy("async.shared", space="cta")
+            cute.arch.barrier(barrier_id=NamedBarrier.P_READY, number_of_threads=self.consumer_threads)
+            tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(self.v_view(sK, sV_layout, stage, half)))
+            warpgroup.fence()
+            gemm(pv_mma, acc_o, tOrP[None, None, None, 0], tOrV, False)
+            warpgroup.commit_group()
+            prev = state.clone()
+            state.advance()
+        warpgroup.wait_group(0)
+        if nblk > 0:
+            kv_pipe.consumer_release(prev)
+        self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mSink, mOut, mMaxLogits, mLse, sm_scale, scale_log2,
+                      has_sink, token, hblk, half, wtid)
+
+    @cute.jit
+    def load_q(self, mQ: cute.Tensor, sQ: cute.Tensor, token: Int32, hblk: Int32, ctid: Int32):
+        """Both consumer warpgroups copy the token's 64 query heads into sQ, 16 bytes a
+        thread at a time, every global load of a batch issued before its first store."""
+        vec = 8
+        chunks_per_row = self.d // vec
+        per_thread = BLOCK_M * chunks_per_row // self.consumer_threads
+        batch = per_thread // 2
+        for b in cutlass.range_constexpr(2):
+            buf = cute.make_rmem_tensor(cute.make_layout((vec, batch)), self.dtype)
+            for j in cutlass.range_constexpr(batch):
+                chunk = ctid + (b * batch + j) * self.consumer_threads
+                row = chunk // chunks_per_row
+                c = chunk - row * chunks_per_row
+                cute.autovec_copy(cute.local_tile(mQ[token, hblk * BLOCK_M + row, None], (vec,), (c,)), buf[None, j])
+            for j in cutlass.range_constexpr(batch):
+                chunk = ctid + (b * batch + j) * self.consumer_threads
+                row = chunk // chunks_per_row
+                c = chunk - row * chunks_per_row
+                cute.autovec_copy(buf[None, j], cute.local_tile(sQ[row, None, 0], (vec,), (c,)))
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
+
+    @cute.jit
+    def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
+                 sStat: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mMaxLogits: cute.Tensor,
+                 mLse: cute.Tensor, sm_scale: Float32, scale_log2: Float32, has_sink: Int32, token: Int32,
+                 hblk: Int32, half: Int32, wtid: Int32):
+        neg_inf = -Float32.inf
+        lse2, inv = self.finish_rows(row_max, row_sum, tOcO, sStat, scale_log2, half, wtid)
+        for h in cutlass.range_constexpr(2):
+            row, _ = tOcO[2 * h]
+            hq = hblk * BLOCK_M + row
+            # exp(lse) / (exp(lse) + exp(sink)) = 1 / (1 + 2^(sink*log2e - lse2)); +inf sink
+            # gives 0, -inf gives 1.  A row without keys already has factor 0.
+            if has_sink != 0 and lse2[h] != neg_inf:
+                inv[h] = inv[h] / (1.0 + cute.math.exp2(mSink[hq] * LOG2_E - lse2[h], fastmath=False))
+            for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
+                k = 4 * j + 2 * h
+                _, col = tOcO[k]
+                pair = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
+                pair[0] = (acc_o[k] * inv[h]).to(self.dtype)
+                pair[1] = (acc_o[k + 1] * inv[h]).to(self.dtype)
+                cute.autovec_copy(pair, cute.local_tile(mOut[token, hq, None], (2,), ((half * self.v_half + col) // 2,)))
+        # one lane per row writes its statistics (rows of a quad are shared by 4 lanes)
+        if half == 0 and wtid % 4 == 0:
+            for h in cutlass.range_constexpr(2):
+                row, _ = tOcO[2 * h]
+                hq = hblk * BLOCK_M + row
+                out_lse = Float32.inf
+                if lse2[h] != neg_inf:
+                    out_lse = lse2[h] * LN_2
+                mLse[token, hq] = out_lse
+                mMaxLogits[token, hq] = row_max[h] * sm_scale
