@@ -36,8 +36,8 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
     Pipeline ``kv`` (PipelineAsync, 128 producer threads -> 256 consumer threads), one
     block per stage: each producer thread waits for its own cp.asyncs, fences them into
     the async proxy (WGMMA reads smem through it) and arrives.  The logit bias of a
-    block (0 or -inf per slot) travels with it in ``sBias``.  A consumer releases block
-    j after waiting for S of block j + 1 and P V of block j together.
+    block (0 or -inf per slot) travels with it in ``sBias``.  A consumer releases a
+    block as soon as its P V has completed.
 
     Output: out = O / sum scaled by the sink factor exp(lse) / (exp(lse) + exp(sink)),
     lse and max_logits in natural-log scale of the scaled logits, without the sink.  No
@@ -125,16 +125,12 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
                                    num_bits_per_copy=128)
         zeros = cute.make_rmem_tensor(cute.make_layout(8), self.dtype)
         zeros.fill(0.0)
-        s_kv = mKV.shape[0]
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+        next_row = self.slot_row(mKV, mIndices, token, n, warp * 16 + lane % 16)
         for blk in cutlass.range(nblk, unroll=1):
             # Lane l (and l + 16) owns slot 16 * warp + l % 16 of the block: its kv row, or -1.
-            slot = blk * BLOCK_N + warp * 16 + lane % 16
-            row = Int32(-1)
-            if slot < n:
-                idx = mIndices[token, 0, slot]
-                if idx >= 0 and idx < s_kv:
-                    row = idx
+            # The next block's row is read while this block's copies are in flight.
+            row = next_row
             kv_pipe.producer_acquire(state)
             stage = state.index
             if lane < 16:
@@ -155,12 +151,24 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
                 else:
                     cute.autovec_copy(zeros, dst)
             cute.arch.cp_async_commit_group()
+            next_row = self.slot_row(mKV, mIndices, token, n, (blk + 1) * BLOCK_N + warp * 16 + lane % 16)
             cute.arch.cp_async_wait_group(0)
             # cp.async and the zero stores are generic-proxy writes; WGMMA reads through the
             # async proxy.
             cute.arch.fence_proxy("async.shared", space="cta")
             kv_pipe.producer_commit(state)
             state.advance()
+
+    @cute.jit
+    def slot_row(self, mKV: cute.Tensor, mIndices: cute.Tensor, token: Int32, n: Int32, slot: Int32) -> Int32:
+        """The kv row selected slot ``slot`` of ``token`` reads, or -1 when it is past the
+        counted prefix or its index lies outside [0, s_kv)."""
+        row = Int32(-1)
+        if slot < n:
+            idx = mIndices[token, 0, slot]
+            if idx >= 0 and idx < mKV.shape[0]:
+                row = idx
+        return row
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
@@ -188,7 +196,6 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
         row_max.fill(-Float32.inf)
         row_sum.fill(0.0)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-        prev = state.clone()
         for blk in cutlass.range(nblk, unroll=1):
             kv_pipe.consumer_wait(state)
             stage = state.index
@@ -197,8 +204,6 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
             gemm(qk_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, stage], True)
             warpgroup.commit_group()
             warpgroup.wait_group(0)
-            if blk > 0:
-                kv_pipe.consumer_release(prev)
             # An invalid slot's row is zeros, so its logit is exactly 0 and + (-inf) masks it.
             for k in cutlass.range_constexpr(cute.size(acc_s)):
                 _, slot = tScS[k]
@@ -211,11 +216,11 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
             warpgroup.fence()
             gemm(pv_mma, acc_o, tOrP[None, None, None, 0], tOrV, False)
             warpgroup.commit_group()
-            prev = state.clone()
+            # Free the block the moment P V is done, not after the next block's S: with two
+            # stages, the next gather can only start here, and its latency is what is exposed.
+            warpgroup.wait_group(0)
+            kv_pipe.consumer_release(state)
             state.advance()
-        warpgroup.wait_group(0)
-        if nblk > 0:
-            kv_pipe.consumer_release(prev)
         self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mSink, mOut, mMaxLogits, mLse, sm_scale, scale_log2,
                       has_sink, token, hblk, half, wtid)
 
