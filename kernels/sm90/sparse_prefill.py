@@ -52,7 +52,6 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
     def __init__(self, d_qk: int):
         super().__init__(cutlass.BFloat16, d_qk)
         self.chunks = d_qk * 2 // 16  # 16-byte pieces of one kv row
-        self.chunks_per_lane = 16 * self.chunks // 32  # a warp moves 16 rows
         self.q_bytes = BLOCK_M * d_qk * 2
         self.kv_bytes = BLOCK_N * d_qk * 2
         self.p_bytes = BLOCK_M * BLOCK_N * 2
@@ -138,18 +137,28 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
                 if row < 0:
                     bias = -Float32.inf
                 sBias[warp * 16 + lane, stage] = bias
-            # The warp's 16 rows as one flat run of 16 * chunks 16-byte pieces, 32 at a time:
-            # consecutive lanes read consecutive bytes of a row.
-            for i in cutlass.range(self.chunks_per_lane, unroll=4):
-                f = lane + 32 * i
-                t = f // self.chunks
-                c = f - t * self.chunks
+            # Row by row (the row id is warp-uniform after the shuffle, so the valid/invalid
+            # branch never diverges): lane l moves 16-byte pieces l, l + 32 (and l + 64 where the
+            # row has 72), so consecutive lanes read consecutive bytes and each piece costs
+            # little more than its cp.async.
+            for t in cutlass.range_constexpr(16):
                 r = cute.arch.shuffle_sync(row, t)
-                dst = cute.local_tile(sK[warp * 16 + t, None, stage], (8,), (c,))
+                sRow = sK[warp * 16 + t, None, stage]
                 if r >= 0:
-                    cute.copy(atom, cute.local_tile(mKV[r, 0, None], (8,), (c,)), dst)
+                    gRow = mKV[r, 0, None]
+                    for k in cutlass.range_constexpr((self.chunks + 31) // 32):
+                        if cutlass.const_expr(32 * k + 32 <= self.chunks):
+                            cute.copy(atom, cute.local_tile(gRow, (8,), (lane + 32 * k,)),
+                                      cute.local_tile(sRow, (8,), (lane + 32 * k,)))
+                        elif lane + 32 * k < self.chunks:
+                            cute.copy(atom, cute.local_tile(gRow, (8,), (lane + 32 * k,)),
+                                      cute.local_tile(sRow, (8,), (lane + 32 * k,)))
                 else:
-                    cute.autovec_copy(zeros, dst)
+                    for k in cutlass.range_constexpr((self.chunks + 31) // 32):
+                        if cutlass.const_expr(32 * k + 32 <= self.chunks):
+                            cute.autovec_copy(zeros, cute.local_tile(sRow, (8,), (lane + 32 * k,)))
+                        elif lane + 32 * k < self.chunks:
+                            cute.autovec_copy(zeros, cute.local_tile(sRow, (8,), (lane + 32 * k,)))
             cute.arch.cp_async_commit_group()
             next_row = self.slot_row(mKV, mIndices, token, n, (blk + 1) * BLOCK_N + warp * 16 + lane % 16)
             cute.arch.cp_async_wait_group(0)
