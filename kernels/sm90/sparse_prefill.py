@@ -110,7 +110,7 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
 
         if wg == 0:
             cute.arch.setmaxregister_decrease(self.regs_producer)
-            self.load(mKV, mIndices, sK, sBias, kv_pipe, token, n, nblk, warp, tidx % 32)
+            self.load(mKV, mIndices, sK, sK_layout.outer, sBias, kv_pipe, token, n, nblk, warp, tidx % 32)
         else:
             cute.arch.setmaxregister_increase(self.regs_consumer)
             self.consume(qk_mma, pv_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, mSink, mOut, mMaxLogits, mLse,
@@ -118,12 +118,18 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
 
     # ------------------------------------------------------------------ producer
     @cute.jit
-    def load(self, mKV: cute.Tensor, mIndices: cute.Tensor, sK: cute.Tensor, sBias: cute.Tensor, kv_pipe,
-             token: Int32, n: Int32, nblk: Int32, warp: Int32, lane: Int32):
+    def load(self, mKV: cute.Tensor, mIndices: cute.Tensor, sK: cute.Tensor, sK_outer: cute.Layout,
+             sBias: cute.Tensor, kv_pipe, token: Int32, n: Int32, nblk: Int32, warp: Int32, lane: Int32):
         atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
                                    num_bits_per_copy=128)
         zeros = cute.make_rmem_tensor(cute.make_layout(8), self.dtype)
         zeros.fill(0.0)
+        # Shared-memory byte address of this lane's first piece of row 16 * warp, before the
+        # swizzle; every other piece of the warp's rows is a compile-time offset from it.
+        sk_base = sK.iterator.toint()
+        lane_off = cute.crd2idx((warp * 16, lane * 8, 0), sK_outer) * 2
+        # the kv tensor shifted to this lane's first piece: a row's pieces are then constant offsets
+        mKVLane = cute.make_tensor(mKV.iterator + lane * 8, mKV.layout)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
         next_row = self.slot_row(mKV, mIndices, token, n, warp * 16 + lane % 16)
         for blk in cutlass.range(nblk, unroll=1):
@@ -139,26 +145,28 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
                 sBias[warp * 16 + lane, stage] = bias
             # Row by row (the row id is warp-uniform after the shuffle, so the valid/invalid
             # branch never diverges): lane l moves 16-byte pieces l, l + 32 (and l + 64 where the
-            # row has 72), so consecutive lanes read consecutive bytes and each piece costs
-            # little more than its cp.async.
+            # row has 72), so consecutive lanes read consecutive bytes.
+            stage_base = sk_base + stage * self.kv_bytes
             for t in cutlass.range_constexpr(16):
                 r = cute.arch.shuffle_sync(row, t)
-                sRow = sK[warp * 16 + t, None, stage]
+                # 128B swizzle: address bits 4-6 ^= bits 7-9, which are t % 8 here (rows of a
+                # 1024-byte-aligned 8-row atom are 128 bytes apart), so one XOR per row.
+                row_base = stage_base + (lane_off ^ ((t % 8) << 4))
                 if r >= 0:
-                    gRow = mKV[r, 0, None]
+                    gRow = mKVLane[r, 0, None]
                     for k in cutlass.range_constexpr((self.chunks + 31) // 32):
                         if cutlass.const_expr(32 * k + 32 <= self.chunks):
-                            cute.copy(atom, cute.local_tile(gRow, (8,), (lane + 32 * k,)),
-                                      cute.local_tile(sRow, (8,), (lane + 32 * k,)))
+                            cute.copy(atom, cute.local_tile(gRow, (8,), (32 * k,)),
+                                      self.smem_piece(row_base, sK_outer, t, k))
                         elif lane + 32 * k < self.chunks:
-                            cute.copy(atom, cute.local_tile(gRow, (8,), (lane + 32 * k,)),
-                                      cute.local_tile(sRow, (8,), (lane + 32 * k,)))
+                            cute.copy(atom, cute.local_tile(gRow, (8,), (32 * k,)),
+                                      self.smem_piece(row_base, sK_outer, t, k))
                 else:
                     for k in cutlass.range_constexpr((self.chunks + 31) // 32):
                         if cutlass.const_expr(32 * k + 32 <= self.chunks):
-                            cute.autovec_copy(zeros, cute.local_tile(sRow, (8,), (lane + 32 * k,)))
+                            cute.autovec_copy(zeros, self.smem_piece(row_base, sK_outer, t, k))
                         elif lane + 32 * k < self.chunks:
-                            cute.autovec_copy(zeros, cute.local_tile(sRow, (8,), (lane + 32 * k,)))
+                            cute.autovec_copy(zeros, self.smem_piece(row_base, sK_outer, t, k))
             cute.arch.cp_async_commit_group()
             next_row = self.slot_row(mKV, mIndices, token, n, (blk + 1) * BLOCK_N + warp * 16 + lane % 16)
             cute.arch.cp_async_wait_group(0)
@@ -167,6 +175,14 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
             cute.arch.fence_proxy("async.shared", space="cta")
             kv_pipe.producer_commit(state)
             state.advance()
+
+    @cute.jit
+    def smem_piece(self, row_base: Int32, sK_outer: cute.Layout, t: cutlass.Constexpr[int],
+                   k: cutlass.Constexpr[int]) -> cute.Tensor:
+        """The 8 elements (16 bytes) a lane moves as piece k of the warp's row t."""
+        offset = cute.crd2idx((t, 256 * k, 0), sK_outer) * 2
+        ptr = cute.make_ptr(self.dtype, row_base + offset, cute.AddressSpace.smem, assumed_align=16)
+        return cute.make_tensor(ptr, cute.make_layout(8))
 
     @cute.jit
     def slot_row(self, mKV: cute.Tensor, mIndices: cute.Tensor, token: Int32, n: Int32, slot: Int32) -> Int32:
