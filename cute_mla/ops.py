@@ -5,6 +5,7 @@ kernel -> combine); tests and benchmarks call them directly too.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -13,6 +14,11 @@ from cute_mla import launcher
 from schedules import decode_plan
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -116,8 +122,9 @@ def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
         return
     dummy_i32 = topk_length if topk_length is not None else torch.empty(1, dtype=torch.int32, device=q.device)
     dummy_f32 = attn_sink if attn_sink is not None else torch.empty(1, dtype=torch.float32, device=q.device)
+    tiles = s_q * (h_q // 64)
     launcher.launch(
-        "sparse_prefill_sm90", {"d_qk": d_qk}, (s_q * (h_q // 64), 1, 1),
+        "sparse_prefill_sm90", {"d_qk": d_qk}, (min(tiles, _num_sms(q.device)), 1, 1),
         [q, kv, indices, dummy_i32, dummy_f32, out, max_logits, lse, float(sm_scale),
          int(topk_length is not None), int(attn_sink is not None)],
         device_index=q.device.index)

@@ -20,9 +20,11 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
     """O = softmax(Q K_sel^T * scale) V_sel for 64 query heads of one query token, where
     K_sel are the kv rows its ``indices`` select (V = their first 512 columns).
 
-    Grid: (s_q * h_q / 64,), CTA x = token * (h_q / 64) + head block, so both head blocks
-    of a token run next to each other and the second finds the gathered rows in L2.  A
-    CTA walks ceil(n / 64) blocks of 64 selected slots, n = min(topk, topk_length[token]).
+    Persistent grid of min(tiles, SMs) CTAs over s_q * h_q / 64 tiles, tile = token * (h_q /
+    64) + head block, so both head blocks of a token run at the same time and the second
+    finds the gathered rows in L2.  A tile is ceil(n / 64) blocks of 64 selected slots,
+    n = min(topk, topk_length[token]); the producer runs ahead into the next tile's blocks
+    while the consumers finish a tile's epilogue and load its successor's Q.
 
     Warp roles (384 threads):
       warpgroup 0  producer: 4 warps gather the 64 selected rows of a block with 16-byte
@@ -64,6 +66,8 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
                  sm_scale: Float32, has_topk_length: Int32, has_sink: Int32, stream: cuda.CUstream):
         # mQ (s_q, h_q, d); mKV (s_kv, 1, d); mIndices (s_q, 1, topk); mOut (s_q, h_q, 512)
         sK_layout = kv_smem_layout(self.dtype, self.d, self.stages)
+        # Persistent: the launcher starts min(tiles, SMs) CTAs (ops.sparse_prefill), each walking
+        # tiles bid, bid + grid, ...; this grid only serves the ahead-of-time compile.
         grid = [mQ.shape[0] * (mQ.shape[1] // BLOCK_M), 1, 1]
         self.kernel(mQ, mKV, mIndices, mTopkLength, mSink, mOut, mMaxLogits, mLse, sm_scale, has_topk_length,
                     has_sink, self.q_smem_layout(), sK_layout, self.v_smem_layout(), self.p_smem_layout()).launch(
@@ -97,29 +101,33 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
-        bid, _, _ = cute.arch.block_idx()
-        head_blocks = mQ.shape[1] // BLOCK_M
-        token = bid // head_blocks
-        hblk = bid - token * head_blocks
-        # Selected slots [0, n) count; a topk_length outside [0, topk] is clamped into it.
+        if wg == 0:
+            cute.arch.setmaxregister_decrease(self.regs_producer)
+            self.load(mKV, mIndices, mTopkLength, has_topk_length, sK, sK_layout.outer, sBias, kv_pipe,
+                      mQ.shape[1] // BLOCK_M, mQ.shape[0], warp, tidx % 32)
+        else:
+            cute.arch.setmaxregister_increase(self.regs_consumer)
+            self.consume(qk_mma, pv_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, mIndices, mTopkLength, mSink,
+                         mOut, mMaxLogits, mLse, kv_pipe, sm_scale, has_topk_length, has_sink, wg - 1, tidx - 128)
+
+    @cute.jit
+    def tile_work(self, tile: Int32, head_blocks: Int32, mIndices: cute.Tensor, mTopkLength: cute.Tensor,
+                  has_topk_length: Int32):
+        """Tile -> (token, head block, counted slots n, blocks).  Selected slots [0, n) count;
+        a topk_length outside [0, topk] is clamped into it."""
+        token = tile // head_blocks
+        hblk = tile - token * head_blocks
         topk = mIndices.shape[2]
         n = topk
         if has_topk_length != 0:
             n = cutlass.min(cutlass.max(mTopkLength[token], 0), topk)
-        nblk = (n + BLOCK_N - 1) // BLOCK_N
-
-        if wg == 0:
-            cute.arch.setmaxregister_decrease(self.regs_producer)
-            self.load(mKV, mIndices, sK, sK_layout.outer, sBias, kv_pipe, token, n, nblk, warp, tidx % 32)
-        else:
-            cute.arch.setmaxregister_increase(self.regs_consumer)
-            self.consume(qk_mma, pv_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, mSink, mOut, mMaxLogits, mLse,
-                         kv_pipe, sm_scale, has_sink, token, hblk, nblk, wg - 1, tidx - 128)
+        return token, hblk, n, (n + BLOCK_N - 1) // BLOCK_N
 
     # ------------------------------------------------------------------ producer
     @cute.jit
-    def load(self, mKV: cute.Tensor, mIndices: cute.Tensor, sK: cute.Tensor, sK_outer: cute.Layout,
-             sBias: cute.Tensor, kv_pipe, token: Int32, n: Int32, nblk: Int32, warp: Int32, lane: Int32):
+    def load(self, mKV: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor, has_topk_length: Int32,
+             sK: cute.Tensor, sK_outer: cute.Layout, sBias: cute.Tensor, kv_pipe, head_blocks: Int32, s_q: Int32,
+             warp: Int32, lane: Int32):
         atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
                                    num_bits_per_copy=128)
         zeros = cute.make_rmem_tensor(cute.make_layout(8), self.dtype)
@@ -128,53 +136,55 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
         # swizzle; every other piece of the warp's rows is a compile-time offset from it.
         sk_base = sK.iterator.toint()
         lane_off = cute.crd2idx((warp * 16, lane * 8, 0), sK_outer) * 2
-        # the kv tensor shifted to this lane's first piece: a row's pieces are then constant offsets
-        mKVLane = cute.make_tensor(mKV.iterator + lane * 8, mKV.layout)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-        next_row = self.slot_row(mKV, mIndices, token, n, warp * 16 + lane % 16)
-        for blk in cutlass.range(nblk, unroll=1):
-            # Lane l (and l + 16) owns slot 16 * warp + l % 16 of the block: its kv row, or -1.
-            # The next block's row is read while this block's copies are in flight.
-            row = next_row
-            kv_pipe.producer_acquire(state)
-            stage = state.index
-            if lane < 16:
-                bias = Float32(0.0)
-                if row < 0:
-                    bias = -Float32.inf
-                sBias[warp * 16 + lane, stage] = bias
-            # Row by row (the row id is warp-uniform after the shuffle, so the valid/invalid
-            # branch never diverges): lane l moves 16-byte pieces l, l + 32 (and l + 64 where the
-            # row has 72), so consecutive lanes read consecutive bytes.
-            stage_base = sk_base + stage * self.kv_bytes
-            for t in cutlass.range_constexpr(16):
-                r = cute.arch.shuffle_sync(row, t)
-                # 128B swizzle: address bits 4-6 ^= bits 7-9, which are t % 8 here (rows of a
-                # 1024-byte-aligned 8-row atom are 128 bytes apart), so one XOR per row.
-                row_base = stage_base + (lane_off ^ ((t % 8) << 4))
-                if r >= 0:
-                    gRow = mKVLane[r, 0, None]
-                    for k in cutlass.range_constexpr((self.chunks + 31) // 32):
-                        if cutlass.const_expr(32 * k + 32 <= self.chunks):
-                            cute.copy(atom, cute.local_tile(gRow, (8,), (32 * k,)),
-                                      self.smem_piece(row_base, sK_outer, t, k))
-                        elif lane + 32 * k < self.chunks:
-                            cute.copy(atom, cute.local_tile(gRow, (8,), (32 * k,)),
-                                      self.smem_piece(row_base, sK_outer, t, k))
-                else:
-                    for k in cutlass.range_constexpr((self.chunks + 31) // 32):
-                        if cutlass.const_expr(32 * k + 32 <= self.chunks):
-                            cute.autovec_copy(zeros, self.smem_piece(row_base, sK_outer, t, k))
-                        elif lane + 32 * k < self.chunks:
-                            cute.autovec_copy(zeros, self.smem_piece(row_base, sK_outer, t, k))
-            cute.arch.cp_async_commit_group()
-            next_row = self.slot_row(mKV, mIndices, token, n, (blk + 1) * BLOCK_N + warp * 16 + lane % 16)
-            cute.arch.cp_async_wait_group(0)
-            # cp.async and the zero stores are generic-proxy writes; WGMMA reads through the
-            # async proxy.
-            cute.arch.fence_proxy("async.shared", space="cta")
-            kv_pipe.producer_commit(state)
-            state.advance()
+        bid, _, _ = cute.arch.block_idx()
+        grid, _, _ = cute.arch.grid_dim()
+        for tile in cutlass.range(bid, s_q * head_blocks, grid, unroll=1):
+            token, _, n, nblk = self.tile_work(tile, head_blocks, mIndices, mTopkLength, has_topk_length)
+            next_row = self.slot_row(mKV, mIndices, token, n, warp * 16 + lane % 16)
+            for blk in cutlass.range(nblk, unroll=1):
+                # Lane l (and l + 16) owns slot 16 * warp + l % 16 of the block: its kv row, or -1.
+                # The next block's row is read while this block's copies are in flight.
+                row = next_row
+                kv_pipe.producer_acquire(state)
+                stage = state.index
+                if lane < 16:
+                    bias = Float32(0.0)
+                    if row < 0:
+                        bias = -Float32.inf
+                    sBias[warp * 16 + lane, stage] = bias
+                # Row by row (the row id is warp-uniform after the shuffle, so the valid/invalid
+                # branch never diverges): lane l moves 16-byte pieces l, l + 32 (and l + 64 where the
+                # row has 72), so consecutive lanes read consecutive bytes.
+                stage_base = sk_base + stage * self.kv_bytes
+                for t in cutlass.range_constexpr(16):
+                    r = cute.arch.shuffle_sync(row, t)
+                    # 128B swizzle: address bits 4-6 ^= bits 7-9, which are t % 8 here (rows of a
+                    # 1024-byte-aligned 8-row atom are 128 bytes apart), so one XOR per row.
+                    row_base = stage_base + (lane_off ^ ((t % 8) << 4))
+                    if r >= 0:
+                        gRow = mKV[r, 0, None]
+                        for k in cutlass.range_constexpr((self.chunks + 31) // 32):
+                            if cutlass.const_expr(32 * k + 32 <= self.chunks):
+                                cute.copy(atom, cute.local_tile(gRow, (8,), (lane + 32 * k,)),
+                                          self.smem_piece(row_base, sK_outer, t, k))
+                            elif lane + 32 * k < self.chunks:
+                                cute.copy(atom, cute.local_tile(gRow, (8,), (lane + 32 * k,)),
+                                          self.smem_piece(row_base, sK_outer, t, k))
+                    else:
+                        for k in cutlass.range_constexpr((self.chunks + 31) // 32):
+                            if cutlass.const_expr(32 * k + 32 <= self.chunks):
+                                cute.autovec_copy(zeros, self.smem_piece(row_base, sK_outer, t, k))
+                            elif lane + 32 * k < self.chunks:
+                                cute.autovec_copy(zeros, self.smem_piece(row_base, sK_outer, t, k))
+                cute.arch.cp_async_commit_group()
+                next_row = self.slot_row(mKV, mIndices, token, n, (blk + 1) * BLOCK_N + warp * 16 + lane % 16)
+                cute.arch.cp_async_wait_group(0)
+                # cp.async and the zero stores are generic-proxy writes; WGMMA reads through the
+                # async proxy.
+                cute.arch.fence_proxy("async.shared", space="cta")
+                kv_pipe.producer_commit(state)
+                state.advance()
 
     @cute.jit
     def smem_piece(self, row_base: Int32, sK_outer: cute.Layout, t: cutlass.Constexpr[int],
@@ -199,9 +209,9 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
     @cute.jit
     def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, sQ: cute.Tensor, sK: cute.Tensor,
                 sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor, sV_layout: cute.ComposedLayout,
-                mQ: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mMaxLogits: cute.Tensor, mLse: cute.Tensor,
-                kv_pipe, sm_scale: Float32, has_sink: Int32, token: Int32, hblk: Int32, nblk: Int32, half: Int32,
-                ctid: Int32):
+                mQ: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor, mSink: cute.Tensor,
+                mOut: cute.Tensor, mMaxLogits: cute.Tensor, mLse: cute.Tensor, kv_pipe, sm_scale: Float32,
+                has_topk_length: Int32, has_sink: Int32, half: Int32, ctid: Int32):
         wtid = ctid % 128
         thr_qk = qk_mma.get_slice(wtid)
         thr_pv = pv_mma.get_slice(wtid)
@@ -213,46 +223,53 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
         tOcO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.v_half)))  # (row, col)
         scale_log2 = sm_scale * LOG2_E
 
-        self.load_q(mQ, sQ, token, hblk, ctid)
-        acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.v_half)))
-        acc_o.fill(0.0)
-        row_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        row_sum = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        row_max.fill(-Float32.inf)
-        row_sum.fill(0.0)
+        head_blocks = mQ.shape[1] // BLOCK_M
+        bid, _, _ = cute.arch.block_idx()
+        grid, _, _ = cute.arch.grid_dim()
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-        for blk in cutlass.range(nblk, unroll=1):
-            kv_pipe.consumer_wait(state)
-            stage = state.index
-            acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N // 2)))
-            warpgroup.fence()
-            gemm(qk_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, stage], True)
-            warpgroup.commit_group()
-            warpgroup.wait_group(0)
-            # An invalid slot's row is zeros, so its logit is exactly 0 and + (-inf) masks it.
-            for k in cutlass.range_constexpr(cute.size(acc_s)):
-                _, slot = tScS[k]
-                acc_s[k] = acc_s[k] + sBias[half * (BLOCK_N // 2) + slot, stage]
-            self.online_softmax(acc_s, tScS, acc_o, row_max, row_sum, sStat, scale_log2, half, wtid)
-            self.store_p(acc_s, tScS, sP, half)
-            cute.arch.fence_proxy("async.shared", space="cta")
-            cute.arch.barrier(barrier_id=NamedBarrier.P_READY, number_of_threads=self.consumer_threads)
-            tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(self.v_view(sK, sV_layout, stage, half)))
-            warpgroup.fence()
-            gemm(pv_mma, acc_o, tOrP[None, None, None, 0], tOrV, False)
-            warpgroup.commit_group()
-            # Free the block the moment P V is done, not after the next block's S: with two
-            # stages, the next gather can only start here, and its latency is what is exposed.
-            warpgroup.wait_group(0)
-            kv_pipe.consumer_release(state)
-            state.advance()
-        self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mSink, mOut, mMaxLogits, mLse, sm_scale, scale_log2,
-                      has_sink, token, hblk, half, wtid)
+        for tile in cutlass.range(bid, mQ.shape[0] * head_blocks, grid, unroll=1):
+            token, hblk, _, nblk = self.tile_work(tile, head_blocks, mIndices, mTopkLength, has_topk_length)
+            self.load_q(mQ, sQ, token, hblk, ctid)
+            acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.v_half)))
+            acc_o.fill(0.0)
+            row_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+            row_sum = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+            row_max.fill(-Float32.inf)
+            row_sum.fill(0.0)
+            for blk in cutlass.range(nblk, unroll=1):
+                kv_pipe.consumer_wait(state)
+                stage = state.index
+                acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N // 2)))
+                warpgroup.fence()
+                gemm(qk_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, stage], True)
+                warpgroup.commit_group()
+                warpgroup.wait_group(0)
+                # An invalid slot's row is zeros, so its logit is exactly 0 and + (-inf) masks it.
+                for k in cutlass.range_constexpr(cute.size(acc_s)):
+                    _, slot = tScS[k]
+                    acc_s[k] = acc_s[k] + sBias[half * (BLOCK_N // 2) + slot, stage]
+                self.online_softmax(acc_s, tScS, acc_o, row_max, row_sum, sStat, scale_log2, half, wtid)
+                self.store_p(acc_s, tScS, sP, half)
+                cute.arch.fence_proxy("async.shared", space="cta")
+                cute.arch.barrier(barrier_id=NamedBarrier.P_READY, number_of_threads=self.consumer_threads)
+                tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(self.v_view(sK, sV_layout, stage, half)))
+                warpgroup.fence()
+                gemm(pv_mma, acc_o, tOrP[None, None, None, 0], tOrV, False)
+                warpgroup.commit_group()
+                # Free the block the moment P V is done, not after the next block's S: with two
+                # stages, the next gather can only start here, and its latency is what is exposed.
+                warpgroup.wait_group(0)
+                kv_pipe.consumer_release(state)
+                state.advance()
+            self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mSink, mOut, mMaxLogits, mLse, sm_scale, scale_log2,
+                          has_sink, token, hblk, half, wtid)
 
     @cute.jit
     def load_q(self, mQ: cute.Tensor, sQ: cute.Tensor, token: Int32, hblk: Int32, ctid: Int32):
         """Both consumer warpgroups copy the token's 64 query heads into sQ, 16 bytes a
         thread at a time, every global load of a batch issued before its first store."""
+        # Nobody may still be reading the previous tile's Q (or its row statistics).
+        cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
         vec = 8
         chunks_per_row = self.d // vec
         per_thread = BLOCK_M * chunks_per_row // self.consumer_threads
