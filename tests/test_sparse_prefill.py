@@ -175,3 +175,22 @@ def test_bad_input_names_the_argument(mutate, match):
     mutate(args)
     with pytest.raises(ValueError, match=match):
         cute_mla.flash_mla_sparse_fwd(**args)
+
+
+def test_cuda_graph_capture():
+    g = torch.Generator(device=DEV).manual_seed(8)
+    q, kv, indices, sink, lengths = make_inputs(62, 592, 128, 128, 576, g, sink=True, topk_length=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up: loads the module outside the capture
+        cute_mla.flash_mla_sparse_fwd(q, kv, indices, 0.04, attn_sink=sink, topk_length=lengths)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, mx, lse = cute_mla.flash_mla_sparse_fwd(q, kv, indices, 0.04, attn_sink=sink, topk_length=lengths)
+    q.copy_(randn_clipped(q.shape, g))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_out, ref_mx, ref_lse = ref_sparse_prefill(q, kv, indices, 0.04, attn_sink=sink, topk_length=lengths)
+    assert_close_named("sparse_prefill_out", out.float(), ref_out)
+    assert_close_named("sparse_prefill_lse", lse, ref_lse)
