@@ -43,20 +43,11 @@ class DenseDecodeSm90(TwoConsumerMlaSm90):
     its base-2 lse to the partial buffers for the combine kernel.
     """
 
-    stages = 2
     regs_producer = 24
     regs_consumer = 240
 
     def __init__(self, dtype: str, d_qk: int = 576):
         super().__init__(dsl_dtype(dtype), d_qk)
-        elt = self.dtype.width // 8
-        self.q_bytes = BLOCK_M * d_qk * elt
-        self.page_bytes = PAGE * d_qk * elt
-        self.p_bytes = BLOCK_M * PAGE * elt
-        # sQ + K ring + P + row statistics + barriers; every operand buffer is 1024-byte
-        # aligned for the 128B swizzle.  231424 bytes: all the opt-in shared memory an
-        # SM90 CTA can have next to the allocator's reserved 1 KiB.
-        self.smem_bytes = self.q_bytes + self.stages * self.page_bytes + self.p_bytes + 2048
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mBlockTable: cute.Tensor, mSeqlens: cute.Tensor,
@@ -91,18 +82,14 @@ class DenseDecodeSm90(TwoConsumerMlaSm90):
         wg = warp // 4
 
         smem = cutlass.memory.SmemAllocator()
-        sQ = smem.allocate_tensor(self.dtype, sQ_layout.outer, byte_alignment=1024, swizzle=sQ_layout.inner)
-        sK = smem.allocate_tensor(self.dtype, sK_layout.outer, byte_alignment=1024, swizzle=sK_layout.inner)
-        sP = smem.allocate_tensor(self.dtype, sP_layout.outer, byte_alignment=1024, swizzle=sP_layout.inner)
-        # (consumer, row) partial row maxima, then row sums, exchanged between the consumers
-        sStat = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
+        sQ, sK, sP, sStat = self.allocate_operands(smem, sQ_layout, sK_layout, sP_layout)
         kv_mbar = smem.allocate_array(cutlass.Int64, 2 * self.stages, byte_alignment=8)
 
         kv_pipe = pipeline.PipelineTmaAsync.create(
             num_stages=self.stages,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
             consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.consumer_threads // 32),
-            tx_count=self.page_bytes, barrier_storage=kv_mbar, defer_sync=True)
+            tx_count=self.kv_bytes, barrier_storage=kv_mbar, defer_sync=True)
         kv_producer, _ = kv_pipe.make_participants()
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
@@ -169,14 +156,7 @@ class DenseDecodeSm90(TwoConsumerMlaSm90):
                 mLseAccum: cute.Tensor, kv_pipe, softmax_scale: Float32, causal: Int32, heads_per_kv: Int32,
                 part: Int32, hk: Int32, mblk: Int32, half: Int32, ctid: Int32):
         wtid = ctid % 128  # thread index inside this consumer warpgroup
-        thr_qk = qk_mma.get_slice(wtid)
-        thr_pv = pv_mma.get_slice(wtid)
-        tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))  # (MMA, 1, d/16)
-        sKhalf = cute.local_tile(sK, (PAGE // 2, self.d, self.stages), (half, 0, 0))  # this consumer's 32 tokens
-        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sKhalf))  # (MMA, 1, d/16, stages)
-        tScS = thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, PAGE // 2)))  # (row, token - 32*half)
-        tOrP = thr_pv.make_fragment_A(thr_pv.partition_A(sP))  # (MMA, 1, PAGE/16, 1)
-        tOcO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.v_half)))  # (row, col) of each O value
+        thr_qk, thr_pv, tSrQ, tSrK, tScS, tOrP, tOcO = self.consumer_fragments(qk_mma, pv_mma, sQ, sK, sP, half, wtid)
         scale_log2 = softmax_scale * LOG2_E
         s_q = mQ.shape[1]
 

@@ -43,10 +43,20 @@ class TwoConsumerMlaSm90:
     threads = 384
     consumer_threads = 256
 
+    stages = 2  # KV blocks in the shared-memory ring
+
     def __init__(self, dtype, d_qk: int):
         self.dtype = dtype
         self.d = d_qk
         self.v_half = D_V // 2
+        elt = dtype.width // 8
+        self.q_bytes = BLOCK_M * d_qk * elt
+        self.kv_bytes = BLOCK_N * d_qk * elt  # one KV block (stage)
+        self.p_bytes = BLOCK_M * BLOCK_N * elt
+        # sQ + KV ring + P + (row statistics, per-kernel extras, barriers); every operand
+        # buffer is 1024-byte aligned for the 128B swizzle.  At d 576 this is 231424 bytes:
+        # all the opt-in shared memory an SM90 CTA has next to the allocator's reserved 1 KiB.
+        self.smem_bytes = self.q_bytes + self.stages * self.kv_bytes + self.p_bytes + 2048
 
     # ------------------------------------------------------------------ layouts / MMAs
     def q_smem_layout(self):
@@ -71,6 +81,32 @@ class TwoConsumerMlaSm90:
             self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
             Float32, (1, 1, 1), (BLOCK_M, self.v_half))
         return qk_mma, pv_mma
+
+    @cute.jit
+    def allocate_operands(self, smem, sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
+                          sP_layout: cute.ComposedLayout):
+        """sQ, the KV ring sK, sP and sStat ((consumer, row) partial row maxima, then row
+        sums, exchanged between the consumers)."""
+        sQ = smem.allocate_tensor(self.dtype, sQ_layout.outer, byte_alignment=1024, swizzle=sQ_layout.inner)
+        sK = smem.allocate_tensor(self.dtype, sK_layout.outer, byte_alignment=1024, swizzle=sK_layout.inner)
+        sP = smem.allocate_tensor(self.dtype, sP_layout.outer, byte_alignment=1024, swizzle=sP_layout.inner)
+        sStat = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
+        return sQ, sK, sP, sStat
+
+    @cute.jit
+    def consumer_fragments(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, sQ: cute.Tensor, sK: cute.Tensor,
+                           sP: cute.Tensor, half: Int32, wtid: Int32):
+        """This thread's MMA slices and operand/coordinate partitions (wtid: thread index
+        inside its consumer warpgroup)."""
+        thr_qk = qk_mma.get_slice(wtid)
+        thr_pv = pv_mma.get_slice(wtid)
+        tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))  # (MMA, 1, d/16)
+        sKhalf = cute.local_tile(sK, (BLOCK_N // 2, self.d, self.stages), (half, 0, 0))  # this consumer's 32 tokens
+        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sKhalf))  # (MMA, 1, d/16, stages)
+        tScS = thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, BLOCK_N // 2)))  # (row, token - 32*half)
+        tOrP = thr_pv.make_fragment_A(thr_pv.partition_A(sP))  # (MMA, 1, BLOCK_N/16, 1)
+        tOcO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.v_half)))  # (row, col) of each O value
+        return thr_qk, thr_pv, tSrQ, tSrK, tScS, tOrP, tOcO
 
     # ------------------------------------------------------------------ per-block steps
     @cute.jit

@@ -46,7 +46,6 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
     valid key gives out = 0, lse = +inf, max_logits = -inf.
     """
 
-    stages = 2
     producer_threads = 128
     regs_producer = 40
     regs_consumer = 232
@@ -54,11 +53,6 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
     def __init__(self, d_qk: int):
         super().__init__(cutlass.BFloat16, d_qk)
         self.chunks = d_qk * 2 // 16  # 16-byte pieces of one kv row
-        self.q_bytes = BLOCK_M * d_qk * 2
-        self.kv_bytes = BLOCK_N * d_qk * 2
-        self.p_bytes = BLOCK_M * BLOCK_N * 2
-        # sQ + KV ring + P + (row statistics, logit bias, barriers)
-        self.smem_bytes = self.q_bytes + self.stages * self.kv_bytes + self.p_bytes + 2048
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mKV: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor,
@@ -86,10 +80,7 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
         wg = warp // 4
 
         smem = cutlass.memory.SmemAllocator()
-        sQ = smem.allocate_tensor(self.dtype, sQ_layout.outer, byte_alignment=1024, swizzle=sQ_layout.inner)
-        sK = smem.allocate_tensor(self.dtype, sK_layout.outer, byte_alignment=1024, swizzle=sK_layout.inner)
-        sP = smem.allocate_tensor(self.dtype, sP_layout.outer, byte_alignment=1024, swizzle=sP_layout.inner)
-        sStat = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
+        sQ, sK, sP, sStat = self.allocate_operands(smem, sQ_layout, sK_layout, sP_layout)
         # (slot, stage) logit bias of each selected slot: 0 valid, -inf invalid
         sBias = smem.allocate_tensor(Float32, cute.make_layout((BLOCK_N, self.stages)), byte_alignment=16)
         kv_mbar = smem.allocate_array(cutlass.Int64, 2 * self.stages, byte_alignment=8)
@@ -213,14 +204,7 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
                 mOut: cute.Tensor, mMaxLogits: cute.Tensor, mLse: cute.Tensor, kv_pipe, sm_scale: Float32,
                 has_topk_length: Int32, has_sink: Int32, half: Int32, ctid: Int32):
         wtid = ctid % 128
-        thr_qk = qk_mma.get_slice(wtid)
-        thr_pv = pv_mma.get_slice(wtid)
-        tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))  # (MMA, 1, d/16)
-        sKhalf = cute.local_tile(sK, (BLOCK_N // 2, self.d, self.stages), (half, 0, 0))  # this consumer's 32 slots
-        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sKhalf))  # (MMA, 1, d/16, stages)
-        tScS = thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, BLOCK_N // 2)))  # (row, slot - 32*half)
-        tOrP = thr_pv.make_fragment_A(thr_pv.partition_A(sP))
-        tOcO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.v_half)))  # (row, col)
+        thr_qk, thr_pv, tSrQ, tSrK, tScS, tOrP, tOcO = self.consumer_fragments(qk_mma, pv_mma, sQ, sK, sP, half, wtid)
         scale_log2 = sm_scale * LOG2_E
 
         head_blocks = mQ.shape[1] // BLOCK_M
