@@ -106,8 +106,9 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         raise ValueError(f"head_dim_v must be 512, got {head_dim_v}")
     config = _config_of(q, k_cache, causal, is_fp8_kvcache, indices, extra_k_cache, extra_indices_in_kvcache)
     if indices is not None or is_fp8_kvcache:
-        _bind_sched_meta(tile_scheduler_metadata, config)
-        raise NotImplementedError("cute-mla: the FP8 sparse decode kernel (issue 4) is not built yet")
+        return _sparse_decode(q, k_cache, tile_scheduler_metadata, config, softmax_scale, causal, is_fp8_kvcache,
+                              indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length,
+                              extra_topk_length)
     for name, val in (("attn_sink", attn_sink), ("extra_k_cache", extra_k_cache),
                       ("extra_indices_in_kvcache", extra_indices_in_kvcache), ("topk_length", topk_length),
                       ("extra_topk_length", extra_topk_length)):
@@ -153,6 +154,105 @@ def _check_dense_decode(q, k_cache, block_table, cache_seqlens) -> None:
     need(cache_seqlens.dtype == torch.int32 and tuple(cache_seqlens.shape) == (b,),
          f"cache_seqlens must be int32 [{b}], got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     need(cache_seqlens.is_contiguous(), "cache_seqlens must be contiguous")
+
+
+def _sparse_decode(q, k_cache, sched_meta, config, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
+                   extra_k_cache, extra_indices, topk_length, extra_topk_length):
+    """The FP8 sparse path of ``flash_mla_with_kvcache``."""
+    if indices is None:
+        raise NotImplementedError("cute-mla: an FP8 cache is only supported with indices (sparse decode); "
+                                  "dense decode takes a bf16/fp16 cache")
+    if not is_fp8_kvcache:
+        raise ValueError("is_fp8_kvcache must be True when indices are given: sparse decode reads an FP8 cache")
+    if causal:
+        raise ValueError("causal must be False with indices: the indices already say which tokens each query sees")
+    _check_sparse_decode(q, k_cache, indices, attn_sink, extra_k_cache, extra_indices, topk_length,
+                         extra_topk_length)
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    b, s_q, h_q, _ = q.shape
+    if _bind_sched_meta(sched_meta, config):
+        lengths = ops.sparse_decode_lengths(
+            b, indices.shape[-1], topk_length, 0 if extra_indices is None else extra_indices.shape[-1],
+            extra_topk_length, q.device)
+        schedule_decode(sched_meta, lengths, s_q, h_q, 1)
+    out = torch.empty(b, s_q, h_q, 512, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+    ops.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length, attn_sink,
+                      sched_meta.tile_scheduler_metadata, sched_meta.num_splits, softmax_scale, out, lse)
+    return out, lse
+
+
+_FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.uint8)
+
+
+def _check_sparse_decode(q, k_cache, indices, attn_sink, extra_k_cache, extra_indices, topk_length,
+                         extra_topk_length) -> None:
+    """Every shape, dtype and device rule of the sparse decode path, with the argument named."""
+    from layouts.kv_cache import BLOCK_STRIDE_ALIGN, format_for_dqk
+
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+
+    need(q.dtype == torch.bfloat16, f"q must be bfloat16 for sparse decode, got {q.dtype}")
+    need(q.is_cuda, f"q must be a CUDA tensor, got device {q.device}")
+    b, s_q, h_q, d_qk = q.shape
+    need(d_qk in (576, 512), f"q's head dim must be 576 (V32 cache) or 512 (MODEL1 cache), got {d_qk}")
+    need(h_q in (64, 128), f"q's head count h_q must be 64 or 128 for sparse decode, got {h_q}")
+    need(b >= 1 and s_q >= 1, f"q must have b >= 1 and s_q >= 1, got shape {tuple(q.shape)}")
+    need(q.stride(3) == 1 and all(q.stride(i) % 8 == 0 for i in range(3)),
+         f"q's last dim must be contiguous and its other strides multiples of 8, got {q.stride()}")
+    fmt = format_for_dqk(d_qk)
+
+    def check_cache(name, cache):
+        need(isinstance(cache, torch.Tensor) and cache.dim() == 4,
+             f"{name} must be a 4-D tensor [num_blocks, page_block_size, 1, {fmt.bytes_per_token}]")
+        need(cache.dtype in _FP8_CACHE_DTYPES, f"{name} must be float8_e4m3fn, int8 or uint8, got {cache.dtype}")
+        need(cache.device == q.device, f"{name} must be on {q.device}, got {cache.device}")
+        nb, pbs, h_kv, bpt = cache.shape
+        need(bpt == fmt.bytes_per_token, f"{name}'s last dim must be {fmt.bytes_per_token} bytes per token "
+             f"({fmt.name} format, d_qk {d_qk}), got {bpt}")
+        need(h_kv == 1, f"{name} must have one kv head, got {h_kv}")
+        need(nb >= 1 and pbs >= 1, f"{name} must have num_blocks >= 1 and page_block_size >= 1, got {tuple(cache.shape)}")
+        need(cache.stride(3) == 1 and cache.stride(1) == bpt,
+             f"{name}'s tokens must be {bpt} contiguous bytes each (stride(1) = {bpt}), got strides {cache.stride()}")
+        need(cache.stride(0) >= pbs * bpt and cache.stride(0) % BLOCK_STRIDE_ALIGN == 0
+             and cache.data_ptr() % BLOCK_STRIDE_ALIGN == 0,
+             f"{name}'s block stride must be >= {pbs * bpt} bytes and a multiple of {BLOCK_STRIDE_ALIGN}, "
+             f"and its data 16-byte aligned; got stride(0) = {cache.stride(0)}")
+        need(nb * pbs < 2**31, f"{name} holds {nb * pbs} tokens; token ids must fit int32")
+
+    def check_indices(name, idx):
+        need(isinstance(idx, torch.Tensor) and idx.dtype == torch.int32,
+             f"{name} must be an int32 tensor, got {getattr(idx, 'dtype', type(idx).__name__)}")
+        need(idx.dim() == 3 and idx.shape[:2] == (b, s_q), f"{name} must be [{b}, {s_q}, topk], got {tuple(idx.shape)}")
+        need(idx.shape[2] > 0 and idx.shape[2] % 64 == 0, f"{name}'s topk must be a positive multiple of 64, "
+             f"got {idx.shape[2]}")
+        need(idx.stride(2) == 1, f"{name}'s last dim must be contiguous")
+        need(idx.device == q.device, f"{name} must be on {q.device}, got {idx.device}")
+
+    def check_lengths(name, t):
+        need(isinstance(t, torch.Tensor) and t.dtype == torch.int32 and tuple(t.shape) == (b,)
+             and t.is_contiguous() and t.device == q.device,
+             f"{name} must be a contiguous int32 [{b}] tensor on {q.device}")
+
+    check_cache("k_cache", k_cache)
+    check_indices("indices", indices)
+    if topk_length is not None:
+        check_lengths("topk_length", topk_length)
+    if (extra_k_cache is None) != (extra_indices is None):
+        raise ValueError("extra_k_cache and extra_indices_in_kvcache must be given together")
+    if extra_k_cache is not None:
+        check_cache("extra_k_cache", extra_k_cache)
+        check_indices("extra_indices_in_kvcache", extra_indices)
+    if extra_topk_length is not None:
+        need(extra_k_cache is not None, "extra_topk_length needs extra_k_cache and extra_indices_in_kvcache")
+        check_lengths("extra_topk_length", extra_topk_length)
+    if attn_sink is not None:
+        need(isinstance(attn_sink, torch.Tensor) and attn_sink.dtype == torch.float32
+             and tuple(attn_sink.shape) == (h_q,) and attn_sink.is_contiguous() and attn_sink.device == q.device,
+             f"attn_sink must be a contiguous float32 [{h_q}] tensor on {q.device}")
 
 
 def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,

@@ -128,3 +128,59 @@ def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
         [q, kv, indices, dummy_i32, dummy_f32, out, max_logits, lse, float(sm_scale),
          int(topk_length is not None), int(attn_sink is not None)],
         device_index=q.device.index)
+
+
+def fp8_cache_bytes(cache: torch.Tensor) -> torch.Tensor:
+    """``[num_blocks, page_block_size, 1, bytes_per_token]`` FP8 cache (any 1-byte dtype) ->
+    the (num_blocks, block_bytes) uint8 view the sparse decode kernels take (same memory;
+    rows keep the cache's block stride)."""
+    u8 = cache.view(torch.uint8)
+    return u8.as_strided((u8.shape[0], u8.shape[1] * u8.shape[3]), (u8.stride(0), 1))
+
+
+def sparse_decode_lengths(b: int, topk: int, topk_length: Optional[torch.Tensor], extra_topk: int,
+                          extra_topk_length: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Each request's length in the split-KV plan (GPU, no sync): its counted main slots
+    padded to whole 64-slot blocks, then its counted extra slots; a length is clamped into
+    [0, topk] as the kernel does (``kernels.sm90.sparse_decode``)."""
+    blk = decode_plan.BLOCK_N
+    n = torch.full((b,), topk, dtype=torch.int32, device=device) if topk_length is None \
+        else topk_length.clamp(0, topk)
+    lengths = (n + blk - 1) // blk * blk
+    if extra_topk:
+        lengths = lengths + (extra_topk if extra_topk_length is None else extra_topk_length.clamp(0, extra_topk))
+    return lengths.to(torch.int32).contiguous()
+
+
+def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
+                  topk_length: Optional[torch.Tensor], extra_k_cache: Optional[torch.Tensor],
+                  extra_indices: Optional[torch.Tensor], extra_topk_length: Optional[torch.Tensor],
+                  attn_sink: Optional[torch.Tensor], sched_meta: torch.Tensor, split_offsets: torch.Tensor,
+                  softmax_scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Split-KV FP8 sparse decode (SM90) then the combine of multi-split requests, on the
+    current stream.  Inputs are assumed validated by the API layer."""
+    from layouts.kv_cache import format_for_dqk
+
+    b, s_q, h_q, d_qk = q.shape
+    if b == 0:
+        return
+    parts = sched_meta.shape[0]
+    dev = q.device
+    i32 = torch.empty(1, dtype=torch.int32, device=dev)
+    n_partial = b + parts  # at most one extra split per part on top of one per request
+    o_accum = torch.empty(n_partial, s_q, h_q, 512, dtype=torch.float32, device=dev)
+    lse_accum = torch.empty(n_partial, s_q, h_q, dtype=torch.float32, device=dev)
+    has_extra = extra_k_cache is not None
+    x_cache = fp8_cache_bytes(extra_k_cache) if has_extra else torch.empty(1, 16, dtype=torch.uint8, device=dev)
+    x_idx = extra_indices if has_extra else torch.empty(1, 1, 1, dtype=torch.int32, device=dev)
+    launcher.launch(
+        "sparse_decode_sm90", {"fmt": format_for_dqk(d_qk).name},
+        (parts, 1, s_q * h_q // decode_plan.BLOCK_M),
+        [q, fp8_cache_bytes(k_cache), indices, i32 if topk_length is None else topk_length,
+         x_cache, x_idx, i32 if extra_topk_length is None else extra_topk_length,
+         attn_sink if attn_sink is not None else torch.empty(1, dtype=torch.float32, device=dev),
+         sched_meta, split_offsets, out, lse, o_accum, lse_accum, float(softmax_scale),
+         k_cache.shape[1], extra_k_cache.shape[1] if has_extra else 1,
+         int(topk_length is not None), int(has_extra), int(extra_topk_length is not None), int(attn_sink is not None)],
+        device_index=dev.index)
+    combine(o_accum, lse_accum, split_offsets, out, lse, attn_sink=attn_sink, skip_single_split=True, pdl=True)

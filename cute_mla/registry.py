@@ -52,7 +52,7 @@ KERNELS: tuple[KernelDef, ...] = (
         args=operands.dense_decode_args,
         variants=({"dtype": "bf16"}, {"dtype": "fp16"}),
         deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py", "schedules/decode_plan.py",
-                             "kernels/sm90/mla_consumers.py"),
+                             "kernels/sm90/mla_consumers.py", "kernels/sm90/split_kv_decode.py"),
     ),
     KernelDef(
         name="sparse_prefill_sm90",
@@ -62,6 +62,16 @@ KERNELS: tuple[KernelDef, ...] = (
         variants=({"d_qk": 576}, {"d_qk": 512}),
         deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py",
                              "kernels/sm90/mla_consumers.py"),
+    ),
+    KernelDef(
+        name="sparse_decode_sm90",
+        source="kernels.sm90.sparse_decode:SparseDecodeSm90",
+        archs=("sm_90a",),
+        args=operands.sparse_decode_args,
+        variants=({"fmt": "V32"}, {"fmt": "MODEL1"}),
+        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py", "kernels/common/fp8.py",
+                             "kernels/sm90/mla_consumers.py", "kernels/sm90/split_kv_decode.py",
+                             "layouts/kv_cache.py", "schedules/decode_plan.py"),
     ),
     KernelDef(
         name="combine",

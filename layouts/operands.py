@@ -135,3 +135,50 @@ def sparse_prefill_args(d_qk: int):
         ScalarArg("has_topk_length"),
         ScalarArg("has_sink"),
     )
+
+
+def fp8_cache_arg(name: str):
+    """An FP8 paged cache (``layouts.kv_cache``) as the sparse decode kernels read it:
+    (num_blocks, block_bytes) bytes, row = one page block, rows ``block_stride`` bytes
+    apart (16-byte aligned).  The API views ``[num_blocks, page_block_size, 1,
+    bytes_per_token]`` of any 1-byte dtype this way; the byte format inside a block is
+    the one ``layouts.kv_cache`` describes."""
+    return TensorArg(name, "u8", ("num_blocks", "block_bytes"), ("block_stride", 1),
+                     divisibility=(("block_stride", 16),))
+
+
+def sparse_decode_args(fmt: str):
+    """SM90 FP8 sparse decode (kernels.sm90.sparse_decode), host order = kernel parameter
+    order.  ``fmt`` is "V32" (d_qk 576) or "MODEL1" (d_qk 512)."""
+    from layouts.kv_cache import get_format
+
+    d_qk = get_format(fmt).d_qk
+    return (
+        # (b, s_q, h_q, d_qk) bf16 queries; any strides with 16-byte aligned rows
+        TensorArg("q", "bf16", ("b", "s_q", "h_q", d_qk), ("qb", "qs", "qh", 1),
+                  divisibility=(("qb", 8), ("qs", 8), ("qh", 8))),
+        fp8_cache_arg("k_cache"),
+        # (b, s_q, topk) int32 flat token ids (block * page_block_size + offset)
+        TensorArg("indices", "i32", ("b", "s_q", "topk"), ("ib", "is", 1), align=4),
+        # (b,) int32 counted prefix of each request's indices (dummy 1-element tensor when absent)
+        TensorArg("topk_length", "i32", ("n_len",), (1,), align=4),
+        # the extra cache, its indices and lengths (dummies when absent)
+        fp8_cache_arg("extra_k_cache"),
+        TensorArg("extra_indices", "i32", ("xb", "xs", "extra_topk"), ("xib", "xis", 1), align=4),
+        TensorArg("extra_topk_length", "i32", ("n_xlen",), (1,), align=4),
+        # (h_q,) float32 attention sink (dummy when absent); applied here to single-split requests
+        TensorArg("attn_sink", "f32", ("h_sink",), (1,), align=4),
+        TensorArg("sched_meta", "i32", ("parts", 8), (8, 1), align=16),
+        TensorArg("split_offsets", "i32", ("b1",), (1,), align=4),
+        TensorArg("out", "bf16", ("b", "s_q", "h_q", D_V), ("ob", "os", "oh", 1),
+                  divisibility=(("ob", 8), ("os", 8), ("oh", 8))),
+        TensorArg("lse", "f32", ("b", "h_q", "s_q"), ("lb", "lh", 1), align=4),
+    ) + split_kv_partials() + (
+        ScalarArg("softmax_scale", "f32"),
+        ScalarArg("page_block_size"),
+        ScalarArg("extra_page_block_size"),
+        ScalarArg("has_topk_length"),
+        ScalarArg("has_extra"),
+        ScalarArg("has_extra_topk_length"),
+        ScalarArg("has_sink"),
+    )

@@ -33,7 +33,8 @@ BOUNDS = ("compute", "memory")
 UNITS = ("TFLOPS", "GB/s")
 
 # Modules that hold providers, imported lazily by all_cases(). Later work appends to this list.
-PROVIDER_MODULES = ["perf.bench_foundation", "perf.bench_dense_decode", "perf.bench_sparse_prefill"]
+PROVIDER_MODULES = ["perf.bench_foundation", "perf.bench_dense_decode", "perf.bench_sparse_prefill",
+                    "perf.bench_sparse_decode"]
 
 _SUFFIX = re.compile(r"[a-z0-9]+(_[a-z0-9]+)*")
 

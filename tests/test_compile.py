@@ -99,6 +99,11 @@ SASS_EXPECT = {
     # the same consumer MMAs; kv rows gathered by 16-byte cp.async that bypass L1
     "sparse_prefill_sm90": (["HGMMA.64x32x16.F32", "HGMMA.64x256x16.F32", "tnspB", "LDGSTS.E.BYPASS.128",
                              "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
+    # the same consumer MMAs; FP8 codes -> f16 pairs in hardware, packed to bf16 after the
+    # f32 scale multiply; bf16 RoPE by cp.async
+    "sparse_decode_sm90": (["HGMMA.64x32x16.F32", "HGMMA.64x256x16.F32", "tnspB", "F2FP.F16.E4M3.UNPACK_B",
+                            "F2FP.BF16.F32.PACK_AB", "LDG.E.128", "LDGSTS.E.BYPASS.128", "USETMAXREG.DEALLOC",
+                            "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
 }
 
 

@@ -19,7 +19,10 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32
+from cutlass.cute.nvgpu import warpgroup
 from cutlass.tensor_utils import LayoutEnum
+
+from kernels.common.mma_sm90 import gemm
 
 from layouts.operands import D_V
 
@@ -151,6 +154,43 @@ class TwoConsumerMlaSm90:
         if rescale[0] != 1.0 or rescale[1] != 1.0:
             for k in cutlass.range_constexpr(cute.size(acc_o)):
                 acc_o[k] = acc_o[k] * rescale[(k // 2) % 2]
+
+    @cute.jit
+    def attend_gathered_block(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, tSrQ: cute.Tensor,
+                              tSrK: cute.Tensor, tScS: cute.Tensor, tOrP: cute.Tensor, acc_o: cute.Tensor,
+                              row_max: cute.Tensor, row_sum: cute.Tensor, sK: cute.Tensor, sP: cute.Tensor,
+                              sStat: cute.Tensor, sBias: cute.Tensor, sV_layout: cute.ComposedLayout, kv_pipe,
+                              state, scale_log2: Float32, half: Int32, wtid: Int32):
+        """One block of gathered tokens (the sparse kernels): S, + the block's logit bias,
+        online softmax, P, O += P V, then the stage is released.
+
+        The producer writes an invalid slot's row as zeros and its bias (``sBias``, (slot,
+        stage)) as -inf: its logit is exactly 0 + -inf and its V row adds 0 * 0, so NaN
+        that was never loaded cannot reach O."""
+        thr_qk = qk_mma.get_slice(wtid)
+        thr_pv = pv_mma.get_slice(wtid)
+        kv_pipe.consumer_wait(state)
+        stage = state.index
+        acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N // 2)))
+        warpgroup.fence()
+        gemm(qk_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, stage], True)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+        for k in cutlass.range_constexpr(cute.size(acc_s)):
+            _, slot = tScS[k]
+            acc_s[k] = acc_s[k] + sBias[half * (BLOCK_N // 2) + slot, stage]
+        self.online_softmax(acc_s, tScS, acc_o, row_max, row_sum, sStat, scale_log2, half, wtid)
+        self.store_p(acc_s, tScS, sP, half)
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.barrier(barrier_id=NamedBarrier.P_READY, number_of_threads=self.consumer_threads)
+        tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(self.v_view(sK, sV_layout, stage, half)))
+        warpgroup.fence()
+        gemm(pv_mma, acc_o, tOrP[None, None, None, 0], tOrV, False)
+        warpgroup.commit_group()
+        # Free the block the moment P V is done, not after the next block's S: with two
+        # stages, the next gather can only start here, and its latency is what is exposed.
+        warpgroup.wait_group(0)
+        kv_pipe.consumer_release(state)
 
     @cute.jit
     def exchange_rows(self, vals: cute.Tensor, tC: cute.Tensor, sStat: cute.Tensor, half: Int32, wtid: Int32,

@@ -8,9 +8,7 @@ import cutlass.cute as cute
 import cutlass.cute.nvgpu.cpasync as cpasync
 import cutlass.pipeline as pipeline
 from cutlass import Float32, Int32
-from cutlass.cute.nvgpu import warpgroup
 
-from kernels.common.mma_sm90 import gemm
 from kernels.common.paged_kv import kv_smem_layout
 from kernels.common.softmax import LN_2, LOG2_E
 from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, NamedBarrier, TwoConsumerMlaSm90
@@ -221,29 +219,8 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
             row_max.fill(-Float32.inf)
             row_sum.fill(0.0)
             for blk in cutlass.range(nblk, unroll=1):
-                kv_pipe.consumer_wait(state)
-                stage = state.index
-                acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N // 2)))
-                warpgroup.fence()
-                gemm(qk_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, stage], True)
-                warpgroup.commit_group()
-                warpgroup.wait_group(0)
-                # An invalid slot's row is zeros, so its logit is exactly 0 and + (-inf) masks it.
-                for k in cutlass.range_constexpr(cute.size(acc_s)):
-                    _, slot = tScS[k]
-                    acc_s[k] = acc_s[k] + sBias[half * (BLOCK_N // 2) + slot, stage]
-                self.online_softmax(acc_s, tScS, acc_o, row_max, row_sum, sStat, scale_log2, half, wtid)
-                self.store_p(acc_s, tScS, sP, half)
-                cute.arch.fence_proxy("async.shared", space="cta")
-                cute.arch.barrier(barrier_id=NamedBarrier.P_READY, number_of_threads=self.consumer_threads)
-                tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(self.v_view(sK, sV_layout, stage, half)))
-                warpgroup.fence()
-                gemm(pv_mma, acc_o, tOrP[None, None, None, 0], tOrV, False)
-                warpgroup.commit_group()
-                # Free the block the moment P V is done, not after the next block's S: with two
-                # stages, the next gather can only start here, and its latency is what is exposed.
-                warpgroup.wait_group(0)
-                kv_pipe.consumer_release(state)
+                self.attend_gathered_block(qk_mma, pv_mma, tSrQ, tSrK, tScS, tOrP, acc_o, row_max, row_sum, sK, sP,
+                                           sStat, sBias, sV_layout, kv_pipe, state, scale_log2, half, wtid)
                 state.advance()
             self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mSink, mOut, mMaxLogits, mLse, sm_scale, scale_log2,
                           has_sink, token, hblk, half, wtid)

@@ -1,0 +1,330 @@
+"""SM90 FP8 sparse MLA decode (``flash_mla_with_kvcache`` with ``indices``): each query
+token attends to its own top-k tokens of an FP8 paged cache (plus, optionally, top-k
+tokens of a second "extra" cache), dequantised to bf16 on the fly."""
+from __future__ import annotations
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+from cutlass import Float32, Int32, Int64
+
+from kernels.common.fp8 import dequant_e4m3x4, ue8m0_to_f32
+from kernels.common.paged_kv import kv_smem_layout
+from kernels.common.softmax import LOG2_E
+from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
+from kernels.sm90.split_kv_decode import SplitKvDecodeSm90
+from layouts.kv_cache import get_format
+
+PIECE = 16  # bytes a lane moves at once (one 128-bit load or shared store)
+
+
+class SparseDecodeSm90(SplitKvDecodeSm90):
+    """O = softmax(Q K_sel^T * scale) V_sel for 64 query heads of one query token, where
+    K_sel are the FP8 cache tokens the token's ``indices`` select (then those its
+    ``extra_indices`` select in the extra cache), dequantised to bf16; V = the first 512
+    dims of K (V32: the NoPE part; MODEL1: NoPE and RoPE).
+
+    Split-KV work as in dense decode (``kernels.sm90.split_kv_decode``): grid (parts, 1,
+    s_q * h_q / 64), row block z = query token z // (h_q / 64), heads (z % (h_q/64)) * 64
+    onwards.  A request's "KV" is its counted main slots, padded to whole 64-slot blocks,
+    then its counted extra slots: n = min(max(topk_length, 0), topk) main slots and
+    likewise for the extra ones, so its length for the scheduler is
+    ceil(n / 64) * 64 + n_extra (``ops.sparse_decode`` computes the same on the host stream).
+
+    Warp roles (384 threads):
+      warpgroup 0  producer: warp w gathers slots 16w .. 16w + 15 of a 64-slot block,
+                   ``rows_per_batch`` tokens at a time: every lane loads 16 bytes of
+                   a token's FP8 NoPE codes and its group scale into registers, then
+                   converts them (``kernels.common.fp8``) and stores bf16 straight into the
+                   128B-swizzled K-major layout WGMMA reads; lanes 0-7 cp.async the 128
+                   bytes of bf16 RoPE there directly.  A slot past
+                   the counted prefix, or whose index is outside [0, num_blocks * page
+                   size), is never dereferenced: its row is zeros, its logit bias -inf.
+      warpgroups 1, 2  consumers: the split-S / split-O scheme of
+                   ``kernels.sm90.mla_consumers`` (``attend_gathered_block``).
+
+    Pipeline ``kv`` (PipelineAsync, 128 producer threads -> 256 consumer threads), one
+    block per stage, as in sparse prefill: each producer thread fences its shared stores
+    into the async proxy and arrives; the logit bias of a block travels in ``sBias``.
+
+    Output as dense decode's, plus the sink on requests finalised here (one split);
+    multi-split requests get it in the combine.  No valid key gives out = 0, lse = +inf.
+    """
+
+    producer_threads = 128
+    regs_producer = 64  # 128 * 64 + 256 * 224 = the SM's 64K registers
+    regs_consumer = 224
+    rows_per_batch = 4  # tokens a producer warp has in flight before converting them
+
+    def __init__(self, fmt: str):
+        self.fmt = get_format(fmt)
+        super().__init__(cutlass.BFloat16, self.fmt.d_qk)
+        f = self.fmt
+        self.nope_lanes = f.d_nope // PIECE  # lanes holding 16 NoPE codes each (32 V32, 28 MODEL1)
+        self.rope_lanes = f.rope_bytes // PIECE  # lanes holding 8 RoPE values each (8)
+        self.lanes_per_group = f.nope_group // PIECE
+        self.rope_offset = f.rope_offset(0)  # in a token's data record
+        self.scale_offset = f.scale_offset(0, 1) if f.placement == "per_token" else 0
+
+    @cute.jit
+    def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor,
+                 mXK: cute.Tensor, mXIndices: cute.Tensor, mXTopkLength: cute.Tensor, mSink: cute.Tensor,
+                 mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
+                 mOAccum: cute.Tensor, mLseAccum: cute.Tensor, softmax_scale: Float32, page_block_size: Int32,
+                 extra_page_block_size: Int32, has_topk_length: Int32, has_extra: Int32,
+                 has_extra_topk_length: Int32, has_sink: Int32, stream: cuda.CUstream):
+        # mQ (b, s_q, h_q, d); mK / mXK (num_blocks, block_bytes) u8; mIndices (b, s_q, topk);
+        # mOut (b, s_q, h_q, 512); mLse (b, h_q, s_q)
+        sK_layout = kv_smem_layout(self.dtype, self.d, self.stages)
+        grid = [mSchedMeta.shape[0], 1, cute.ceil_div(mQ.shape[1] * mQ.shape[2], BLOCK_M)]
+        self.kernel(mQ, mK, mIndices, mTopkLength, mXK, mXIndices, mXTopkLength, mSink, mSchedMeta, mSplitOffsets,
+                    mOut, mLse, mOAccum, mLseAccum, softmax_scale, page_block_size, extra_page_block_size,
+                    has_topk_length, has_extra, has_extra_topk_length, has_sink,
+                    self.q_smem_layout(), sK_layout, self.v_smem_layout(), self.p_smem_layout()).launch(
+            grid=grid, block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream, min_blocks_per_mp=1)
+
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor,
+               mXK: cute.Tensor, mXIndices: cute.Tensor, mXTopkLength: cute.Tensor, mSink: cute.Tensor,
+               mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
+               mOAccum: cute.Tensor, mLseAccum: cute.Tensor, softmax_scale: Float32, page_block_size: Int32,
+               extra_page_block_size: Int32, has_topk_length: Int32, has_extra: Int32,
+               has_extra_topk_length: Int32, has_sink: Int32,
+               sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout,
+               sP_layout: cute.ComposedLayout):
+        # Parameters in layouts.operands.sparse_decode_args order; static objects last.
+        qk_mma, pv_mma = self.make_mmas()
+        tidx, _, _ = cute.arch.thread_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        wg = warp // 4
+
+        smem = cutlass.memory.SmemAllocator()
+        sQ, sK, sP, sStat = self.allocate_operands(smem, sQ_layout, sK_layout, sP_layout)
+        # (slot, stage) logit bias of each selected slot: 0 valid, -inf invalid
+        sBias = smem.allocate_tensor(Float32, cute.make_layout((BLOCK_N, self.stages)), byte_alignment=16)
+        kv_mbar = smem.allocate_array(cutlass.Int64, 2 * self.stages, byte_alignment=8)
+        kv_pipe = pipeline.PipelineAsync.create(
+            num_stages=self.stages,
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.producer_threads),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.consumer_threads),
+            barrier_storage=kv_mbar, defer_sync=True)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+
+        part, _, mblk = cute.arch.block_idx()
+        lengths = (mIndices.shape[2], mTopkLength, has_topk_length, mXIndices.shape[2], mXTopkLength,
+                   has_extra, has_extra_topk_length)
+        if wg == 0:
+            cute.arch.setmaxregister_decrease(self.regs_producer)
+            self.load(mK, mIndices, mXK, mXIndices, page_block_size, extra_page_block_size, lengths, mSchedMeta,
+                      sK, sK_layout.outer, sBias, kv_pipe, part, (mblk * BLOCK_M) // mQ.shape[2], warp, tidx % 32)
+        else:
+            cute.arch.setmaxregister_increase(self.regs_consumer)
+            self.consume(qk_mma, pv_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, lengths, mSink, mSchedMeta,
+                         mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, kv_pipe, softmax_scale, has_sink, part, mblk,
+                         wg - 1, tidx - 128)
+
+    # ------------------------------------------------------------------ work of a request
+    @cute.jit
+    def counted(self, topk: Int32, mLength: cute.Tensor, has_length: Int32, r: Int32) -> Int32:
+        """Slots of request r that count: its length clamped into [0, topk], else topk."""
+        n = topk
+        if has_length != 0:
+            n = cutlass.min(cutlass.max(mLength[r], 0), topk)
+        return n
+
+    @cute.jit
+    def request_slots(self, lengths, r: Int32):
+        """(main slots, main blocks, extra slots, scheduler length) of request r."""
+        topk, mLen, has_len, xtopk, mXLen, has_extra, has_xlen = lengths
+        n = self.counted(topk, mLen, has_len, r)
+        nb = (n + BLOCK_N - 1) // BLOCK_N
+        nx = Int32(0)
+        if has_extra != 0:
+            nx = self.counted(xtopk, mXLen, has_xlen, r)
+        return n, nb, nx, nb * BLOCK_N + nx
+
+    # ------------------------------------------------------------------ producer
+    @cute.jit
+    def load(self, mK: cute.Tensor, mIndices: cute.Tensor, mXK: cute.Tensor, mXIndices: cute.Tensor,
+             pbs: Int32, xpbs: Int32, lengths, mSchedMeta: cute.Tensor, sK: cute.Tensor, sK_outer: cute.Layout,
+             sBias: cute.Tensor, kv_pipe, part: Int32, iq: Int32, warp: Int32, lane: Int32):
+        # Shared-memory byte offsets of this lane's pieces in row 16 * warp, before the
+        # swizzle: NoPE columns 16 lane .. 16 lane + 15 (two pieces) and RoPE columns
+        # d_nope + 8 lane .. + 7.  Row t of the warp adds a compile-time offset and one XOR.
+        lane_off = (cute.crd2idx((warp * 16, lane * 16, 0), sK_outer) * 2,
+                    cute.crd2idx((warp * 16, lane * 16 + 8, 0), sK_outer) * 2,
+                    cute.crd2idx((warp * 16, self.fmt.d_nope + (lane % self.rope_lanes) * 8, 0), sK_outer) * 2)
+        sk_base = sK.iterator.toint()
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+        for r in cutlass.range(mSchedMeta[part, 0], mSchedMeta[part, 2] + 1, unroll=1):
+            n, nb, nx, seqlen = self.request_slots(lengths, r)
+            lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
+            for blk in cutlass.range(lo, hi, unroll=1):
+                # Which cache this block reads, as plain integers so one code path serves both.
+                idx_row = mIndices[r, iq, None].iterator.toint()
+                base = mK.iterator.toint()
+                stride = Int64(mK.stride[0])
+                num_blocks = mK.shape[0]
+                page = pbs
+                limit = n
+                slot0 = blk * BLOCK_N
+                if blk >= nb:
+                    idx_row = mXIndices[r, iq, None].iterator.toint()
+                    base = mXK.iterator.toint()
+                    stride = Int64(mXK.stride[0])
+                    num_blocks = mXK.shape[0]
+                    page = xpbs
+                    limit = nx
+                    slot0 = (blk - nb) * BLOCK_N
+                # Lane l (and l + 16) resolves slot 16 * warp + l % 16: (page block, offset), block -1 if invalid.
+                slot = slot0 + warp * 16 + lane % 16
+                tok_blk = Int32(-1)
+                tok_off = Int32(0)
+                if slot < limit:
+                    idx = self.load_i32(idx_row + Int64(slot) * 4)
+                    if idx >= 0:
+                        b = idx // page
+                        if b < num_blocks:
+                            tok_blk = b
+                            tok_off = idx - b * page
+                kv_pipe.producer_acquire(state)
+                stage = state.index
+                if lane < 16:
+                    bias = Float32(0.0)
+                    if tok_blk < 0:
+                        bias = -Float32.inf
+                    sBias[warp * 16 + lane, stage] = bias
+                stage_base = sk_base + stage * self.kv_bytes
+                for t0 in cutlass.range_constexpr(0, 16, self.rows_per_batch):
+                    self.gather_rows(t0, tok_blk, tok_off, base, stride, page, stage_base, lane_off, sK_outer, lane)
+                cute.arch.cp_async_commit_group()
+                cute.arch.cp_async_wait_group(0)
+                # Shared stores and cp.async are generic-proxy writes; WGMMA reads through the async proxy.
+                cute.arch.fence_proxy("async.shared", space="cta")
+                kv_pipe.producer_commit(state)
+                state.advance()
+
+    @cute.jit
+    def gather_rows(self, t0: cutlass.Constexpr[int], tok_blk: Int32, tok_off: Int32, base: Int64, stride: Int64,
+                    page: Int32, stage_base: Int32, lane_off, sK_outer: cute.Layout, lane: Int32):
+        """Rows t0 .. t0 + rows_per_batch of this warp: all loads first, then convert and store."""
+        f = self.fmt
+        nb = self.rows_per_batch
+        nope = cute.make_rmem_tensor(cute.make_layout((4, nb)), Int32)
+        scale = cute.make_rmem_tensor(cute.make_layout(nb), Float32)
+        for i in cutlass.range_constexpr(nb):
+            blk = cute.arch.shuffle_sync(tok_blk, t0 + i)
+            off = cute.arch.shuffle_sync(tok_off, t0 + i)
+            nope[None, i].fill(0)
+            scale[i] = Float32(0.0)
+            rope_dst = self.piece_addr(stage_base, sK_outer, t0 + i, lane_off[2])
+            if blk < 0:  # warp-uniform
+                if lane < self.rope_lanes:
+                    self.store_piece(nope[None, i], rope_dst)
+            else:
+                block = base + Int64(blk) * stride
+                rec = block + Int64(off * f.data_token_stride)
+                if cutlass.const_expr(self.nope_lanes == 32):
+                    self.load_piece(rec + Int64(lane * PIECE), nope[None, i])
+                elif lane < self.nope_lanes:
+                    self.load_piece(rec + Int64(lane * PIECE), nope[None, i])
+                if lane < self.rope_lanes:  # RoPE is stored bf16: copied as is, without registers
+                    self.copy_piece_async(rec + Int64(self.rope_offset + lane * PIECE), rope_dst)
+                group = cutlass.min(lane, self.nope_lanes - 1) // self.lanes_per_group
+                if cutlass.const_expr(f.scale_kind == "float32"):
+                    scale[i] = self.load_f32(rec + Int64(self.scale_offset + group * 4))
+                else:
+                    sc = block + Int64(f.scales_region_offset(1) * page + off * f.scale_slot_bytes + group)
+                    scale[i] = ue8m0_to_f32(self.load_u8(sc))
+        for i in cutlass.range_constexpr(nb):
+            for j in cutlass.range_constexpr(2):
+                out = cute.make_rmem_tensor(cute.make_layout(4), Int32)
+                out[0], out[1] = dequant_e4m3x4(nope[2 * j, i], scale[i])
+                out[2], out[3] = dequant_e4m3x4(nope[2 * j + 1, i], scale[i])
+                dst = self.piece_addr(stage_base, sK_outer, t0 + i, lane_off[j])
+                if cutlass.const_expr(self.nope_lanes == 32):
+                    self.store_piece(out, dst)
+                elif lane < self.nope_lanes:
+                    self.store_piece(out, dst)
+
+    @cute.jit
+    def piece_addr(self, stage_base: Int32, sK_outer: cute.Layout, t: cutlass.Constexpr[int], lane_off: Int32) -> Int32:
+        """Shared address of this lane's piece in row 16 w + t of a stage.  128B swizzle:
+        address bits 4-6 ^= bits 7-9, and bits 7-9 are t % 8 (the rows of a 1024-byte
+        aligned 8-row atom are 128 bytes apart; lane_off is taken at row 16 w)."""
+        return stage_base + cute.crd2idx((t, 0, 0), sK_outer) * 2 + (lane_off ^ ((t % 8) << 4))
+
+    @cute.jit
+    def load_piece(self, addr: Int64, dst: cute.Tensor):
+        src = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.gmem, assumed_align=16),
+                               cute.make_layout(4))
+        cute.autovec_copy(src, dst)
+
+    @cute.jit
+    def copy_piece_async(self, src_addr: Int64, dst_addr: Int32):
+        atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cache_mode=cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
+                                   Int32, num_bits_per_copy=128)
+        src = cute.make_tensor(cute.make_ptr(Int32, src_addr, cute.AddressSpace.gmem, assumed_align=16),
+                               cute.make_layout(4))
+        dst = cute.make_tensor(cute.make_ptr(Int32, dst_addr, cute.AddressSpace.smem, assumed_align=16),
+                               cute.make_layout(4))
+        cute.copy(atom, src, dst)
+
+    @cute.jit
+    def store_piece(self, src: cute.Tensor, addr: Int32):
+        dst = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.smem, assumed_align=16),
+                               cute.make_layout(4))
+        cute.autovec_copy(src, dst)
+
+    @cute.jit
+    def load_i32(self, addr: Int64) -> Int32:
+        return cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.gmem, assumed_align=4),
+                                cute.make_layout(1))[0]
+
+    @cute.jit
+    def load_f32(self, addr: Int64) -> Float32:
+        return cute.make_tensor(cute.make_ptr(Float32, addr, cute.AddressSpace.gmem, assumed_align=4),
+                                cute.make_layout(1))[0]
+
+    @cute.jit
+    def load_u8(self, addr: Int64) -> Int32:
+        byte = cute.make_tensor(cute.make_ptr(cutlass.Uint8, addr, cute.AddressSpace.gmem, assumed_align=1),
+                                cute.make_layout(1))[0]
+        return Int32(byte) & 0xFF  # the widening sign-extends
+
+    # ------------------------------------------------------------------ consumers
+    @cute.jit
+    def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, sQ: cute.Tensor, sK: cute.Tensor,
+                sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor, sV_layout: cute.ComposedLayout,
+                mQ: cute.Tensor, lengths, mSink: cute.Tensor, mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor,
+                mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, kv_pipe,
+                softmax_scale: Float32, has_sink: Int32, part: Int32, mblk: Int32, half: Int32, ctid: Int32):
+        wtid = ctid % 128
+        thr_qk, thr_pv, tSrQ, tSrK, tScS, tOrP, tOcO = self.consumer_fragments(qk_mma, pv_mma, sQ, sK, sP, half, wtid)
+        scale_log2 = softmax_scale * LOG2_E
+        h_q = mQ.shape[2]
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        begin_req = mSchedMeta[part, 0]
+        for r in cutlass.range(begin_req, mSchedMeta[part, 2] + 1, unroll=1):
+            _, _, _, seqlen = self.request_slots(lengths, r)
+            lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
+            split = Int32(0)
+            if r == begin_req:
+                split = mSchedMeta[part, 4]
+            # the row block's 64 heads of one query token: (request r, "kv head" 0, h_q heads per kv head)
+            self.load_q(mQ, sQ, r, 0, mblk, h_q, ctid)
+            acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.v_half)))
+            acc_o.fill(0.0)
+            row_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+            row_sum = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+            row_max.fill(-Float32.inf)
+            row_sum.fill(0.0)
+            for blk in cutlass.range(lo, hi, unroll=1):
+                self.attend_gathered_block(qk_mma, pv_mma, tSrQ, tSrK, tScS, tOrP, acc_o, row_max, row_sum, sK, sP,
+                                           sStat, sBias, sV_layout, kv_pipe, state, scale_log2, half, wtid)
+                state.advance()
+            nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
+            self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mOut, mLse, mOAccum, mLseAccum, r, 0, mblk, h_q,
+                          half, scale_log2, nsplits, mSplitOffsets[r] + split, wtid, mSink, has_sink)

@@ -1,0 +1,136 @@
+"""What the SM90 split-KV decode kernels (dense and sparse) share: the work of a CTA.
+
+A decode CTA owns 64 query rows of one kv head (row m = query token m // h_r, head
+m % h_r, with h_r = h_q / h_kv query heads per kv head) and walks the pieces its part
+of ``sched_meta`` lists (``schedules.decode_plan``): (request, KV blocks [lo, hi),
+split).  For each piece it loads Q, runs the two-consumer block loop of
+``kernels.sm90.mla_consumers`` over the blocks, and either finalises the request
+(one split) or writes the split's partial O and base-2 lse for the combine kernel.
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32
+
+from kernels.common.softmax import LN_2, LOG2_E
+from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, NamedBarrier, TwoConsumerMlaSm90
+
+
+class SplitKvDecodeSm90(TwoConsumerMlaSm90):
+    """Base of the SM90 decode kernels: piece bookkeeping, Q load and the split-aware
+    epilogue; subclasses own the producer and the per-block masking."""
+
+    @cute.jit
+    def query_of_row(self, m: Int32, hk: Int32, heads_per_kv: Int32):
+        """Query row m of kv head hk -> (query token, q head): rows run over the kv head's
+        h_r = h_q / h_kv query heads fastest, then over the query tokens."""
+        iq = m // heads_per_kv
+        return iq, hk * heads_per_kv + (m - iq * heads_per_kv)
+
+
+    @cute.jit
+    def block_range(self, seqlen: Int32, mSchedMeta: cute.Tensor, part: Int32, r: Int32):
+        """KV blocks [lo, hi) of request r that this part computes."""
+        lo = Int32(0)
+        hi = (seqlen + BLOCK_N - 1) // BLOCK_N
+        if r == mSchedMeta[part, 0]:
+            lo = mSchedMeta[part, 1]
+        if r == mSchedMeta[part, 2]:
+            hi = cutlass.min(hi, mSchedMeta[part, 3])
+        return lo, hi
+
+
+    @cute.jit
+    def load_q(self, mQ: cute.Tensor, sQ: cute.Tensor, r: Int32, hk: Int32, mblk: Int32, heads_per_kv: Int32,
+               ctid: Int32):
+        """Both consumer warpgroups copy the 64 query rows of (request r, kv head hk) into sQ;
+        rows past s_q * h_r are zero.
+
+        Each thread moves 16-byte chunks and issues all its global loads before its first
+        shared store, so the loads overlap instead of paying a memory latency each."""
+        # Nobody may still be reading the previous piece's Q.
+        cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
+        rows = mQ.shape[1] * heads_per_kv
+        vec = 128 // self.dtype.width  # elements per 16-byte chunk
+        chunks_per_row = self.d // vec
+        per_thread = BLOCK_M * chunks_per_row // self.consumer_threads
+        batch = per_thread // 2
+        for half_batch in cutlass.range_constexpr(2):
+            buf = cute.make_rmem_tensor(cute.make_layout((vec, batch)), self.dtype)
+            for j in cutlass.range_constexpr(batch):
+                chunk = ctid + (half_batch * batch + j) * self.consumer_threads
+                row = chunk // chunks_per_row
+                c = chunk - row * chunks_per_row
+                m = mblk * BLOCK_M + row
+                if m < rows:
+                    iq, hq = self.query_of_row(m, hk, heads_per_kv)
+                    gq = cute.local_tile(mQ[r, iq, hq, None], (vec,), (c,))
+                    cute.autovec_copy(gq, buf[None, j])
+                else:
+                    buf[None, j].fill(0.0)
+            for j in cutlass.range_constexpr(batch):
+                chunk = ctid + (half_batch * batch + j) * self.consumer_threads
+                row = chunk // chunks_per_row
+                c = chunk - row * chunks_per_row
+                cute.autovec_copy(buf[None, j], cute.local_tile(sQ[row, None, 0], (vec,), (c,)))
+        # Generic-proxy stores read next by WGMMA (async proxy).
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
+
+
+    @cute.jit
+    def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
+                 sStat: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, r: Int32,
+                 hk: Int32, mblk: Int32, heads_per_kv: Int32, half: Int32, scale_log2: Float32, nsplits: Int32,
+                 split_row: Int32, wtid: Int32, mSink: cute.Tensor = None, has_sink: Int32 = 0):
+        """Finalise (one split) or write this split's partials.  With ``mSink`` a finalised
+        row is scaled by exp(lse) / (exp(lse) + exp(sink)); split partials are left
+        unscaled, the combine applies the sink once."""
+        neg_inf = -Float32.inf
+        rows = mOut.shape[1] * heads_per_kv
+        lse2, inv = self.finish_rows(row_max, row_sum, tOcO, sStat, scale_log2, half, wtid)
+        if cutlass.const_expr(mSink is not None):
+            if nsplits == 1 and has_sink != 0:
+                for h in cutlass.range_constexpr(2):
+                    row, _ = tOcO[2 * h]
+                    _, hq = self.query_of_row(mblk * BLOCK_M + row, hk, heads_per_kv)
+                    # 1 / (1 + 2^(sink*log2e - lse2)): +inf sink gives 0, -inf gives 1; a row
+                    # without keys (lse2 = -inf) already has factor 0.
+                    if lse2[h] != neg_inf:
+                        inv[h] = inv[h] / (1.0 + cute.math.exp2(mSink[hq] * LOG2_E - lse2[h], fastmath=False))
+        # This thread's O values lie in 2 rows; fragment elements 2j, 2j+1 are adjacent
+        # columns of one row, stored together (4 bytes of bf16/fp16, 8 of fp32).
+        for h in cutlass.range_constexpr(2):
+            row, _ = tOcO[2 * h]
+            m = mblk * BLOCK_M + row
+            if m < rows:
+                iq, hq = self.query_of_row(m, hk, heads_per_kv)
+                for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
+                    k = 4 * j + 2 * h
+                    _, col = tOcO[k]
+                    c2 = (half * self.v_half + col) // 2
+                    if nsplits == 1:
+                        pair = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
+                        pair[0] = (acc_o[k] * inv[h]).to(self.dtype)
+                        pair[1] = (acc_o[k + 1] * inv[h]).to(self.dtype)
+                        cute.autovec_copy(pair, cute.local_tile(mOut[r, iq, hq, None], (2,), (c2,)))
+                    else:
+                        pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+                        pair[0] = acc_o[k] * inv[h]
+                        pair[1] = acc_o[k + 1] * inv[h]
+                        cute.autovec_copy(pair, cute.local_tile(mOAccum[split_row, iq, hq, None], (2,), (c2,)))
+        # one lane per row writes its lse (rows of a quad are shared by 4 lanes)
+        if half == 0 and wtid % 4 == 0:
+            for h in cutlass.range_constexpr(2):
+                row, _ = tOcO[2 * h]
+                m = mblk * BLOCK_M + row
+                if m < rows:
+                    iq, hq = self.query_of_row(m, hk, heads_per_kv)
+                    if nsplits == 1:
+                        out_lse = Float32.inf
+                        if lse2[h] != neg_inf:
+                            out_lse = lse2[h] * LN_2
+                        mLse[r, hq, iq] = out_lse
+                    else:
+                        mLseAccum[split_row, iq, hq] = lse2[h]
