@@ -69,7 +69,7 @@ KERNELS: tuple[KernelDef, ...] = (
         archs=("sm_90a",),
         args=operands.sparse_decode_args,
         variants=({"fmt": "V32"}, {"fmt": "MODEL1"}),
-        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py", "kernels/common/fp8.py",
+        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py", "kernels/common/fp8.py", "kernels/common/gmem.py",
                              "kernels/sm90/mla_consumers.py", "kernels/sm90/split_kv_decode.py",
                              "layouts/kv_cache.py", "schedules/decode_plan.py"),
     ),

@@ -49,6 +49,12 @@ class TwoConsumerMlaSm90:
     stages = 2  # KV blocks in the shared-memory ring
 
     def __init__(self, dtype, d_qk: int):
+        # setmaxnreg moves registers only within what the CTA was launched with (the
+        # per-thread ceiling for 384 threads is 168): a split asking for more than that
+        # total leaves the consumers' increase waiting forever.
+        launch_regs = self.threads * (65536 // self.threads // 8 * 8)
+        assert 128 * self.regs_producer + self.consumer_threads * self.regs_consumer <= launch_regs, \
+            f"{type(self).__name__}: register split {self.regs_producer}/{self.regs_consumer} exceeds {launch_regs}"
         self.dtype = dtype
         self.d = d_qk
         self.v_half = D_V // 2

@@ -10,6 +10,7 @@ import cutlass.pipeline as pipeline
 from cutlass import Float32, Int32, Int64
 
 from kernels.common.fp8 import dequant_e4m3x4, ue8m0_to_f32
+from kernels.common.gmem import copy_16B_async, load_16B, load_f32, load_i32, load_u8, prefetch_l2, store_16B_shared
 from kernels.common.paged_kv import kv_smem_layout
 from kernels.common.softmax import LOG2_E
 from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
@@ -53,8 +54,10 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     """
 
     producer_threads = 128
-    regs_producer = 64  # 128 * 64 + 256 * 224 = the SM's 64K registers
-    regs_consumer = 224
+    # 128 * 64 + 256 * 216 <= 384 * 168: setmaxnreg can only hand out what the CTA was launched
+    # with (168 per thread, the launch ceiling for 384 threads); asking for more deadlocks.
+    regs_producer = 64
+    regs_consumer = 216
     rows_per_batch = 4  # tokens a producer warp has in flight before converting them
 
     def __init__(self, fmt: str):
@@ -151,93 +154,148 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
              pbs: Int32, xpbs: Int32, lengths, mSchedMeta: cute.Tensor, sK: cute.Tensor, sK_outer: cute.Layout,
              sBias: cute.Tensor, kv_pipe, part: Int32, iq: Int32, warp: Int32, lane: Int32):
         # Shared-memory byte offsets of this lane's pieces in row 16 * warp, before the
-        # swizzle: NoPE columns 16 lane .. 16 lane + 15 (two pieces) and RoPE columns
-        # d_nope + 8 lane .. + 7.  Row t of the warp adds a compile-time offset and one XOR.
-        lane_off = (cute.crd2idx((warp * 16, lane * 16, 0), sK_outer) * 2,
-                    cute.crd2idx((warp * 16, lane * 16 + 8, 0), sK_outer) * 2,
+        # swizzle: NoPE columns 16 lane .. 16 lane + 15 (two pieces, the second the next 16
+        # bytes of the same 128-byte swizzle row) and RoPE columns d_nope + 8 lane .. + 7.
+        # Row t of the warp adds a compile-time offset and one XOR (``piece_addr``).
+        nope_off = cute.crd2idx((warp * 16, lane * 16, 0), sK_outer) * 2
+        lane_off = (nope_off, nope_off + 16,
                     cute.crd2idx((warp * 16, self.fmt.d_nope + (lane % self.rope_lanes) * 8, 0), sK_outer) * 2)
         sk_base = sK.iterator.toint()
+        caches = (mK, mIndices, pbs, mXK, mXIndices, xpbs)
+        slot = warp * 16 + lane % 16  # the slot of each block lane l (and l + 16) resolves
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
         for r in cutlass.range(mSchedMeta[part, 0], mSchedMeta[part, 2] + 1, unroll=1):
             n, nb, nx, seqlen = self.request_slots(lengths, r)
             lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
+            # Two blocks of look-ahead: block j's tokens are gathered while block j + 1's are
+            # prefetched into L2 and block j + 2's indices are in flight.
+            rec, sc = self.token_record(self.block_source(caches, lo, r, iq, n, nb, nx), slot,
+                                        self.fetch_index(self.block_source(caches, lo, r, iq, n, nb, nx), slot))
+            idx_next = Int32(-1)
+            if lo + 1 < hi:
+                idx_next = self.fetch_index(self.block_source(caches, lo + 1, r, iq, n, nb, nx), slot)
             for blk in cutlass.range(lo, hi, unroll=1):
-                # Which cache this block reads, as plain integers so one code path serves both.
-                idx_row = mIndices[r, iq, None].iterator.toint()
-                base = mK.iterator.toint()
-                stride = Int64(mK.stride[0])
-                num_blocks = mK.shape[0]
-                page = pbs
-                limit = n
-                slot0 = blk * BLOCK_N
-                if blk >= nb:
-                    idx_row = mXIndices[r, iq, None].iterator.toint()
-                    base = mXK.iterator.toint()
-                    stride = Int64(mXK.stride[0])
-                    num_blocks = mXK.shape[0]
-                    page = xpbs
-                    limit = nx
-                    slot0 = (blk - nb) * BLOCK_N
-                # Lane l (and l + 16) resolves slot 16 * warp + l % 16: (page block, offset), block -1 if invalid.
-                slot = slot0 + warp * 16 + lane % 16
-                tok_blk = Int32(-1)
-                tok_off = Int32(0)
-                if slot < limit:
-                    idx = self.load_i32(idx_row + Int64(slot) * 4)
-                    if idx >= 0:
-                        b = idx // page
-                        if b < num_blocks:
-                            tok_blk = b
-                            tok_off = idx - b * page
+                rec_next, sc_next = self.token_record(self.block_source(caches, blk + 1, r, iq, n, nb, nx), slot,
+                                                      idx_next)
+                self.prefetch_record(rec_next, sc_next, lane)
+                idx_next = Int32(-1)
+                if blk + 2 < hi:
+                    idx_next = self.fetch_index(self.block_source(caches, blk + 2, r, iq, n, nb, nx), slot)
                 kv_pipe.producer_acquire(state)
                 stage = state.index
                 if lane < 16:
                     bias = Float32(0.0)
-                    if tok_blk < 0:
+                    if rec < 0:
                         bias = -Float32.inf
-                    sBias[warp * 16 + lane, stage] = bias
+                    sBias[slot, stage] = bias
                 stage_base = sk_base + stage * self.kv_bytes
                 for t0 in cutlass.range_constexpr(0, 16, self.rows_per_batch):
-                    self.gather_rows(t0, tok_blk, tok_off, base, stride, page, stage_base, lane_off, sK_outer, lane)
+                    self.gather_rows(t0, rec, sc, stage_base, lane_off, sK_outer, lane)
                 cute.arch.cp_async_commit_group()
                 cute.arch.cp_async_wait_group(0)
                 # Shared stores and cp.async are generic-proxy writes; WGMMA reads through the async proxy.
                 cute.arch.fence_proxy("async.shared", space="cta")
                 kv_pipe.producer_commit(state)
                 state.advance()
+                rec = rec_next
+                sc = sc_next
 
     @cute.jit
-    def gather_rows(self, t0: cutlass.Constexpr[int], tok_blk: Int32, tok_off: Int32, base: Int64, stride: Int64,
-                    page: Int32, stage_base: Int32, lane_off, sK_outer: cute.Layout, lane: Int32):
+    def block_source(self, caches, blk: Int32, r: Int32, iq: Int32, n: Int32, nb: Int32, nx: Int32):
+        """Where block ``blk`` of request r comes from: (address of its query token's index
+        row, cache base address, block stride, num_blocks, page size, counted slots, first
+        slot).  Blocks [0, nb) are the main cache's, the rest the extra cache's; plain
+        integers, so one code path gathers from either."""
+        mK, mIndices, pbs, mXK, mXIndices, xpbs = caches
+        idx_row = mIndices[r, iq, None].iterator.toint()
+        base = mK.iterator.toint()
+        stride = Int64(mK.stride[0])
+        num_blocks = mK.shape[0]
+        page = pbs
+        limit = n
+        slot0 = blk * BLOCK_N
+        if blk >= nb:
+            idx_row = mXIndices[r, iq, None].iterator.toint()
+            base = mXK.iterator.toint()
+            stride = Int64(mXK.stride[0])
+            num_blocks = mXK.shape[0]
+            page = xpbs
+            limit = nx
+            slot0 = (blk - nb) * BLOCK_N
+        return idx_row, base, stride, num_blocks, page, limit, slot0
+
+    @cute.jit
+    def fetch_index(self, src, slot: Int32) -> Int32:
+        """The index in ``slot`` of a block, or -1 past the counted prefix (never read there)."""
+        idx_row, _, _, _, _, limit, slot0 = src
+        idx = Int32(-1)
+        if slot0 + slot < limit:
+            idx = load_i32(idx_row + Int64(slot0 + slot) * 4)
+        return idx
+
+    @cute.jit
+    def token_record(self, src, slot: Int32, idx: Int32):
+        """Byte address of the token ``idx`` selects (its record; MODEL1: its data part) and
+        of its scales (MODEL1; V32 keeps them in the record), or -1 when idx is outside
+        [0, num_blocks * page size): such a token is never dereferenced."""
+        _, base, stride, num_blocks, page, _, _ = src
+        f = self.fmt
+        rec = Int64(-1)
+        sc = Int64(0)
+        if idx >= 0:
+            b = idx // page
+            if b < num_blocks:
+                off = idx - b * page
+                block = base + Int64(b) * stride
+                rec = block + Int64(off * f.data_token_stride)
+                if cutlass.const_expr(f.placement == "per_block"):
+                    sc = block + Int64(f.scales_region_offset(1) * page + off * f.scale_slot_bytes)
+        return rec, sc
+
+    @cute.jit
+    def prefetch_record(self, rec: Int64, sc: Int64, lane: Int32):
+        """L2 prefetch of every line of a token record (lanes l and l + 16 share a token)."""
+        f = self.fmt
+        last = f.data_token_stride - 1 if f.placement == "per_block" else f.bytes_per_token - 1
+        if rec >= 0:
+            if lane < 16:
+                for k in cutlass.range_constexpr(4):
+                    prefetch_l2(rec + Int64(128 * k))
+            else:
+                for o in cutlass.range_constexpr(512, last, 128):
+                    prefetch_l2(rec + Int64(o))
+                prefetch_l2(rec + Int64(last))
+                if cutlass.const_expr(f.placement == "per_block"):
+                    prefetch_l2(sc)
+
+    @cute.jit
+    def gather_rows(self, t0: cutlass.Constexpr[int], rec: Int64, sc: Int64, stage_base: Int32, lane_off,
+                    sK_outer: cute.Layout, lane: Int32):
         """Rows t0 .. t0 + rows_per_batch of this warp: all loads first, then convert and store."""
         f = self.fmt
         nb = self.rows_per_batch
         nope = cute.make_rmem_tensor(cute.make_layout((4, nb)), Int32)
         scale = cute.make_rmem_tensor(cute.make_layout(nb), Float32)
+        group = cutlass.min(lane, self.nope_lanes - 1) // self.lanes_per_group
         for i in cutlass.range_constexpr(nb):
-            blk = cute.arch.shuffle_sync(tok_blk, t0 + i)
-            off = cute.arch.shuffle_sync(tok_off, t0 + i)
+            row_rec = self.shuffle_i64(rec, t0 + i)
             nope[None, i].fill(0)
             scale[i] = Float32(0.0)
             rope_dst = self.piece_addr(stage_base, sK_outer, t0 + i, lane_off[2])
-            if blk < 0:  # warp-uniform
+            if row_rec < 0:  # warp-uniform
                 if lane < self.rope_lanes:
-                    self.store_piece(nope[None, i], rope_dst)
+                    store_16B_shared(nope[None, i], rope_dst)
             else:
-                block = base + Int64(blk) * stride
-                rec = block + Int64(off * f.data_token_stride)
                 if cutlass.const_expr(self.nope_lanes == 32):
-                    self.load_piece(rec + Int64(lane * PIECE), nope[None, i])
+                    load_16B(row_rec + Int64(lane * PIECE), nope[None, i])
                 elif lane < self.nope_lanes:
-                    self.load_piece(rec + Int64(lane * PIECE), nope[None, i])
+                    load_16B(row_rec + Int64(lane * PIECE), nope[None, i])
                 if lane < self.rope_lanes:  # RoPE is stored bf16: copied as is, without registers
-                    self.copy_piece_async(rec + Int64(self.rope_offset + lane * PIECE), rope_dst)
-                group = cutlass.min(lane, self.nope_lanes - 1) // self.lanes_per_group
+                    copy_16B_async(row_rec + Int64(self.rope_offset + lane * PIECE), rope_dst)
                 if cutlass.const_expr(f.scale_kind == "float32"):
-                    scale[i] = self.load_f32(rec + Int64(self.scale_offset + group * 4))
+                    scale[i] = load_f32(row_rec + Int64(self.scale_offset + group * 4))
                 else:
-                    sc = block + Int64(f.scales_region_offset(1) * page + off * f.scale_slot_bytes + group)
-                    scale[i] = ue8m0_to_f32(self.load_u8(sc))
+                    scale[i] = ue8m0_to_f32(load_u8(self.shuffle_i64(sc, t0 + i) + Int64(group)))
         for i in cutlass.range_constexpr(nb):
             for j in cutlass.range_constexpr(2):
                 out = cute.make_rmem_tensor(cute.make_layout(4), Int32)
@@ -245,9 +303,15 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 out[2], out[3] = dequant_e4m3x4(nope[2 * j + 1, i], scale[i])
                 dst = self.piece_addr(stage_base, sK_outer, t0 + i, lane_off[j])
                 if cutlass.const_expr(self.nope_lanes == 32):
-                    self.store_piece(out, dst)
+                    store_16B_shared(out, dst)
                 elif lane < self.nope_lanes:
-                    self.store_piece(out, dst)
+                    store_16B_shared(out, dst)
+
+    @cute.jit
+    def shuffle_i64(self, v: Int64, src_lane: cutlass.Constexpr[int]) -> Int64:
+        lo = cute.arch.shuffle_sync(Int32(v), src_lane)
+        hi = cute.arch.shuffle_sync(Int32(v >> 32), src_lane)
+        return (Int64(hi) << 32) | (Int64(lo) & 0xFFFFFFFF)
 
     @cute.jit
     def piece_addr(self, stage_base: Int32, sK_outer: cute.Layout, t: cutlass.Constexpr[int], lane_off: Int32) -> Int32:
@@ -255,44 +319,6 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         address bits 4-6 ^= bits 7-9, and bits 7-9 are t % 8 (the rows of a 1024-byte
         aligned 8-row atom are 128 bytes apart; lane_off is taken at row 16 w)."""
         return stage_base + cute.crd2idx((t, 0, 0), sK_outer) * 2 + (lane_off ^ ((t % 8) << 4))
-
-    @cute.jit
-    def load_piece(self, addr: Int64, dst: cute.Tensor):
-        src = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.gmem, assumed_align=16),
-                               cute.make_layout(4))
-        cute.autovec_copy(src, dst)
-
-    @cute.jit
-    def copy_piece_async(self, src_addr: Int64, dst_addr: Int32):
-        atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cache_mode=cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
-                                   Int32, num_bits_per_copy=128)
-        src = cute.make_tensor(cute.make_ptr(Int32, src_addr, cute.AddressSpace.gmem, assumed_align=16),
-                               cute.make_layout(4))
-        dst = cute.make_tensor(cute.make_ptr(Int32, dst_addr, cute.AddressSpace.smem, assumed_align=16),
-                               cute.make_layout(4))
-        cute.copy(atom, src, dst)
-
-    @cute.jit
-    def store_piece(self, src: cute.Tensor, addr: Int32):
-        dst = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.smem, assumed_align=16),
-                               cute.make_layout(4))
-        cute.autovec_copy(src, dst)
-
-    @cute.jit
-    def load_i32(self, addr: Int64) -> Int32:
-        return cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.gmem, assumed_align=4),
-                                cute.make_layout(1))[0]
-
-    @cute.jit
-    def load_f32(self, addr: Int64) -> Float32:
-        return cute.make_tensor(cute.make_ptr(Float32, addr, cute.AddressSpace.gmem, assumed_align=4),
-                                cute.make_layout(1))[0]
-
-    @cute.jit
-    def load_u8(self, addr: Int64) -> Int32:
-        byte = cute.make_tensor(cute.make_ptr(cutlass.Uint8, addr, cute.AddressSpace.gmem, assumed_align=1),
-                                cute.make_layout(1))[0]
-        return Int32(byte) & 0xFF  # the widening sign-extends
 
     # ------------------------------------------------------------------ consumers
     @cute.jit

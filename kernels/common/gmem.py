@@ -1,0 +1,63 @@
+"""Global-memory accesses by raw byte address, for kernels that gather records whose
+place is computed at run time (the FP8 caches' tokens).  Addresses are Int64 byte
+addresses (``tensor.iterator.toint()`` plus offsets); shared addresses are Int32."""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.cute.nvgpu.cpasync as cpasync
+from cutlass import Float32, Int32, Int64
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import dsl_user_op
+
+
+@cute.jit
+def load_i32(addr: Int64) -> Int32:
+    return cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.gmem, assumed_align=4),
+                            cute.make_layout(1))[0]
+
+
+@cute.jit
+def load_f32(addr: Int64) -> Float32:
+    return cute.make_tensor(cute.make_ptr(Float32, addr, cute.AddressSpace.gmem, assumed_align=4),
+                            cute.make_layout(1))[0]
+
+
+@cute.jit
+def load_u8(addr: Int64) -> Int32:
+    byte = cute.make_tensor(cute.make_ptr(cutlass.Uint8, addr, cute.AddressSpace.gmem, assumed_align=1),
+                            cute.make_layout(1))[0]
+    return Int32(byte) & 0xFF  # the widening sign-extends
+
+
+@cute.jit
+def load_16B(addr: Int64, dst: cute.Tensor):
+    """16 bytes at a 16-byte aligned address into ``dst`` (4 Int32 registers)."""
+    src = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.gmem, assumed_align=16), cute.make_layout(4))
+    cute.autovec_copy(src, dst)
+
+
+@cute.jit
+def store_16B_shared(src: cute.Tensor, addr: Int32):
+    """4 Int32 registers to a 16-byte aligned shared address."""
+    dst = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.smem, assumed_align=16), cute.make_layout(4))
+    cute.autovec_copy(src, dst)
+
+
+@cute.jit
+def copy_16B_async(src_addr: Int64, dst_addr: Int32):
+    """16 bytes global -> shared with cp.async (bypassing L1); wait with cp.async.wait_group."""
+    atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), Int32,
+                               num_bits_per_copy=128)
+    src = cute.make_tensor(cute.make_ptr(Int32, src_addr, cute.AddressSpace.gmem, assumed_align=16),
+                           cute.make_layout(4))
+    dst = cute.make_tensor(cute.make_ptr(Int32, dst_addr, cute.AddressSpace.smem, assumed_align=16),
+                           cute.make_layout(4))
+    cute.copy(atom, src, dst)
+
+
+@dsl_user_op
+def prefetch_l2(addr: Int64, *, loc=None, ip=None) -> None:
+    """Bring the line holding ``addr`` into L2; nothing waits for it."""
+    llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip)], "prefetch.global.L2 [$0];", "l",
+                    has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
