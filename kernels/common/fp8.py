@@ -64,3 +64,9 @@ def ue8m0_to_f32(e: Int32, *, loc=None, ip=None) -> Float32:
   selp.b32 $0, 0x7fc00000, b, n;
 }""", "=r,r", has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
     return Float32(llvm.bitcast(T.f32(), bits, loc=loc, ip=ip))
+
+
+@dsl_user_op
+def f32_from_bits(bits: Int32, *, loc=None, ip=None) -> Float32:
+    """The float32 whose bit pattern is ``bits`` (a scale loaded as a raw word)."""
+    return Float32(llvm.bitcast(T.f32(), Int32(bits).ir_value(loc=loc, ip=ip), loc=loc, ip=ip))

@@ -3,10 +3,9 @@ place is computed at run time (the FP8 caches' tokens).  Addresses are Int64 byt
 addresses (``tensor.iterator.toint()`` plus offsets); shared addresses are Int32."""
 from __future__ import annotations
 
-import cutlass
 import cutlass.cute as cute
 import cutlass.cute.nvgpu.cpasync as cpasync
-from cutlass import Float32, Int32, Int64
+from cutlass import Int32, Int64
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
@@ -18,22 +17,23 @@ def load_i32(addr: Int64) -> Int32:
 
 
 @cute.jit
-def load_f32(addr: Int64) -> Float32:
-    return cute.make_tensor(cute.make_ptr(Float32, addr, cute.AddressSpace.gmem, assumed_align=4),
-                            cute.make_layout(1))[0]
-
-
-@cute.jit
-def load_u8(addr: Int64) -> Int32:
-    byte = cute.make_tensor(cute.make_ptr(cutlass.Uint8, addr, cute.AddressSpace.gmem, assumed_align=1),
-                            cute.make_layout(1))[0]
-    return Int32(byte) & 0xFF  # the widening sign-extends
+def load_8B(addr: Int64, dst: cute.Tensor):
+    """8 bytes at an 8-byte aligned address into ``dst`` (2 Int32 registers)."""
+    src = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.gmem, assumed_align=8), cute.make_layout(2))
+    cute.autovec_copy(src, dst)
 
 
 @cute.jit
 def load_16B(addr: Int64, dst: cute.Tensor):
     """16 bytes at a 16-byte aligned address into ``dst`` (4 Int32 registers)."""
     src = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.gmem, assumed_align=16), cute.make_layout(4))
+    cute.autovec_copy(src, dst)
+
+
+@cute.jit
+def load_16B_shared(addr: Int32, dst: cute.Tensor):
+    """16 bytes at a 16-byte aligned shared address into ``dst`` (4 Int32 registers)."""
+    src = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.smem, assumed_align=16), cute.make_layout(4))
     cute.autovec_copy(src, dst)
 
 

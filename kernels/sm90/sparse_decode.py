@@ -9,8 +9,9 @@ import cutlass.cute as cute
 import cutlass.pipeline as pipeline
 from cutlass import Float32, Int32, Int64
 
-from kernels.common.fp8 import dequant_e4m3x4, ue8m0_to_f32
-from kernels.common.gmem import copy_16B_async, load_16B, load_f32, load_i32, load_u8, prefetch_l2, store_16B_shared
+from kernels.common.fp8 import dequant_e4m3x4, f32_from_bits, ue8m0_to_f32
+from kernels.common.gmem import (copy_16B_async, load_8B, load_16B, load_16B_shared, load_i32,
+                                 prefetch_l2, store_16B_shared)
 from kernels.common.paged_kv import kv_smem_layout
 from kernels.common.softmax import LOG2_E
 from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
@@ -58,7 +59,6 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     # with (168 per thread, the launch ceiling for 384 threads); asking for more deadlocks.
     regs_producer = 64
     regs_consumer = 216
-    rows_per_batch = 4  # tokens a producer warp has in flight before converting them
 
     def __init__(self, fmt: str):
         self.fmt = get_format(fmt)
@@ -153,13 +153,13 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     def load(self, mK: cute.Tensor, mIndices: cute.Tensor, mXK: cute.Tensor, mXIndices: cute.Tensor,
              pbs: Int32, xpbs: Int32, lengths, mSchedMeta: cute.Tensor, sK: cute.Tensor, sK_outer: cute.Layout,
              sBias: cute.Tensor, kv_pipe, part: Int32, iq: Int32, warp: Int32, lane: Int32):
-        # Shared-memory byte offsets of this lane's pieces in row 16 * warp, before the
-        # swizzle: NoPE columns 16 lane .. 16 lane + 15 (two pieces, the second the next 16
-        # bytes of the same 128-byte swizzle row) and RoPE columns d_nope + 8 lane .. + 7.
-        # Row t of the warp adds a compile-time offset and one XOR (``piece_addr``).
-        nope_off = cute.crd2idx((warp * 16, lane * 16, 0), sK_outer) * 2
-        lane_off = (nope_off, nope_off + 16,
-                    cute.crd2idx((warp * 16, self.fmt.d_nope + (lane % self.rope_lanes) * 8, 0), sK_outer) * 2)
+        # Byte offsets (in a stage) this lane uses: the raw staging piece it cp.asyncs for
+        # every token; its RoPE piece in row 16 w, unswizzled; and, swizzled, its first
+        # output piece (rows 16 w + lane // 4 and 16 w + 8 + lane // 4, columns 16 (lane % 4)
+        # + 64 g): the other output pieces differ from it by compile-time constants.
+        offs = (self.raw_offset(sK_outer, warp, lane // 4) + (lane % 4) * PIECE,
+                cute.crd2idx((warp * 16, self.fmt.d_nope + (lane % self.rope_lanes) * 8, 0), sK_outer) * 2,
+                self.swizzle(cute.crd2idx((warp * 16 + lane // 4, (lane % 4) * 16, 0), sK_outer) * 2))
         sk_base = sK.iterator.toint()
         caches = (mK, mIndices, pbs, mXK, mXIndices, xpbs)
         slot = warp * 16 + lane % 16  # the slot of each block lane l (and l + 16) resolves
@@ -189,10 +189,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                         bias = -Float32.inf
                     sBias[slot, stage] = bias
                 stage_base = sk_base + stage * self.kv_bytes
-                for t0 in cutlass.range_constexpr(0, 16, self.rows_per_batch):
-                    self.gather_rows(t0, rec, sc, stage_base, lane_off, sK_outer, lane)
-                cute.arch.cp_async_commit_group()
-                cute.arch.cp_async_wait_group(0)
+                scales = self.stage_raw(rec, sc, stage_base, offs, sK_outer, warp, lane)
+                self.convert_raw(scales, stage_base, offs, sK_outer, warp, lane)
                 # Shared stores and cp.async are generic-proxy writes; WGMMA reads through the async proxy.
                 cute.arch.fence_proxy("async.shared", space="cta")
                 kv_pipe.producer_commit(state)
@@ -235,13 +233,14 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
 
     @cute.jit
     def token_record(self, src, slot: Int32, idx: Int32):
-        """Byte address of the token ``idx`` selects (its record; MODEL1: its data part) and
-        of its scales (MODEL1; V32 keeps them in the record), or -1 when idx is outside
-        [0, num_blocks * page size): such a token is never dereferenced."""
+        """Byte address of the token ``idx`` selects (its record; MODEL1: its data part), or
+        -1 when idx is outside [0, num_blocks * page size): such a token is never
+        dereferenced.  Second: MODEL1's scales are at record + this (a 32-bit delta, as
+        the API keeps a block under 2^31 bytes); V32 keeps them in the record (0)."""
         _, base, stride, num_blocks, page, _, _ = src
         f = self.fmt
         rec = Int64(-1)
-        sc = Int64(0)
+        sc = Int32(0)
         if idx >= 0:
             b = idx // page
             if b < num_blocks:
@@ -249,11 +248,11 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 block = base + Int64(b) * stride
                 rec = block + Int64(off * f.data_token_stride)
                 if cutlass.const_expr(f.placement == "per_block"):
-                    sc = block + Int64(f.scales_region_offset(1) * page + off * f.scale_slot_bytes)
+                    sc = f.scales_region_offset(1) * page + off * (f.scale_slot_bytes - f.data_token_stride)
         return rec, sc
 
     @cute.jit
-    def prefetch_record(self, rec: Int64, sc: Int64, lane: Int32):
+    def prefetch_record(self, rec: Int64, sc: Int32, lane: Int32):
         """L2 prefetch of every line of a token record (lanes l and l + 16 share a token)."""
         f = self.fmt
         last = f.data_token_stride - 1 if f.placement == "per_block" else f.bytes_per_token - 1
@@ -266,59 +265,105 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                     prefetch_l2(rec + Int64(o))
                 prefetch_l2(rec + Int64(last))
                 if cutlass.const_expr(f.placement == "per_block"):
-                    prefetch_l2(sc)
+                    prefetch_l2(rec + Int64(sc))
 
     @cute.jit
-    def gather_rows(self, t0: cutlass.Constexpr[int], rec: Int64, sc: Int64, stage_base: Int32, lane_off,
-                    sK_outer: cute.Layout, lane: Int32):
-        """Rows t0 .. t0 + rows_per_batch of this warp: all loads first, then convert and store."""
+    def raw_offset(self, sK_outer: cute.Layout, warp: Int32, g) -> Int32:
+        """Where warp ``warp`` stages the raw FP8 codes of NoPE column group ``g`` (64
+        columns) of its 16 tokens: 1 KiB, token t at + 64 t, in the second half of the 2 KiB
+        its bf16 output for those columns will occupy (rows 16 w .. 16 w + 15 of a 64-column
+        block are two whole 1 KiB swizzle atoms).  Each group is read back before its output
+        is written, and no group's output overlaps another group's staging."""
+        return cute.crd2idx((warp * 16, 64 * g, 0), sK_outer) * 2 + 1024
+
+    @cute.jit
+    def stage_raw(self, rec: Int64, sc: Int32, stage_base: Int32, offs, sK_outer: cute.Layout, warp: Int32,
+                  lane: Int32):
+        """Issue every copy of the warp's 16 tokens at once (their latency overlaps): FP8
+        codes by cp.async into the staging area, RoPE by cp.async to its final place, zeros
+        for invalid tokens; then the scales this lane will need, into registers.  Returns
+        once the copies have landed."""
         f = self.fmt
-        nb = self.rows_per_batch
-        nope = cute.make_rmem_tensor(cute.make_layout((4, nb)), Int32)
-        scale = cute.make_rmem_tensor(cute.make_layout(nb), Float32)
-        group = cutlass.min(lane, self.nope_lanes - 1) // self.lanes_per_group
-        for i in cutlass.range_constexpr(nb):
-            row_rec = self.shuffle_i64(rec, t0 + i)
-            nope[None, i].fill(0)
-            scale[i] = Float32(0.0)
-            rope_dst = self.piece_addr(stage_base, sK_outer, t0 + i, lane_off[2])
+        raw_off, rope_off, _ = offs
+        zeros = cute.make_rmem_tensor(cute.make_layout(4), Int32)
+        zeros.fill(0)
+        for t in cutlass.range_constexpr(16):
+            row_rec = self.shuffle_i64(rec, t)
+            # rows of an 8-row atom are 128 bytes apart: row t's swizzle is t % 8, known here
+            rope_dst = stage_base + (rope_off ^ ((t % 8) << 4)) + cute.crd2idx((t, 0, 0), sK_outer) * 2
+            raw_dst = stage_base + raw_off + 64 * t
             if row_rec < 0:  # warp-uniform
+                if lane < self.nope_lanes:
+                    store_16B_shared(zeros, raw_dst)
                 if lane < self.rope_lanes:
-                    store_16B_shared(nope[None, i], rope_dst)
+                    store_16B_shared(zeros, rope_dst)
             else:
-                if cutlass.const_expr(self.nope_lanes == 32):
-                    load_16B(row_rec + Int64(lane * PIECE), nope[None, i])
-                elif lane < self.nope_lanes:
-                    load_16B(row_rec + Int64(lane * PIECE), nope[None, i])
-                if lane < self.rope_lanes:  # RoPE is stored bf16: copied as is, without registers
+                # lane l: bytes 16 l .. 16 l + 15 = quarter l % 4 of column group l // 4
+                if lane < self.nope_lanes:
+                    copy_16B_async(row_rec + Int64(lane * PIECE), raw_dst)
+                if lane < self.rope_lanes:  # RoPE is stored bf16: copied as is
                     copy_16B_async(row_rec + Int64(self.rope_offset + lane * PIECE), rope_dst)
+        cute.arch.cp_async_commit_group()
+        # This lane converts tokens lane // 4 and 8 + lane // 4: their scales (V32: the 4
+        # float32 of the record; MODEL1: the 8 bytes of ue8m0 exponents, as 2 words).
+        n_words = 4 if f.scale_kind == "float32" else 2
+        scales = cute.make_rmem_tensor(cute.make_layout((n_words, 2)), Int32)
+        scales.fill(0)
+        for k in cutlass.range_constexpr(2):
+            src_lane = lane // 4 + 8 * k
+            # (shuffles outside the branch: it diverges across the warp)
+            tok_rec = self.shuffle_i64(rec, src_lane)
+            tok_sc = cute.arch.shuffle_sync(sc, src_lane)
+            if tok_rec >= 0:
                 if cutlass.const_expr(f.scale_kind == "float32"):
-                    scale[i] = load_f32(row_rec + Int64(self.scale_offset + group * 4))
+                    load_16B(tok_rec + Int64(self.scale_offset), scales[None, k])
                 else:
-                    scale[i] = ue8m0_to_f32(load_u8(self.shuffle_i64(sc, t0 + i) + Int64(group)))
-        for i in cutlass.range_constexpr(nb):
-            for j in cutlass.range_constexpr(2):
-                out = cute.make_rmem_tensor(cute.make_layout(4), Int32)
-                out[0], out[1] = dequant_e4m3x4(nope[2 * j, i], scale[i])
-                out[2], out[3] = dequant_e4m3x4(nope[2 * j + 1, i], scale[i])
-                dst = self.piece_addr(stage_base, sK_outer, t0 + i, lane_off[j])
-                if cutlass.const_expr(self.nope_lanes == 32):
-                    store_16B_shared(out, dst)
-                elif lane < self.nope_lanes:
-                    store_16B_shared(out, dst)
+                    load_8B(tok_rec + Int64(tok_sc), scales[None, k])
+        cute.arch.cp_async_wait_group(0)
+        cute.arch.sync_warp()
+        return scales
 
     @cute.jit
-    def shuffle_i64(self, v: Int64, src_lane: cutlass.Constexpr[int]) -> Int64:
+    def convert_raw(self, scales: cute.Tensor, stage_base: Int32, offs, sK_outer: cute.Layout, warp: Int32,
+                    lane: Int32):
+        """Staged FP8 codes -> bf16 in place, one 64-column group at a time: lane l takes the
+        16 codes of quarter l % 4 of tokens l // 4 and 8 + l // 4 (so each 8-lane phase
+        reads 128 consecutive bytes and writes 8 distinct 16-byte bank groups)."""
+        f = self.fmt
+        _, _, out_sw = offs
+        for g in cutlass.range_constexpr(f.d_nope // 64):
+            raw = cute.make_rmem_tensor(cute.make_layout((4, 2)), Int32)
+            group_raw = stage_base + self.raw_offset(sK_outer, warp, g)
+            for k in cutlass.range_constexpr(2):
+                load_16B_shared(group_raw + 512 * k + PIECE * lane, raw[None, k])
+            # every lane has read this group's staging before any lane overwrites it
+            cute.arch.sync_warp()
+            for k in cutlass.range_constexpr(2):
+                if cutlass.const_expr(f.scale_kind == "float32"):
+                    scale = f32_from_bits(scales[g * 64 // f.nope_group, k])
+                else:
+                    scale = ue8m0_to_f32((scales[g // 4, k] >> (8 * (g % 4))) & 0xFF)
+                # 8 rows down and whole 64-column blocks across keep a row's swizzle, and piece
+                # j = 1 is the odd neighbour (bit 4) of piece 0: constants around one register.
+                dst = stage_base + cute.crd2idx((8 * k, 64 * g, 0), sK_outer) * 2
+                for j in cutlass.range_constexpr(2):
+                    out = cute.make_rmem_tensor(cute.make_layout(4), Int32)
+                    out[0], out[1] = dequant_e4m3x4(raw[2 * j, k], scale)
+                    out[2], out[3] = dequant_e4m3x4(raw[2 * j + 1, k], scale)
+                    store_16B_shared(out, dst + (out_sw ^ (PIECE * j)))
+
+    @staticmethod
+    @cute.jit
+    def swizzle(offset: Int32) -> Int32:
+        """The 128B swizzle of a byte offset in a 1024-byte aligned K-major operand: bits
+        4-6 (16-byte piece in a 128-byte row) ^= bits 7-9 (row in the 8-row atom)."""
+        return offset ^ ((offset >> 3) & 0x70)
+
+    @cute.jit
+    def shuffle_i64(self, v: Int64, src_lane: Int32) -> Int64:
         lo = cute.arch.shuffle_sync(Int32(v), src_lane)
         hi = cute.arch.shuffle_sync(Int32(v >> 32), src_lane)
         return (Int64(hi) << 32) | (Int64(lo) & 0xFFFFFFFF)
-
-    @cute.jit
-    def piece_addr(self, stage_base: Int32, sK_outer: cute.Layout, t: cutlass.Constexpr[int], lane_off: Int32) -> Int32:
-        """Shared address of this lane's piece in row 16 w + t of a stage.  128B swizzle:
-        address bits 4-6 ^= bits 7-9, and bits 7-9 are t % 8 (the rows of a 1024-byte
-        aligned 8-row atom are 128 bytes apart; lane_off is taken at row 16 w)."""
-        return stage_base + cute.crd2idx((t, 0, 0), sK_outer) * 2 + (lane_off ^ ((t % 8) << 4))
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
