@@ -153,13 +153,14 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     def load(self, mK: cute.Tensor, mIndices: cute.Tensor, mXK: cute.Tensor, mXIndices: cute.Tensor,
              pbs: Int32, xpbs: Int32, lengths, mSchedMeta: cute.Tensor, sK: cute.Tensor, sK_outer: cute.Layout,
              sBias: cute.Tensor, kv_pipe, part: Int32, iq: Int32, warp: Int32, lane: Int32):
-        # Byte offsets (in a stage) this lane uses: the raw staging piece it cp.asyncs for
-        # every token; its RoPE piece in row 16 w, unswizzled; and, swizzled, its first
-        # output piece (rows 16 w + lane // 4 and 16 w + 8 + lane // 4, columns 16 (lane % 4)
-        # + 64 g): the other output pieces differ from it by compile-time constants.
-        offs = (self.raw_offset(sK_outer, warp, lane // 4) + (lane % 4) * PIECE,
-                cute.crd2idx((warp * 16, self.fmt.d_nope + (lane % self.rope_lanes) * 8, 0), sK_outer) * 2,
-                self.swizzle(cute.crd2idx((warp * 16 + lane // 4, (lane % 4) * 16, 0), sK_outer) * 2))
+        # Lane l looks after quarter l % 4 of every 64-column group of tokens l // 4 and
+        # 8 + l // 4 of the warp's 16: it stages their codes, converts them, stores them.
+        # Byte offsets in a stage: its staging piece of group 0 (raw, unswizzled) and,
+        # swizzled, its RoPE piece and its first output piece; every other piece it touches
+        # differs from these by compile-time constants (``stage_raw``, ``convert_raw``).
+        offs = (self.raw_offset(sK_outer, warp, 0) + 64 * (lane // 4) + PIECE * (lane % 4),
+                self.swizzle(cute.crd2idx((warp * 16 + lane // 4, self.fmt.d_nope + 8 * (lane % 4), 0), sK_outer) * 2),
+                self.swizzle(cute.crd2idx((warp * 16 + lane // 4, 16 * (lane % 4), 0), sK_outer) * 2))
         sk_base = sK.iterator.toint()
         caches = (mK, mIndices, pbs, mXK, mXIndices, xpbs)
         slot = warp * 16 + lane % 16  # the slot of each block lane l (and l + 16) resolves
@@ -279,63 +280,59 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     @cute.jit
     def stage_raw(self, rec: Int64, sc: Int32, stage_base: Int32, offs, sK_outer: cute.Layout, warp: Int32,
                   lane: Int32):
-        """Issue every copy of the warp's 16 tokens at once (their latency overlaps): FP8
-        codes by cp.async into the staging area, RoPE by cp.async to its final place, zeros
-        for invalid tokens; then the scales this lane will need, into registers.  Returns
-        once the copies have landed."""
+        """Issue all of this lane's copies at once (their latencies overlap): its FP8 code
+        pieces by cp.async into the staging area, its RoPE pieces (bf16, stored as is) by
+        cp.async to their final place, zeros for an invalid token; then its tokens' scales
+        into registers (V32: the record's 4 float32; MODEL1: the 8 ue8m0 bytes, as 2
+        words).  Lanes 4 j .. 4 j + 3 together read 64 contiguous bytes of a token per
+        copy.  Returns once this lane's copies have landed (it reads only its own)."""
         f = self.fmt
-        raw_off, rope_off, _ = offs
-        zeros = cute.make_rmem_tensor(cute.make_layout(4), Int32)
-        zeros.fill(0)
-        for t in cutlass.range_constexpr(16):
-            row_rec = self.shuffle_i64(rec, t)
-            # rows of an 8-row atom are 128 bytes apart: row t's swizzle is t % 8, known here
-            rope_dst = stage_base + (rope_off ^ ((t % 8) << 4)) + cute.crd2idx((t, 0, 0), sK_outer) * 2
-            raw_dst = stage_base + raw_off + 64 * t
-            if row_rec < 0:  # warp-uniform
-                if lane < self.nope_lanes:
-                    store_16B_shared(zeros, raw_dst)
-                if lane < self.rope_lanes:
-                    store_16B_shared(zeros, rope_dst)
-            else:
-                # lane l: bytes 16 l .. 16 l + 15 = quarter l % 4 of column group l // 4
-                if lane < self.nope_lanes:
-                    copy_16B_async(row_rec + Int64(lane * PIECE), raw_dst)
-                if lane < self.rope_lanes:  # RoPE is stored bf16: copied as is
-                    copy_16B_async(row_rec + Int64(self.rope_offset + lane * PIECE), rope_dst)
-        cute.arch.cp_async_commit_group()
-        # This lane converts tokens lane // 4 and 8 + lane // 4: their scales (V32: the 4
-        # float32 of the record; MODEL1: the 8 bytes of ue8m0 exponents, as 2 words).
+        raw_lane, rope_sw, _ = offs
+        q = lane % 4
         n_words = 4 if f.scale_kind == "float32" else 2
         scales = cute.make_rmem_tensor(cute.make_layout((n_words, 2)), Int32)
         scales.fill(0)
+        zeros = cute.make_rmem_tensor(cute.make_layout(4), Int32)
+        zeros.fill(0)
         for k in cutlass.range_constexpr(2):
             src_lane = lane // 4 + 8 * k
-            # (shuffles outside the branch: it diverges across the warp)
             tok_rec = self.shuffle_i64(rec, src_lane)
             tok_sc = cute.arch.shuffle_sync(sc, src_lane)
-            if tok_rec >= 0:
+            raw_dst = stage_base + raw_lane + 512 * k
+            rope_dst = stage_base + cute.crd2idx((8 * k, 0, 0), sK_outer) * 2
+            if tok_rec < 0:
+                for g in cutlass.range_constexpr(f.d_nope // 64):
+                    store_16B_shared(zeros, raw_dst + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2)
+                for m in cutlass.range_constexpr(2):
+                    store_16B_shared(zeros, rope_dst + (rope_sw ^ (4 * PIECE * m)))
+            else:
+                src = tok_rec + Int64(PIECE * q)
+                for g in cutlass.range_constexpr(f.d_nope // 64):
+                    copy_16B_async(src + Int64(64 * g), raw_dst + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2)
+                for m in cutlass.range_constexpr(2):  # RoPE pieces q and q + 4
+                    copy_16B_async(src + Int64(self.rope_offset + 4 * PIECE * m), rope_dst + (rope_sw ^ (4 * PIECE * m)))
                 if cutlass.const_expr(f.scale_kind == "float32"):
                     load_16B(tok_rec + Int64(self.scale_offset), scales[None, k])
                 else:
                     load_8B(tok_rec + Int64(tok_sc), scales[None, k])
+        cute.arch.cp_async_commit_group()
         cute.arch.cp_async_wait_group(0)
-        cute.arch.sync_warp()
         return scales
 
     @cute.jit
     def convert_raw(self, scales: cute.Tensor, stage_base: Int32, offs, sK_outer: cute.Layout, warp: Int32,
                     lane: Int32):
         """Staged FP8 codes -> bf16 in place, one 64-column group at a time: lane l takes the
-        16 codes of quarter l % 4 of tokens l // 4 and 8 + l // 4 (so each 8-lane phase
-        reads 128 consecutive bytes and writes 8 distinct 16-byte bank groups)."""
+        16 codes of quarter l % 4 of tokens l // 4 and 8 + l // 4, the pieces it staged
+        (each 8-lane phase reads 128 consecutive bytes and writes 8 distinct 16-byte bank
+        groups)."""
         f = self.fmt
-        _, _, out_sw = offs
+        raw_lane, _, out_sw = offs
         for g in cutlass.range_constexpr(f.d_nope // 64):
             raw = cute.make_rmem_tensor(cute.make_layout((4, 2)), Int32)
-            group_raw = stage_base + self.raw_offset(sK_outer, warp, g)
             for k in cutlass.range_constexpr(2):
-                load_16B_shared(group_raw + 512 * k + PIECE * lane, raw[None, k])
+                load_16B_shared(stage_base + raw_lane + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2 + 512 * k,
+                                raw[None, k])
             # every lane has read this group's staging before any lane overwrites it
             cute.arch.sync_warp()
             for k in cutlass.range_constexpr(2):
