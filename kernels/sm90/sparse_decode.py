@@ -285,7 +285,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         cp.async to their final place, zeros for an invalid token; then its tokens' scales
         into registers (V32: the record's 4 float32; MODEL1: the 8 ue8m0 bytes, as 2
         words).  Lanes 4 j .. 4 j + 3 together read 64 contiguous bytes of a token per
-        copy.  Returns with the copies in flight, one cp.async group per token."""
+        copy.  Returns once this lane's copies have landed (it reads only its own)."""
         f = self.fmt
         raw_lane, rope_sw, _ = offs
         q = lane % 4
@@ -315,7 +315,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                     load_16B(tok_rec + Int64(self.scale_offset), scales[None, k])
                 else:
                     load_8B(tok_rec + Int64(tok_sc), scales[None, k])
-            cute.arch.cp_async_commit_group()  # one group per token, waited for in convert_raw
+        cute.arch.cp_async_commit_group()
+        cute.arch.cp_async_wait_group(0)
         return scales
 
     @cute.jit
@@ -327,17 +328,14 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         groups)."""
         f = self.fmt
         raw_lane, _, out_sw = offs
-        for k in cutlass.range_constexpr(2):
-            # Token lane // 4 (k = 0) is converted while token 8 + lane // 4 is still landing.
-            # Its output rows lie in the first half of each group's 2 KiB, away from all
-            # staging; token 8 + lane // 4's rows cover the staging, so before each of its
-            # groups every lane must be done reading that group (its own pieces of both).
-            cute.arch.cp_async_wait_group(1 - k)
-            for g in cutlass.range_constexpr(f.d_nope // 64):
-                raw = cute.make_rmem_tensor(cute.make_layout(4), Int32)
-                load_16B_shared(stage_base + raw_lane + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2 + 512 * k, raw)
-                if cutlass.const_expr(k == 1):
-                    cute.arch.sync_warp()
+        for g in cutlass.range_constexpr(f.d_nope // 64):
+            raw = cute.make_rmem_tensor(cute.make_layout((4, 2)), Int32)
+            for k in cutlass.range_constexpr(2):
+                load_16B_shared(stage_base + raw_lane + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2 + 512 * k,
+                                raw[None, k])
+            # every lane has read this group's staging before any lane overwrites it
+            cute.arch.sync_warp()
+            for k in cutlass.range_constexpr(2):
                 if cutlass.const_expr(f.scale_kind == "float32"):
                     scale = f32_from_bits(scales[g * 64 // f.nope_group, k])
                 else:
@@ -347,8 +345,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 dst = stage_base + cute.crd2idx((8 * k, 64 * g, 0), sK_outer) * 2
                 for j in cutlass.range_constexpr(2):
                     out = cute.make_rmem_tensor(cute.make_layout(4), Int32)
-                    out[0], out[1] = dequant_e4m3x4(raw[2 * j], scale)
-                    out[2], out[3] = dequant_e4m3x4(raw[2 * j + 1], scale)
+                    out[0], out[1] = dequant_e4m3x4(raw[2 * j, k], scale)
+                    out[2], out[3] = dequant_e4m3x4(raw[2 * j + 1, k], scale)
                     store_16B_shared(out, dst + (out_sw ^ (PIECE * j)))
 
     @staticmethod
