@@ -222,6 +222,7 @@ def _check_sparse_decode(q, k_cache, indices, attn_sink, extra_k_cache, extra_in
              f"{name}'s block stride must be >= {pbs * bpt} bytes and a multiple of {BLOCK_STRIDE_ALIGN}, "
              f"and its data 16-byte aligned; got stride(0) = {cache.stride(0)}")
         need(nb * pbs < 2**31, f"{name} holds {nb * pbs} tokens; token ids must fit int32")
+        need(pbs * bpt < 2**31, f"{name}'s page_block_size {pbs} makes a block of 2 GiB or more")
 
     def check_indices(name, idx):
         need(isinstance(idx, torch.Tensor) and idx.dtype == torch.int32,
