@@ -176,12 +176,6 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             if lo + 1 < hi:
                 idx_next = self.fetch_index(self.block_source(caches, lo + 1, r, iq, n, nb, nx), slot)
             for blk in cutlass.range(lo, hi, unroll=1):
-                rec_next, sc_next = self.token_record(self.block_source(caches, blk + 1, r, iq, n, nb, nx), slot,
-                                                      idx_next)
-                self.prefetch_record(rec_next, sc_next, lane)
-                idx_next = Int32(-1)
-                if blk + 2 < hi:
-                    idx_next = self.fetch_index(self.block_source(caches, blk + 2, r, iq, n, nb, nx), slot)
                 kv_pipe.producer_acquire(state)
                 stage = state.index
                 if lane < 16:
@@ -191,6 +185,15 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                     sBias[slot, stage] = bias
                 stage_base = sk_base + stage * self.kv_bytes
                 scales = self.stage_raw(rec, sc, stage_base, offs, sK_outer, warp, lane)
+                # While this block's copies fly: the next block's records (its indices were
+                # loaded a block ago) to L2, and the indices of the one after.
+                rec_next, sc_next = self.token_record(self.block_source(caches, blk + 1, r, iq, n, nb, nx), slot,
+                                                      idx_next)
+                self.prefetch_record(rec_next, sc_next, lane)
+                idx_next = Int32(-1)
+                if blk + 2 < hi:
+                    idx_next = self.fetch_index(self.block_source(caches, blk + 2, r, iq, n, nb, nx), slot)
+                cute.arch.cp_async_wait_group(0)
                 self.convert_raw(scales, stage_base, offs, sK_outer, warp, lane)
                 # Shared stores and cp.async are generic-proxy writes; WGMMA reads through the async proxy.
                 cute.arch.fence_proxy("async.shared", space="cta")
@@ -285,7 +288,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         cp.async to their final place, zeros for an invalid token; then its tokens' scales
         into registers (V32: the record's 4 float32; MODEL1: the 8 ue8m0 bytes, as 2
         words).  Lanes 4 j .. 4 j + 3 together read 64 contiguous bytes of a token per
-        copy.  Returns once this lane's copies have landed (it reads only its own)."""
+        copy.  Returns with the copies in flight (one cp.async group; the caller waits,
+        and each lane then reads only what it staged itself)."""
         f = self.fmt
         raw_lane, rope_sw, _ = offs
         q = lane % 4
@@ -316,7 +320,6 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 else:
                     load_8B(tok_rec + Int64(tok_sc), scales[None, k])
         cute.arch.cp_async_commit_group()
-        cute.arch.cp_async_wait_group(0)
         return scales
 
     @cute.jit
