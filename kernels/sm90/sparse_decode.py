@@ -35,14 +35,19 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     ceil(n / 64) * 64 + n_extra (``ops.sparse_decode`` computes the same on the host stream).
 
     Warp roles (384 threads):
-      warpgroup 0  producer: warp w gathers slots 16w .. 16w + 15 of a 64-slot block,
-                   ``rows_per_batch`` tokens at a time: every lane loads 16 bytes of
-                   a token's FP8 NoPE codes and its group scale into registers, then
-                   converts them (``kernels.common.fp8``) and stores bf16 straight into the
-                   128B-swizzled K-major layout WGMMA reads; lanes 0-7 cp.async the 128
-                   bytes of bf16 RoPE there directly.  A slot past
-                   the counted prefix, or whose index is outside [0, num_blocks * page
-                   size), is never dereferenced: its row is zeros, its logit bias -inf.
+      warpgroup 0  producer: warp w fills rows 16w .. 16w + 15 (16 selected slots) of a
+                   block's stage, in two steps (``stage_raw``, ``convert_raw``):
+                   1. every copy at once, so their latencies overlap: the FP8 codes by
+                      cp.async into a staging area inside the stage itself (the second half
+                      of the area their bf16 will occupy), the bf16 RoPE by cp.async to its
+                      final place, the scales into registers;
+                   2. per 64-column group, codes -> bf16 (``kernels.common.fp8``) into the
+                      128B-swizzled K-major layout WGMMA reads.
+                   Lane l handles quarter l % 4 of each group of tokens l // 4 and 8 + l // 4
+                   in both steps.  The next block's token records are prefetched to L2
+                   and the indices of the block after it loaded while the copies fly.  A
+                   slot past the counted prefix, or whose index is outside [0, num_blocks *
+                   page size), is never dereferenced: its row is zeros, its logit bias -inf.
       warpgroups 1, 2  consumers: the split-S / split-O scheme of
                    ``kernels.sm90.mla_consumers`` (``attend_gathered_block``).
 
@@ -64,9 +69,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         self.fmt = get_format(fmt)
         super().__init__(cutlass.BFloat16, self.fmt.d_qk)
         f = self.fmt
-        self.nope_lanes = f.d_nope // PIECE  # lanes holding 16 NoPE codes each (32 V32, 28 MODEL1)
-        self.rope_lanes = f.rope_bytes // PIECE  # lanes holding 8 RoPE values each (8)
-        self.lanes_per_group = f.nope_group // PIECE
+        # each lane copies 2 of a token's 8 RoPE pieces and converts whole 64-code groups
+        assert f.rope_bytes == 8 * PIECE and f.d_nope % 64 == 0 and f.nope_group % 64 == 0
         self.rope_offset = f.rope_offset(0)  # in a token's data record
         self.scale_offset = f.scale_offset(0, 1) if f.placement == "per_token" else 0
 
@@ -184,7 +188,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                         bias = -Float32.inf
                     sBias[slot, stage] = bias
                 stage_base = sk_base + stage * self.kv_bytes
-                scales = self.stage_raw(rec, sc, stage_base, offs, sK_outer, warp, lane)
+                scales = self.stage_raw(rec, sc, stage_base, offs, sK_outer, lane)
                 # While this block's copies fly: the next block's records (its indices were
                 # loaded a block ago) to L2, and the indices of the one after.
                 rec_next, sc_next = self.token_record(self.block_source(caches, blk + 1, r, iq, n, nb, nx), slot,
@@ -194,7 +198,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 if blk + 2 < hi:
                     idx_next = self.fetch_index(self.block_source(caches, blk + 2, r, iq, n, nb, nx), slot)
                 cute.arch.cp_async_wait_group(0)
-                self.convert_raw(scales, stage_base, offs, sK_outer, warp, lane)
+                self.convert_raw(scales, stage_base, offs, sK_outer, lane)
                 # Shared stores and cp.async are generic-proxy writes; WGMMA reads through the async proxy.
                 cute.arch.fence_proxy("async.shared", space="cta")
                 kv_pipe.producer_commit(state)
@@ -281,8 +285,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         return cute.crd2idx((warp * 16, 64 * g, 0), sK_outer) * 2 + 1024
 
     @cute.jit
-    def stage_raw(self, rec: Int64, sc: Int32, stage_base: Int32, offs, sK_outer: cute.Layout, warp: Int32,
-                  lane: Int32):
+    def stage_raw(self, rec: Int64, sc: Int32, stage_base: Int32, offs, sK_outer: cute.Layout, lane: Int32):
         """Issue all of this lane's copies at once (their latencies overlap): its FP8 code
         pieces by cp.async into the staging area, its RoPE pieces (bf16, stored as is) by
         cp.async to their final place, zeros for an invalid token; then its tokens' scales
@@ -323,8 +326,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         return scales
 
     @cute.jit
-    def convert_raw(self, scales: cute.Tensor, stage_base: Int32, offs, sK_outer: cute.Layout, warp: Int32,
-                    lane: Int32):
+    def convert_raw(self, scales: cute.Tensor, stage_base: Int32, offs, sK_outer: cute.Layout, lane: Int32):
         """Staged FP8 codes -> bf16 in place, one 64-column group at a time: lane l takes the
         16 codes of quarter l % 4 of tokens l // 4 and 8 + l // 4, the pieces it staged
         (each 8-lane phase reads 128 consecutive bytes and writes 8 distinct 16-byte bank
