@@ -154,7 +154,7 @@ class DenseDecodeSm90(SplitKvDecodeSm90):
             split = Int32(0)
             if r == begin_req:
                 split = mSchedMeta[part, 4]
-            self.load_q(mQ, sQ, r, hk, mblk, heads_per_kv, ctid)
+            self.load_q(mQ, sQ, (r, hk, mblk, heads_per_kv), ctid)
 
             # Key limit of this thread's two rows: the request length, less s_q-1-i for query
             # token i under causal masking.  Computed once per piece: only blocks that reach

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
+import cutlass.pipeline as pipeline
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import warpgroup
@@ -101,6 +102,58 @@ class TwoConsumerMlaSm90:
         sP = smem.allocate_tensor(self.dtype, sP_layout.outer, byte_alignment=1024, swizzle=sP_layout.inner)
         sStat = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
         return sQ, sK, sP, sStat
+
+    @cute.jit
+    def make_gathered_kv_pipeline(self, smem, producer_threads: cutlass.Constexpr[int]):
+        """The sparse kernels' KV ring handshake: (sBias, kv_pipe).  ``sBias`` (slot, stage)
+        is each gathered slot's logit bias (0 valid, -inf invalid); ``kv_pipe`` is a
+        PipelineAsync from ``producer_threads`` producer threads, each arriving once its own
+        shared writes of the block are done and fenced, to the 256 consumer threads.  Call
+        before the roles split: it synchronises the CTA."""
+        sBias = smem.allocate_tensor(Float32, cute.make_layout((BLOCK_N, self.stages)), byte_alignment=16)
+        kv_mbar = smem.allocate_array(cutlass.Int64, 2 * self.stages, byte_alignment=8)
+        kv_pipe = pipeline.PipelineAsync.create(
+            num_stages=self.stages,
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, producer_threads),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.consumer_threads),
+            barrier_storage=kv_mbar, defer_sync=True)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+        return sBias, kv_pipe
+
+    @cute.jit
+    def load_q(self, mQ: cute.Tensor, sQ: cute.Tensor, where, ctid: Int32):
+        """Both consumer warpgroups copy the CTA's 64 query rows into sQ: row ``row`` is
+        ``self.q_row(mQ, where, row)`` (a (d,) view and whether it exists; missing rows
+        are zero).
+
+        Each thread moves 16-byte chunks and issues all its global loads before its first
+        shared store, so the loads overlap instead of paying a memory latency each."""
+        # Nobody may still be reading the previous piece's Q (or its row statistics).
+        cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
+        vec = 128 // self.dtype.width  # elements per 16-byte chunk
+        chunks_per_row = self.d // vec
+        per_thread = BLOCK_M * chunks_per_row // self.consumer_threads
+        batch = per_thread // 2
+        for half_batch in cutlass.range_constexpr(2):
+            buf = cute.make_rmem_tensor(cute.make_layout((vec, batch)), self.dtype)
+            for j in cutlass.range_constexpr(batch):
+                chunk = ctid + (half_batch * batch + j) * self.consumer_threads
+                row = chunk // chunks_per_row
+                c = chunk - row * chunks_per_row
+                gq, exists = self.q_row(mQ, where, row)
+                if exists:
+                    cute.autovec_copy(cute.local_tile(gq, (vec,), (c,)), buf[None, j])
+                else:
+                    buf[None, j].fill(0.0)
+            for j in cutlass.range_constexpr(batch):
+                chunk = ctid + (half_batch * batch + j) * self.consumer_threads
+                row = chunk // chunks_per_row
+                c = chunk - row * chunks_per_row
+                cute.autovec_copy(buf[None, j], cute.local_tile(sQ[row, None, 0], (vec,), (c,)))
+        # Generic-proxy stores read next by WGMMA (async proxy).
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
 
     @cute.jit
     def consumer_fragments(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, sQ: cute.Tensor, sK: cute.Tensor,

@@ -108,16 +108,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
 
         smem = cutlass.memory.SmemAllocator()
         sQ, sK, sP, sStat = self.allocate_operands(smem, sQ_layout, sK_layout, sP_layout)
-        # (slot, stage) logit bias of each selected slot: 0 valid, -inf invalid
-        sBias = smem.allocate_tensor(Float32, cute.make_layout((BLOCK_N, self.stages)), byte_alignment=16)
-        kv_mbar = smem.allocate_array(cutlass.Int64, 2 * self.stages, byte_alignment=8)
-        kv_pipe = pipeline.PipelineAsync.create(
-            num_stages=self.stages,
-            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.producer_threads),
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.consumer_threads),
-            barrier_storage=kv_mbar, defer_sync=True)
-        cute.arch.mbarrier_init_fence()
-        cute.arch.sync_threads()
+        sBias, kv_pipe = self.make_gathered_kv_pipeline(smem, self.producer_threads)
 
         part, _, mblk = cute.arch.block_idx()
         lengths = (mIndices.shape[2], mTopkLength, has_topk_length, mXIndices.shape[2], mXTopkLength,
@@ -387,7 +378,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             if r == begin_req:
                 split = mSchedMeta[part, 4]
             # the row block's 64 heads of one query token: (request r, "kv head" 0, h_q heads per kv head)
-            self.load_q(mQ, sQ, r, 0, mblk, h_q, ctid)
+            self.load_q(mQ, sQ, (r, 0, mblk, h_q), ctid)
             acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.v_half)))
             acc_o.fill(0.0)
             row_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)

@@ -11,7 +11,7 @@ from cutlass import Float32, Int32
 
 from kernels.common.paged_kv import kv_smem_layout
 from kernels.common.softmax import LN_2, LOG2_E
-from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, NamedBarrier, TwoConsumerMlaSm90
+from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
 
 
 class SparsePrefillSm90(TwoConsumerMlaSm90):
@@ -79,16 +79,7 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
 
         smem = cutlass.memory.SmemAllocator()
         sQ, sK, sP, sStat = self.allocate_operands(smem, sQ_layout, sK_layout, sP_layout)
-        # (slot, stage) logit bias of each selected slot: 0 valid, -inf invalid
-        sBias = smem.allocate_tensor(Float32, cute.make_layout((BLOCK_N, self.stages)), byte_alignment=16)
-        kv_mbar = smem.allocate_array(cutlass.Int64, 2 * self.stages, byte_alignment=8)
-        kv_pipe = pipeline.PipelineAsync.create(
-            num_stages=self.stages,
-            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.producer_threads),
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.consumer_threads),
-            barrier_storage=kv_mbar, defer_sync=True)
-        cute.arch.mbarrier_init_fence()
-        cute.arch.sync_threads()
+        sBias, kv_pipe = self.make_gathered_kv_pipeline(smem, self.producer_threads)
 
         if wg == 0:
             cute.arch.setmaxregister_decrease(self.regs_producer)
@@ -211,7 +202,7 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         for tile in cutlass.range(bid, mQ.shape[0] * head_blocks, grid, unroll=1):
             token, hblk, _, nblk = self.tile_work(tile, head_blocks, mIndices, mTopkLength, has_topk_length)
-            self.load_q(mQ, sQ, token, hblk, ctid)
+            self.load_q(mQ, sQ, (token, hblk), ctid)
             acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.v_half)))
             acc_o.fill(0.0)
             row_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
@@ -226,29 +217,10 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
                           has_sink, token, hblk, half, wtid)
 
     @cute.jit
-    def load_q(self, mQ: cute.Tensor, sQ: cute.Tensor, token: Int32, hblk: Int32, ctid: Int32):
-        """Both consumer warpgroups copy the token's 64 query heads into sQ, 16 bytes a
-        thread at a time, every global load of a batch issued before its first store."""
-        # Nobody may still be reading the previous tile's Q (or its row statistics).
-        cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
-        vec = 8
-        chunks_per_row = self.d // vec
-        per_thread = BLOCK_M * chunks_per_row // self.consumer_threads
-        batch = per_thread // 2
-        for b in cutlass.range_constexpr(2):
-            buf = cute.make_rmem_tensor(cute.make_layout((vec, batch)), self.dtype)
-            for j in cutlass.range_constexpr(batch):
-                chunk = ctid + (b * batch + j) * self.consumer_threads
-                row = chunk // chunks_per_row
-                c = chunk - row * chunks_per_row
-                cute.autovec_copy(cute.local_tile(mQ[token, hblk * BLOCK_M + row, None], (vec,), (c,)), buf[None, j])
-            for j in cutlass.range_constexpr(batch):
-                chunk = ctid + (b * batch + j) * self.consumer_threads
-                row = chunk // chunks_per_row
-                c = chunk - row * chunks_per_row
-                cute.autovec_copy(buf[None, j], cute.local_tile(sQ[row, None, 0], (vec,), (c,)))
-        cute.arch.fence_proxy("async.shared", space="cta")
-        cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
+    def q_row(self, mQ: cute.Tensor, where, row: Int32):
+        """Row ``row`` of the CTA's Q tile (``load_q``): where = (token, head block)."""
+        token, hblk = where
+        return mQ[token, hblk * BLOCK_M + row, None], True
 
     @cute.jit
     def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,

@@ -14,7 +14,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32
 
 from kernels.common.softmax import LN_2, LOG2_E
-from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, NamedBarrier, TwoConsumerMlaSm90
+from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
 
 
 class SplitKvDecodeSm90(TwoConsumerMlaSm90):
@@ -42,42 +42,13 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
 
 
     @cute.jit
-    def load_q(self, mQ: cute.Tensor, sQ: cute.Tensor, r: Int32, hk: Int32, mblk: Int32, heads_per_kv: Int32,
-               ctid: Int32):
-        """Both consumer warpgroups copy the 64 query rows of (request r, kv head hk) into sQ;
-        rows past s_q * h_r are zero.
-
-        Each thread moves 16-byte chunks and issues all its global loads before its first
-        shared store, so the loads overlap instead of paying a memory latency each."""
-        # Nobody may still be reading the previous piece's Q.
-        cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
-        rows = mQ.shape[1] * heads_per_kv
-        vec = 128 // self.dtype.width  # elements per 16-byte chunk
-        chunks_per_row = self.d // vec
-        per_thread = BLOCK_M * chunks_per_row // self.consumer_threads
-        batch = per_thread // 2
-        for half_batch in cutlass.range_constexpr(2):
-            buf = cute.make_rmem_tensor(cute.make_layout((vec, batch)), self.dtype)
-            for j in cutlass.range_constexpr(batch):
-                chunk = ctid + (half_batch * batch + j) * self.consumer_threads
-                row = chunk // chunks_per_row
-                c = chunk - row * chunks_per_row
-                m = mblk * BLOCK_M + row
-                if m < rows:
-                    iq, hq = self.query_of_row(m, hk, heads_per_kv)
-                    gq = cute.local_tile(mQ[r, iq, hq, None], (vec,), (c,))
-                    cute.autovec_copy(gq, buf[None, j])
-                else:
-                    buf[None, j].fill(0.0)
-            for j in cutlass.range_constexpr(batch):
-                chunk = ctid + (half_batch * batch + j) * self.consumer_threads
-                row = chunk // chunks_per_row
-                c = chunk - row * chunks_per_row
-                cute.autovec_copy(buf[None, j], cute.local_tile(sQ[row, None, 0], (vec,), (c,)))
-        # Generic-proxy stores read next by WGMMA (async proxy).
-        cute.arch.fence_proxy("async.shared", space="cta")
-        cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
-
+    def q_row(self, mQ: cute.Tensor, where, row: Int32):
+        """Row ``row`` of the CTA's Q tile (``load_q``): where = (request, kv head, row
+        block, h_r); rows past s_q * h_r do not exist."""
+        r, hk, mblk, heads_per_kv = where
+        m = mblk * BLOCK_M + row
+        iq, hq = self.query_of_row(m, hk, heads_per_kv)
+        return mQ[r, iq, hq, None], m < mQ.shape[1] * heads_per_kv
 
     @cute.jit
     def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
