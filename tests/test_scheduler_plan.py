@@ -51,3 +51,20 @@ def test_num_sm_parts():
     assert num_sm_parts(132, 1, 16, 1) == 132
     assert num_sm_parts(132, 1, 64, 8) == 16
     assert num_sm_parts(4, 4, 128, 1) == 1
+
+
+def test_sparse_decode_lengths_pad_main_slots_to_blocks():
+    """The plan length of a sparse decode request: counted main slots padded to whole
+    64-slot blocks (the kernel starts the extra cache on a block boundary), then the
+    counted extra slots; lengths outside [0, topk] are clamped as the kernel does."""
+    torch = pytest.importorskip("torch")
+    from cute_mla.ops import sparse_decode_lengths
+
+    dev = torch.device("cpu")
+    tl = torch.tensor([0, 1, 64, 65, 128, -5, 999], dtype=torch.int32)
+    xtl = torch.tensor([0, 7, 512, -1, 300, 1000, 64], dtype=torch.int32)
+    got = sparse_decode_lengths(7, 128, tl, 512, xtl, dev).tolist()
+    assert got == [0, 64 + 7, 64 + 512, 128 + 0, 128 + 300, 0 + 512, 128 + 64]
+    assert sparse_decode_lengths(3, 2048, None, 0, None, dev).tolist() == [2048] * 3
+    assert sparse_decode_lengths(2, 128, None, 1024, None, dev).tolist() == [128 + 1024] * 2
+    assert sparse_decode_lengths(1, 64, torch.tensor([5], dtype=torch.int32), 64, None, dev).dtype == torch.int32
