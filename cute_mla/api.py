@@ -214,7 +214,8 @@ def _check_sparse_decode(q, k_cache, indices, attn_sink, extra_k_cache, extra_in
         need(bpt == fmt.bytes_per_token, f"{name}'s last dim must be {fmt.bytes_per_token} bytes per token "
              f"({fmt.name} format, d_qk {d_qk}), got {bpt}")
         need(h_kv == 1, f"{name} must have one kv head, got {h_kv}")
-        need(nb >= 1 and pbs >= 1, f"{name} must have num_blocks >= 1 and page_block_size >= 1, got {tuple(cache.shape)}")
+        need(nb >= 1 and pbs >= 1,
+             f"{name} must have num_blocks >= 1 and page_block_size >= 1, got {tuple(cache.shape)}")
         need(cache.stride(3) == 1 and cache.stride(1) == bpt,
              f"{name}'s tokens must be {bpt} contiguous bytes each (stride(1) = {bpt}), got strides {cache.stride()}")
         need(cache.stride(0) >= pbs * bpt and cache.stride(0) % BLOCK_STRIDE_ALIGN == 0

@@ -16,7 +16,8 @@ ignore (0 * NaN = NaN) therefore fails the comparison. V32 scales are multiplied
 [0.5, 2), so they are not powers of two; MODEL1 scales are ue8m0 by format. The reference computes in
 float32 on the dequantised caches, dequantised as the op defines it: fp8 * scale formed in float32 and
 rounded once to bf16, the type the matmuls run in (``quant.dequantize_kvcache``'s default). Against a
-float32 dequantisation, K's bf16 rounding alone moves a one-key lse by ~5e-5, over the 1e-6 abs bar. The fast subset and the corner cases run by default; ``-m full`` runs the whole grid.
+float32 dequantisation, K's bf16 rounding alone moves a one-key lse by ~5e-5, over the 1e-6 abs bar.
+The fast subset and the corner cases run by default; ``-m full`` runs the whole grid.
 """
 import itertools
 import zlib

@@ -308,7 +308,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 for g in cutlass.range_constexpr(f.d_nope // 64):
                     copy_16B_async(src + Int64(64 * g), raw_dst + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2)
                 for m in cutlass.range_constexpr(2):  # RoPE pieces q and q + 4
-                    copy_16B_async(src + Int64(self.rope_offset + 4 * PIECE * m), rope_dst + (rope_sw ^ (4 * PIECE * m)))
+                    copy_16B_async(src + Int64(self.rope_offset + 4 * PIECE * m),
+                                   rope_dst + (rope_sw ^ (4 * PIECE * m)))
                 if cutlass.const_expr(f.scale_kind == "float32"):
                     load_16B(tok_rec + Int64(self.scale_offset), scales[None, k])
                 else:
