@@ -11,6 +11,8 @@ from typing import Optional, Tuple
 import torch
 
 from cute_mla import ops
+from cute_mla.ops import _require as need  # ValueError(msg) unless cond
+from layouts.kv_cache import BLOCK_STRIDE_ALIGN, format_for_dqk
 from schedules import decode_plan
 
 
@@ -129,10 +131,6 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
 
 def _check_dense_decode(q, k_cache, block_table, cache_seqlens) -> None:
     """Every shape, dtype and device rule of the dense path, with the argument named."""
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(msg)
-
     need(q.dtype in (torch.bfloat16, torch.float16), f"q must be bfloat16 or float16, got {q.dtype}")
     need(k_cache.dtype == q.dtype, f"k_cache must have q's dtype {q.dtype} for dense decode, got {k_cache.dtype}")
     need(q.is_cuda, f"q must be a CUDA tensor, got device {q.device}")
@@ -189,12 +187,6 @@ _FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.uint8)
 def _check_sparse_decode(q, k_cache, indices, attn_sink, extra_k_cache, extra_indices, topk_length,
                          extra_topk_length) -> None:
     """Every shape, dtype and device rule of the sparse decode path, with the argument named."""
-    from layouts.kv_cache import BLOCK_STRIDE_ALIGN, format_for_dqk
-
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(msg)
-
     need(q.dtype == torch.bfloat16, f"q must be bfloat16 for sparse decode, got {q.dtype}")
     need(q.is_cuda, f"q must be a CUDA tensor, got device {q.device}")
     b, s_q, h_q, d_qk = q.shape
@@ -281,10 +273,6 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
 
 
 def _check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length) -> None:
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(msg)
-
     for name, t in (("q", q), ("kv", kv), ("indices", indices)):
         need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
     need(q.dim() == 3, f"q must be [s_q, h_q, d_qk], got shape {tuple(q.shape)}")

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from cute_mla import launcher
+from layouts.kv_cache import format_for_dqk
 from schedules import decode_plan
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -159,8 +160,6 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
                   softmax_scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Split-KV FP8 sparse decode (SM90) then the combine of multi-split requests, on the
     current stream.  Inputs are assumed validated by the API layer."""
-    from layouts.kv_cache import format_for_dqk
-
     b, s_q, h_q, d_qk = q.shape
     if b == 0:
         return

@@ -167,12 +167,7 @@ class DenseDecodeSm90(SplitKvDecodeSm90):
                     iq, _ = self.query_of_row(mblk * BLOCK_M + row, hk, heads_per_kv)
                     row_limit[h] = seqlen - (s_q - 1 - iq)
             min_limit = cutlass.min(row_limit[0], row_limit[1])
-            acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.v_half)))
-            acc_o.fill(0.0)
-            row_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-            row_sum = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-            row_max.fill(-Float32.inf)
-            row_sum.fill(0.0)
+            acc_o, row_max, row_sum = self.fresh_rows(thr_pv)
             prev = state.clone()
             for blk in cutlass.range(lo, hi, unroll=1):
                 kv_pipe.consumer_wait(state)

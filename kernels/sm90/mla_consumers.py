@@ -170,6 +170,18 @@ class TwoConsumerMlaSm90:
         tOcO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.v_half)))  # (row, col) of each O value
         return thr_qk, thr_pv, tSrQ, tSrK, tScS, tOrP, tOcO
 
+    @cute.jit
+    def fresh_rows(self, thr_pv):
+        """A tile's running state before its first block: O = 0 (this consumer's 64 x 256
+        accumulator), and for this thread's 2 rows max = -inf, sum = 0."""
+        acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.v_half)))
+        acc_o.fill(0.0)
+        row_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        row_sum = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+        row_max.fill(-Float32.inf)
+        row_sum.fill(0.0)
+        return acc_o, row_max, row_sum
+
     # ------------------------------------------------------------------ per-block steps
     @cute.jit
     def online_softmax(self, acc_s: cute.Tensor, tScS: cute.Tensor, acc_o: cute.Tensor, row_max: cute.Tensor,

@@ -165,7 +165,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
             # Two blocks of look-ahead: block j's tokens are gathered while block j + 1's are
             # prefetched into L2 and block j + 2's indices are in flight.
-            rec, sc = self.token_record(self.block_source(caches, lo, r, iq, n, nb, nx), slot,
+            rec, sc = self.token_record(self.block_source(caches, lo, r, iq, n, nb, nx),
                                         self.fetch_index(self.block_source(caches, lo, r, iq, n, nb, nx), slot))
             idx_next = Int32(-1)
             if lo + 1 < hi:
@@ -182,8 +182,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 scales = self.stage_raw(rec, sc, stage_base, offs, sK_outer, lane)
                 # While this block's copies fly: the next block's records (its indices were
                 # loaded a block ago) to L2, and the indices of the one after.
-                rec_next, sc_next = self.token_record(self.block_source(caches, blk + 1, r, iq, n, nb, nx), slot,
-                                                      idx_next)
+                rec_next, sc_next = self.token_record(self.block_source(caches, blk + 1, r, iq, n, nb, nx), idx_next)
                 self.prefetch_record(rec_next, sc_next, lane)
                 idx_next = Int32(-1)
                 if blk + 2 < hi:
@@ -231,7 +230,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         return idx
 
     @cute.jit
-    def token_record(self, src, slot: Int32, idx: Int32):
+    def token_record(self, src, idx: Int32):
         """Byte address of the token ``idx`` selects (its record; MODEL1: its data part), or
         -1 when idx is outside [0, num_blocks * page size): such a token is never
         dereferenced.  Second: MODEL1's scales are at record + this (a 32-bit delta, as
@@ -380,12 +379,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 split = mSchedMeta[part, 4]
             # the row block's 64 heads of one query token: (request r, "kv head" 0, h_q heads per kv head)
             self.load_q(mQ, sQ, (r, 0, mblk, h_q), ctid)
-            acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.v_half)))
-            acc_o.fill(0.0)
-            row_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-            row_sum = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-            row_max.fill(-Float32.inf)
-            row_sum.fill(0.0)
+            acc_o, row_max, row_sum = self.fresh_rows(thr_pv)
             for blk in cutlass.range(lo, hi, unroll=1):
                 self.attend_gathered_block(qk_mma, pv_mma, tSrQ, tSrK, tScS, tOrP, acc_o, row_max, row_sum, sK, sP,
                                            sStat, sBias, sV_layout, kv_pipe, state, scale_log2, half, wtid)

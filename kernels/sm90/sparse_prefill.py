@@ -203,12 +203,7 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
         for tile in cutlass.range(bid, mQ.shape[0] * head_blocks, grid, unroll=1):
             token, hblk, _, nblk = self.tile_work(tile, head_blocks, mIndices, mTopkLength, has_topk_length)
             self.load_q(mQ, sQ, (token, hblk), ctid)
-            acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.v_half)))
-            acc_o.fill(0.0)
-            row_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-            row_sum = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-            row_max.fill(-Float32.inf)
-            row_sum.fill(0.0)
+            acc_o, row_max, row_sum = self.fresh_rows(thr_pv)
             for blk in cutlass.range(nblk, unroll=1):
                 self.attend_gathered_block(qk_mma, pv_mma, tSrQ, tSrK, tScS, tOrP, acc_o, row_max, row_sum, sK, sP,
                                            sStat, sBias, sV_layout, kv_pipe, state, scale_log2, half, wtid)
