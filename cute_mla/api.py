@@ -80,11 +80,13 @@ def _bind_sched_meta(sched_meta: FlashMLASchedMeta, config: FlashMLASchedMeta.Co
     return False
 
 
-def schedule_decode(sched_meta: FlashMLASchedMeta, cache_seqlens: torch.Tensor, s_q: int, h_q: int, h_kv: int):
+def schedule_decode(sched_meta: FlashMLASchedMeta, cache_seqlens: torch.Tensor, s_q: int, h_q: int, h_kv: int,
+                    fixed_overhead: int = decode_plan.FIXED_OVERHEAD_BLOCKS):
     """Fill ``sched_meta`` with the split-KV plan for these lengths (GPU, no sync)."""
     num_sms = torch.cuda.get_device_properties(cache_seqlens.device).multi_processor_count
     parts = decode_plan.num_sm_parts(num_sms, s_q, h_q, h_kv)
-    sched_meta.tile_scheduler_metadata, sched_meta.num_splits = ops.plan_decode(cache_seqlens, parts)
+    sched_meta.tile_scheduler_metadata, sched_meta.num_splits = ops.plan_decode(
+        cache_seqlens, parts, fixed_overhead=fixed_overhead)
 
 
 def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: Optional[torch.Tensor],
@@ -173,7 +175,7 @@ def _sparse_decode(q, k_cache, sched_meta, config, softmax_scale, causal, is_fp8
         lengths = ops.sparse_decode_lengths(
             b, indices.shape[-1], topk_length, 0 if extra_indices is None else extra_indices.shape[-1],
             extra_topk_length, q.device)
-        schedule_decode(sched_meta, lengths, s_q, h_q, 1)
+        schedule_decode(sched_meta, lengths, s_q, h_q, 1, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS)
     out = torch.empty(b, s_q, h_q, 512, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
     ops.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length, attn_sink,

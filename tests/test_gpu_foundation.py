@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cute_mla import api, ops
-from schedules.decode_plan import plan_host
+from schedules.decode_plan import FIXED_OVERHEAD_BLOCKS, SPARSE_FIXED_OVERHEAD_BLOCKS, plan_host
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -28,11 +28,13 @@ SCHED_CASES = [(lens, parts) for lens, parts in [
 ]]
 
 
+# the dense (12) and sparse (2) decode paths' split overheads
+@pytest.mark.parametrize("overhead", [FIXED_OVERHEAD_BLOCKS, SPARSE_FIXED_OVERHEAD_BLOCKS])
 @pytest.mark.parametrize("lens,parts", SCHED_CASES, ids=[f"b{len(c[0])}-p{c[1]}" for c in SCHED_CASES])
-def test_scheduler_matches_host_plan(lens, parts):
+def test_scheduler_matches_host_plan(lens, parts, overhead):
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    meta, offsets = ops.plan_decode(seqlens, parts)
-    ref_meta, ref_offsets = plan_host(lens, parts)
+    meta, offsets = ops.plan_decode(seqlens, parts, fixed_overhead=overhead)
+    ref_meta, ref_offsets = plan_host(lens, parts, fixed_overhead=overhead)
     assert meta.cpu().tolist() == ref_meta
     assert offsets.cpu().tolist() == ref_offsets
 

@@ -218,9 +218,11 @@ def _empty(out, lse):
     return bool((out == 0).all()) and bool(torch.isposinf(lse).all())
 
 
+# corners at both head counts (h_q 128 is two row blocks of one query token)
+@pytest.mark.parametrize("h_q", [64, 128])
 @pytest.mark.parametrize("d_qk", [576, 512])
-def test_all_indices_invalid(d_qk):
-    out, lse = run_case(4, 3, 64, d_qk, (1024, 576, 61), seed=1, sink=True, extra=_extra(d_qk), all_invalid=True)
+def test_all_indices_invalid(d_qk, h_q):
+    out, lse = run_case(4, 3, h_q, d_qk, (1024, 576, 61), seed=1, sink=True, extra=_extra(d_qk), all_invalid=True)
     assert _empty(out, lse)
 
 
@@ -259,15 +261,17 @@ def test_int8_and_uint8_cache_views(d_qk):
         assert same_bits(base, res), dt
 
 
+@pytest.mark.parametrize("h_q", [64, 128])
 @pytest.mark.parametrize("d_qk,pad", [(576, 48), (512, 576)])
-def test_padded_block_stride(d_qk, pad):
-    run_case(8, 3, 64, d_qk, (1024, 576, 61), seed=6, sink=True, lengths=_lens(d_qk), extra=_extra(d_qk), pad=pad)
+def test_padded_block_stride(d_qk, pad, h_q):
+    run_case(8, 3, h_q, d_qk, (1024, 576, 61), seed=6, sink=True, lengths=_lens(d_qk), extra=_extra(d_qk), pad=pad)
 
 
+@pytest.mark.parametrize("h_q", [64, 128])
 @pytest.mark.parametrize("d_qk", [576, 512])
-def test_strided_q_and_indices(d_qk):
+def test_strided_q_and_indices(d_qk, h_q):
     g = torch.Generator(device=DEV).manual_seed(7)
-    q, src, xsrc, sink = make_sparse_decode_inputs(8, 3, 64, d_qk, (1024, 576, 61), g, sink=True,
+    q, src, xsrc, sink = make_sparse_decode_inputs(8, 3, h_q, d_qk, (1024, 576, 61), g, sink=True,
                                                    lengths=_lens(d_qk), extra=_extra(d_qk))
     q = strided_view(q, dim=2)
     src = src._replace(indices=strided_view(src.indices, dim=1))
