@@ -33,9 +33,9 @@ from typing import Sequence
 SCHED_META_FIELDS = 8
 BLOCK_N = 64
 FIXED_OVERHEAD_BLOCKS = 12
-# The sparse decode kernel's per-split cost is smaller (its Q load and epilogue do not wait
-# on a paged-KV TMA prologue): a sweep of 12 / 2 / 5 / 8 on an H100 (perf/results/NOTES.md)
-# left the V32 cases unchanged and took 3.5-4% off MODEL1 h_q 128 at b 128 and 256 with 2.
+# The sparse decode path plans with its own value, measured: a sweep of 12 / 2 / 5 / 8 on an
+# H100 (perf/results/NOTES.md, session 4) left the V32 cases unchanged and took 3.5-4% off
+# MODEL1 h_q 128 at b 128 and 256 with 2.
 SPARSE_FIXED_OVERHEAD_BLOCKS = 2
 BLOCK_M = 64  # query rows (s_q * h_q / h_kv) a decode CTA processes at once
 COMBINE_HEADS_PER_CTA = 4  # the combine kernel runs one warp per head row
