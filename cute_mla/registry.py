@@ -51,8 +51,9 @@ KERNELS: tuple[KernelDef, ...] = (
         archs=("sm_90a",),
         args=operands.dense_decode_args,
         variants=({"dtype": "bf16"}, {"dtype": "fp16"}),
-        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py", "schedules/decode_plan.py",
-                             "kernels/sm90/mla_consumers.py", "kernels/sm90/split_kv_decode.py"),
+        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py", "kernels/common/gmem.py",
+                             "schedules/decode_plan.py", "kernels/sm90/mla_consumers.py",
+                             "kernels/sm90/split_kv_decode.py"),
     ),
     KernelDef(
         name="sparse_prefill_sm90",
@@ -60,7 +61,7 @@ KERNELS: tuple[KernelDef, ...] = (
         archs=("sm_90a",),
         args=operands.sparse_prefill_args,
         variants=({"d_qk": 576}, {"d_qk": 512}),
-        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py",
+        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py", "kernels/common/gmem.py",
                              "kernels/sm90/mla_consumers.py"),
     ),
     KernelDef(

@@ -18,6 +18,8 @@ from cutlass.tensor_utils import LayoutEnum
 
 from layouts.operands import PAGE_BLOCK_SIZE as PAGE
 
+COLUMN_TILE = 64  # columns per TMA box: one 128-byte swizzle row of bf16/fp16
+
 
 @cute.jit
 def paged_kv_view(mK: cute.Tensor) -> cute.Tensor:
@@ -38,6 +40,27 @@ def make_kv_tma(mK: cute.Tensor, smem_layout_staged, d: cutlass.Constexpr):
     """TMA atom + coordinate tensor (PAGE, d, h_kv, num_blocks) for whole-page loads."""
     smem_layout = cute.slice_(smem_layout_staged, (None, None, 0))
     return cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), paged_kv_view(mK), smem_layout, (PAGE, d))
+
+
+def kv_column_tile_layout(dtype):
+    """One (PAGE, 64) column tile of a page in the layout of ``kv_smem_layout``: a page's
+    tile t is the 8 KiB at byte t * 8192 of its stage, in this layout."""
+    return cute.slice_(kv_smem_layout(dtype, COLUMN_TILE, 1), (None, None, 0))
+
+
+@cute.jit
+def make_kv_column_tma(mK: cute.Tensor, dtype: cutlass.Constexpr):
+    """TMA atom + coordinate tensor (PAGE, d, h_kv, num_blocks) for loading a page one
+    (PAGE, 64) column tile at a time, each on its own mbarrier (same descriptor as
+    ``make_kv_tma``: the box is one 128-byte swizzle row wide either way)."""
+    return cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), paged_kv_view(mK),
+                                       kv_column_tile_layout(dtype), (PAGE, COLUMN_TILE))
+
+
+@cute.jit
+def page_column_tile(mKTma: cute.Tensor, head, block, t) -> cute.Tensor:
+    """The (PAGE, 64) coordinate tile of columns [64 t, 64 t + 64) of page ``block``."""
+    return cute.flat_divide(mKTma, (PAGE, COLUMN_TILE))[None, None, 0, t, head, block]
 
 
 @cute.jit

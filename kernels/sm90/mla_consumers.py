@@ -19,10 +19,11 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.pipeline as pipeline
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import Float32, Int32
+from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
+from kernels.common.gmem import load_16B, store_16B_shared
 from kernels.common.mma_sm90 import gemm
 
 from layouts.operands import D_V
@@ -123,34 +124,38 @@ class TwoConsumerMlaSm90:
 
     @cute.jit
     def load_q(self, mQ: cute.Tensor, sQ: cute.Tensor, where, ctid: Int32):
-        """Both consumer warpgroups copy the CTA's 64 query rows into sQ: row ``row`` is
+        """All 256 consumer threads copy the CTA's 64 query rows into sQ: row ``row`` is
         ``self.q_row(mQ, where, row)`` (a (d,) view and whether it exists; missing rows
         are zero).
 
-        Each thread moves 16-byte chunks and issues all its global loads before its first
-        shared store, so the loads overlap instead of paying a memory latency each."""
+        Four threads share a row; thread q of a row moves its 16-byte chunks q + 4 j.  In
+        the 128B-swizzled K-major layout chunk q + 4 j lies in column tile j // 2 (8 KiB
+        apart) at piece (q + 4 (j % 2)) ^ (row % 8) of its 128-byte line, so every
+        shared address is one of two registers plus a constant (computed per chunk, the
+        addresses get hoisted out of the piece loop and spilled).  All global loads of a
+        half are issued before its first shared store, so their latencies overlap."""
         # Nobody may still be reading the previous piece's Q (or its row statistics).
         cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
-        vec = 128 // self.dtype.width  # elements per 16-byte chunk
-        chunks_per_row = self.d // vec
-        per_thread = BLOCK_M * chunks_per_row // self.consumer_threads
-        batch = per_thread // 2
+        per_row = self.consumer_threads // BLOCK_M
+        n_chunks = self.d * (self.dtype.width // 8) // 16 // per_row
+        tile_bytes = BLOCK_M * 128  # one 64-column (128-byte) tile of all 64 rows
+        row = ctid // per_row
+        q = ctid % per_row
+        gq, exists = self.q_row(mQ, where, row)
+        src = gq.iterator.toint() + Int64(16 * q)
+        line = row * 128 + 16 * q
+        dst = (sQ.iterator.toint() + (line ^ ((line >> 3) & 0x70)),)
+        dst = (dst[0], dst[0] ^ 64)  # pieces q and q + 4 of the same line
+        batch = n_chunks // 2
         for half_batch in cutlass.range_constexpr(2):
-            buf = cute.make_rmem_tensor(cute.make_layout((vec, batch)), self.dtype)
+            buf = cute.make_rmem_tensor(cute.make_layout((4, batch)), Int32)
+            buf.fill(0)
+            if exists:
+                for j in cutlass.range_constexpr(batch):
+                    load_16B(src + Int64(64 * (half_batch * batch + j)), buf[None, j])
             for j in cutlass.range_constexpr(batch):
-                chunk = ctid + (half_batch * batch + j) * self.consumer_threads
-                row = chunk // chunks_per_row
-                c = chunk - row * chunks_per_row
-                gq, exists = self.q_row(mQ, where, row)
-                if exists:
-                    cute.autovec_copy(cute.local_tile(gq, (vec,), (c,)), buf[None, j])
-                else:
-                    buf[None, j].fill(0.0)
-            for j in cutlass.range_constexpr(batch):
-                chunk = ctid + (half_batch * batch + j) * self.consumer_threads
-                row = chunk // chunks_per_row
-                c = chunk - row * chunks_per_row
-                cute.autovec_copy(buf[None, j], cute.local_tile(sQ[row, None, 0], (vec,), (c,)))
+                jj = half_batch * batch + j
+                store_16B_shared(buf[None, j], dst[jj % 2] + tile_bytes * (jj // 2))
         # Generic-proxy stores read next by WGMMA (async proxy).
         cute.arch.fence_proxy("async.shared", space="cta")
         cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
