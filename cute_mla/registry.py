@@ -52,7 +52,7 @@ KERNELS: tuple[KernelDef, ...] = (
         args=operands.dense_decode_args,
         variants=({"dtype": "bf16"}, {"dtype": "fp16"}),
         deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py", "kernels/common/gmem.py",
-                             "schedules/decode_plan.py", "kernels/sm90/mla_consumers.py",
+                             "schedules/decode_plan.py", "kernels/sm90/mla_consumers.py", "kernels/sm90/seesaw.py",
                              "kernels/sm90/split_kv_decode.py"),
     ),
     KernelDef(

@@ -1,0 +1,274 @@
+"""The "seesaw" consumer core of the SM90 MLA kernels (after FlashMLA's public write-up).
+
+Two warpgroups, two KV buffers of one 64-token block each.  Warpgroup w owns O columns
+[256 w, 256 w + 256) and computes S of the blocks in buffer w; blocks go in pairs (even
+block in buffer 0, odd block in buffer 1):
+
+  wg 0: S0 = Q K0^T (64 x 64); m0 = max(m, rowmax S0) -> smem; P0; O_L = O_L * a + P0 V0_L
+        (P0 from registers); once wg 1 has published m1: P0 * exp(m0 - m1) -> buffer 0's
+        P tile; O_L *= exp(m0 - m1); O_L += P1 V1_L (P1 from buffer 1's P tile)
+  wg 1: S1 = Q K1^T; m1 = max(m0, rowmax S1) -> smem; P1 -> buffer 1's P tile;
+        O_R = O_R * a' + P0' V0_R (buffer 0's P tile) + P1 V1_R (P1 from registers)
+
+so one warpgroup's softmax runs under the other's tensor-core work, and each S is a 64 x 64
+GEMM by one warpgroup (Q is read from shared memory once per block).  Running sums stay per
+warpgroup until the epilogue adds the two (``finish_rows``).
+
+A kernel using this core supplies how a block gets into its buffer and out again, through
+four hooks taking its own context tuple ``ctx``:
+  ``s_block(qk_mma, acc_s, tSrQ, tSrK, tScS, ctx, buf, blk)``  wait for the block, S, mask;
+  ``skip_block(ctx, buf)``  warpgroup 1 of a lone last block (no odd block);
+  ``prepare_v(sK, ctx, buf, blk, wg, wtid)``  before this warpgroup's P V reads buffer buf;
+  ``release(ctx, buf, wg, wtid)``  this warpgroup has read buffer buf for the last time.
+Warpgroup 0 releases V_L of both buffers, warpgroup 1 V_R of both; buffer 0's P tile is
+last read by warpgroup 1, buffer 1's by warpgroup 0.
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Float32, Int32
+from cutlass.cute.nvgpu import warpgroup
+
+from kernels.common.mma_sm90 import gemm
+from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
+
+
+class SeesawBarrier:
+    """Named barriers between the two warpgroups (ids after ``NamedBarrier``'s)."""
+
+    MAX_0 = 7  # warpgroup 0 published its row maxima after S of the even block
+    MAX_1 = 8  # warpgroup 1 published the pair's row maxima
+    P_0 = 9  # the even block's P (at the pair's maxima) is in its buffer's P tile
+    P_1 = 10  # the odd block's P is in its buffer's P tile
+    TAIL = 11  # + warpgroup: warpgroup-local, for kernels that rewrite V rows before P V
+
+
+class SeesawConsumers:
+    """Mixin: the per-pair steps and their softmax helpers (see the module docstring)."""
+
+    def make_seesaw_mmas(self):
+        """(S = Q K^T, 64 x 64; O_half += P V with P from registers; same with P from smem)."""
+        major_k, major_mn = cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN
+        qk = sm90_utils.make_trivial_tiled_mma(self.dtype, self.dtype, major_k, major_k, Float32, (1, 1, 1),
+                                               (BLOCK_M, BLOCK_N))
+        pv_reg = sm90_utils.make_trivial_tiled_mma(self.dtype, self.dtype, major_k, major_mn, Float32, (1, 1, 1),
+                                                   (BLOCK_M, self.v_half), warpgroup.OperandSource.RMEM)
+        pv_smem = sm90_utils.make_trivial_tiled_mma(self.dtype, self.dtype, major_k, major_mn, Float32, (1, 1, 1),
+                                                    (BLOCK_M, self.v_half))
+        return qk, pv_reg, pv_smem
+
+    @cute.jit
+    def seesaw_fragments(self, sQ: cute.Tensor, sK: cute.Tensor, sMax: cute.Tensor, sV_layout: cute.ComposedLayout,
+                         p_tiles, wg: cutlass.Constexpr[int], wtid: Int32):
+        """This thread's MMAs, operand partitions and per-row state: (frags, rows, tOcO).
+        ``p_tiles`` = (buffer 0's P tile, buffer 1's), each a (64 rows, 64 tokens) K-major
+        A operand in shared memory."""
+        qk_mma, pv_reg, pv_smem = self.make_seesaw_mmas()
+        thr_qk = qk_mma.get_slice(wtid)
+        thr_reg = pv_reg.get_slice(wtid)
+        thr_smem = pv_smem.get_slice(wtid)
+        other = 1 - wg
+        tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))  # (MMA, 1, d/16, 1)
+        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK))  # (MMA, 1, d/16, 2)
+        tScS = thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, BLOCK_N)))  # (row, token)
+        tOcO = thr_reg.partition_C(cute.make_identity_tensor((BLOCK_M, self.v_half)))  # (row, col - 256 wg)
+        # own block: P from registers; the other warpgroup's block: P from its buffer's P tile
+        tOrV_own = thr_reg.make_fragment_B(thr_reg.partition_B(self.v_view(sK, sV_layout, wg, wg)))
+        tOrV_other = thr_smem.make_fragment_B(thr_smem.partition_B(self.v_view(sK, sV_layout, other, wg)))
+        tOrP_other = thr_smem.make_fragment_A(thr_smem.partition_A(p_tiles[other]))
+        rP = thr_reg.make_fragment_A(thr_reg.partition_shape_A((BLOCK_M, BLOCK_N)))
+        acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N)))
+        frags = (qk_mma, pv_reg, pv_smem, acc_s, rP, tSrQ, tSrK, tScS, tOrV_own, tOrV_other, tOrP_other,
+                 p_tiles[wg], sMax)
+        rows = tuple(cute.make_rmem_tensor(cute.make_layout(2), Float32) for _ in range(5))
+        return frags, rows, tOcO
+
+    # ------------------------------------------------------------------ softmax helpers
+    @cute.jit
+    def max_into(self, acc_s: cute.Tensor, m_in: cute.Tensor, m_out: cute.Tensor):
+        """m_out = max(m_in, max of S over each of this thread's 2 rows, whole row)."""
+        for h in cutlass.range_constexpr(2):
+            m_out[h] = m_in[h]
+        for k in cutlass.range_constexpr(cute.size(acc_s)):
+            h = (k // 2) % 2  # acc fragment order (2 cols, 2 rows, N/8 col groups)
+            m_out[h] = cute.arch.fmax(m_out[h], acc_s[k])
+        for h in cutlass.range_constexpr(2):
+            m_out[h] = cute.arch.warp_reduction_max(m_out[h], threads_in_group=4)
+
+    @cute.jit
+    def publish_max(self, m: cute.Tensor, sMax: cute.Tensor, tScS: cute.Tensor, wg: cutlass.Constexpr[int],
+                    wtid: Int32, barrier_id: cutlass.Constexpr[int]):
+        if wtid % 4 == 0:
+            for h in cutlass.range_constexpr(2):
+                row, _ = tScS[2 * h]
+                sMax[wg, row] = m[h]
+        cute.arch.barrier_arrive(barrier_id=barrier_id, number_of_threads=self.consumer_threads)
+
+    @cute.jit
+    def read_max(self, m: cute.Tensor, sMax: cute.Tensor, tScS: cute.Tensor, wg: cutlass.Constexpr[int],
+                 barrier_id: cutlass.Constexpr[int]):
+        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=self.consumer_threads)
+        for h in cutlass.range_constexpr(2):
+            row, _ = tScS[2 * h]
+            m[h] = sMax[wg, row]
+
+    @cute.jit
+    def rescale(self, m_old: cute.Tensor, m_new: cute.Tensor, base: cute.Tensor, factor: cute.Tensor,
+                scale_log2: Float32):
+        """base = m_new in scaled log2 units (0 for a row with no key yet, so exp2 sees -inf,
+        not NaN) and factor = exp2(m_old - m_new) scaled (1 while m_old is -inf: the row's
+        sums are still 0, and a huge factor would turn 0 into NaN)."""
+        neg_inf = -Float32.inf
+        for h in cutlass.range_constexpr(2):
+            b = m_new[h] * scale_log2
+            if m_new[h] == neg_inf:
+                b = Float32(0.0)
+            prev = m_old[h] * scale_log2
+            if m_old[h] == neg_inf:
+                prev = b
+            base[h] = b
+            factor[h] = cute.math.exp2(prev - b, fastmath=True)
+
+    @cute.jit
+    def exponentiate(self, acc_s: cute.Tensor, base: cute.Tensor, row_sum: cute.Tensor, factor: cute.Tensor,
+                     scale_log2: Float32):
+        """S -> P = exp2(S * scale - base) in place; row_sum = row_sum * factor + sum(P)."""
+        for h in cutlass.range_constexpr(2):
+            row_sum[h] = row_sum[h] * factor[h]
+        for k in cutlass.range_constexpr(cute.size(acc_s)):
+            h = (k // 2) % 2
+            p = cute.math.exp2(acc_s[k] * scale_log2 - base[h], fastmath=True)
+            acc_s[k] = p
+            row_sum[h] += p
+
+    @cute.jit
+    def scale_o(self, acc_o: cute.Tensor, factor: cute.Tensor):
+        # Once a row's maximum has settled the factor is exactly 1: skip the 128 multiplies.
+        if factor[0] != 1.0 or factor[1] != 1.0:
+            for k in cutlass.range_constexpr(cute.size(acc_o)):
+                acc_o[k] = acc_o[k] * factor[(k // 2) % 2]
+
+    @cute.jit
+    def store_p(self, rP: cute.Tensor, factor, tScS: cute.Tensor, sP: cute.Tensor):
+        """P (the register operand, optionally times a per-row ``factor``) into a P tile:
+        fragment elements 2j, 2j+1 are adjacent columns of one row, one 4-byte store each.
+        Rescaling the rounded P rounds twice; that keeps S's fp32 registers dead while P V
+        runs (with them live the kernel spills)."""
+        for j in cutlass.range_constexpr(cute.size(rP) // 2):
+            row, tok = tScS[2 * j]
+            pair = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
+            if cutlass.const_expr(factor is None):
+                pair[0] = rP[2 * j]
+                pair[1] = rP[2 * j + 1]
+            else:
+                pair[0] = (rP[2 * j].to(Float32) * factor[j % 2]).to(self.dtype)
+                pair[1] = (rP[2 * j + 1].to(Float32) * factor[j % 2]).to(self.dtype)
+            cute.autovec_copy(pair, cute.local_tile(sP[row, None], (2,), (tok // 2,)))
+        # Generic stores read next by WGMMA (async proxy).
+        cute.arch.fence_proxy("async.shared", space="cta")
+
+    @cute.jit
+    def to_operand(self, acc_s: cute.Tensor, rP: cute.Tensor):
+        """S/P accumulator -> register A operand of P V: a 64 x 64 accumulator fragment and
+        the A fragment of four k16 steps list the same (row, column) pairs in the same
+        order, so this is an element-wise conversion."""
+        for k in cutlass.range_constexpr(cute.size(acc_s)):
+            rP[k] = acc_s[k].to(self.dtype)
+
+    def p_view(self, base, sP_layout: cute.ComposedLayout) -> cute.Tensor:
+        """A (64 rows, 64 tokens) K-major A operand (P) at ``base``."""
+        return cute.make_tensor(cute.recast_ptr(base, sP_layout.inner), cute.slice_(sP_layout.outer, (None, None, 0)))
+
+    # ------------------------------------------------------------------ a pair of blocks
+    @cute.jit
+    def even_step(self, frags, acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, rows, sK: cute.Tensor,
+                  ctx, a: Int32, hi: Int32, scale_log2: Float32, wtid: Int32):
+        """Warpgroup 0's part of the pair (a in buffer 0, a + 1 in buffer 1 if a + 1 < hi);
+        on return row_max holds the pair's maxima."""
+        (qk_mma, pv_reg, pv_smem, acc_s, rP, tSrQ, tSrK, tScS, tOrV_own, tOrV_other, tOrP_other, sP_own,
+         sMax) = frags
+        m_even, m_pair, base, factor, factor2 = rows
+        self.s_block(qk_mma, acc_s, tSrQ, tSrK, tScS, ctx, 0, a)
+        self.max_into(acc_s, row_max, m_even)
+        self.publish_max(m_even, sMax, tScS, 0, wtid, SeesawBarrier.MAX_0)
+        self.rescale(row_max, m_even, base, factor, scale_log2)
+        self.exponentiate(acc_s, base, row_sum, factor, scale_log2)
+        self.scale_o(acc_o, factor)
+        self.to_operand(acc_s, rP)
+        self.prepare_v(sK, ctx, 0, a, 0, wtid)
+        warpgroup.fence()
+        gemm(pv_reg, acc_o, rP, tOrV_own, False)
+        warpgroup.commit_group()
+        # The pair's maxima: the even block's P handed to warpgroup 1 is rescaled to them.
+        self.read_max(m_pair, sMax, tScS, 1, SeesawBarrier.MAX_1)
+        self.rescale(m_even, m_pair, base, factor2, scale_log2)
+        self.store_p(rP, factor2, tScS, sP_own)
+        cute.arch.barrier_arrive(barrier_id=SeesawBarrier.P_0, number_of_threads=self.consumer_threads)
+        warpgroup.wait_group(0)
+        self.release(ctx, 0, 0, wtid)
+        if a + 1 >= hi:  # a lone last block: nothing of buffer 1 to read this pair
+            self.release(ctx, 1, 0, wtid)
+        self.scale_o(acc_o, factor2)
+        for h in cutlass.range_constexpr(2):
+            row_sum[h] = row_sum[h] * factor2[h]
+            row_max[h] = m_pair[h]
+        cute.arch.barrier(barrier_id=SeesawBarrier.P_1, number_of_threads=self.consumer_threads)
+        if a + 1 < hi:
+            self.prepare_v(sK, ctx, 1, a + 1, 0, wtid)
+            warpgroup.fence()
+            gemm(pv_smem, acc_o, tOrP_other, tOrV_other, False)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            self.release(ctx, 1, 0, wtid)
+
+    @cute.jit
+    def odd_step(self, frags, acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, rows, sK: cute.Tensor,
+                 ctx, a: Int32, hi: Int32, scale_log2: Float32, wtid: Int32):
+        """Warpgroup 1's part of the pair (a in buffer 0, a + 1 in buffer 1 if a + 1 < hi);
+        on return row_max holds the pair's maxima."""
+        (qk_mma, pv_reg, pv_smem, acc_s, rP, tSrQ, tSrK, tScS, tOrV_own, tOrV_other, tOrP_other, sP_own,
+         sMax) = frags
+        m_even, m_pair, base, factor, factor2 = rows
+        if a + 1 < hi:
+            self.s_block(qk_mma, acc_s, tSrQ, tSrK, tScS, ctx, 1, a + 1)
+        else:
+            self.skip_block(ctx, 1)
+        self.read_max(m_even, sMax, tScS, 0, SeesawBarrier.MAX_0)
+        for h in cutlass.range_constexpr(2):
+            m_pair[h] = m_even[h]
+        if a + 1 < hi:
+            self.max_into(acc_s, m_even, m_pair)
+        self.publish_max(m_pair, sMax, tScS, 1, wtid, SeesawBarrier.MAX_1)
+        self.rescale(row_max, m_pair, base, factor, scale_log2)
+        if a + 1 < hi:
+            self.exponentiate(acc_s, base, row_sum, factor, scale_log2)
+            self.to_operand(acc_s, rP)
+            self.store_p(rP, None, tScS, sP_own)
+        else:
+            for h in cutlass.range_constexpr(2):
+                row_sum[h] = row_sum[h] * factor[h]
+        cute.arch.barrier_arrive(barrier_id=SeesawBarrier.P_1, number_of_threads=self.consumer_threads)
+        self.scale_o(acc_o, factor)
+        for h in cutlass.range_constexpr(2):
+            row_max[h] = m_pair[h]
+        if a + 1 < hi:
+            self.prepare_v(sK, ctx, 1, a + 1, 1, wtid)
+        cute.arch.barrier(barrier_id=SeesawBarrier.P_0, number_of_threads=self.consumer_threads)
+        self.prepare_v(sK, ctx, 0, a, 1, wtid)
+        # P0' V0_R is waited for before P1 V1_R is issued.  An MMA chain left in flight into
+        # the branch below makes ptxas serialise every WGMMA of the kernel; issuing both back
+        # to back with branch-local waits measured 3-7% slower in dense decode (P1 V1_R then
+        # runs ahead of warpgroup 0's P1 V1_L, whose release of buffer 1 the next pair waits for).
+        warpgroup.fence()
+        gemm(pv_smem, acc_o, tOrP_other, tOrV_other, False)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+        self.release(ctx, 0, 1, wtid)
+        if a + 1 < hi:
+            warpgroup.fence()
+            gemm(pv_reg, acc_o, rP, tOrV_own, False)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+        self.release(ctx, 1, 1, wtid)
