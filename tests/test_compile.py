@@ -124,3 +124,7 @@ def test_sm90_sass_has_intended_instructions(built, kd, cfg):
         assert found, f"{kd.key(cfg)}: expected {ins} in SASS"
     for ins in must_not:
         assert ins not in text, f"{kd.key(cfg)}: unexpected {ins} (local memory) in SASS"
+    # ptxas serialises every WGMMA of a kernel when one chain is left in flight across a
+    # branch (C7520), silently: each HGMMA is then followed by its own wait.
+    mmas, waits = text.count("HGMMA"), text.count("WARPGROUP.DEPBAR")
+    assert waits * 4 <= mmas, f"{kd.key(cfg)}: {waits} WGMMA waits for {mmas} WGMMAs (serialised by ptxas?)"
