@@ -54,8 +54,8 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
 
     threads = 256
     consumer_threads = 256
-    regs_producer = 0  # no producer warpgroup
-    regs_consumer = 255
+    regs_producer = 0  # no producer warpgroup and no setmaxnreg: 256 threads may use 255
+    regs_consumer = 255  # registers each (only the base class's launch-budget check reads these)
 
     def __init__(self, dtype: str, d_qk: int = 576):
         super().__init__(dsl_dtype(dtype), d_qk)
@@ -163,7 +163,6 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         if ok & (wtid < 32):
             self.load_tiles(loads, hk, r, blk, buf, self.reload_tiles[buf][wg])
 
-    # ------------------------------------------------------------------ per-pair steps
     # ------------------------------------------------------------------ seesaw hooks
     # ctx = (loads, hk, (next block for buffer 0, for buffer 1), tile-barrier phase of this
     #        warpgroup's buffer, row key limits, their minimum, request length)
@@ -227,8 +226,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
     def p_tile(self, sK: cute.Tensor, sP_layout: cute.ComposedLayout, buf: cutlass.Constexpr[int]) -> cute.Tensor:
         """Page ``buf``'s P tile (its RoPE columns) as the (64 rows, 64 tokens) K-major A
         operand: the same bytes and swizzle as a (token, column) B tile."""
-        base = sK[None, None, buf].iterator + P_TILE * self.tile_elems
-        return cute.make_tensor(cute.recast_ptr(base, sP_layout.inner), cute.slice_(sP_layout.outer, (None, None, 0)))
+        return self.p_view(sK[None, None, buf].iterator + P_TILE * self.tile_elems, sP_layout)
 
     # ------------------------------------------------------------------ a warpgroup's work
     @cute.jit

@@ -1,6 +1,8 @@
 """What every SM90 MLA attention kernel's two consumer warpgroups do with one KV block.
 
-The layout of the work (shared by dense decode, sparse prefill and sparse decode):
+The layout of the work (sparse prefill and sparse decode; dense decode runs the seesaw of
+``kernels.sm90.seesaw`` instead and takes only the layouts, the Q loader and the row
+bookkeeping from here):
 a CTA owns 64 query rows; a KV block of 64 tokens sits in shared memory as a
 K-major (token, d) WGMMA B operand whose first 512 columns are also V.  Consumer
 ``half`` (0 or 1) computes S for tokens [32*half, 32*half + 32) (64 x 32 = Q K^T),
