@@ -94,9 +94,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
 
         smem = cutlass.memory.SmemAllocator()
-        sQ = smem.allocate_tensor(self.dtype, sQ_layout.outer, byte_alignment=1024, swizzle=sQ_layout.inner)
-        sK = smem.allocate_tensor(self.dtype, sK_layout.outer, byte_alignment=1024, swizzle=sK_layout.inner)
-        sStat = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
+        sQ, sK, _, sStat = self.allocate_operands(smem, sQ_layout, sK_layout)  # P lives in the pages' RoPE tiles
         sMax = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
         bars = smem.allocate_array(cutlass.Int64, 2 * TILES, byte_alignment=8)  # [buffer * TILES + tile]
         if tidx == 0:

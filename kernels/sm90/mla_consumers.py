@@ -97,12 +97,15 @@ class TwoConsumerMlaSm90:
 
     @cute.jit
     def allocate_operands(self, smem, sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
-                          sP_layout: cute.ComposedLayout):
-        """sQ, the KV ring sK, sP and sStat ((consumer, row) partial row maxima, then row
-        sums, exchanged between the consumers)."""
+                          sP_layout: cute.ComposedLayout = None):
+        """sQ, the KV ring sK, sP (None without ``sP_layout``: a kernel that keeps P
+        elsewhere) and sStat ((consumer, row) partial row maxima, then row sums, exchanged
+        between the consumers)."""
         sQ = smem.allocate_tensor(self.dtype, sQ_layout.outer, byte_alignment=1024, swizzle=sQ_layout.inner)
         sK = smem.allocate_tensor(self.dtype, sK_layout.outer, byte_alignment=1024, swizzle=sK_layout.inner)
-        sP = smem.allocate_tensor(self.dtype, sP_layout.outer, byte_alignment=1024, swizzle=sP_layout.inner)
+        sP = None
+        if cutlass.const_expr(sP_layout is not None):
+            sP = smem.allocate_tensor(self.dtype, sP_layout.outer, byte_alignment=1024, swizzle=sP_layout.inner)
         sStat = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
         return sQ, sK, sP, sStat
 
