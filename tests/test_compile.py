@@ -100,10 +100,11 @@ SASS_EXPECT = {
     "dense_decode_sm90": (["HGMMA.64x64x16.F32", r"re:HGMMA\.64x256x16\.F32\S* R\d+, R\d+, gdesc",
                            r"re:HGMMA\.64x256x16\.F32\S* R\d+, gdesc", "tnspB", "UTMALDG.4D"],
                           ["LDL", "STL", "USETMAXREG"]),
-    # S = Q K^T on 64x32 halves from smem, O += P V with P from smem and V transposed
-    # from the same stage; kv rows gathered by 16-byte cp.async that bypass L1
-    "sparse_prefill_sm90": (["HGMMA.64x32x16.F32", "HGMMA.64x256x16.F32", "tnspB", "LDGSTS.E.BYPASS.128",
-                             "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
+    # the seesaw's MMAs as in dense decode; kv rows gathered by 16-byte zero-filling
+    # cp.async that bypass L1, each half-block's copies completing on an mbarrier
+    "sparse_prefill_sm90": (["HGMMA.64x64x16.F32", r"re:HGMMA\.64x256x16\.F32\S* R\d+, R\d+, gdesc",
+                             r"re:HGMMA\.64x256x16\.F32\S* R\d+, gdesc", "tnspB", "LDGSTS.E.BYPASS.LTC256B.128",
+                             "ARRIVES.LDGSTSBAR", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
     # the same consumer MMAs; FP8 codes -> f16 pairs in hardware, packed to bf16 after the
     # f32 scale multiply; bf16 RoPE by cp.async
     "sparse_decode_sm90": (["HGMMA.64x32x16.F32", "HGMMA.64x256x16.F32", "tnspB", "F2FP.F16.E4M3.UNPACK_B",

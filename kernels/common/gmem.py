@@ -61,3 +61,15 @@ def prefetch_l2(addr: Int64, *, loc=None, ip=None) -> None:
     """Bring the line holding ``addr`` into L2; nothing waits for it."""
     llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip)], "prefetch.global.L2 [$0];", "l",
                     has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+
+
+@dsl_user_op
+def copy_16B_async_zfill(dst_addr: Int32, src_addr: Int64, src_bytes: Int32, *, loc=None, ip=None) -> None:
+    """16 bytes global -> shared with cp.async (bypassing L1), of which only the first
+    ``src_bytes`` (16 or 0) are read: 0 writes zeros without touching ``src_addr``.
+    The L2::256B hint pulls the rest of the 256-byte sector group into L2, which the
+    other lanes of a gathered row read next."""
+    llvm.inline_asm(None, [Int32(dst_addr).ir_value(loc=loc, ip=ip), Int64(src_addr).ir_value(loc=loc, ip=ip),
+                           Int32(src_bytes).ir_value(loc=loc, ip=ip)],
+                    "cp.async.cg.shared.global.L2::256B [$0], [$1], 16, $2;", "r,l,r",
+                    has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)

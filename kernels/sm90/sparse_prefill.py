@@ -5,39 +5,55 @@ from __future__ import annotations
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
-import cutlass.cute.nvgpu.cpasync as cpasync
-import cutlass.pipeline as pipeline
-from cutlass import Float32, Int32
+from cutlass import Float32, Int32, Int64
+from cutlass.cute.nvgpu import warpgroup
 
-from kernels.common.paged_kv import kv_smem_layout
+from kernels.common.gmem import copy_16B_async_zfill
+from kernels.common.paged_kv import COLUMN_TILE, kv_smem_layout
 from kernels.common.softmax import LN_2, LOG2_E
 from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
+from kernels.sm90.seesaw import SeesawConsumers
+
+V_L_TILES = 4  # column tiles 0-3 of a block: V_L, read by warpgroup 0's P V
+GROUP = 8  # producer threads per 128-byte line (one 64-column tile row of a kv row)
 
 
-class SparsePrefillSm90(TwoConsumerMlaSm90):
+class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
     """O = softmax(Q K_sel^T * scale) V_sel for 64 query heads of one query token, where
     K_sel are the kv rows its ``indices`` select (V = their first 512 columns).
 
     Persistent grid of min(tiles, SMs) CTAs over s_q * h_q / 64 tiles, tile = token * (h_q /
     64) + head block, so both head blocks of a token run at the same time and the second
     finds the gathered rows in L2.  A tile is ceil(n / 64) blocks of 64 selected slots,
-    n = min(topk, topk_length[token]); the producer runs ahead into the next tile's blocks
-    while the consumers finish a tile's epilogue and load its successor's Q.
+    n = min(topk, topk_length[token]), taken in pairs (even block in buffer 0, odd block in
+    buffer 1); an odd count is padded with one block of invalid slots, which gathers nothing
+    and adds nothing.  The producer runs ahead into the next tile's blocks while the
+    consumers finish a tile's epilogue and load its successor's Q.
 
     Warp roles (384 threads):
-      warpgroup 0  producer: 4 warps gather the 64 selected rows of a block with 16-byte
-                   cp.async (warp w: slots 16w .. 16w + 15), straight into the K-major
-                   128B-swizzled layout the tensor cores read.  A slot whose index is
-                   outside [0, s_kv) or past topk_length is never read from memory: its
-                   row is written as zeros and its logit bias is -inf.
-      warpgroups 1, 2  consumers: the split-S / split-O scheme of
-                   ``kernels.sm90.mla_consumers``; Q (64 x d) is loaded once per CTA.
+      warpgroup 0  producer: gathers the 64 selected rows of a block with 16-byte cp.async
+                   straight into the K-major 128B-swizzled layout the tensor cores read.
+                   Thread 8 g + c moves 16-byte piece c of each 128-byte line of rows
+                   16 j + g (j < 4): all its rows share one swizzle phase, so every shared
+                   address is one per-thread base plus a constant.  A slot whose index is
+                   outside [0, s_kv) or past topk_length reads nothing (a zero-filling
+                   cp.async) and gets logit bias -inf.
+      warpgroups 1, 2  consumers: the seesaw of ``kernels.sm90.seesaw`` (warpgroup w
+                   computes S of buffer w's blocks and O columns [256 w, 256 w + 256)).
+                   The even block's P goes to buffer 0's RoPE tile (d 576) or a P buffer
+                   (d 512), the odd block's to a P buffer.  Q (64 x d) is loaded per tile.
 
-    Pipeline ``kv`` (PipelineAsync, 128 producer threads -> 256 consumer threads), one
-    block per stage: each producer thread waits for its own cp.asyncs, fences them into
-    the async proxy (WGMMA reads smem through it) and arrives.  The logit bias of a
-    block (0 or -inf per slot) travels with it in ``sBias``.  A consumer releases a
-    block as soon as its P V has completed.
+    Ring: each buffer is two halves, L = column tiles 0-3 (V_L) and R = tiles 4.. (V_R and,
+    at d 576, RoPE), each with a ``full`` and an ``empty`` mbarrier, so the producer refills a
+    half as soon as its last reader is done with it instead of waiting for the whole block:
+      L0: warpgroup 0 (S0, P0 V0_L)     R0: warpgroup 1 last (P0 V0_R, P0 in its RoPE tile)
+      R1: warpgroup 1 (S1, P1 V1_R)     L1: warpgroup 0 last (P1 V1_L)
+    so each half is released by one warpgroup (128 arrivals) and refilled in that order.
+    ``full`` completes when all 128 producer threads' cp.asyncs of the half have landed
+    (``cp.async.mbarrier.arrive.noinc``), the producer never waits for its own copies; an L
+    half also carries the block's logit biases (``sBias``), written by the producer before
+    an ordinary arrive (so L's count is 256).  Consumers fence the landed half into the
+    async proxy before their WGMMAs read it.
 
     Output: out = O / sum scaled by the sink factor exp(lse) / (exp(lse) + exp(sink)),
     lse and max_logits in natural-log scale of the scaled logits, without the sink.  No
@@ -50,7 +66,13 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
 
     def __init__(self, d_qk: int):
         super().__init__(cutlass.BFloat16, d_qk)
-        self.chunks = d_qk * 2 // 16  # 16-byte pieces of one kv row
+        self.tiles = d_qk // COLUMN_TILE
+        # With RoPE columns (d 576) buffer 0's last tile is free once S0 is done and holds P0
+        # (read last by warpgroup 1, which also releases R0); P1 cannot live in buffer 1's R
+        # half, which warpgroup 1 releases before warpgroup 0 has read P1.
+        self.p_in_stage = d_qk > 512
+        self.p_buffers = 1 if self.p_in_stage else 2
+        self.smem_bytes = self.q_bytes + self.stages * self.kv_bytes + self.p_buffers * self.p_bytes + 2048
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mKV: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor,
@@ -72,107 +94,118 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
                sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout,
                sP_layout: cute.ComposedLayout):
         # Parameters in layouts.operands.sparse_prefill_args order; static objects last.
-        qk_mma, pv_mma = self.make_mmas()
         tidx, _, _ = cute.arch.thread_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         wg = warp // 4
 
         smem = cutlass.memory.SmemAllocator()
+        sP0 = None
+        if cutlass.const_expr(not self.p_in_stage):
+            # first, so that every 1024-byte aligned operand buffer packs without a gap
+            sP0 = smem.allocate_tensor(self.dtype, sP_layout.outer, byte_alignment=1024, swizzle=sP_layout.inner)
         sQ, sK, sP, sStat = self.allocate_operands(smem, sQ_layout, sK_layout, sP_layout)
-        sBias, kv_pipe = self.make_gathered_kv_pipeline(smem, self.producer_threads)
+        if cutlass.const_expr(self.p_in_stage):
+            p_tiles = (self.p_view(sK[None, None, 0].iterator + (self.tiles - 1) * BLOCK_N * COLUMN_TILE, sP_layout),
+                       self.p_view(sP.iterator, sP_layout))
+        else:
+            p_tiles = (self.p_view(sP0.iterator, sP_layout), self.p_view(sP.iterator, sP_layout))
+        sMax = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
+        sBias = smem.allocate_tensor(Float32, cute.make_layout((BLOCK_N, self.stages)), byte_alignment=16)
+        # [full | empty] x [buffer * 2 + half], half 0 = L, 1 = R
+        bars = smem.allocate_array(Int64, 8, byte_alignment=8)
+        if tidx == 0:
+            for b in cutlass.range_constexpr(2):
+                cute.arch.mbarrier_init(bars + 2 * b, 2 * self.producer_threads)  # cp.asyncs + bias writes
+                cute.arch.mbarrier_init(bars + 2 * b + 1, self.producer_threads)
+            for i in cutlass.range_constexpr(4):
+                cute.arch.mbarrier_init(bars + 4 + i, 128)  # one consumer warpgroup
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
 
         if wg == 0:
             cute.arch.setmaxregister_decrease(self.regs_producer)
-            self.load(mKV, mIndices, mTopkLength, has_topk_length, sK, sK_layout.outer, sBias, kv_pipe,
-                      mQ.shape[1] // BLOCK_M, mQ.shape[0], warp, tidx % 32)
+            self.load(mKV, mIndices, mTopkLength, has_topk_length, sK, sK_layout.outer, sBias, bars,
+                      mQ.shape[1] // BLOCK_M, mQ.shape[0], tidx)
         else:
             cute.arch.setmaxregister_increase(self.regs_consumer)
-            self.consume(qk_mma, pv_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, mIndices, mTopkLength, mSink,
-                         mOut, mMaxLogits, mLse, kv_pipe, sm_scale, has_topk_length, has_sink, wg - 1, tidx - 128)
+            if warp < 8:
+                self.consume(sQ, sK, sStat, sMax, sBias, sV_layout, p_tiles, bars, mQ, mIndices, mTopkLength, mSink,
+                             mOut, mMaxLogits, mLse, sm_scale, has_topk_length, has_sink, tidx - 128, 0)
+            else:
+                self.consume(sQ, sK, sStat, sMax, sBias, sV_layout, p_tiles, bars, mQ, mIndices, mTopkLength, mSink,
+                             mOut, mMaxLogits, mLse, sm_scale, has_topk_length, has_sink, tidx - 128, 1)
 
     @cute.jit
     def tile_work(self, tile: Int32, head_blocks: Int32, mIndices: cute.Tensor, mTopkLength: cute.Tensor,
                   has_topk_length: Int32):
-        """Tile -> (token, head block, counted slots n, blocks).  Selected slots [0, n) count;
-        a topk_length outside [0, topk] is clamped into it."""
+        """Tile -> (token, head block, counted slots n, pairs of blocks).  Selected slots
+        [0, n) count; a topk_length outside [0, topk] is clamped into it."""
         token = tile // head_blocks
         hblk = tile - token * head_blocks
         topk = mIndices.shape[2]
         n = topk
         if has_topk_length != 0:
             n = cutlass.min(cutlass.max(mTopkLength[token], 0), topk)
-        return token, hblk, n, (n + BLOCK_N - 1) // BLOCK_N
+        return token, hblk, n, (n + 2 * BLOCK_N - 1) // (2 * BLOCK_N)
 
     # ------------------------------------------------------------------ producer
     @cute.jit
     def load(self, mKV: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor, has_topk_length: Int32,
-             sK: cute.Tensor, sK_outer: cute.Layout, sBias: cute.Tensor, kv_pipe, head_blocks: Int32, s_q: Int32,
-             warp: Int32, lane: Int32):
-        atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
-                                   num_bits_per_copy=128)
-        zeros = cute.make_rmem_tensor(cute.make_layout(8), self.dtype)
-        zeros.fill(0.0)
-        # Shared-memory byte address of this lane's first piece of row 16 * warp, before the
-        # swizzle; every other piece of the warp's rows is a compile-time offset from it.
-        sk_base = sK.iterator.toint()
-        lane_off = cute.crd2idx((warp * 16, lane * 8, 0), sK_outer) * 2
-        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+             sK: cute.Tensor, sK_outer: cute.Layout, sBias: cute.Tensor, bars, head_blocks: Int32, s_q: Int32,
+             ptid: Int32):
+        g = ptid // GROUP  # rows 16 j + g of every block
+        c = ptid % GROUP  # 16-byte piece c of each of their 128-byte lines
+        # 128B swizzle: address bits 4-6 ^= bits 7-9 = row % 8 = g % 8 for all of this thread's
+        # rows (tiles are 8 KiB, rows 128 bytes apart), so one XOR serves every piece.
+        lane_off = (cute.crd2idx((g, GROUP * c, 0), sK_outer) * 2) ^ ((g % 8) << 4)
+        dst_base = sK.iterator.toint() + lane_off
+        kv_base = mKV.iterator.toint() + Int64(16 * c)
+        row_bytes = Int64(mKV.stride[0] * 2)
+        rows = cute.make_rmem_tensor(cute.make_layout((4, 2)), Int32)  # (j, buffer) kv row or -1
         bid, _, _ = cute.arch.block_idx()
         grid, _, _ = cute.arch.grid_dim()
+        phase = Int32(0)
         for tile in cutlass.range(bid, s_q * head_blocks, grid, unroll=1):
-            token, _, n, nblk = self.tile_work(tile, head_blocks, mIndices, mTopkLength, has_topk_length)
-            next_row = self.slot_row(mKV, mIndices, token, n, warp * 16 + lane % 16)
-            for blk in cutlass.range(nblk, unroll=1):
-                # Lane l (and l + 16) owns slot 16 * warp + l % 16 of the block: its kv row, or -1.
-                # The next block's row is read while this block's copies are in flight.
-                row = next_row
-                kv_pipe.producer_acquire(state)
-                stage = state.index
-                if lane < 16:
-                    bias = Float32(0.0)
-                    if row < 0:
-                        bias = -Float32.inf
-                    sBias[warp * 16 + lane, stage] = bias
-                # Row by row (the row id is warp-uniform after the shuffle, so the valid/invalid
-                # branch never diverges): lane l moves 16-byte pieces l, l + 32 (and l + 64 where the
-                # row has 72), so consecutive lanes read consecutive bytes.
-                stage_base = sk_base + stage * self.kv_bytes
-                for t in cutlass.range_constexpr(16):
-                    r = cute.arch.shuffle_sync(row, t)
-                    # 128B swizzle: address bits 4-6 ^= bits 7-9, which are t % 8 here (rows of a
-                    # 1024-byte-aligned 8-row atom are 128 bytes apart), so one XOR per row.
-                    row_base = stage_base + (lane_off ^ ((t % 8) << 4))
-                    if r >= 0:
-                        gRow = mKV[r, 0, None]
-                        for k in cutlass.range_constexpr((self.chunks + 31) // 32):
-                            if cutlass.const_expr(32 * k + 32 <= self.chunks):
-                                cute.copy(atom, cute.local_tile(gRow, (8,), (lane + 32 * k,)),
-                                          self.smem_piece(row_base, sK_outer, t, k))
-                            elif lane + 32 * k < self.chunks:
-                                cute.copy(atom, cute.local_tile(gRow, (8,), (lane + 32 * k,)),
-                                          self.smem_piece(row_base, sK_outer, t, k))
-                    else:
-                        for k in cutlass.range_constexpr((self.chunks + 31) // 32):
-                            if cutlass.const_expr(32 * k + 32 <= self.chunks):
-                                cute.autovec_copy(zeros, self.smem_piece(row_base, sK_outer, t, k))
-                            elif lane + 32 * k < self.chunks:
-                                cute.autovec_copy(zeros, self.smem_piece(row_base, sK_outer, t, k))
-                cute.arch.cp_async_commit_group()
-                next_row = self.slot_row(mKV, mIndices, token, n, (blk + 1) * BLOCK_N + warp * 16 + lane % 16)
-                cute.arch.cp_async_wait_group(0)
-                # cp.async and the zero stores are generic-proxy writes; WGMMA reads through the
-                # async proxy.
-                cute.arch.fence_proxy("async.shared", space="cta")
-                kv_pipe.producer_commit(state)
-                state.advance()
+            token, _, n, pairs = self.tile_work(tile, head_blocks, mIndices, mTopkLength, has_topk_length)
+            for pair in cutlass.range(pairs, unroll=1):
+                for b in cutlass.range_constexpr(2):
+                    for j in cutlass.range_constexpr(4):
+                        rows[j, b] = self.slot_row(mKV, mIndices, token, n, (2 * pair + b) * BLOCK_N + 16 * j + g)
+                # In the order the consumers free the halves (class docstring).
+                self.fill_half(rows, sBias, bars, dst_base, kv_base, row_bytes, sK_outer, phase, 0, 0, g, c)
+                self.fill_half(rows, sBias, bars, dst_base, kv_base, row_bytes, sK_outer, phase, 0, 1, g, c)
+                self.fill_half(rows, sBias, bars, dst_base, kv_base, row_bytes, sK_outer, phase, 1, 1, g, c)
+                self.fill_half(rows, sBias, bars, dst_base, kv_base, row_bytes, sK_outer, phase, 1, 0, g, c)
+                phase = phase ^ 1
 
     @cute.jit
-    def smem_piece(self, row_base: Int32, sK_outer: cute.Layout, t: cutlass.Constexpr[int],
-                   k: cutlass.Constexpr[int]) -> cute.Tensor:
-        """The 8 elements (16 bytes) a lane moves as piece k of the warp's row t."""
-        offset = cute.crd2idx((t, 256 * k, 0), sK_outer) * 2
-        ptr = cute.make_ptr(self.dtype, row_base + offset, cute.AddressSpace.smem, assumed_align=16)
-        return cute.make_tensor(ptr, cute.make_layout(8))
+    def fill_half(self, rows: cute.Tensor, sBias: cute.Tensor, bars, dst_base: Int32, kv_base: Int64,
+                  row_bytes: Int64, sK_outer: cute.Layout, phase: Int32, buf: cutlass.Constexpr[int],
+                  half: cutlass.Constexpr[int], g: Int32, c: Int32):
+        """Once its last reader is done, start this thread's copies of half ``half`` of
+        buffer ``buf``; ``full`` fires when they have landed."""
+        cute.arch.mbarrier_wait(bars + (4 + 2 * buf + half), phase ^ 1)
+        t0 = 0 if half == 0 else V_L_TILES
+        t1 = V_L_TILES if half == 0 else self.tiles
+        for j in cutlass.range_constexpr(4):
+            r = rows[j, buf]
+            src = kv_base + Int64(cutlass.max(r, 0)) * row_bytes
+            size = Int32(16)
+            if r < 0:
+                size = Int32(0)
+            for t in cutlass.range_constexpr(t0, t1):
+                # (row 16 j, column 64 t, buffer) relative to this thread's (g, 8 c, 0): a constant.
+                dst = dst_base + cute.crd2idx((16 * j, COLUMN_TILE * t, buf), sK_outer) * 2
+                copy_16B_async_zfill(dst, src + 2 * COLUMN_TILE * t, size)
+        cute.arch.cp_async_mbarrier_arrive_noinc(bars + (2 * buf + half))
+        if cutlass.const_expr(half == 0):
+            if c == 0:
+                for j in cutlass.range_constexpr(4):
+                    bias = Float32(0.0)
+                    if rows[j, buf] < 0:
+                        bias = -Float32.inf
+                    sBias[16 * j + g, buf] = bias
+            cute.arch.mbarrier_arrive(bars + 2 * buf)
 
     @cute.jit
     def slot_row(self, mKV: cute.Tensor, mIndices: cute.Tensor, token: Int32, n: Int32, slot: Int32) -> Int32:
@@ -187,29 +220,78 @@ class SparsePrefillSm90(TwoConsumerMlaSm90):
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
-    def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, sQ: cute.Tensor, sK: cute.Tensor,
-                sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor, sV_layout: cute.ComposedLayout,
-                mQ: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor, mSink: cute.Tensor,
-                mOut: cute.Tensor, mMaxLogits: cute.Tensor, mLse: cute.Tensor, kv_pipe, sm_scale: Float32,
-                has_topk_length: Int32, has_sink: Int32, half: Int32, ctid: Int32):
+    def consume(self, sQ: cute.Tensor, sK: cute.Tensor, sStat: cute.Tensor, sMax: cute.Tensor, sBias: cute.Tensor,
+                sV_layout: cute.ComposedLayout, p_tiles, bars, mQ: cute.Tensor, mIndices: cute.Tensor,
+                mTopkLength: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mMaxLogits: cute.Tensor,
+                mLse: cute.Tensor, sm_scale: Float32, has_topk_length: Int32, has_sink: Int32, ctid: Int32,
+                wg: cutlass.Constexpr[int]):
+        """Consumer warpgroup ``wg``: S of buffer ``wg``'s blocks, O columns [256 wg, 256 wg + 256)."""
         wtid = ctid % 128
-        thr_qk, thr_pv, tSrQ, tSrK, tScS, tOrP, tOcO = self.consumer_fragments(qk_mma, pv_mma, sQ, sK, sP, half, wtid)
+        frags, rows, tOcO = self.seesaw_fragments(sQ, sK, sMax, sV_layout, p_tiles, wg, wtid)
         scale_log2 = sm_scale * LOG2_E
-
         head_blocks = mQ.shape[1] // BLOCK_M
         bid, _, _ = cute.arch.block_idx()
         grid, _, _ = cute.arch.grid_dim()
-        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        phase = Int32(0)
         for tile in cutlass.range(bid, mQ.shape[0] * head_blocks, grid, unroll=1):
-            token, hblk, _, nblk = self.tile_work(tile, head_blocks, mIndices, mTopkLength, has_topk_length)
+            token, hblk, _, pairs = self.tile_work(tile, head_blocks, mIndices, mTopkLength, has_topk_length)
             self.load_q(mQ, sQ, (token, hblk), ctid)
-            acc_o, row_max, row_sum = self.fresh_rows(thr_pv)
-            for blk in cutlass.range(nblk, unroll=1):
-                self.attend_gathered_block(qk_mma, pv_mma, tSrQ, tSrK, tScS, tOrP, acc_o, row_max, row_sum, sK, sP,
-                                           sStat, sBias, sV_layout, kv_pipe, state, scale_log2, half, wtid)
-                state.advance()
+            acc_o, row_max, row_sum = self.fresh_rows(frags[1].get_slice(wtid))
+            for pair in cutlass.range(pairs, unroll=1):
+                ctx = (bars, phase, sBias)
+                # hi = 2 * pairs: the seesaw's lone-last-block path is never taken.
+                if cutlass.const_expr(wg == 0):
+                    self.even_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, 2 * pair, 2 * pairs, scale_log2,
+                                   wtid)
+                else:
+                    self.odd_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, 2 * pair, 2 * pairs, scale_log2,
+                                  wtid)
+                phase = phase ^ 1
             self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mSink, mOut, mMaxLogits, mLse, sm_scale, scale_log2,
-                          has_sink, token, hblk, half, wtid)
+                          has_sink, token, hblk, wg, wtid)
+
+    # ------------------------------------------------------------------ seesaw hooks
+    # ctx = (mbarriers, phase of this pair, per-slot logit bias)
+    @cute.jit
+    def s_block(self, qk_mma: cute.TiledMma, acc_s: cute.Tensor, tSrQ: cute.Tensor, tSrK: cute.Tensor,
+                tScS: cute.Tensor, ctx, buf: cutlass.Constexpr[int], blk: Int32):
+        """S = Q K^T of the gathered block in buffer ``buf``, half by half in the order the
+        producer fills them (L then R for buffer 0, R then L for buffer 1), plus each slot's
+        bias (0, or -inf for a slot that gathered nothing)."""
+        bars, phase, sBias = ctx
+        k_steps = COLUMN_TILE // 16
+        first = True
+        for i in cutlass.range_constexpr(2):
+            half = i if buf == 0 else 1 - i
+            cute.arch.mbarrier_wait(bars + (2 * buf + half), phase)
+            # The half was written by cp.async (generic proxy); WGMMA reads through the async proxy.
+            cute.arch.fence_proxy("async.shared", space="cta")
+            warpgroup.fence()
+            t0 = 0 if half == 0 else V_L_TILES
+            t1 = V_L_TILES if half == 0 else self.tiles
+            for k in cutlass.range_constexpr(t0 * k_steps, t1 * k_steps):
+                qk_mma.set(warpgroup.Field.ACCUMULATE, not first)
+                cute.gemm(qk_mma, acc_s, tSrQ[None, None, k, 0], tSrK[None, None, k, buf], acc_s)
+                first = False
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+        for k in cutlass.range_constexpr(cute.size(acc_s)):
+            _, slot = tScS[k]
+            acc_s[k] = acc_s[k] + sBias[slot, buf]
+
+    @cute.jit
+    def skip_block(self, ctx, buf: cutlass.Constexpr[int]):
+        pass  # never reached: tiles are padded to whole pairs
+
+    @cute.jit
+    def prepare_v(self, sK: cute.Tensor, ctx, buf: cutlass.Constexpr[int], blk: Int32, wg: cutlass.Constexpr[int],
+                  wtid: Int32):
+        pass  # invalid slots are already zero rows
+
+    @cute.jit
+    def release(self, ctx, buf: cutlass.Constexpr[int], wg: cutlass.Constexpr[int], wtid: Int32):
+        """Warpgroup 0 is the last reader of both L halves, warpgroup 1 of both R halves."""
+        cute.arch.mbarrier_arrive(ctx[0] + (4 + 2 * buf + wg))
 
     @cute.jit
     def q_row(self, mQ: cute.Tensor, where, row: Int32):
