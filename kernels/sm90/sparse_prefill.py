@@ -8,10 +8,10 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import warpgroup
 
-from kernels.common.gmem import copy_16B_async_zfill
+from kernels.common.gmem import copy_16B_async, copy_16B_async_zfill
 from kernels.common.paged_kv import COLUMN_TILE, kv_smem_layout
 from kernels.common.softmax import LN_2, LOG2_E
-from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
+from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, NamedBarrier, TwoConsumerMlaSm90
 from kernels.sm90.seesaw import SeesawConsumers
 
 V_L_TILES = 4  # column tiles 0-3 of a block: V_L, read by warpgroup 0's P V
@@ -28,7 +28,9 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
     n = min(topk, topk_length[token]), taken in pairs (even block in buffer 0, odd block in
     buffer 1); an odd count is padded with one block of invalid slots, which gathers nothing
     and adds nothing.  The producer runs ahead into the next tile's blocks while the
-    consumers finish a tile's epilogue and load its successor's Q.
+    consumers finish a tile's epilogue; the successor's Q is copied into sQ during that
+    epilogue (started by each consumer warpgroup right after its last MMA of the tile that
+    reads sQ has completed, completing on the ``q`` mbarrier).
 
     Warp roles (384 threads):
       warpgroup 0  producer: gathers the 64 selected rows of a block with 16-byte cp.async
@@ -41,7 +43,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
       warpgroups 1, 2  consumers: the seesaw of ``kernels.sm90.seesaw`` (warpgroup w
                    computes S of buffer w's blocks and O columns [256 w, 256 w + 256)).
                    The even block's P goes to buffer 0's RoPE tile (d 576) or a P buffer
-                   (d 512), the odd block's to a P buffer.  Q (64 x d) is loaded per tile.
+                   (d 512), the odd block's to a P buffer.
 
     Ring: each buffer is two halves, L = column tiles 0-3 (V_L) and R = tiles 4.. (V_R and,
     at d 576, RoPE), each with a ``full`` and an ``empty`` mbarrier, so the producer refills a
@@ -111,14 +113,15 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
             p_tiles = (self.p_view(sP0.iterator, sP_layout), self.p_view(sP.iterator, sP_layout))
         sMax = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
         sBias = smem.allocate_tensor(Float32, cute.make_layout((BLOCK_N, self.stages)), byte_alignment=16)
-        # [full | empty] x [buffer * 2 + half], half 0 = L, 1 = R
-        bars = smem.allocate_array(Int64, 8, byte_alignment=8)
+        # [full | empty] x [buffer * 2 + half], half 0 = L, 1 = R; then q
+        bars = smem.allocate_array(Int64, 9, byte_alignment=8)
         if tidx == 0:
             for b in cutlass.range_constexpr(2):
                 cute.arch.mbarrier_init(bars + 2 * b, 2 * self.producer_threads)  # cp.asyncs + bias writes
                 cute.arch.mbarrier_init(bars + 2 * b + 1, self.producer_threads)
             for i in cutlass.range_constexpr(4):
                 cute.arch.mbarrier_init(bars + 4 + i, 128)  # one consumer warpgroup
+            cute.arch.mbarrier_init(bars + 8, self.consumer_threads)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
@@ -232,13 +235,24 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         head_blocks = mQ.shape[1] // BLOCK_M
         bid, _, _ = cute.arch.block_idx()
         grid, _, _ = cute.arch.grid_dim()
+        tiles = mQ.shape[0] * head_blocks
         phase = Int32(0)
-        for tile in cutlass.range(bid, mQ.shape[0] * head_blocks, grid, unroll=1):
+        q_phase = Int32(0)
+        if bid < tiles:
+            self.start_q_copy(mQ, sQ, bars, bid, head_blocks, ctid)
+        for tile in cutlass.range(bid, tiles, grid, unroll=1):
             token, hblk, _, pairs = self.tile_work(tile, head_blocks, mIndices, mTopkLength, has_topk_length)
-            self.load_q(mQ, sQ, (token, hblk), ctid)
+            # Both warpgroups are past the previous tile's epilogue (its sStat exchange).
+            cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
+            cute.arch.mbarrier_wait(bars + 8, q_phase)
+            cute.arch.fence_proxy("async.shared", space="cta")  # cp.async wrote sQ; WGMMA reads it
+            q_phase = q_phase ^ 1
             acc_o, row_max, row_sum = self.fresh_rows(frags[1].get_slice(wtid))
+            nxt = tile + grid
             for pair in cutlass.range(pairs, unroll=1):
-                ctx = (bars, phase, sBias)
+                # The last pair's final release starts the next tile's Q copy.
+                q_next = (mQ, sQ, nxt, head_blocks, ctid, (pair == pairs - 1) & (nxt < tiles))
+                ctx = (bars, phase, sBias, q_next)
                 # hi = 2 * pairs: the seesaw's lone-last-block path is never taken.
                 if cutlass.const_expr(wg == 0):
                     self.even_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, 2 * pair, 2 * pairs, scale_log2,
@@ -247,18 +261,42 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
                     self.odd_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, 2 * pair, 2 * pairs, scale_log2,
                                   wtid)
                 phase = phase ^ 1
+            if pairs == 0 and nxt < tiles:
+                self.start_q_copy(mQ, sQ, bars, nxt, head_blocks, ctid)
             self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mSink, mOut, mMaxLogits, mLse, sm_scale, scale_log2,
                           has_sink, token, hblk, wg, wtid)
 
+    @cute.jit
+    def start_q_copy(self, mQ: cute.Tensor, sQ: cute.Tensor, bars, tile: Int32, head_blocks: Int32, ctid: Int32):
+        """Start copying tile ``tile``'s 64 query rows into sQ (this thread's share); the
+        ``q`` mbarrier completes when all 256 consumer threads' copies have landed.  The
+        caller guarantees no MMA still reads sQ.  Same thread-to-chunk map as ``load_q``:
+        four threads per row, thread q moving 16-byte chunks q + 4 j."""
+        token = tile // head_blocks
+        hblk = tile - token * head_blocks
+        per_row = self.consumer_threads // BLOCK_M
+        n_chunks = self.d * (self.dtype.width // 8) // 16 // per_row
+        tile_bytes = BLOCK_M * 128  # one 64-column (128-byte) tile of all 64 rows
+        row = ctid // per_row
+        q = ctid % per_row
+        src = mQ[token, hblk * BLOCK_M + row, None].iterator.toint() + Int64(16 * q)
+        line = row * 128 + 16 * q
+        dst = sQ.iterator.toint() + (line ^ ((line >> 3) & 0x70))
+        for j in cutlass.range_constexpr(n_chunks):
+            # chunk q + 4 j: column tile j // 2, piece (q + 4 (j % 2)) ^ (row % 8) of its line
+            copy_16B_async(src + Int64(64 * j), (dst ^ (64 * (j % 2))) + tile_bytes * (j // 2))
+        cute.arch.cp_async_mbarrier_arrive_noinc(bars + 8)
+
     # ------------------------------------------------------------------ seesaw hooks
-    # ctx = (mbarriers, phase of this pair, per-slot logit bias)
+    # ctx = (mbarriers, phase of this pair, per-slot logit bias,
+    #        (mQ, sQ, next tile, head blocks, ctid, whether to start the next tile's Q copy))
     @cute.jit
     def s_block(self, qk_mma: cute.TiledMma, acc_s: cute.Tensor, tSrQ: cute.Tensor, tSrK: cute.Tensor,
                 tScS: cute.Tensor, ctx, buf: cutlass.Constexpr[int], blk: Int32):
         """S = Q K^T of the gathered block in buffer ``buf``, half by half in the order the
         producer fills them (L then R for buffer 0, R then L for buffer 1), plus each slot's
         bias (0, or -inf for a slot that gathered nothing)."""
-        bars, phase, sBias = ctx
+        bars, phase, sBias, _ = ctx
         k_steps = COLUMN_TILE // 16
         first = True
         for i in cutlass.range_constexpr(2):
@@ -290,14 +328,14 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
 
     @cute.jit
     def release(self, ctx, buf: cutlass.Constexpr[int], wg: cutlass.Constexpr[int], wtid: Int32):
-        """Warpgroup 0 is the last reader of both L halves, warpgroup 1 of both R halves."""
+        """Warpgroup 0 is the last reader of both L halves, warpgroup 1 of both R halves.
+        Buffer 1 is each warpgroup's last release of a pair, after both S GEMMs (the only
+        readers of sQ) have completed: in a tile's last pair it starts the next Q copy."""
         cute.arch.mbarrier_arrive(ctx[0] + (4 + 2 * buf + wg))
-
-    @cute.jit
-    def q_row(self, mQ: cute.Tensor, where, row: Int32):
-        """Row ``row`` of the CTA's Q tile (``load_q``): where = (token, head block)."""
-        token, hblk = where
-        return mQ[token, hblk * BLOCK_M + row, None], True
+        if cutlass.const_expr(buf == 1):
+            mQ, sQ, nxt, head_blocks, ctid, start = ctx[3]
+            if start:
+                self.start_q_copy(mQ, sQ, ctx[0], nxt, head_blocks, ctid)
 
     @cute.jit
     def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
