@@ -1,7 +1,7 @@
 """What every SM90 MLA attention kernel's two consumer warpgroups do with one KV block.
 
-The layout of the work (sparse prefill and sparse decode; dense decode runs the seesaw of
-``kernels.sm90.seesaw`` instead and takes only the layouts, the Q loader and the row
+The layout of the work (sparse decode; dense decode and sparse prefill run the seesaw of
+``kernels.sm90.seesaw`` instead and take only the layouts, the Q loader and the row
 bookkeeping from here):
 a CTA owns 64 query rows; a KV block of 64 tokens sits in shared memory as a
 K-major (token, d) WGMMA B operand whose first 512 columns are also V.  Consumer
@@ -111,7 +111,7 @@ class TwoConsumerMlaSm90:
 
     @cute.jit
     def make_gathered_kv_pipeline(self, smem, producer_threads: cutlass.Constexpr[int]):
-        """The sparse kernels' KV ring handshake: (sBias, kv_pipe).  ``sBias`` (slot, stage)
+        """Sparse decode's KV ring handshake: (sBias, kv_pipe).  ``sBias`` (slot, stage)
         is each gathered slot's logit bias (0 valid, -inf invalid); ``kv_pipe`` is a
         PipelineAsync from ``producer_threads`` producer threads, each arriving once its own
         shared writes of the block are done and fenced, to the 256 consumer threads.  Call

@@ -21,7 +21,8 @@ four hooks taking its own context tuple ``ctx``:
   ``prepare_v(sK, ctx, buf, blk, wg, wtid)``  before this warpgroup's P V reads buffer buf;
   ``release(ctx, buf, wg, wtid)``  this warpgroup has read buffer buf for the last time.
 Warpgroup 0 releases V_L of both buffers, warpgroup 1 V_R of both; buffer 0's P tile is
-last read by warpgroup 1, buffer 1's by warpgroup 0.
+last read by warpgroup 1, buffer 1's by warpgroup 0.  Users: dense decode (pages by TMA,
+reloaded tile by tile) and sparse prefill (gathered rows on a half-block ring).
 """
 from __future__ import annotations
 

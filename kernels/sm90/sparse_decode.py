@@ -52,8 +52,10 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                    ``kernels.sm90.mla_consumers`` (``attend_gathered_block``).
 
     Pipeline ``kv`` (PipelineAsync, 128 producer threads -> 256 consumer threads), one
-    block per stage, as in sparse prefill: each producer thread fences its shared stores
-    into the async proxy and arrives; the logit bias of a block travels in ``sBias``.
+    block per stage: each producer thread fences its shared stores into the async proxy
+    and arrives (it waits for its own copies anyway, to convert them); the logit bias of a
+    block travels in ``sBias``.  (The seesaw of sparse prefill, on a half-block ring, was
+    tried here and was 30-50% slower: perf/results/NOTES.md, session 6.)
 
     Output as dense decode's, plus the sink on requests finalised here (one split);
     multi-split requests get it in the combine.  No valid key gives out = 0, lse = +inf.
