@@ -112,6 +112,15 @@ def test_sparse_prefill_full_grid(case):
     run_case(*shape, seed=hash(case) % 1000, sink=extras, topk_length=extras)
 
 
+@pytest.mark.parametrize("d_qk", [576, 512])
+@pytest.mark.parametrize("s_kv,topk", [(200, 64), (300, 192)])
+def test_odd_block_count(s_kv, topk, d_qk):
+    """topk of 1 or 3 blocks: the kernel pads a tile to whole pairs of blocks, the pad
+    gathering nothing (the grid's topk are all whole pairs; only topk_length made odd ones)."""
+    run_case(62, s_kv, topk, 128, d_qk, seed=topk + d_qk, sink=True)
+    run_case(3, s_kv, topk, 64, d_qk, seed=topk + d_qk + 1, topk_length=True)
+
+
 @pytest.mark.parametrize("s_q,s_kv,topk", [(1, 128, 128), (1, 256, 256), (1234, 4321, 4096), (4096, 2048, 2048)])
 def test_all_indices_invalid(s_q, s_kv, topk):
     out, mx, lse = run_case(s_q, s_kv, topk, 64, 576, seed=2, all_invalid=True, sink=True)

@@ -8,6 +8,7 @@ import cutlass.cute.nvgpu.cpasync as cpasync
 from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import warpgroup
 
+from kernels.common import named_barrier
 from kernels.common.dtypes import dsl_dtype
 from kernels.common.paged_kv import (COLUMN_TILE, PAGE, kv_smem_layout, make_kv_column_tma,
                                      page_column_tile)
@@ -218,7 +219,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
                 if t >= valid:
                     sK[t, wg * self.v_half + c, buf] = self.dtype(0.0)
             cute.arch.fence_proxy("async.shared", space="cta")
-            cute.arch.barrier(barrier_id=SeesawBarrier.TAIL + wg, number_of_threads=128)
+            named_barrier.sync(SeesawBarrier.TAIL + wg, 128)
 
     @cute.jit
     def p_tile(self, sK: cute.Tensor, sP_layout: cute.ComposedLayout, buf: cutlass.Constexpr[int]) -> cute.Tensor:

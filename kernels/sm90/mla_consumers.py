@@ -25,6 +25,7 @@ from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
+from kernels.common import named_barrier
 from kernels.common.gmem import load_16B, store_16B_shared
 from kernels.common.mma_sm90 import gemm
 
@@ -140,7 +141,7 @@ class TwoConsumerMlaSm90:
         addresses get hoisted out of the piece loop and spilled).  All global loads of a
         half are issued before its first shared store, so their latencies overlap."""
         # Nobody may still be reading the previous piece's Q (or its row statistics).
-        cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
+        named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
         per_row = self.consumer_threads // BLOCK_M
         n_chunks = self.d * (self.dtype.width // 8) // 16 // per_row
         tile_bytes = BLOCK_M * 128  # one 64-column (128-byte) tile of all 64 rows
@@ -163,7 +164,7 @@ class TwoConsumerMlaSm90:
                 store_16B_shared(buf[None, j], dst[jj % 2] + tile_bytes * (jj // 2))
         # Generic-proxy stores read next by WGMMA (async proxy).
         cute.arch.fence_proxy("async.shared", space="cta")
-        cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
+        named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
 
     @cute.jit
     def consumer_fragments(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, sQ: cute.Tensor, sK: cute.Tensor,
@@ -263,7 +264,7 @@ class TwoConsumerMlaSm90:
         self.online_softmax(acc_s, tScS, acc_o, row_max, row_sum, sStat, scale_log2, half, wtid)
         self.store_p(acc_s, tScS, sP, half)
         cute.arch.fence_proxy("async.shared", space="cta")
-        cute.arch.barrier(barrier_id=NamedBarrier.P_READY, number_of_threads=self.consumer_threads)
+        named_barrier.sync(NamedBarrier.P_READY, self.consumer_threads)
         tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(self.v_view(sK, sV_layout, stage, half)))
         warpgroup.fence()
         gemm(pv_mma, acc_o, tOrP[None, None, None, 0], tOrV, False)
@@ -287,7 +288,7 @@ class TwoConsumerMlaSm90:
             if wtid % 4 == 0:
                 row, _ = tC[2 * h]
                 sStat[half, row] = vals[h]
-        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=self.consumer_threads)
+        named_barrier.sync(barrier_id, self.consumer_threads)
         for h in cutlass.range_constexpr(2):
             row, _ = tC[2 * h]
             if cutlass.const_expr(is_max):

@@ -32,6 +32,7 @@ import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import warpgroup
 
+from kernels.common import named_barrier
 from kernels.common.mma_sm90 import gemm
 from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
 
@@ -105,12 +106,12 @@ class SeesawConsumers:
             for h in cutlass.range_constexpr(2):
                 row, _ = tScS[2 * h]
                 sMax[wg, row] = m[h]
-        cute.arch.barrier_arrive(barrier_id=barrier_id, number_of_threads=self.consumer_threads)
+        named_barrier.arrive(barrier_id, self.consumer_threads)
 
     @cute.jit
     def read_max(self, m: cute.Tensor, sMax: cute.Tensor, tScS: cute.Tensor, wg: cutlass.Constexpr[int],
                  barrier_id: cutlass.Constexpr[int]):
-        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=self.consumer_threads)
+        named_barrier.sync(barrier_id, self.consumer_threads)
         for h in cutlass.range_constexpr(2):
             row, _ = tScS[2 * h]
             m[h] = sMax[wg, row]
@@ -206,7 +207,7 @@ class SeesawConsumers:
         self.read_max(m_pair, sMax, tScS, 1, SeesawBarrier.MAX_1)
         self.rescale(m_even, m_pair, base, factor2, scale_log2)
         self.store_p(rP, factor2, tScS, sP_own)
-        cute.arch.barrier_arrive(barrier_id=SeesawBarrier.P_0, number_of_threads=self.consumer_threads)
+        named_barrier.arrive(SeesawBarrier.P_0, self.consumer_threads)
         warpgroup.wait_group(0)
         self.release(ctx, 0, 0, wtid)
         if a + 1 >= hi:  # a lone last block: nothing of buffer 1 to read this pair
@@ -215,7 +216,7 @@ class SeesawConsumers:
         for h in cutlass.range_constexpr(2):
             row_sum[h] = row_sum[h] * factor2[h]
             row_max[h] = m_pair[h]
-        cute.arch.barrier(barrier_id=SeesawBarrier.P_1, number_of_threads=self.consumer_threads)
+        named_barrier.sync(SeesawBarrier.P_1, self.consumer_threads)
         if a + 1 < hi:
             self.prepare_v(sK, ctx, 1, a + 1, 0, wtid)
             warpgroup.fence()
@@ -250,13 +251,13 @@ class SeesawConsumers:
         else:
             for h in cutlass.range_constexpr(2):
                 row_sum[h] = row_sum[h] * factor[h]
-        cute.arch.barrier_arrive(barrier_id=SeesawBarrier.P_1, number_of_threads=self.consumer_threads)
+        named_barrier.arrive(SeesawBarrier.P_1, self.consumer_threads)
         self.scale_o(acc_o, factor)
         for h in cutlass.range_constexpr(2):
             row_max[h] = m_pair[h]
         if a + 1 < hi:
             self.prepare_v(sK, ctx, 1, a + 1, 1, wtid)
-        cute.arch.barrier(barrier_id=SeesawBarrier.P_0, number_of_threads=self.consumer_threads)
+        named_barrier.sync(SeesawBarrier.P_0, self.consumer_threads)
         self.prepare_v(sK, ctx, 0, a, 1, wtid)
         # P0' V0_R is waited for before P1 V1_R is issued.  An MMA chain left in flight into
         # the branch below makes ptxas serialise every WGMMA of the kernel; issuing both back

@@ -8,6 +8,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import warpgroup
 
+from kernels.common import named_barrier
 from kernels.common.gmem import copy_16B_async, copy_16B_async_zfill
 from kernels.common.paged_kv import COLUMN_TILE, kv_smem_layout
 from kernels.common.softmax import LN_2, LOG2_E
@@ -243,7 +244,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         for tile in cutlass.range(bid, tiles, grid, unroll=1):
             token, hblk, _, pairs = self.tile_work(tile, head_blocks, mIndices, mTopkLength, has_topk_length)
             # Both warpgroups are past the previous tile's epilogue (its sStat exchange).
-            cute.arch.barrier(barrier_id=NamedBarrier.Q_RELOAD, number_of_threads=self.consumer_threads)
+            named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
             cute.arch.mbarrier_wait(bars + 8, q_phase)
             cute.arch.fence_proxy("async.shared", space="cta")  # cp.async wrote sQ; WGMMA reads it
             q_phase = q_phase ^ 1
