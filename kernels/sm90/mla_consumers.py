@@ -142,29 +142,46 @@ class TwoConsumerMlaSm90:
         half are issued before its first shared store, so their latencies overlap."""
         # Nobody may still be reading the previous piece's Q (or its row statistics).
         named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
-        per_row = self.consumer_threads // BLOCK_M
-        n_chunks = self.d * (self.dtype.width // 8) // 16 // per_row
-        tile_bytes = BLOCK_M * 128  # one 64-column (128-byte) tile of all 64 rows
-        row = ctid // per_row
-        q = ctid % per_row
+        row, q_off, dst, n_chunks = self.q_copy_share(sQ, ctid)
         gq, exists = self.q_row(mQ, where, row)
-        src = gq.iterator.toint() + Int64(16 * q)
-        line = row * 128 + 16 * q
-        dst = (sQ.iterator.toint() + (line ^ ((line >> 3) & 0x70)),)
-        dst = (dst[0], dst[0] ^ 64)  # pieces q and q + 4 of the same line
+        src = gq.iterator.toint() + q_off
         batch = n_chunks // 2
         for half_batch in cutlass.range_constexpr(2):
             buf = cute.make_rmem_tensor(cute.make_layout((4, batch)), Int32)
             buf.fill(0)
             if exists:
                 for j in cutlass.range_constexpr(batch):
-                    load_16B(src + Int64(64 * (half_batch * batch + j)), buf[None, j])
+                    load_16B(self.q_chunk_src(src, half_batch * batch + j), buf[None, j])
             for j in cutlass.range_constexpr(batch):
-                jj = half_batch * batch + j
-                store_16B_shared(buf[None, j], dst[jj % 2] + tile_bytes * (jj // 2))
+                store_16B_shared(buf[None, j], self.q_chunk_dst(dst, half_batch * batch + j))
         # Generic-proxy stores read next by WGMMA (async proxy).
         cute.arch.fence_proxy("async.shared", space="cta")
         named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
+
+    @cute.jit
+    def q_copy_share(self, sQ: cute.Tensor, ctid: Int32):
+        """This consumer thread's share of a Q tile copy (``load_q``'s map): (its row, the
+        byte offset of its first chunk in the row, the shared addresses of its pieces q and
+        q + 4 of that row's first 128-byte line, chunks per thread).  Chunk j is at
+        ``q_chunk_src`` / ``q_chunk_dst``."""
+        per_row = self.consumer_threads // BLOCK_M
+        n_chunks = self.d * (self.dtype.width // 8) // 16 // per_row
+        row = ctid // per_row
+        q = ctid % per_row
+        line = row * 128 + 16 * q
+        dst0 = sQ.iterator.toint() + (line ^ ((line >> 3) & 0x70))
+        return row, Int64(16 * q), (dst0, dst0 ^ 64), n_chunks
+
+    @staticmethod
+    def q_chunk_src(src: Int64, j: int) -> Int64:
+        """Global address of a thread's chunk j (chunk q + 4 j of its row)."""
+        return src + Int64(64 * j)
+
+    @staticmethod
+    def q_chunk_dst(dst, j: int) -> Int32:
+        """Shared address of a thread's chunk j: column tile j // 2 (one 64-column tile of all
+        64 rows is 8 KiB), piece (q + 4 (j % 2)) ^ (row % 8) of its line."""
+        return dst[j % 2] + BLOCK_M * 128 * (j // 2)
 
     @cute.jit
     def consumer_fragments(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, sQ: cute.Tensor, sK: cute.Tensor,

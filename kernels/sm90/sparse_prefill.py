@@ -275,17 +275,10 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         four threads per row, thread q moving 16-byte chunks q + 4 j."""
         token = tile // head_blocks
         hblk = tile - token * head_blocks
-        per_row = self.consumer_threads // BLOCK_M
-        n_chunks = self.d * (self.dtype.width // 8) // 16 // per_row
-        tile_bytes = BLOCK_M * 128  # one 64-column (128-byte) tile of all 64 rows
-        row = ctid // per_row
-        q = ctid % per_row
-        src = mQ[token, hblk * BLOCK_M + row, None].iterator.toint() + Int64(16 * q)
-        line = row * 128 + 16 * q
-        dst = sQ.iterator.toint() + (line ^ ((line >> 3) & 0x70))
+        row, q_off, dst, n_chunks = self.q_copy_share(sQ, ctid)
+        src = mQ[token, hblk * BLOCK_M + row, None].iterator.toint() + q_off
         for j in cutlass.range_constexpr(n_chunks):
-            # chunk q + 4 j: column tile j // 2, piece (q + 4 (j % 2)) ^ (row % 8) of its line
-            copy_16B_async(src + Int64(64 * j), (dst ^ (64 * (j % 2))) + tile_bytes * (j // 2))
+            copy_16B_async(self.q_chunk_src(src, j), self.q_chunk_dst(dst, j))
         cute.arch.cp_async_mbarrier_arrive_noinc(bars + 8)
 
     # ------------------------------------------------------------------ seesaw hooks
