@@ -33,7 +33,7 @@ __all__ = [
 
 _CACHE_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.uint8)
 _KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_OUT_DTYPES = (torch.bfloat16, torch.float32)
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _FP8_NAN_CODE = 0x7F  # canonical positive NaN of float8_e4m3fn
 # torch >= 2.7 has a native ue8m0 dtype; accept it for scale exponents when present.
 _UE8M0_DTYPES = tuple(d for d in (torch.uint8, getattr(torch, "float8_e8m0fnu", None)) if d is not None)
@@ -267,12 +267,15 @@ def quantize_kvcache(kv: torch.Tensor, fmt: "str | Fp8CacheFormat | None" = None
 # ---------------------------------------------------------------------------------------------- dequantisation
 def _check_out_dtype(out_dtype):
     if out_dtype not in _OUT_DTYPES:
-        raise TypeError(f"out_dtype must be torch.bfloat16 or torch.float32, got {out_dtype}")
+        raise TypeError(f"out_dtype must be torch.bfloat16, torch.float16 or torch.float32, got {out_dtype}")
 
 
 def _assemble(nope: torch.Tensor, scales: torch.Tensor, rope: torch.Tensor, group: int, out_dtype):
     # fp8 * scale is formed in float32 (exact for power-of-two scales, one rounding for arbitrary ones), then
-    # rounded once to out_dtype.
+    # rounded once to out_dtype.  float16 is what the SM90 sparse decode kernels compute (kernels.common.fp8):
+    # the scale is rounded to f16 first, then fp8 * f16(scale) (exact in float32) is rounded once to f16.
+    if out_dtype == torch.float16:
+        scales = scales.to(torch.float16).float()
     x = nope.float().unflatten(-1, (-1, group)) * scales.unsqueeze(-1)
     return torch.cat([x.flatten(-2).to(out_dtype), rope.to(out_dtype)], dim=-1)
 
@@ -294,7 +297,8 @@ def dequantize_model1(cache: torch.Tensor, out_dtype=torch.bfloat16) -> torch.Te
 def dequantize_kvcache(cache: torch.Tensor, fmt: "str | Fp8CacheFormat | None" = None,
                        out_dtype=torch.bfloat16) -> torch.Tensor:
     """Inverse of quantize_kvcache: FP8 cache ``[nb, pbs, 1, bytes_per_token]`` (float8_e4m3fn, int8 or uint8)
-    -> ``[nb, pbs, 1, d_qk]`` in out_dtype (bfloat16 or float32). fmt None picks it from the last dim
+    -> ``[nb, pbs, 1, d_qk]`` in out_dtype (bfloat16, float16 or float32; float16 rounds each scale to f16
+    before the product, as the SM90 sparse decode kernels do). fmt None picks it from the last dim
     (656 -> V32, 584 -> MODEL1). Exact on representable values: K rows that are fp8 * 2^k per group (e.g. the
     output of this function) quantize back to the same values; for caches from quantize_kvcache both bfloat16
     and float32 outputs are exact (fp8 * 2^k fits bf16)."""

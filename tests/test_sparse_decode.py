@@ -14,9 +14,10 @@ quantisation, so its FP8 codes and its scales are NaN bytes; the padding bytes b
 FP8 NaN); strided views have poisoned gaps. A kernel that loads, scales or multiplies anything it should
 ignore (0 * NaN = NaN) therefore fails the comparison. V32 scales are multiplied by random factors in
 [0.5, 2), so they are not powers of two; MODEL1 scales are ue8m0 by format. The reference computes in
-float32 on the dequantised caches, dequantised as the op defines it: fp8 * scale formed in float32 and
-rounded once to bf16, the type the matmuls run in (``quant.dequantize_kvcache``'s default). Against a
-float32 dequantisation, K's bf16 rounding alone moves a one-key lse by ~5e-5, over the 1e-6 abs bar.
+float32 on the dequantised caches, dequantised as the kernels compute it: the scale rounded to f16, then
+fp8 * scale rounded once to f16, the type the matmuls run in (``quant.dequantize_kvcache(out_dtype=
+torch.float16)``; ``kernels.common.fp8``). Against a float32 dequantisation, K's rounding alone would move a
+one-key lse past the 1e-6 abs bar (by ~5e-5 for bf16, ~6e-6 for f16). q stays bf16 in the reference.
 The fast subset and the corner cases run by default; ``-m full`` runs the whole grid.
 """
 import itertools
@@ -103,7 +104,7 @@ def make_source(b, s_q, s_k, topk, pbs, d_qk, g, lengths=None, all_invalid=False
         u8 = cache.view(torch.uint8)
         torch.as_strided(u8, (u8.shape[0], gap), (u8.stride(0), 1),
                          u8.storage_offset() + fmt.block_bytes(pbs)).fill_(0xFF)
-    deq = quant.dequantize_kvcache(cache).float()  # bf16: the values the matmuls run on (see docstring)
+    deq = quant.dequantize_kvcache(cache, out_dtype=torch.float16).float()  # what the matmuls see (docstring)
     return Source(cache, deq, idx.to(torch.int32), lens)
 
 

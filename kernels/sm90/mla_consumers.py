@@ -6,7 +6,7 @@ bookkeeping from here):
 a CTA owns 64 query rows; a KV block of 64 tokens sits in shared memory as a
 K-major (token, d) WGMMA B operand whose first 512 columns are also V.  Consumer
 ``half`` (0 or 1) computes S for tokens [32*half, 32*half + 32) (64 x 32 = Q K^T),
-the two exchange row maxima through shared memory, each writes its half of P (bf16)
+the two exchange row maxima through shared memory, each writes its half of P (in the matmul type)
 to ``sP``, and then consumer ``half`` accumulates O[:, 256*half : 256*half + 256] +=
 P V over all 64 tokens.  Every tensor-core FLOP is done once, at the price of two
 256-thread named barriers per block.
@@ -26,6 +26,7 @@ from cutlass.cute.nvgpu import warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from kernels.common import named_barrier
+from kernels.common.fp8 import bf16x2_to_f16x2
 from kernels.common.gmem import load_16B, store_16B_shared
 from kernels.common.mma_sm90 import gemm
 
@@ -132,7 +133,7 @@ class TwoConsumerMlaSm90:
     def load_q(self, mQ: cute.Tensor, sQ: cute.Tensor, where, ctid: Int32):
         """All 256 consumer threads copy the CTA's 64 query rows into sQ: row ``row`` is
         ``self.q_row(mQ, where, row)`` (a (d,) view and whether it exists; missing rows
-        are zero).
+        are zero).  A bf16 Q is rounded to f16 on the way when the kernel's matmuls run in f16.
 
         Four threads share a row; thread q of a row moves its 16-byte chunks q + 4 j.  In
         the 128B-swizzled K-major layout chunk q + 4 j lies in column tile j // 2 (8 KiB
@@ -152,6 +153,11 @@ class TwoConsumerMlaSm90:
             if exists:
                 for j in cutlass.range_constexpr(batch):
                     load_16B(self.q_chunk_src(src, half_batch * batch + j), buf[None, j])
+            if cutlass.const_expr(mQ.element_type != self.dtype):
+                # bf16 q for matmuls in f16 (sparse decode: kernels.common.fp8)
+                assert mQ.element_type == cutlass.BFloat16 and self.dtype == cutlass.Float16
+                for i in cutlass.range_constexpr(cute.size(buf)):
+                    buf[i] = bf16x2_to_f16x2(buf[i])
             for j in cutlass.range_constexpr(batch):
                 store_16B_shared(buf[None, j], self.q_chunk_dst(dst, half_batch * batch + j))
         # Generic-proxy stores read next by WGMMA (async proxy).

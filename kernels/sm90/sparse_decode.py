@@ -1,6 +1,6 @@
 """SM90 FP8 sparse MLA decode (``flash_mla_with_kvcache`` with ``indices``): each query
 token attends to its own top-k tokens of an FP8 paged cache (plus, optionally, top-k
-tokens of a second "extra" cache), dequantised to bf16 on the fly."""
+tokens of a second "extra" cache), dequantised to f16 on the fly."""
 from __future__ import annotations
 
 import cuda.bindings.driver as cuda
@@ -9,7 +9,7 @@ import cutlass.cute as cute
 import cutlass.pipeline as pipeline
 from cutlass import Float32, Int32, Int64
 
-from kernels.common.fp8 import dequant_e4m3x4, f32_from_bits, ue8m0_to_f32
+from kernels.common.fp8 import bf16x2_to_f16x2, dequant_e4m3x4, f16x2_scale, f32_from_bits, ue8m0_to_f32
 from kernels.common.gmem import (copy_16B_async, load_8B, load_16B, load_16B_shared, load_i32,
                                  prefetch_l2, store_16B_shared)
 from kernels.common.paged_kv import kv_smem_layout
@@ -24,7 +24,7 @@ PIECE = 16  # bytes a lane moves at once (one 128-bit load or shared store)
 class SparseDecodeSm90(SplitKvDecodeSm90):
     """O = softmax(Q K_sel^T * scale) V_sel for 64 query heads of one query token, where
     K_sel are the FP8 cache tokens the token's ``indices`` select (then those its
-    ``extra_indices`` select in the extra cache), dequantised to bf16; V = the first 512
+    ``extra_indices`` select in the extra cache), dequantised to f16; V = the first 512
     dims of K (V32: the NoPE part; MODEL1: NoPE and RoPE).
 
     Split-KV work as in dense decode (``kernels.sm90.split_kv_decode``): grid (parts, 1,
@@ -39,10 +39,12 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                    block's stage, in two steps (``stage_raw``, ``convert_raw``):
                    1. every copy at once, so their latencies overlap: the FP8 codes by
                       cp.async into a staging area inside the stage itself (the second half
-                      of the area their bf16 will occupy), the bf16 RoPE by cp.async to its
+                      of the area their f16 will occupy), the bf16 RoPE by cp.async to its
                       final place, the scales into registers;
-                   2. per 64-column group, codes -> bf16 (``kernels.common.fp8``) into the
-                      128B-swizzled K-major layout WGMMA reads.
+                   2. per 64-column group, codes -> f16 (``kernels.common.fp8``) into the
+                      128B-swizzled K-major layout WGMMA reads; then RoPE bf16 -> f16 in
+                      place.  Q, P and both matmuls are f16 too (q is rounded to f16 as it
+                      is loaded); O is accumulated in f32 and written in q's bf16.
                    Lane l handles quarter l % 4 of each group of tokens l // 4 and 8 + l // 4
                    in both steps.  The next block's token records are prefetched to L2
                    and the indices of the block after it loaded while the copies fly.  A
@@ -69,7 +71,10 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
 
     def __init__(self, fmt: str):
         self.fmt = get_format(fmt)
-        super().__init__(cutlass.BFloat16, self.fmt.d_qk)
+        # The matmuls run in f16, not in q's bf16: FP8 codes become f16 pairs in one
+        # instruction and take the scale in one more (kernels.common.fp8), a third of what
+        # bf16 results cost, and that conversion is what bounds this kernel.
+        super().__init__(cutlass.Float16, self.fmt.d_qk)
         f = self.fmt
         # each lane copies 2 of a token's 8 RoPE pieces and converts whole 64-code groups
         assert f.rope_bytes == 8 * PIECE and f.d_nope % 64 == 0 and f.nope_group % 64 == 0
@@ -271,7 +276,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     def raw_offset(self, sK_outer: cute.Layout, warp: Int32, g) -> Int32:
         """Where warp ``warp`` stages the raw FP8 codes of NoPE column group ``g`` (64
         columns) of its 16 tokens: 1 KiB, token t at + 64 t, in the second half of the 2 KiB
-        its bf16 output for those columns will occupy (rows 16 w .. 16 w + 15 of a 64-column
+        its f16 output for those columns will occupy (rows 16 w .. 16 w + 15 of a 64-column
         block are two whole 1 KiB swizzle atoms).  Each group is read back before its output
         is written, and no group's output overlaps another group's staging."""
         return cute.crd2idx((warp * 16, 64 * g, 0), sK_outer) * 2 + 1024
@@ -320,12 +325,12 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
 
     @cute.jit
     def convert_raw(self, scales: cute.Tensor, stage_base: Int32, offs, sK_outer: cute.Layout, lane: Int32):
-        """Staged FP8 codes -> bf16 in place, one 64-column group at a time: lane l takes the
+        """Staged FP8 codes -> f16 in place, one 64-column group at a time: lane l takes the
         16 codes of quarter l % 4 of tokens l // 4 and 8 + l // 4, the pieces it staged
         (each 8-lane phase reads 128 consecutive bytes and writes 8 distinct 16-byte bank
-        groups)."""
+        groups); then the bf16 RoPE pieces it copied -> f16 in place."""
         f = self.fmt
-        raw_lane, _, out_sw = offs
+        raw_lane, rope_sw, out_sw = offs
         for g in cutlass.range_constexpr(f.d_nope // 64):
             raw = cute.make_rmem_tensor(cute.make_layout((4, 2)), Int32)
             for k in cutlass.range_constexpr(2):
@@ -335,9 +340,9 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             cute.arch.sync_warp()
             for k in cutlass.range_constexpr(2):
                 if cutlass.const_expr(f.scale_kind == "float32"):
-                    scale = f32_from_bits(scales[g * 64 // f.nope_group, k])
+                    scale = f16x2_scale(f32_from_bits(scales[g * 64 // f.nope_group, k]))
                 else:
-                    scale = ue8m0_to_f32((scales[g // 4, k] >> (8 * (g % 4))) & 0xFF)
+                    scale = f16x2_scale(ue8m0_to_f32((scales[g // 4, k] >> (8 * (g % 4))) & 0xFF))
                 # 8 rows down and whole 64-column blocks across keep a row's swizzle, and piece
                 # j = 1 is the odd neighbour (bit 4) of piece 0: constants around one register.
                 dst = stage_base + cute.crd2idx((8 * k, 64 * g, 0), sK_outer) * 2
@@ -346,6 +351,14 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                     out[0], out[1] = dequant_e4m3x4(raw[2 * j, k], scale)
                     out[2], out[3] = dequant_e4m3x4(raw[2 * j + 1, k], scale)
                     store_16B_shared(out, dst + (out_sw ^ (PIECE * j)))
+        for k in cutlass.range_constexpr(2):
+            rope_dst = stage_base + cute.crd2idx((8 * k, 0, 0), sK_outer) * 2
+            for m in cutlass.range_constexpr(2):
+                piece = cute.make_rmem_tensor(cute.make_layout(4), Int32)
+                load_16B_shared(rope_dst + (rope_sw ^ (4 * PIECE * m)), piece)
+                for w in cutlass.range_constexpr(4):
+                    piece[w] = bf16x2_to_f16x2(piece[w])
+                store_16B_shared(piece, rope_dst + (rope_sw ^ (4 * PIECE * m)))
 
     @staticmethod
     @cute.jit

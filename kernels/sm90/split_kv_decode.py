@@ -83,9 +83,9 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
                     _, col = tOcO[k]
                     c2 = (half * self.v_half + col) // 2
                     if nsplits == 1:
-                        pair = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
-                        pair[0] = (acc_o[k] * inv[h]).to(self.dtype)
-                        pair[1] = (acc_o[k + 1] * inv[h]).to(self.dtype)
+                        pair = cute.make_rmem_tensor(cute.make_layout(2), mOut.element_type)
+                        pair[0] = (acc_o[k] * inv[h]).to(mOut.element_type)
+                        pair[1] = (acc_o[k + 1] * inv[h]).to(mOut.element_type)
                         cute.autovec_copy(pair, cute.local_tile(mOut[r, iq, hq, None], (2,), (c2,)))
                     else:
                         pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
