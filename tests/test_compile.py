@@ -105,12 +105,13 @@ SASS_EXPECT = {
     "sparse_prefill_sm90": (["HGMMA.64x64x16.F32", r"re:HGMMA\.64x256x16\.F32\S* R\d+, R\d+, gdesc",
                              r"re:HGMMA\.64x256x16\.F32\S* R\d+, gdesc", "tnspB", "LDGSTS.E.BYPASS.LTC256B.128",
                              "ARRIVES.LDGSTSBAR", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
-    # the same consumer MMAs, in f16 (no .BF16 suffix); FP8 codes -> f16 pairs in hardware,
-    # times the f16 scale (HMUL2); bf16 RoPE by cp.async; bf16 output
+    # the same consumer MMAs, in f16 (no .BF16 suffix; V32 adds bf16 ones for RoPE); FP8
+    # codes -> f16 pairs in hardware, times the f16 scale (HMUL2); bf16 RoPE by cp.async;
+    # bf16 output
     "sparse_decode_sm90": ([r"re:HGMMA\.64x32x16\.F32 ", r"re:HGMMA\.64x256x16\.F32 ", "tnspB",
                             "F2FP.F16.E4M3.UNPACK_B", "HMUL2", "F2FP.BF16.F32.PACK_AB", "LDG.E.128",
                             "LDGSTS.E.BYPASS.128", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"],
-                           ["LDL", "STL", ".BF16 R"]),
+                           ["LDL", "STL", "HGMMA.64x256x16.F32.BF16"]),
 }
 
 

@@ -16,7 +16,7 @@ ignore (0 * NaN = NaN) therefore fails the comparison. V32 scales are multiplied
 [0.5, 2), so they are not powers of two; MODEL1 scales are ue8m0 by format. The reference computes in
 float32 on the dequantised caches, dequantised as the kernels compute it: the scale rounded to f16, then
 fp8 * scale rounded once to f16, the type the matmuls run in (``quant.dequantize_kvcache(out_dtype=
-torch.float16)``; ``kernels.common.fp8``). Against a float32 dequantisation, K's rounding alone would move a
+torch.float16)``; ``kernels.common.fp8``); V32's RoPE stays bf16 (its part of S is a bf16 matmul). Against a float32 dequantisation, K's rounding alone would move a
 one-key lse past the 1e-6 abs bar (by ~5e-5 for bf16, ~6e-6 for f16). q stays bf16 in the reference.
 The fast subset and the corner cases run by default; ``-m full`` runs the whole grid.
 """
@@ -105,6 +105,8 @@ def make_source(b, s_q, s_k, topk, pbs, d_qk, g, lengths=None, all_invalid=False
         torch.as_strided(u8, (u8.shape[0], gap), (u8.stride(0), 1),
                          u8.storage_offset() + fmt.block_bytes(pbs)).fill_(0xFF)
     deq = quant.dequantize_kvcache(cache, out_dtype=torch.float16).float()  # what the matmuls see (docstring)
+    if fmt.d_nope == 512:  # V32's RoPE is not part of V: its columns of S stay bf16
+        deq[..., fmt.d_nope:] = quant.dequantize_kvcache(cache)[..., fmt.d_nope:].float()
     return Source(cache, deq, idx.to(torch.int32), lens)
 
 

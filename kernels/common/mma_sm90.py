@@ -8,8 +8,10 @@ from cutlass.cute.nvgpu import warpgroup
 
 @cute.jit
 def gemm(tiled_mma: cute.TiledMma, acc: cute.Tensor, tA: cute.Tensor, tB: cute.Tensor,
-         zero_init: cutlass.Constexpr[bool]):
-    """acc (+)= A @ B over every k-block of the partitioned operands (MMA, MMA_M/N, MMA_K)."""
-    for k in cutlass.range_constexpr(cute.size(tA, mode=[2])):
-        tiled_mma.set(warpgroup.Field.ACCUMULATE, not zero_init or k != 0)
+         zero_init: cutlass.Constexpr[bool], k_range: cutlass.Constexpr = None):
+    """acc (+)= A @ B over the k-blocks [begin, end) = ``k_range`` (default: all) of the
+    partitioned operands (MMA, MMA_M/N, MMA_K)."""
+    begin, end = k_range if k_range is not None else (0, cute.size(tA, mode=[2]))
+    for k in cutlass.range_constexpr(begin, end):
+        tiled_mma.set(warpgroup.Field.ACCUMULATE, not zero_init or k != begin)
         cute.gemm(tiled_mma, acc, tA[None, None, k], tB[None, None, k], acc)

@@ -63,6 +63,10 @@ class TwoConsumerMlaSm90:
             f"{type(self).__name__}: register split {self.regs_producer}/{self.regs_consumer} exceeds {launch_regs}"
         self.dtype = dtype
         self.d = d_qk
+        # Q K^T may switch type for its last columns (sparse decode V32: the bf16 RoPE, which
+        # is not part of V, stays bf16 in Q and K): columns [tail_start, d) are tail_dtype.
+        self.tail_dtype = dtype
+        self.tail_start = d_qk
         self.v_half = D_V // 2
         elt = dtype.width // 8
         self.q_bytes = BLOCK_M * d_qk * elt
@@ -87,15 +91,16 @@ class TwoConsumerMlaSm90:
         return sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (BLOCK_M, self.v_half, BLOCK_N), self.dtype, 1)
 
     def make_mmas(self):
-        """(Q K^T over 32 tokens, P V over 256 columns).  Built inside the kernel: passed in,
-        a tiled MMA's mutable accumulate flag would become a kernel parameter."""
-        qk_mma = sm90_utils.make_trivial_tiled_mma(
-            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K,
-            Float32, (1, 1, 1), (BLOCK_M, BLOCK_N // 2))
+        """(Q K^T over 32 tokens, P V over 256 columns, Q K^T in ``tail_dtype``).  Built inside
+        the kernel: passed in, a tiled MMA's mutable accumulate flag would become a kernel
+        parameter."""
+        qk_mma, qk_tail_mma = (sm90_utils.make_trivial_tiled_mma(
+            t, t, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K,
+            Float32, (1, 1, 1), (BLOCK_M, BLOCK_N // 2)) for t in (self.dtype, self.tail_dtype))
         pv_mma = sm90_utils.make_trivial_tiled_mma(
             self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
             Float32, (1, 1, 1), (BLOCK_M, self.v_half))
-        return qk_mma, pv_mma
+        return qk_mma, pv_mma, qk_tail_mma
 
     @cute.jit
     def allocate_operands(self, smem, sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
@@ -154,10 +159,14 @@ class TwoConsumerMlaSm90:
                 for j in cutlass.range_constexpr(batch):
                     load_16B(self.q_chunk_src(src, half_batch * batch + j), buf[None, j])
             if cutlass.const_expr(mQ.element_type != self.dtype):
-                # bf16 q for matmuls in f16 (sparse decode: kernels.common.fp8)
+                # bf16 q for matmuls in f16 (sparse decode: kernels.common.fp8); chunk j of
+                # every thread lies below tail_start iff j < tail_start / 32
                 assert mQ.element_type == cutlass.BFloat16 and self.dtype == cutlass.Float16
-                for i in cutlass.range_constexpr(cute.size(buf)):
-                    buf[i] = bf16x2_to_f16x2(buf[i])
+                assert self.tail_dtype == mQ.element_type or self.tail_start == self.d
+                for j in cutlass.range_constexpr(batch):
+                    if cutlass.const_expr((half_batch * batch + j) * 32 < self.tail_start):
+                        for i in cutlass.range_constexpr(4):
+                            buf[i, j] = bf16x2_to_f16x2(buf[i, j])
             for j in cutlass.range_constexpr(batch):
                 store_16B_shared(buf[None, j], self.q_chunk_dst(dst, half_batch * batch + j))
         # Generic-proxy stores read next by WGMMA (async proxy).
@@ -261,7 +270,8 @@ class TwoConsumerMlaSm90:
                 acc_o[k] = acc_o[k] * rescale[(k // 2) % 2]
 
     @cute.jit
-    def attend_gathered_block(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, tSrQ: cute.Tensor,
+    def attend_gathered_block(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, qk_tail_mma: cute.TiledMma,
+                              tSrQ: cute.Tensor,
                               tSrK: cute.Tensor, tScS: cute.Tensor, tOrP: cute.Tensor, acc_o: cute.Tensor,
                               row_max: cute.Tensor, row_sum: cute.Tensor, sK: cute.Tensor, sP: cute.Tensor,
                               sStat: cute.Tensor, sBias: cute.Tensor, sV_layout: cute.ComposedLayout, kv_pipe,
@@ -278,7 +288,11 @@ class TwoConsumerMlaSm90:
         stage = state.index
         acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N // 2)))
         warpgroup.fence()
-        gemm(qk_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, stage], True)
+        n_main = self.tail_start // 16  # k-blocks of 16 columns
+        gemm(qk_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, stage], True, (0, n_main))
+        if cutlass.const_expr(n_main < self.d // 16):
+            gemm(qk_tail_mma, acc_s, tSrQ[None, None, None, 0], tSrK[None, None, None, stage], False,
+                 (n_main, self.d // 16))
         warpgroup.commit_group()
         warpgroup.wait_group(0)
         for k in cutlass.range_constexpr(cute.size(acc_s)):

@@ -15,6 +15,7 @@ from kernels.common.gmem import (copy_16B_async, load_8B, load_16B, load_16B_sha
 from kernels.common.paged_kv import kv_smem_layout
 from kernels.common.softmax import LOG2_E
 from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
+from layouts.operands import D_V
 from kernels.sm90.split_kv_decode import SplitKvDecodeSm90
 from layouts.kv_cache import get_format
 
@@ -76,6 +77,11 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         # bf16 results cost, and that conversion is what bounds this kernel.
         super().__init__(cutlass.Float16, self.fmt.d_qk)
         f = self.fmt
+        if f.d_nope == D_V:
+            # V32: RoPE is not part of V, so it stays bf16 (Q's and K's), and S takes its last
+            # 64 columns with a bf16 MMA: no conversion pass over RoPE
+            self.tail_dtype = cutlass.BFloat16
+            self.tail_start = f.d_nope
         # each lane copies 2 of a token's 8 RoPE pieces and converts whole 64-code groups
         assert f.rope_bytes == 8 * PIECE and f.d_nope % 64 == 0 and f.nope_group % 64 == 0
         self.rope_offset = f.rope_offset(0)  # in a token's data record
@@ -108,7 +114,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout,
                sP_layout: cute.ComposedLayout):
         # Parameters in layouts.operands.sparse_decode_args order; static objects last.
-        qk_mma, pv_mma = self.make_mmas()
+        qk_mma, pv_mma, qk_tail_mma = self.make_mmas()
         tidx, _, _ = cute.arch.thread_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         wg = warp // 4
@@ -126,7 +132,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                       sK, sK_layout.outer, sBias, kv_pipe, part, (mblk * BLOCK_M) // mQ.shape[2], warp, tidx % 32)
         else:
             cute.arch.setmaxregister_increase(self.regs_consumer)
-            self.consume(qk_mma, pv_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, lengths, mSink, mSchedMeta,
+            self.consume(qk_mma, pv_mma, qk_tail_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, lengths, mSink, mSchedMeta,
                          mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, kv_pipe, softmax_scale, has_sink, part, mblk,
                          wg - 1, tidx - 128)
 
@@ -328,7 +334,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         """Staged FP8 codes -> f16 in place, one 64-column group at a time: lane l takes the
         16 codes of quarter l % 4 of tokens l // 4 and 8 + l // 4, the pieces it staged
         (each 8-lane phase reads 128 consecutive bytes and writes 8 distinct 16-byte bank
-        groups); then the bf16 RoPE pieces it copied -> f16 in place."""
+        groups); then, where RoPE is part of the f16 matmuls (MODEL1), the bf16 RoPE pieces
+        it copied -> f16 in place."""
         f = self.fmt
         raw_lane, rope_sw, out_sw = offs
         for g in cutlass.range_constexpr(f.d_nope // 64):
@@ -351,7 +358,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                     out[0], out[1] = dequant_e4m3x4(raw[2 * j, k], scale)
                     out[2], out[3] = dequant_e4m3x4(raw[2 * j + 1, k], scale)
                     store_16B_shared(out, dst + (out_sw ^ (PIECE * j)))
-        for k in cutlass.range_constexpr(2):
+        # RoPE inside the f16 matmuls (MODEL1: V includes it) -> f16; V32 keeps it bf16
+        for k in cutlass.range_constexpr(2 if f.d_nope < self.tail_start else 0):
             rope_dst = stage_base + cute.crd2idx((8 * k, 0, 0), sK_outer) * 2
             for m in cutlass.range_constexpr(2):
                 piece = cute.make_rmem_tensor(cute.make_layout(4), Int32)
@@ -375,8 +383,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
-    def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, sQ: cute.Tensor, sK: cute.Tensor,
-                sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor, sV_layout: cute.ComposedLayout,
+    def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, qk_tail_mma: cute.TiledMma, sQ: cute.Tensor,
+                sK: cute.Tensor, sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor, sV_layout: cute.ComposedLayout,
                 mQ: cute.Tensor, lengths, mSink: cute.Tensor, mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor,
                 mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, kv_pipe,
                 softmax_scale: Float32, has_sink: Int32, part: Int32, mblk: Int32, half: Int32, ctid: Int32):
@@ -396,7 +404,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             self.load_q(mQ, sQ, (r, 0, mblk, h_q), ctid)
             acc_o, row_max, row_sum = self.fresh_rows(thr_pv)
             for blk in cutlass.range(lo, hi, unroll=1):
-                self.attend_gathered_block(qk_mma, pv_mma, tSrQ, tSrK, tScS, tOrP, acc_o, row_max, row_sum, sK, sP,
+                self.attend_gathered_block(qk_mma, pv_mma, qk_tail_mma, tSrQ, tSrK, tScS, tOrP, acc_o, row_max, row_sum, sK, sP,
                                            sStat, sBias, sV_layout, kv_pipe, state, scale_log2, half, wtid)
                 state.advance()
             nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
