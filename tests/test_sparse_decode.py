@@ -16,8 +16,9 @@ ignore (0 * NaN = NaN) therefore fails the comparison. V32 scales are multiplied
 [0.5, 2), so they are not powers of two; MODEL1 scales are ue8m0 by format. The reference computes in
 float32 on the dequantised caches, dequantised as the kernels compute it: the scale rounded to f16, then
 fp8 * scale rounded once to f16, the type the matmuls run in (``quant.dequantize_kvcache(out_dtype=
-torch.float16)``; ``kernels.common.fp8``); V32's RoPE stays bf16 (its part of S is a bf16 matmul). Against a float32 dequantisation, K's rounding alone would move a
-one-key lse past the 1e-6 abs bar (by ~5e-5 for bf16, ~6e-6 for f16). q stays bf16 in the reference.
+torch.float16)``; ``kernels.common.fp8``); V32's RoPE stays bf16 (its part of S is a bf16 matmul).
+Against a float32 dequantisation, K's rounding alone would move a one-key lse past the 1e-6 abs bar (by
+~5e-5 for bf16, ~6e-6 for f16). q stays bf16 in the reference.
 The fast subset and the corner cases run by default; ``-m full`` runs the whole grid.
 """
 import itertools

@@ -271,13 +271,15 @@ class TwoConsumerMlaSm90:
 
     @cute.jit
     def attend_gathered_block(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, qk_tail_mma: cute.TiledMma,
-                              tSrQ: cute.Tensor,
-                              tSrK: cute.Tensor, tScS: cute.Tensor, tOrP: cute.Tensor, acc_o: cute.Tensor,
-                              row_max: cute.Tensor, row_sum: cute.Tensor, sK: cute.Tensor, sP: cute.Tensor,
+                              tSrQ: cute.Tensor, tSrK: cute.Tensor, tScS: cute.Tensor, tOrP: cute.Tensor,
+                              acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, sK: cute.Tensor,
+                              sP: cute.Tensor,
                               sStat: cute.Tensor, sBias: cute.Tensor, sV_layout: cute.ComposedLayout, kv_pipe,
                               state, scale_log2: Float32, half: Int32, wtid: Int32):
-        """One block of gathered tokens (the sparse kernels): S, + the block's logit bias,
-        online softmax, P, O += P V, then the stage is released.
+        """One block of gathered tokens (the sparse kernels): S (its columns past
+        ``tail_start`` with ``qk_tail_mma``), + the block's logit bias, online softmax, P,
+        O += P V, then the stage is released.  (Issuing the next block's S right behind this
+        block's P V was measured 15-20% slower: perf/results/NOTES.md, session 7.)
 
         The producer writes an invalid slot's row as zeros and its bias (``sBias``, (slot,
         stage)) as -inf: its logit is exactly 0 + -inf and its V row adds 0 * 0, so NaN

@@ -132,9 +132,9 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                       sK, sK_layout.outer, sBias, kv_pipe, part, (mblk * BLOCK_M) // mQ.shape[2], warp, tidx % 32)
         else:
             cute.arch.setmaxregister_increase(self.regs_consumer)
-            self.consume(qk_mma, pv_mma, qk_tail_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, lengths, mSink, mSchedMeta,
-                         mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, kv_pipe, softmax_scale, has_sink, part, mblk,
-                         wg - 1, tidx - 128)
+            self.consume(qk_mma, pv_mma, qk_tail_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, lengths, mSink,
+                         mSchedMeta, mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, kv_pipe, softmax_scale, has_sink,
+                         part, mblk, wg - 1, tidx - 128)
 
     # ------------------------------------------------------------------ work of a request
     @cute.jit
@@ -384,10 +384,11 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     # ------------------------------------------------------------------ consumers
     @cute.jit
     def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, qk_tail_mma: cute.TiledMma, sQ: cute.Tensor,
-                sK: cute.Tensor, sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor, sV_layout: cute.ComposedLayout,
-                mQ: cute.Tensor, lengths, mSink: cute.Tensor, mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor,
-                mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, kv_pipe,
-                softmax_scale: Float32, has_sink: Int32, part: Int32, mblk: Int32, half: Int32, ctid: Int32):
+                sK: cute.Tensor, sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor,
+                sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths, mSink: cute.Tensor,
+                mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
+                mOAccum: cute.Tensor, mLseAccum: cute.Tensor, kv_pipe, softmax_scale: Float32, has_sink: Int32,
+                part: Int32, mblk: Int32, half: Int32, ctid: Int32):
         wtid = ctid % 128
         thr_qk, thr_pv, tSrQ, tSrK, tScS, tOrP, tOcO = self.consumer_fragments(qk_mma, pv_mma, sQ, sK, sP, half, wtid)
         scale_log2 = softmax_scale * LOG2_E
@@ -404,8 +405,9 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             self.load_q(mQ, sQ, (r, 0, mblk, h_q), ctid)
             acc_o, row_max, row_sum = self.fresh_rows(thr_pv)
             for blk in cutlass.range(lo, hi, unroll=1):
-                self.attend_gathered_block(qk_mma, pv_mma, qk_tail_mma, tSrQ, tSrK, tScS, tOrP, acc_o, row_max, row_sum, sK, sP,
-                                           sStat, sBias, sV_layout, kv_pipe, state, scale_log2, half, wtid)
+                self.attend_gathered_block(qk_mma, pv_mma, qk_tail_mma, tSrQ, tSrK, tScS, tOrP, acc_o, row_max,
+                                           row_sum, sK, sP, sStat, sBias, sV_layout, kv_pipe, state, scale_log2,
+                                           half, wtid)
                 state.advance()
             nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
             self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mOut, mLse, mOAccum, mLseAccum, r, 0, mblk, h_q,
