@@ -43,9 +43,11 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                       of the area their f16 will occupy), the bf16 RoPE by cp.async to its
                       final place, the scales into registers;
                    2. per 64-column group, codes -> f16 (``kernels.common.fp8``) into the
-                      128B-swizzled K-major layout WGMMA reads; then RoPE bf16 -> f16 in
-                      place.  Q, P and both matmuls are f16 too (q is rounded to f16 as it
-                      is loaded); O is accumulated in f32 and written in q's bf16.
+                      128B-swizzled K-major layout WGMMA reads; then (MODEL1, whose V
+                      includes it) RoPE bf16 -> f16 in place.  Q, P and the matmuls are
+                      f16 too (q is rounded to f16 as it is loaded), except V32's RoPE
+                      columns of S, a bf16 MMA on bf16 Q and K; O is accumulated in f32 and
+                      written in q's bf16.
                    Lane l handles quarter l % 4 of each group of tokens l // 4 and 8 + l // 4
                    in both steps.  The next block's token records are prefetched to L2
                    and the indices of the block after it loaded while the copies fly.  A
@@ -74,7 +76,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         self.fmt = get_format(fmt)
         # The matmuls run in f16, not in q's bf16: FP8 codes become f16 pairs in one
         # instruction and take the scale in one more (kernels.common.fp8), a third of what
-        # bf16 results cost, and that conversion is what bounds this kernel.
+        # bf16 results cost, on the producer's side of a kernel bound by shared memory and
+        # by its two roles' hand-offs (perf/results/NOTES.md, session 7).
         super().__init__(cutlass.Float16, self.fmt.d_qk)
         f = self.fmt
         if f.d_nope == D_V:
