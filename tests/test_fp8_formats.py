@@ -145,6 +145,25 @@ def test_v32_pack_arbitrary_scales_matches_hand_bytes():
                for a, b in zip(unpack_v32(cache), (codes, scales, rope)))
 
 
+def test_v32_dequantize_float16_rounds_the_scale_then_the_product_once():
+    # The SM90 sparse decode kernels' arithmetic: f16(code * f16(scale)), each rounding to nearest even.
+    codes = torch.tensor([0x38, 0xC4, 0x01, 0x7E], dtype=torch.uint8)  # 1.0, -3.0, 2^-9 (subnormal), 448
+    nope = codes.repeat(128).reshape(1, 1, 1, 512)
+    scales = torch.tensor([[[[1.0 + 2.0 ** -12, 0.1, 3.0e-6, 100.0]]]], dtype=torch.float32)
+    rope = torch.randn(1, 1, 1, 64).bfloat16()
+    out = dequantize_kvcache(pack_v32(nope.view(torch.float8_e4m3fn), scales, rope), out_dtype=torch.float16)
+    assert out.dtype == torch.float16 and out.shape == (1, 1, 1, 576)
+    value = {0x38: 1.0, 0xC4: -3.0, 0x01: 2.0 ** -9, 0x7E: 448.0}
+    for g, s in enumerate(scales.flatten().tolist()):
+        s16 = torch.tensor(s).half().float().item()  # 1 + 2^-12 -> 1.0; 3e-6 -> an f16 subnormal
+        for i in range(4):
+            want = torch.tensor(value[codes[i].item()] * s16, dtype=torch.float64).half()
+            assert out[0, 0, 0, 128 * g + i].item() == want.item()
+    assert torch.equal(out[..., 512:], rope.half())
+    # 448 * 100 = 44800 fits f16; the exact product 1 * (1 + 2^-12) does not survive f16's scale rounding
+    assert out[0, 0, 0, 384 + 3].item() == 44800.0 and out[0, 0, 0, 0].item() == 1.0
+
+
 def test_v32_quantize_hand_built():
     # One token; each group has a known amax -> known power-of-two scale and codes.
     x = [0.0] * 576

@@ -6,7 +6,7 @@ their matmuls run in: each pair of codes goes fp8 -> f16 in one instruction (exa
 every e4m3 value is an f16 normal) and is multiplied by the scale, rounded to f16, in
 one more (``mul.rn.f16x2``, one rounding).  That is 4 instructions per 4 codes where a
 bf16 result needs 12 (f16 -> f32 -> times the f32 scale -> pack to bf16), and the
-producer warps' conversion is what bounds the sparse decode kernel.
+producer warps' conversion sits on the sparse decode kernel's critical path.
 
 So the dequantised value is f16(code * f16(scale)): an arbitrary float32 scale keeps
 11 significant bits (a power of two is exact), the product is rounded once, and

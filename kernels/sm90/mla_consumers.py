@@ -6,9 +6,9 @@ bookkeeping from here):
 a CTA owns 64 query rows; a KV block of 64 tokens sits in shared memory as a
 K-major (token, d) WGMMA B operand whose first 512 columns are also V.  Consumer
 ``half`` (0 or 1) computes S for tokens [32*half, 32*half + 32) (64 x 32 = Q K^T),
-the two exchange row maxima through shared memory, each writes its half of P (in the matmul type)
-to ``sP``, and then consumer ``half`` accumulates O[:, 256*half : 256*half + 256] +=
-P V over all 64 tokens.  Every tensor-core FLOP is done once, at the price of two
+the two exchange row maxima through shared memory, each writes its half of P (in the
+matmul type) to ``sP``, and then consumer ``half`` accumulates O[:, 256*half :
+256*half + 256] += P V over all 64 tokens.  Every tensor-core FLOP is done once, at the price of two
 256-thread named barriers per block.
 
 Subclasses supply how blocks arrive (the producer role), which logits are masked and
@@ -163,6 +163,7 @@ class TwoConsumerMlaSm90:
                 # every thread lies below tail_start iff j < tail_start / 32
                 assert mQ.element_type == cutlass.BFloat16 and self.dtype == cutlass.Float16
                 assert self.tail_dtype == mQ.element_type or self.tail_start == self.d
+                assert self.tail_start % 32 == 0
                 for j in cutlass.range_constexpr(batch):
                     if cutlass.const_expr((half_batch * batch + j) * 32 < self.tail_start):
                         for i in cutlass.range_constexpr(4):
@@ -273,9 +274,9 @@ class TwoConsumerMlaSm90:
     def attend_gathered_block(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, qk_tail_mma: cute.TiledMma,
                               tSrQ: cute.Tensor, tSrK: cute.Tensor, tScS: cute.Tensor, tOrP: cute.Tensor,
                               acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, sK: cute.Tensor,
-                              sP: cute.Tensor,
-                              sStat: cute.Tensor, sBias: cute.Tensor, sV_layout: cute.ComposedLayout, kv_pipe,
-                              state, scale_log2: Float32, half: Int32, wtid: Int32):
+                              sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor,
+                              sV_layout: cute.ComposedLayout, kv_pipe, state, scale_log2: Float32, half: Int32,
+                              wtid: Int32):
         """One block of gathered tokens (the sparse kernels): S (its columns past
         ``tail_start`` with ``qk_tail_mma``), + the block's logit bias, online softmax, P,
         O += P V, then the stage is released.  (Issuing the next block's S right behind this

@@ -15,9 +15,9 @@ from kernels.common.gmem import (copy_16B_async, load_8B, load_16B, load_16B_sha
 from kernels.common.paged_kv import kv_smem_layout
 from kernels.common.softmax import LOG2_E
 from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
-from layouts.operands import D_V
 from kernels.sm90.split_kv_decode import SplitKvDecodeSm90
 from layouts.kv_cache import get_format
+from layouts.operands import D_V
 
 PIECE = 16  # bytes a lane moves at once (one 128-bit load or shared store)
 
