@@ -96,6 +96,7 @@ def make_source(b, s_q, s_k, topk, pbs, d_qk, g, lengths=None, all_invalid=False
     stride = fmt.default_block_stride(pbs) + pad if pad else None
     cache = quant.quantize_kvcache(kv.k_cache, fmt, block_stride_bytes=stride)
     del kv
+    rope = None
     if fmt.d_qk == 576:  # arbitrary (non power-of-two) float32 scales; NaN scales stay NaN
         nope, scales, rope = quant.unpack_v32(cache)
         factor = 0.5 + 1.5 * torch.rand(scales.shape, generator=g, device=DEV)
@@ -106,8 +107,8 @@ def make_source(b, s_q, s_k, topk, pbs, d_qk, g, lengths=None, all_invalid=False
         torch.as_strided(u8, (u8.shape[0], gap), (u8.stride(0), 1),
                          u8.storage_offset() + fmt.block_bytes(pbs)).fill_(0xFF)
     deq = quant.dequantize_kvcache(cache, out_dtype=torch.float16).float()  # what the matmuls see (docstring)
-    if fmt.d_nope == 512:  # V32's RoPE is not part of V: its columns of S stay bf16
-        deq[..., fmt.d_nope:] = quant.dequantize_kvcache(cache)[..., fmt.d_nope:].float()
+    if rope is not None:  # V32's RoPE is not part of V: its columns of S stay bf16, as stored
+        deq[..., fmt.d_nope:] = rope.float()
     return Source(cache, deq, idx.to(torch.int32), lens)
 
 

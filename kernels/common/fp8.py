@@ -33,11 +33,6 @@ _E4M3X4_TO_F16X4 = """{
 }"""
 
 
-def _pair(res, loc, ip):
-    return (Int32(llvm.extractvalue(T.i32(), res, [0], loc=loc, ip=ip)),
-            Int32(llvm.extractvalue(T.i32(), res, [1], loc=loc, ip=ip)))
-
-
 @dsl_user_op
 def dequant_e4m3x4(word: Int32, scale2: Int32, *, loc=None, ip=None):
     """4 e4m3 codes (byte i of ``word`` = code i) times a scale (``scale2``: the f16 scale
@@ -48,7 +43,8 @@ def dequant_e4m3x4(word: Int32, scale2: Int32, *, loc=None, ip=None):
         [Int32(word).ir_value(loc=loc, ip=ip), Int32(scale2).ir_value(loc=loc, ip=ip)],
         _E4M3X4_TO_F16X4, "=r,=r,r,r", has_side_effects=False, is_align_stack=False,
         asm_dialect=llvm.AsmDialect.AD_ATT)
-    return _pair(res, loc, ip)
+    return (Int32(llvm.extractvalue(T.i32(), res, [0], loc=loc, ip=ip)),
+            Int32(llvm.extractvalue(T.i32(), res, [1], loc=loc, ip=ip)))
 
 
 @dsl_user_op
