@@ -6,11 +6,12 @@ kernel -> combine); tests and benchmarks call them directly too.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
 
-from cute_mla import launcher
+from cute_mla import launcher, registry
 from layouts.kv_cache import format_for_dqk
 from schedules import decode_plan
 
@@ -153,6 +154,17 @@ def sparse_decode_lengths(b: int, topk: int, topk_length: Optional[torch.Tensor]
     return lengths.to(torch.int32).contiguous()
 
 
+def sparse_decode_matmul() -> str:
+    """The sparse decode kernels' matmul type, from the environment variable
+    CUTE_MLA_SPARSE_DECODE_MATMUL: "f16" (unset: the default, fastest; q and the dequantised
+    cache must lie inside f16's range) or "bf16" (bf16's range, about 10% slower)."""
+    env = registry.SPARSE_DECODE_MATMUL_ENV
+    val = os.environ.get(env, "f16")
+    _require(val in registry.SPARSE_DECODE_MATMULS,
+             f"{env} must be one of {registry.SPARSE_DECODE_MATMULS} (unset means f16), got {val!r}")
+    return val
+
+
 def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
                   topk_length: Optional[torch.Tensor], extra_k_cache: Optional[torch.Tensor],
                   extra_indices: Optional[torch.Tensor], extra_topk_length: Optional[torch.Tensor],
@@ -173,7 +185,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
     x_cache = fp8_cache_bytes(extra_k_cache) if has_extra else torch.empty(1, 16, dtype=torch.uint8, device=dev)
     x_idx = extra_indices if has_extra else torch.empty(1, 1, 1, dtype=torch.int32, device=dev)
     launcher.launch(
-        "sparse_decode_sm90", {"fmt": format_for_dqk(d_qk).name},
+        "sparse_decode_sm90", {"fmt": format_for_dqk(d_qk).name, "matmul": sparse_decode_matmul()},
         (parts, 1, s_q * h_q // decode_plan.BLOCK_M),
         [q, fp8_cache_bytes(k_cache), indices, i32 if topk_length is None else topk_length,
          x_cache, x_idx, i32 if extra_topk_length is None else extra_topk_length,

@@ -41,6 +41,11 @@ def variant_key(name: str, config: Mapping[str, Any]) -> str:
     return "__".join([name] + parts)
 
 
+# sparse decode's matmul type: "f16" (default, fastest) or "bf16" (bf16's range); ops picks
+# it from the environment variable SPARSE_DECODE_MATMUL_ENV
+SPARSE_DECODE_MATMULS = ("f16", "bf16")
+SPARSE_DECODE_MATMUL_ENV = "CUTE_MLA_SPARSE_DECODE_MATMUL"
+
 _COMMON_DEPS = ("kernels/common/fake.py", "kernels/common/dtypes.py", "kernels/common/softmax.py",
                 "layouts/abi.py", "layouts/operands.py")
 
@@ -69,7 +74,7 @@ KERNELS: tuple[KernelDef, ...] = (
         source="kernels.sm90.sparse_decode:SparseDecodeSm90",
         archs=("sm_90a",),
         args=operands.sparse_decode_args,
-        variants=({"fmt": "V32"}, {"fmt": "MODEL1"}),
+        variants=tuple({"fmt": f, "matmul": m} for f in ("V32", "MODEL1") for m in SPARSE_DECODE_MATMULS),
         deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py", "kernels/common/fp8.py",
                              "kernels/common/gmem.py",
                              "kernels/sm90/mla_consumers.py", "kernels/sm90/split_kv_decode.py",

@@ -147,9 +147,10 @@ def fp8_cache_arg(name: str):
                      divisibility=(("block_stride", 16),))
 
 
-def sparse_decode_args(fmt: str):
+def sparse_decode_args(fmt: str, matmul: str = "f16"):
     """SM90 FP8 sparse decode (kernels.sm90.sparse_decode), host order = kernel parameter
-    order.  ``fmt`` is "V32" (d_qk 576) or "MODEL1" (d_qk 512)."""
+    order.  ``fmt`` is "V32" (d_qk 576) or "MODEL1" (d_qk 512); the matmul type ("f16" or
+    "bf16") does not change the ABI."""
     from layouts.kv_cache import get_format
 
     d_qk = get_format(fmt).d_qk

@@ -105,14 +105,23 @@ SASS_EXPECT = {
     "sparse_prefill_sm90": (["HGMMA.64x64x16.F32", r"re:HGMMA\.64x256x16\.F32\S* R\d+, R\d+, gdesc",
                              r"re:HGMMA\.64x256x16\.F32\S* R\d+, gdesc", "tnspB", "LDGSTS.E.BYPASS.LTC256B.128",
                              "ARRIVES.LDGSTSBAR", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
-    # the same consumer MMAs, in f16 (no .BF16 suffix; V32 adds bf16 ones for RoPE); FP8
-    # codes -> f16 pairs in hardware, times the f16 scale (HMUL2); bf16 RoPE by cp.async;
-    # bf16 output
-    "sparse_decode_sm90": ([r"re:HGMMA\.64x32x16\.F32 ", r"re:HGMMA\.64x256x16\.F32 ", "tnspB",
-                            "F2FP.F16.E4M3.UNPACK_B", "HMUL2", "F2FP.BF16.F32.PACK_AB", "LDG.E.128",
-                            "LDGSTS.E.BYPASS.128", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"],
-                           ["LDL", "STL", "HGMMA.64x256x16.F32.BF16"]),
+    # the same consumer MMAs (64x32 S per warpgroup, 64x256 O), FP8 codes -> f16 pairs in
+    # hardware, bf16 RoPE by cp.async, bf16 output; then per matmul type (below)
+    "sparse_decode_sm90": (["tnspB", "F2FP.F16.E4M3.UNPACK_B", "F2FP.BF16.F32.PACK_AB", "LDG.E.128",
+                            "LDGSTS.E.BYPASS.128", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
 }
+# sparse decode by ``matmul``: f16 MMAs (no .BF16 suffix; V32 adds bf16 ones for RoPE) and
+# the f16 scale applied by HMUL2; or bf16 MMAs only and the scale applied in f32
+SASS_EXPECT_SPARSE_DECODE = {
+    "f16": ([r"re:HGMMA\.64x32x16\.F32 ", r"re:HGMMA\.64x256x16\.F32 ", "HMUL2"], ["HGMMA.64x256x16.F32.BF16"]),
+    "bf16": (["HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16", "FMUL"],
+             [r"re:HGMMA\.64x\d+x16\.F32 ", "HMUL2"]),
+}
+
+
+def _found(ins: str, text: str) -> bool:
+    """``ins`` is a substring of ``text``, or after "re:" a regular expression found in it."""
+    return bool(re.search(ins[3:], text)) if ins.startswith("re:") else ins in text
 
 
 @pytest.mark.parametrize("kd,cfg", [(kd, cfg) for kd in registry.KERNELS for cfg in kd.variants
@@ -122,11 +131,13 @@ def test_sm90_sass_has_intended_instructions(built, kd, cfg):
     entry = json.loads((built / "sm_90a" / "manifest.json").read_text())["kernels"][kd.key(cfg)]
     text = sass(built / "sm_90a" / entry["cubin"])
     must, must_not = SASS_EXPECT[kd.name]
+    if "matmul" in cfg:
+        must, must_not = must + SASS_EXPECT_SPARSE_DECODE[cfg["matmul"]][0], \
+            must_not + SASS_EXPECT_SPARSE_DECODE[cfg["matmul"]][1]
     for ins in must:  # a substring, or a regular expression after "re:"
-        found = re.search(ins[3:], text) if ins.startswith("re:") else ins in text
-        assert found, f"{kd.key(cfg)}: expected {ins} in SASS"
+        assert _found(ins, text), f"{kd.key(cfg)}: expected {ins} in SASS"
     for ins in must_not:
-        assert ins not in text, f"{kd.key(cfg)}: unexpected {ins} (local memory) in SASS"
+        assert not _found(ins, text), f"{kd.key(cfg)}: unexpected {ins} in SASS"
     # ptxas serialises every WGMMA of a kernel when one chain is left in flight across a
     # branch (C7520), silently: each HGMMA is then followed by its own wait.
     mmas, waits = text.count("HGMMA"), text.count("WARPGROUP.DEPBAR")

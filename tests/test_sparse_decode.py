@@ -14,12 +14,14 @@ quantisation, so its FP8 codes and its scales are NaN bytes; the padding bytes b
 FP8 NaN); strided views have poisoned gaps. A kernel that loads, scales or multiplies anything it should
 ignore (0 * NaN = NaN) therefore fails the comparison. V32 scales are multiplied by random factors in
 [0.5, 2), so they are not powers of two; MODEL1 scales are ue8m0 by format. The reference computes in
-float32 on the dequantised caches, dequantised as the kernels compute it: the scale rounded to f16, then
-fp8 * scale rounded once to f16, the type the matmuls run in (``quant.dequantize_kvcache(out_dtype=
-torch.float16)``; ``kernels.common.fp8``); V32's RoPE stays bf16 (its part of S is a bf16 matmul).
+float32 on the dequantised caches, dequantised as the kernels compute it, in the type the matmuls run in
+(``kernels.common.fp8``): with f16 matmuls (the default) the scale rounded to f16, then fp8 * scale rounded
+once to f16 (``quant.dequantize_kvcache(out_dtype=torch.float16)``), V32's RoPE bf16 as stored (its part
+of S is a bf16 matmul); with bf16 matmuls (CUTE_MLA_SPARSE_DECODE_MATMUL=bf16) fp8 * scale rounded to bf16.
 Against a float32 dequantisation, K's rounding alone would move a one-key lse past the 1e-6 abs bar (by
 ~5e-5 for bf16, ~6e-6 for f16). q stays bf16 in the reference.
-The fast subset and the corner cases run by default; ``-m full`` runs the whole grid.
+Every test runs with both matmul types (the ``matmul`` fixture). The fast subset and the corner cases run
+by default; ``-m full`` runs the whole grid.
 """
 import itertools
 import zlib
@@ -29,10 +31,10 @@ import pytest
 import torch
 
 import cute_mla
-from cute_mla import quant
+from cute_mla import ops, quant, registry
 from cute_mla.reference import ref_sparse_decode
 from cute_mla.testing import assert_close_named, make_paged_kv, randn_clipped, strided_view, varlen_seqlens
-from layouts.kv_cache import format_for_dqk
+from layouts.kv_cache import UE8M0_NAN, format_for_dqk
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -48,6 +50,23 @@ class Source(NamedTuple):
 
 
 NO_SOURCE = Source(None, None, None, None)
+
+
+@pytest.fixture(autouse=True, params=registry.SPARSE_DECODE_MATMULS)
+def matmul(request, monkeypatch):
+    """The sparse decode kernels' matmul type for this test (the API reads it from the environment)."""
+    monkeypatch.setenv(registry.SPARSE_DECODE_MATMUL_ENV, request.param)
+    return request.param
+
+
+def dequantized(cache, fmt, rope):
+    """The cache as the kernels' matmuls see it (module docstring); rope: V32's bf16 RoPE, or None."""
+    if ops.sparse_decode_matmul() == "bf16":
+        return quant.dequantize_kvcache(cache, out_dtype=torch.bfloat16).float()
+    deq = quant.dequantize_kvcache(cache, out_dtype=torch.float16).float()
+    if rope is not None:  # V32's RoPE is not part of V: its columns of S stay bf16, as stored
+        deq[..., fmt.d_nope:] = rope.float()
+    return deq
 
 
 def make_lengths(b, topk, g, mode):
@@ -106,10 +125,7 @@ def make_source(b, s_q, s_k, topk, pbs, d_qk, g, lengths=None, all_invalid=False
         u8 = cache.view(torch.uint8)
         torch.as_strided(u8, (u8.shape[0], gap), (u8.stride(0), 1),
                          u8.storage_offset() + fmt.block_bytes(pbs)).fill_(0xFF)
-    deq = quant.dequantize_kvcache(cache, out_dtype=torch.float16).float()  # what the matmuls see (docstring)
-    if rope is not None:  # V32's RoPE is not part of V: its columns of S stay bf16, as stored
-        deq[..., fmt.d_nope:] = rope.float()
-    return Source(cache, deq, idx.to(torch.int32), lens)
+    return Source(cache, dequantized(cache, fmt, rope), idx.to(torch.int32), lens)
 
 
 def make_sparse_decode_inputs(b, s_q, h_q, d_qk, main, g, sink=False, lengths=None, extra=None, **src_kw):
@@ -128,22 +144,24 @@ def make_sparse_decode_inputs(b, s_q, h_q, d_qk, main, g, sink=False, lengths=No
     return q, src, xsrc, attn_sink
 
 
-def call(q, src, xsrc, sink, meta=None, cache=None, xcache=None):
+def call(q, src, xsrc, sink, meta=None, cache=None, xcache=None, softmax_scale=None):
     """The public API; a fresh sched_meta unless one is given; cache / xcache override the Sources' caches."""
     meta = cute_mla.get_mla_metadata()[0] if meta is None else meta
     x = xsrc or NO_SOURCE
     return cute_mla.flash_mla_with_kvcache(
-        q, src.cache if cache is None else cache, None, None, 512, meta, softmax_scale=None, is_fp8_kvcache=True,
+        q, src.cache if cache is None else cache, None, None, 512, meta, softmax_scale=softmax_scale,
+        is_fp8_kvcache=True,
         indices=src.indices, attn_sink=sink, extra_k_cache=x.cache if xcache is None else xcache,
         extra_indices_in_kvcache=x.indices, topk_length=src.lengths, extra_topk_length=x.lengths)
 
 
-def check(q, src, xsrc, sink, out, lse):
+def check(q, src, xsrc, sink, out, lse, softmax_scale=None):
     b, s_q, h_q, _ = q.shape
     assert out.dtype == torch.bfloat16 and tuple(out.shape) == (b, s_q, h_q, 512)
     assert lse.dtype == torch.float32 and tuple(lse.shape) == (b, h_q, s_q)
     x = xsrc or NO_SOURCE
-    ref_out, ref_lse = ref_sparse_decode(q, src.deq, src.indices, src.lengths, sink, x.deq, x.indices, x.lengths)
+    ref_out, ref_lse = ref_sparse_decode(q, src.deq, src.indices, src.lengths, sink, x.deq, x.indices, x.lengths,
+                                         softmax_scale=softmax_scale)
     assert_close_named("sparse_decode_out", out.float(), ref_out)
     assert_close_named("sparse_decode_lse", lse, ref_lse)
 
@@ -201,9 +219,9 @@ def _run(c):
 
 @pytest.mark.parametrize("case", [FAST[1], FAST[3], FAST[5], FAST[7]], ids=_id)
 def test_out_matches_exact_dequantisation(case):
-    """The f16 matmuls against the exact cache: out from a float32 dequantisation (fp8 * float32 scale, no
-    rounding) within the same out tolerance. (lse is held to the f16 reference only: K's rounding alone moves a
-    one-key lse past its 1e-6 abs bar, see the module docstring.)"""
+    """The matmuls against the exact cache: out from a float32 dequantisation (fp8 * float32 scale, no
+    rounding) within the same out tolerance. (lse is held to the rounded reference only: K's rounding alone
+    moves a one-key lse past its 1e-6 abs bar, see the module docstring.)"""
     d, h, b, s_q, t, sink, lens, x = case
     g = torch.Generator(device=DEV).manual_seed(zlib.crc32(_id(case).encode()))
     q, src, xsrc, attn_sink = make_sparse_decode_inputs(b, s_q, h, d, t, g, sink=sink,
@@ -226,6 +244,43 @@ def test_sparse_decode_fast(case):
 @pytest.mark.parametrize("case", FULL_GRID, ids=_id)
 def test_sparse_decode_full_grid(case):
     _run(case)
+
+
+@pytest.mark.parametrize("matmul", ["bf16"], indirect=True)
+@pytest.mark.parametrize("d_qk", [576, 512])
+def test_bf16_matmuls_take_values_past_f16_range(d_qk, matmul):
+    """q and the dequantised cache scaled by 2^17 (|x| up to 131072, past f16's 65504; powers of two, so the
+    reference's rounding is unchanged) with the softmax scale divided by 2^34 (the same logits): bf16
+    matmuls give the reference's result (f16 ones would overflow, as the API docstring says)."""
+    g = torch.Generator(device=DEV).manual_seed(10)
+    q, src, xsrc, sink = make_sparse_decode_inputs(8, 2, 128, d_qk, (1024, 576, 61), g, sink=True,
+                                                   lengths=_lens(d_qk), extra=_extra(d_qk))
+    fmt = format_for_dqk(d_qk)
+
+    def scaled(s):
+        if s is None:
+            return None
+        if d_qk == 576:
+            nope, scales, rope = quant.unpack_v32(s.cache)
+            cache = quant.pack_v32(nope, scales * 2.0**17, rope * 2.0**17)
+        else:
+            nope, exps, rope = quant.unpack_model1(s.cache)
+            finite = exps != UE8M0_NAN  # NaN-poisoned tokens stay NaN
+            cache = quant.pack_model1(nope, torch.where(finite, exps + 17, exps), rope * 2.0**17)
+        return s._replace(cache=cache, deq=dequantized(cache, fmt, None))
+
+    q, src, xsrc = q * 2.0**17, scaled(src), scaled(xsrc)
+    assert float(q.abs().max()) > 65504 and float(src.deq.nan_to_num().abs().max()) > 65504
+    softmax_scale = d_qk ** -0.5 * 2.0**-34
+    check(q, src, xsrc, sink, *call(q, src, xsrc, sink, softmax_scale=softmax_scale), softmax_scale=softmax_scale)
+
+
+def test_unknown_matmul_type_names_the_variable(monkeypatch):
+    g = torch.Generator(device=DEV).manual_seed(11)
+    q, src, xsrc, sink = make_sparse_decode_inputs(2, 1, 64, 512, (128, 128, 64), g)
+    monkeypatch.setenv(registry.SPARSE_DECODE_MATMUL_ENV, "fp8")
+    with pytest.raises(ValueError, match=registry.SPARSE_DECODE_MATMUL_ENV):
+        call(q, src, xsrc, sink)
 
 
 # ------------------------------------------------------------------------------------------------ corners

@@ -15,6 +15,11 @@ f16's subnormals are kept (no flush to zero).  Values must stay inside f16's ran
 product the error is under 2^-10 relative, less than the 2^-9 of a bf16 result.
 
 ``bf16x2_to_f16x2`` moves the bf16 operands (RoPE, Q) to the same type.
+
+``dequant_e4m3x4_bf16`` is the bf16 alternative (the kernels' ``matmul="bf16"`` flag):
+code -> f16 -> f32 (both exact), times the whole float32 scale in f32, rounded to
+bf16: bf16's range and, within a rounding, FlashMLA's numerics (which round the scale
+to bf16 first); 12 instructions per 4 codes.
 """
 from __future__ import annotations
 
@@ -42,6 +47,41 @@ def dequant_e4m3x4(word: Int32, scale2: Int32, *, loc=None, ip=None):
         llvm.StructType.get_literal([T.i32(), T.i32()]),
         [Int32(word).ir_value(loc=loc, ip=ip), Int32(scale2).ir_value(loc=loc, ip=ip)],
         _E4M3X4_TO_F16X4, "=r,=r,r,r", has_side_effects=False, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT)
+    return (Int32(llvm.extractvalue(T.i32(), res, [0], loc=loc, ip=ip)),
+            Int32(llvm.extractvalue(T.i32(), res, [1], loc=loc, ip=ip)))
+
+
+_E4M3X4_TO_BF16X4 = """{
+  .reg .b16 lo, hi, a0, a1, a2, a3;
+  .reg .b32 h0, h1;
+  .reg .f32 f0, f1, f2, f3;
+  mov.b32 {lo, hi}, $2;
+  cvt.rn.f16x2.e4m3x2 h0, lo;
+  cvt.rn.f16x2.e4m3x2 h1, hi;
+  mov.b32 {a0, a1}, h0;
+  mov.b32 {a2, a3}, h1;
+  cvt.f32.f16 f0, a0;
+  cvt.f32.f16 f1, a1;
+  cvt.f32.f16 f2, a2;
+  cvt.f32.f16 f3, a3;
+  mul.rn.f32 f0, f0, $3;
+  mul.rn.f32 f1, f1, $3;
+  mul.rn.f32 f2, f2, $3;
+  mul.rn.f32 f3, f3, $3;
+  cvt.rn.bf16x2.f32 $0, f1, f0;
+  cvt.rn.bf16x2.f32 $1, f3, f2;
+}"""
+
+
+@dsl_user_op
+def dequant_e4m3x4_bf16(word: Int32, scale: Float32, *, loc=None, ip=None):
+    """4 e4m3 codes (byte i of ``word`` = code i) times a float32 ``scale`` -> (bf16 of codes
+    0, 1; bf16 of codes 2, 3), each pair packed low half first."""
+    res = llvm.inline_asm(
+        llvm.StructType.get_literal([T.i32(), T.i32()]),
+        [Int32(word).ir_value(loc=loc, ip=ip), Float32(scale).ir_value(loc=loc, ip=ip)],
+        _E4M3X4_TO_BF16X4, "=r,=r,r,f", has_side_effects=False, is_align_stack=False,
         asm_dialect=llvm.AsmDialect.AD_ATT)
     return (Int32(llvm.extractvalue(T.i32(), res, [0], loc=loc, ip=ip)),
             Int32(llvm.extractvalue(T.i32(), res, [1], loc=loc, ip=ip)))

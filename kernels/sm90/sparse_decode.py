@@ -1,6 +1,7 @@
 """SM90 FP8 sparse MLA decode (``flash_mla_with_kvcache`` with ``indices``): each query
 token attends to its own top-k tokens of an FP8 paged cache (plus, optionally, top-k
-tokens of a second "extra" cache), dequantised to f16 on the fly."""
+tokens of a second "extra" cache), dequantised on the fly to the matmul type (f16 by
+default, bf16 with ``matmul="bf16"``)."""
 from __future__ import annotations
 
 import cuda.bindings.driver as cuda
@@ -9,7 +10,8 @@ import cutlass.cute as cute
 import cutlass.pipeline as pipeline
 from cutlass import Float32, Int32, Int64
 
-from kernels.common.fp8 import bf16x2_to_f16x2, dequant_e4m3x4, f16x2_scale, f32_from_bits, ue8m0_to_f32
+from kernels.common.fp8 import (bf16x2_to_f16x2, dequant_e4m3x4, dequant_e4m3x4_bf16, f16x2_scale, f32_from_bits,
+                                ue8m0_to_f32)
 from kernels.common.gmem import (copy_16B_async, load_8B, load_16B, load_16B_shared, load_i32,
                                  prefetch_l2, store_16B_shared)
 from kernels.common.paged_kv import kv_smem_layout
@@ -20,13 +22,22 @@ from layouts.kv_cache import get_format
 from layouts.operands import D_V
 
 PIECE = 16  # bytes a lane moves at once (one 128-bit load or shared store)
+# the ``matmul`` flag: the type of Q, the dequantised cache, P and the WGMMAs
+MATMUL_DTYPES = {"f16": cutlass.Float16, "bf16": cutlass.BFloat16}
 
 
 class SparseDecodeSm90(SplitKvDecodeSm90):
     """O = softmax(Q K_sel^T * scale) V_sel for 64 query heads of one query token, where
     K_sel are the FP8 cache tokens the token's ``indices`` select (then those its
-    ``extra_indices`` select in the extra cache), dequantised to f16; V = the first 512
+    ``extra_indices`` select in the extra cache), dequantised on the fly; V = the first 512
     dims of K (V32: the NoPE part; MODEL1: NoPE and RoPE).
+
+    Matmul type (the ``matmul`` flag).  "f16", the default: the codes become f16 (times the
+    f16-rounded scale, one rounding), Q is rounded to f16 as it is loaded, P is f16; V32's
+    RoPE columns of S stay a bf16 MMA on bf16 Q and K, MODEL1's RoPE (part of V) is
+    converted to f16.  q and the dequantised cache must lie inside f16's range.  "bf16":
+    codes times the float32 scale rounded once to bf16 (FlashMLA's numerics, bf16's range);
+    Q, RoPE and P stay bf16.  Either way O is accumulated in f32 and written in q's bf16.
 
     Split-KV work as in dense decode (``kernels.sm90.split_kv_decode``): grid (parts, 1,
     s_q * h_q / 64), row block z = query token z // (h_q / 64), heads (z % (h_q/64)) * 64
@@ -40,14 +51,11 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                    block's stage, in two steps (``stage_raw``, ``convert_raw``):
                    1. every copy at once, so their latencies overlap: the FP8 codes by
                       cp.async into a staging area inside the stage itself (the second half
-                      of the area their f16 will occupy), the bf16 RoPE by cp.async to its
-                      final place, the scales into registers;
-                   2. per 64-column group, codes -> f16 (``kernels.common.fp8``) into the
-                      128B-swizzled K-major layout WGMMA reads; then (MODEL1, whose V
-                      includes it) RoPE bf16 -> f16 in place.  Q, P and the matmuls are
-                      f16 too (q is rounded to f16 as it is loaded), except V32's RoPE
-                      columns of S, a bf16 MMA on bf16 Q and K; O is accumulated in f32 and
-                      written in q's bf16.
+                      of the area their 16-bit values will occupy), the bf16 RoPE by
+                      cp.async to its final place, the scales into registers;
+                   2. per 64-column group, codes -> the matmul type (``kernels.common.fp8``)
+                      into the 128B-swizzled K-major layout WGMMA reads; then (f16 MODEL1)
+                      RoPE bf16 -> f16 in place.
                    Lane l handles quarter l % 4 of each group of tokens l // 4 and 8 + l // 4
                    in both steps.  The next block's token records are prefetched to L2
                    and the indices of the block after it loaded while the copies fly.  A
@@ -72,19 +80,24 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     regs_producer = 64
     regs_consumer = 216
 
-    def __init__(self, fmt: str):
+    def __init__(self, fmt: str, matmul: str = "f16"):
         self.fmt = get_format(fmt)
-        # The matmuls run in f16, not in q's bf16: FP8 codes become f16 pairs in one
-        # instruction and take the scale in one more (kernels.common.fp8), a third of what
-        # bf16 results cost, on the producer's side of a kernel bound by shared memory and
-        # by its two roles' hand-offs (perf/results/NOTES.md, session 7).
-        super().__init__(cutlass.Float16, self.fmt.d_qk)
+        # matmul "f16" (the default): FP8 codes become f16 pairs in one instruction and take
+        # the scale in one more (kernels.common.fp8), a third of what bf16 results cost, on the
+        # producer's side of a kernel bound by shared memory and by its two roles' hand-offs
+        # (perf/results/NOTES.md, session 7); the price is f16's range (+-65504) for q and
+        # the dequantised cache.  "bf16": FlashMLA's numerics and bf16's range, about 10%
+        # slower; Q, RoPE and P need no conversion.
+        assert matmul in MATMUL_DTYPES, matmul
+        super().__init__(MATMUL_DTYPES[matmul], self.fmt.d_qk)
         f = self.fmt
-        if f.d_nope == D_V:
+        if f.d_nope == D_V and self.dtype != cutlass.BFloat16:
             # V32: RoPE is not part of V, so it stays bf16 (Q's and K's), and S takes its last
             # 64 columns with a bf16 MMA: no conversion pass over RoPE
             self.tail_dtype = cutlass.BFloat16
             self.tail_start = f.d_nope
+        # MODEL1's V includes RoPE, so in f16 matmuls its stored bf16 RoPE is converted in place
+        self.convert_rope = f.d_nope < self.tail_start and self.dtype != cutlass.BFloat16
         # each lane copies 2 of a token's 8 RoPE pieces and converts whole 64-code groups
         assert f.rope_bytes == 8 * PIECE and f.d_nope % 64 == 0 and f.nope_group % 64 == 0
         self.rope_offset = f.rope_offset(0)  # in a token's data record
@@ -341,6 +354,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         it copied -> f16 in place."""
         f = self.fmt
         raw_lane, rope_sw, out_sw = offs
+        dequant = dequant_e4m3x4 if self.dtype == cutlass.Float16 else dequant_e4m3x4_bf16
         for g in cutlass.range_constexpr(f.d_nope // 64):
             raw = cute.make_rmem_tensor(cute.make_layout((4, 2)), Int32)
             for k in cutlass.range_constexpr(2):
@@ -350,19 +364,21 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             cute.arch.sync_warp()
             for k in cutlass.range_constexpr(2):
                 if cutlass.const_expr(f.scale_kind == "float32"):
-                    scale = f16x2_scale(f32_from_bits(scales[g * 64 // f.nope_group, k]))
+                    scale = f32_from_bits(scales[g * 64 // f.nope_group, k])
                 else:
-                    scale = f16x2_scale(ue8m0_to_f32((scales[g // 4, k] >> (8 * (g % 4))) & 0xFF))
+                    scale = ue8m0_to_f32((scales[g // 4, k] >> (8 * (g % 4))) & 0xFF)
+                if cutlass.const_expr(self.dtype == cutlass.Float16):
+                    scale = f16x2_scale(scale)
                 # 8 rows down and whole 64-column blocks across keep a row's swizzle, and piece
                 # j = 1 is the odd neighbour (bit 4) of piece 0: constants around one register.
                 dst = stage_base + cute.crd2idx((8 * k, 64 * g, 0), sK_outer) * 2
                 for j in cutlass.range_constexpr(2):
                     out = cute.make_rmem_tensor(cute.make_layout(4), Int32)
-                    out[0], out[1] = dequant_e4m3x4(raw[2 * j, k], scale)
-                    out[2], out[3] = dequant_e4m3x4(raw[2 * j + 1, k], scale)
+                    out[0], out[1] = dequant(raw[2 * j, k], scale)
+                    out[2], out[3] = dequant(raw[2 * j + 1, k], scale)
                     store_16B_shared(out, dst + (out_sw ^ (PIECE * j)))
         # RoPE inside the f16 matmuls (MODEL1: V includes it) -> f16; V32 keeps it bf16
-        for k in cutlass.range_constexpr(2 if f.d_nope < self.tail_start else 0):
+        for k in cutlass.range_constexpr(2 if self.convert_rope else 0):
             rope_dst = stage_base + cute.crd2idx((8 * k, 0, 0), sK_outer) * 2
             for m in cutlass.range_constexpr(2):
                 piece = cute.make_rmem_tensor(cute.make_layout(4), Int32)
