@@ -100,12 +100,14 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                            extra_topk_length: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """MLA decode over a paged KV cache: returns (out [b, s_q, h_q, 512], lse [b, h_q, s_q]).
 
-    With ``indices`` (FP8 sparse decode) the matmuls run in float16 by default, not bf16: each
-    FP8 value becomes f16(code * f16(scale)) and q is rounded to f16 (V32's RoPE columns stay
-    bf16), which is closer to the exact dequantisation than a bf16 product but needs q and the
-    dequantised cache inside f16's range (|x| < 65504; a value past it gives inf, and NaN
-    outputs).  Set CUTE_MLA_SPARSE_DECODE_MATMUL=bf16 for bf16 matmuls (bf16(code * scale),
-    FlashMLA's numerics and range; about 10% slower).  out is bf16 either way."""
+    With ``indices`` (FP8 sparse decode) on a V32 cache (d_qk 576) the matmuls run in float16 by
+    default, not bf16: each FP8 value becomes f16(code * f16(scale)) and q is rounded to f16
+    (the RoPE columns stay bf16), which is closer to the exact dequantisation than a bf16
+    product but needs q and the dequantised cache inside f16's range (|x| < 65504; a value past
+    it gives inf, and NaN outputs).  CUTE_MLA_SPARSE_DECODE_MATMUL=bf16 selects bf16 matmuls
+    (bf16(code * scale): FlashMLA's numerics and range; about 10% slower).  A MODEL1 cache
+    (d_qk 512) runs in bf16 by default (exact: its scales are powers of two; f16 is no faster
+    there).  out is bf16 either way."""
     if num_splits is not None:
         raise ValueError("num_splits must be None (kept only for compatibility with FlashMLA's older interface)")
     if not isinstance(q, torch.Tensor) or q.dim() != 4:

@@ -154,15 +154,22 @@ def sparse_decode_lengths(b: int, topk: int, topk_length: Optional[torch.Tensor]
     return lengths.to(torch.int32).contiguous()
 
 
-def sparse_decode_matmul() -> str:
-    """The sparse decode kernels' matmul type, from the environment variable
-    CUTE_MLA_SPARSE_DECODE_MATMUL: "f16" (unset: the default, fastest; q and the dequantised
-    cache must lie inside f16's range) or "bf16" (bf16's range, about 10% slower)."""
+# The default matmul type of sparse decode per cache format (perf/results/NOTES.md, session 8):
+# V32 f16, 10% faster than bf16 there, its dequantisation f16(code * f16(scale)) is more exact
+# than a bf16 one but q and the cache must stay inside f16's range (+-65504); MODEL1 bf16, as
+# fast as f16 there, exact (power-of-two scales) and with bf16's range.
+SPARSE_DECODE_DEFAULT_MATMUL = {"V32": "f16", "MODEL1": "bf16"}
+
+
+def sparse_decode_matmul(fmt: str) -> str:
+    """The sparse decode kernels' matmul type for cache format ``fmt``: the environment variable
+    CUTE_MLA_SPARSE_DECODE_MATMUL ("f16" or "bf16"), or where it is unset or "auto" the
+    format's default (SPARSE_DECODE_DEFAULT_MATMUL)."""
     env = registry.SPARSE_DECODE_MATMUL_ENV
-    val = os.environ.get(env, "f16")
-    _require(val in registry.SPARSE_DECODE_MATMULS,
-             f"{env} must be one of {registry.SPARSE_DECODE_MATMULS} (unset means f16), got {val!r}")
-    return val
+    val = os.environ.get(env, "auto")
+    _require(val == "auto" or val in registry.SPARSE_DECODE_MATMULS,
+             f"{env} must be one of {('auto',) + registry.SPARSE_DECODE_MATMULS} (unset means auto), got {val!r}")
+    return SPARSE_DECODE_DEFAULT_MATMUL[fmt] if val == "auto" else val
 
 
 def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
@@ -175,6 +182,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
     b, s_q, h_q, d_qk = q.shape
     if b == 0:
         return
+    fmt = format_for_dqk(d_qk).name
     parts = sched_meta.shape[0]
     dev = q.device
     i32 = torch.empty(1, dtype=torch.int32, device=dev)
@@ -185,7 +193,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
     x_cache = fp8_cache_bytes(extra_k_cache) if has_extra else torch.empty(1, 16, dtype=torch.uint8, device=dev)
     x_idx = extra_indices if has_extra else torch.empty(1, 1, 1, dtype=torch.int32, device=dev)
     launcher.launch(
-        "sparse_decode_sm90", {"fmt": format_for_dqk(d_qk).name, "matmul": sparse_decode_matmul()},
+        "sparse_decode_sm90", {"fmt": fmt, "matmul": sparse_decode_matmul(fmt)},
         (parts, 1, s_q * h_q // decode_plan.BLOCK_M),
         [q, fp8_cache_bytes(k_cache), indices, i32 if topk_length is None else topk_length,
          x_cache, x_idx, i32 if extra_topk_length is None else extra_topk_length,

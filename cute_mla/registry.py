@@ -41,8 +41,8 @@ def variant_key(name: str, config: Mapping[str, Any]) -> str:
     return "__".join([name] + parts)
 
 
-# sparse decode's matmul type: "f16" (default, fastest) or "bf16" (bf16's range); ops picks
-# it from the environment variable SPARSE_DECODE_MATMUL_ENV
+# sparse decode's matmul type (kernels.sm90.sparse_decode), both built for each cache format;
+# ops.sparse_decode_matmul picks one per call
 SPARSE_DECODE_MATMULS = ("f16", "bf16")
 SPARSE_DECODE_MATMUL_ENV = "CUTE_MLA_SPARSE_DECODE_MATMUL"
 

@@ -9,8 +9,9 @@ Three families:
   (64, 128 + 512, 256/64), (128, 128 + 1024, 256/64), and (64 and 128, 128 + 1024, 256/2) with an
   extra_topk_length drawn uniformly from [extra_topk/2, extra_topk] per request (no main topk_length).
 - Peak: b 148, s_k 32768, topk 16384, page_block_size 64, h_q in {64, 128} x both formats.
-- The V32 b=128 and peak cases again with bf16 matmuls (kernel ``sparse_decode_bf16``): the opt-in for inputs
-  past f16's range (``cute_mla.ops.sparse_decode_matmul``).
+- The V32 b=128 and peak cases again in the matmul type that is not their format's default
+  (``cute_mla.ops.sparse_decode_matmul``): V32 in bf16 (``sparse_decode_bf16``), MODEL1 in f16
+  (``sparse_decode_f16``).
 
 Inputs: every request owns s_k tokens of its own (ceil(s_k / page_block_size) blocks, and likewise in the extra
 cache), the blocks of all requests randomly permuted; each query token selects topk distinct random positions of
@@ -106,7 +107,7 @@ def _run(x, matmul):
     from cute_mla import registry
 
     q, cache, indices, sink, xcache, xindices, xlens, meta = x
-    os.environ[registry.SPARSE_DECODE_MATMUL_ENV] = matmul
+    os.environ[registry.SPARSE_DECODE_MATMUL_ENV] = matmul or "auto"
     try:
         cute_mla.flash_mla_with_kvcache(q, cache, None, None, D_V, meta, softmax_scale=None, is_fp8_kvcache=True,
                                         indices=indices, attn_sink=sink, extra_k_cache=xcache,
@@ -116,9 +117,9 @@ def _run(x, matmul):
         del os.environ[registry.SPARSE_DECODE_MATMUL_ENV]
 
 
-def _case(b, h_q, d_qk, s_k, topk, pbs, extra=None, extra_topk_length=False, matmul="f16"):
+def _case(b, h_q, d_qk, s_k, topk, pbs, extra=None, extra_topk_length=False, matmul=None):
     """extra: (extra_s_k, extra_topk, extra_pbs) of the extra cache, or None; matmul: the kernels' matmul type
-    (bf16 cases are kernel ``sparse_decode_bf16``)."""
+    when not the format's default (kernel ``sparse_decode_<matmul>``)."""
     params = {"fmt": _fmt(d_qk), "b": b, "s_q": S_Q, "h_q": h_q, "d_qk": d_qk, "s_k": s_k, "topk": topk,
               "pbs": pbs}
     seed = b * 7 + h_q + d_qk + s_k + topk + pbs
@@ -137,7 +138,7 @@ def _case(b, h_q, d_qk, s_k, topk, pbs, extra=None, extra_topk_length=False, mat
     flops = 2 * h_q * b * S_Q * topk_total * (d_qk + D_V)
     nbytes = (2 * b * S_Q * h_q * (d_qk + D_V)                          # q in, out back (bf16)
               + b * S_Q * topk_total * (_token_bytes(d_qk) + 4))         # selected tokens + their indices
-    return BenchCase("sparse_decode" + ("" if matmul == "f16" else f"_{matmul}"), params, "compute",
+    return BenchCase("sparse_decode" + (f"_{matmul}" if matmul else ""), params, "compute",
                      flops=float(flops), bytes=float(nbytes),
                      make_inputs=lambda: _inputs(b, h_q, d_qk, s_k, topk, pbs, extra, extra_lens, seed),
                      run=lambda x: _run(x, matmul), published=FLASHMLA_V32 if d_qk == 576 else None)
@@ -154,8 +155,8 @@ def sparse_decode_cases():
     for h_q in (64, 128):
         for d_qk in (512, 576):
             yield _case(148, h_q, d_qk, 32768, 16384, 64)
-    # the bf16 matmuls (CUTE_MLA_SPARSE_DECODE_MATMUL=bf16) on the headline and peak cases
+    # the other matmul type (CUTE_MLA_SPARSE_DECODE_MATMUL) on the headline and peak cases
     yield _case(128, 128, 576, 32768, 2048, 64, matmul="bf16")
     for h_q in (64, 128):
         for d_qk in (512, 576):
-            yield _case(148, h_q, d_qk, 32768, 16384, 64, matmul="bf16")
+            yield _case(148, h_q, d_qk, 32768, 16384, 64, matmul="bf16" if d_qk == 576 else "f16")

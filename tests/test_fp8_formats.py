@@ -380,3 +380,21 @@ def test_bad_inputs():
                     torch.zeros(1, 3, 1, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="page_block_size"):
         empty_kvcache(2, 0, "V32")
+
+
+def test_sparse_decode_matmul_type_per_format_and_override(monkeypatch):
+    """V32 runs its matmuls in f16 and MODEL1 in bf16 unless CUTE_MLA_SPARSE_DECODE_MATMUL says otherwise;
+    any other value is refused with the variable named."""
+    from cute_mla import ops, registry
+
+    env = registry.SPARSE_DECODE_MATMUL_ENV
+    monkeypatch.delenv(env, raising=False)
+    assert (ops.sparse_decode_matmul("V32"), ops.sparse_decode_matmul("MODEL1")) == ("f16", "bf16")
+    monkeypatch.setenv(env, "auto")
+    assert (ops.sparse_decode_matmul("V32"), ops.sparse_decode_matmul("MODEL1")) == ("f16", "bf16")
+    for forced in registry.SPARSE_DECODE_MATMULS:
+        monkeypatch.setenv(env, forced)
+        assert ops.sparse_decode_matmul("V32") == ops.sparse_decode_matmul("MODEL1") == forced
+    monkeypatch.setenv(env, "BF16")
+    with pytest.raises(ValueError, match=env):
+        ops.sparse_decode_matmul("V32")

@@ -20,8 +20,9 @@ once to f16 (``quant.dequantize_kvcache(out_dtype=torch.float16)``), V32's RoPE 
 of S is a bf16 matmul); with bf16 matmuls (CUTE_MLA_SPARSE_DECODE_MATMUL=bf16) fp8 * scale rounded to bf16.
 Against a float32 dequantisation, K's rounding alone would move a one-key lse past the 1e-6 abs bar (by
 ~5e-5 for bf16, ~6e-6 for f16). q stays bf16 in the reference.
-Every test runs with both matmul types (the ``matmul`` fixture). The fast subset and the corner cases run
-by default; ``-m full`` runs the whole grid.
+Every test runs with both matmul types, forced (the ``matmul`` fixture; the per-format default is tested on
+the CPU in test_fp8_formats.py). The fast subset and the corner cases run by default; ``-m full`` runs the whole
+grid.
 """
 import itertools
 import zlib
@@ -61,7 +62,7 @@ def matmul(request, monkeypatch):
 
 def dequantized(cache, fmt, rope):
     """The cache as the kernels' matmuls see it (module docstring); rope: V32's bf16 RoPE, or None."""
-    if ops.sparse_decode_matmul() == "bf16":
+    if ops.sparse_decode_matmul(fmt.name) == "bf16":
         return quant.dequantize_kvcache(cache, out_dtype=torch.bfloat16).float()
     deq = quant.dequantize_kvcache(cache, out_dtype=torch.float16).float()
     if rope is not None:  # V32's RoPE is not part of V: its columns of S stay bf16, as stored

@@ -32,12 +32,13 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     ``extra_indices`` select in the extra cache), dequantised on the fly; V = the first 512
     dims of K (V32: the NoPE part; MODEL1: NoPE and RoPE).
 
-    Matmul type (the ``matmul`` flag).  "f16", the default: the codes become f16 (times the
-    f16-rounded scale, one rounding), Q is rounded to f16 as it is loaded, P is f16; V32's
-    RoPE columns of S stay a bf16 MMA on bf16 Q and K, MODEL1's RoPE (part of V) is
+    Matmul type (the ``matmul`` flag; the API picks V32 f16, MODEL1 bf16 unless told
+    otherwise, ``cute_mla.ops.sparse_decode_matmul``).  "f16": the codes become f16 (times
+    the f16-rounded scale, one rounding), Q is rounded to f16 as it is loaded, P is f16;
+    V32's RoPE columns of S stay a bf16 MMA on bf16 Q and K, MODEL1's RoPE (part of V) is
     converted to f16.  q and the dequantised cache must lie inside f16's range.  "bf16":
-    codes times the float32 scale rounded once to bf16 (FlashMLA's numerics, bf16's range);
-    Q, RoPE and P stay bf16.  Either way O is accumulated in f32 and written in q's bf16.
+    codes times the float32 scale rounded to bf16 (FlashMLA's numerics, bf16's range); Q,
+    RoPE and P stay bf16.  Either way O is accumulated in f32 and written in q's bf16.
 
     Split-KV work as in dense decode (``kernels.sm90.split_kv_decode``): grid (parts, 1,
     s_q * h_q / 64), row block z = query token z // (h_q / 64), heads (z % (h_q/64)) * 64
@@ -82,12 +83,12 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
 
     def __init__(self, fmt: str, matmul: str = "f16"):
         self.fmt = get_format(fmt)
-        # matmul "f16" (the default): FP8 codes become f16 pairs in one instruction and take
-        # the scale in one more (kernels.common.fp8), a third of what bf16 results cost, on the
-        # producer's side of a kernel bound by shared memory and by its two roles' hand-offs
-        # (perf/results/NOTES.md, session 7); the price is f16's range (+-65504) for q and
-        # the dequantised cache.  "bf16": FlashMLA's numerics and bf16's range, about 10%
-        # slower; Q, RoPE and P need no conversion.
+        # matmul "f16": FP8 codes become f16 pairs in one instruction and take the scale in one
+        # more (kernels.common.fp8), a third of what bf16 results cost, on the producer's side
+        # of a kernel bound by shared memory and by its two roles' hand-offs; V32 runs 10%
+        # faster than in bf16, MODEL1 (which then converts its RoPE) no faster (perf/results/
+        # NOTES.md, sessions 7 and 8).  The price is f16's range (+-65504) for q and the
+        # dequantised cache.  "bf16": FlashMLA's numerics and bf16's range.
         assert matmul in MATMUL_DTYPES, matmul
         super().__init__(MATMUL_DTYPES[matmul], self.fmt.d_qk)
         f = self.fmt
