@@ -107,14 +107,19 @@ def _run(x, matmul):
     from cute_mla import registry
 
     q, cache, indices, sink, xcache, xindices, xlens, meta = x
-    os.environ[registry.SPARSE_DECODE_MATMUL_ENV] = matmul or "auto"
+    env = registry.SPARSE_DECODE_MATMUL_ENV
+    before = os.environ.get(env)
+    os.environ[env] = matmul or "auto"
     try:
         cute_mla.flash_mla_with_kvcache(q, cache, None, None, D_V, meta, softmax_scale=None, is_fp8_kvcache=True,
                                         indices=indices, attn_sink=sink, extra_k_cache=xcache,
                                         extra_indices_in_kvcache=xindices, topk_length=None,
                                         extra_topk_length=xlens)
     finally:
-        del os.environ[registry.SPARSE_DECODE_MATMUL_ENV]
+        if before is None:
+            del os.environ[env]
+        else:
+            os.environ[env] = before
 
 
 def _case(b, h_q, d_qk, s_k, topk, pbs, extra=None, extra_topk_length=False, matmul=None):

@@ -1,7 +1,7 @@
 """SM90 FP8 sparse MLA decode (``flash_mla_with_kvcache`` with ``indices``): each query
 token attends to its own top-k tokens of an FP8 paged cache (plus, optionally, top-k
-tokens of a second "extra" cache), dequantised on the fly to the matmul type (f16 by
-default, bf16 with ``matmul="bf16"``)."""
+tokens of a second "extra" cache), dequantised on the fly to the matmul type (f16 or
+bf16: the ``matmul`` flag)."""
 from __future__ import annotations
 
 import cuda.bindings.driver as cuda
