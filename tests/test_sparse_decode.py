@@ -15,9 +15,9 @@ FP8 NaN); strided views have poisoned gaps. A kernel that loads, scales or multi
 ignore (0 * NaN = NaN) therefore fails the comparison. V32 scales are multiplied by random factors in
 [0.5, 2), so they are not powers of two; MODEL1 scales are ue8m0 by format. The reference computes in
 float32 on the dequantised caches, dequantised as the kernels compute it, in the type the matmuls run in
-(``kernels.common.fp8``): with f16 matmuls (the default) the scale rounded to f16, then fp8 * scale rounded
+(``kernels.common.fp8``): with f16 matmuls (V32's default) the scale rounded to f16, then fp8 * scale rounded
 once to f16 (``quant.dequantize_kvcache(out_dtype=torch.float16)``), V32's RoPE bf16 as stored (its part
-of S is a bf16 matmul); with bf16 matmuls (CUTE_MLA_SPARSE_DECODE_MATMUL=bf16) fp8 * scale rounded to bf16.
+of S is a bf16 matmul); with bf16 matmuls (MODEL1's default) fp8 * scale rounded to bf16.
 Against a float32 dequantisation, K's rounding alone would move a one-key lse past the 1e-6 abs bar (by
 ~5e-5 for bf16, ~6e-6 for f16). q stays bf16 in the reference.
 Every test runs with both matmul types, forced (the ``matmul`` fixture; the per-format default is tested on
