@@ -38,18 +38,23 @@ _E4M3X4_TO_F16X4 = """{
 }"""
 
 
+def _two_words(asm: str, operands, constraints: str, loc, ip):
+    """Run ``asm`` (outputs $0, $1: two 32-bit words) on the MLIR ``operands``; returns both
+    words.  ``constraints`` lists the inputs' register kinds after the two "=r"."""
+    res = llvm.inline_asm(
+        llvm.StructType.get_literal([T.i32(), T.i32()]), operands, asm, "=r,=r," + constraints,
+        has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+    return (Int32(llvm.extractvalue(T.i32(), res, [0], loc=loc, ip=ip)),
+            Int32(llvm.extractvalue(T.i32(), res, [1], loc=loc, ip=ip)))
+
+
 @dsl_user_op
 def dequant_e4m3x4(word: Int32, scale2: Int32, *, loc=None, ip=None):
     """4 e4m3 codes (byte i of ``word`` = code i) times a scale (``scale2``: the f16 scale
     in both halves, ``f16x2_scale``) -> (f16 of codes 0, 1; f16 of codes 2, 3), each pair
     packed low half first."""
-    res = llvm.inline_asm(
-        llvm.StructType.get_literal([T.i32(), T.i32()]),
-        [Int32(word).ir_value(loc=loc, ip=ip), Int32(scale2).ir_value(loc=loc, ip=ip)],
-        _E4M3X4_TO_F16X4, "=r,=r,r,r", has_side_effects=False, is_align_stack=False,
-        asm_dialect=llvm.AsmDialect.AD_ATT)
-    return (Int32(llvm.extractvalue(T.i32(), res, [0], loc=loc, ip=ip)),
-            Int32(llvm.extractvalue(T.i32(), res, [1], loc=loc, ip=ip)))
+    return _two_words(_E4M3X4_TO_F16X4, [Int32(word).ir_value(loc=loc, ip=ip), Int32(scale2).ir_value(loc=loc, ip=ip)],
+                      "r,r", loc, ip)
 
 
 _E4M3X4_TO_BF16X4 = """{
@@ -78,13 +83,8 @@ _E4M3X4_TO_BF16X4 = """{
 def dequant_e4m3x4_bf16(word: Int32, scale: Float32, *, loc=None, ip=None):
     """4 e4m3 codes (byte i of ``word`` = code i) times a float32 ``scale`` -> (bf16 of codes
     0, 1; bf16 of codes 2, 3), each pair packed low half first."""
-    res = llvm.inline_asm(
-        llvm.StructType.get_literal([T.i32(), T.i32()]),
-        [Int32(word).ir_value(loc=loc, ip=ip), Float32(scale).ir_value(loc=loc, ip=ip)],
-        _E4M3X4_TO_BF16X4, "=r,=r,r,f", has_side_effects=False, is_align_stack=False,
-        asm_dialect=llvm.AsmDialect.AD_ATT)
-    return (Int32(llvm.extractvalue(T.i32(), res, [0], loc=loc, ip=ip)),
-            Int32(llvm.extractvalue(T.i32(), res, [1], loc=loc, ip=ip)))
+    return _two_words(_E4M3X4_TO_BF16X4,
+                      [Int32(word).ir_value(loc=loc, ip=ip), Float32(scale).ir_value(loc=loc, ip=ip)], "r,f", loc, ip)
 
 
 @dsl_user_op
