@@ -1,55 +1,31 @@
 """FlashMLA-compatible public API (same names, argument order and return values).
 
+Each call is looked up by its signature (``cute_mla.plans``): the first call with a signature is
+checked in full and planned, later ones only allocate and launch.  Every check depends only on
+what the signature holds (dtypes, shapes, strides, devices, pointer alignment, scalars), so a bad
+input raises the same error on every call, before anything is enqueued.
+
 Kernel paths land issue by issue; a path whose kernel is not built yet raises
 ``NotImplementedError`` naming what is missing rather than computing anything.
 """
 from __future__ import annotations
 
-import dataclasses
+import os
 from typing import Optional, Tuple
 
 import torch
 
-from cute_mla import ops
+from cute_mla import ops, plans, registry
 from cute_mla.ops import _require as need  # ValueError(msg) unless cond
+from cute_mla.sched_meta import FlashMLASchedMeta, get_mla_metadata
 from layouts.kv_cache import BLOCK_STRIDE_ALIGN, format_for_dqk
-from schedules import decode_plan
 
+__all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache", "flash_mla_sparse_fwd",
+           "flatten_sparse_prefill_batch", "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func",
+           "flash_attn_varlen_kvpacked_func"]
 
-@dataclasses.dataclass
-class FlashMLASchedMeta:
-    """Scheduling state shared by the layers of one decode step.
-
-    Empty when made by ``get_mla_metadata``; the first ``flash_mla_with_kvcache``
-    call fills it on the GPU (no host sync) and later calls reuse it, which is
-    valid only while shapes and lengths stay the same: a call whose shapes differ
-    from the first one's raises.
-    """
-
-    @dataclasses.dataclass(frozen=True)
-    class Config:
-        b: int
-        s_q: int
-        h_q: int
-        page_block_size: int
-        h_k: int
-        causal: bool
-        is_fp8_kvcache: bool
-        topk: Optional[int]
-        extra_page_block_size: Optional[int]
-        extra_topk: Optional[int]
-        device: torch.device
-
-    have_initialized: bool = False
-    config: Optional[Config] = None
-    tile_scheduler_metadata: Optional[torch.Tensor] = None  # (num_sm_parts, 8) int32
-    num_splits: Optional[torch.Tensor] = None  # split offsets, (b + 1,) int32
-
-
-def get_mla_metadata(*args, **kwargs) -> Tuple[FlashMLASchedMeta, None]:
-    """Returns an empty ``FlashMLASchedMeta``; arguments are accepted and ignored for
-    compatibility with FlashMLA's older interface."""
-    return FlashMLASchedMeta(), None
+_DECODE_PLANS = plans.PlanCache()
+_PREFILL_PLANS = plans.PlanCache()
 
 
 def _config_of(q, k_cache, causal, is_fp8_kvcache, indices, extra_k_cache, extra_indices) -> FlashMLASchedMeta.Config:
@@ -60,33 +36,6 @@ def _config_of(q, k_cache, causal, is_fp8_kvcache, indices, extra_k_cache, extra
         extra_page_block_size=None if extra_k_cache is None else extra_k_cache.shape[1],
         extra_topk=None if extra_indices is None else extra_indices.shape[-1],
         device=q.device)
-
-
-def _bind_sched_meta(sched_meta: FlashMLASchedMeta, config: FlashMLASchedMeta.Config) -> bool:
-    """Attach ``config`` to ``sched_meta``; True when the schedule must still be computed."""
-    if not isinstance(sched_meta, FlashMLASchedMeta):
-        raise TypeError("tile_scheduler_metadata must be the FlashMLASchedMeta returned by get_mla_metadata(), "
-                        f"got {type(sched_meta).__name__}")
-    if not sched_meta.have_initialized:
-        sched_meta.config = config
-        sched_meta.have_initialized = True
-        return True
-    if sched_meta.config != config:
-        diff = [f.name for f in dataclasses.fields(config)
-                if getattr(config, f.name) != getattr(sched_meta.config, f.name)]
-        raise ValueError(f"tile_scheduler_metadata was made for other arguments (differs in {', '.join(diff)}); "
-                         "reuse one sched_meta only across calls with the same shapes and lengths, "
-                         "or get a new one from get_mla_metadata()")
-    return False
-
-
-def schedule_decode(sched_meta: FlashMLASchedMeta, cache_seqlens: torch.Tensor, s_q: int, h_q: int, h_kv: int,
-                    fixed_overhead: int = decode_plan.FIXED_OVERHEAD_BLOCKS):
-    """Fill ``sched_meta`` with the split-KV plan for these lengths (GPU, no sync)."""
-    num_sms = torch.cuda.get_device_properties(cache_seqlens.device).multi_processor_count
-    parts = decode_plan.num_sm_parts(num_sms, s_q, h_q, h_kv)
-    sched_meta.tile_scheduler_metadata, sched_meta.num_splits = ops.plan_decode(
-        cache_seqlens, parts, fixed_overhead=fixed_overhead)
 
 
 def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: Optional[torch.Tensor],
@@ -108,6 +57,35 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     (bf16(code * scale): FlashMLA's numerics and range; about 10% slower).  A MODEL1 cache
     (d_qk 512) runs in bf16 by default (exact: its scales are powers of two; f16 is no faster
     there).  out is bf16 either way."""
+    try:
+        key, pointers = plans.signature(
+            q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, indices=indices,
+            attn_sink=attn_sink, extra_k_cache=extra_k_cache, extra_indices=extra_indices_in_kvcache,
+            topk_length=topk_length, extra_topk_length=extra_topk_length)
+        key = (key, head_dim_v, num_splits, softmax_scale, causal, is_fp8_kvcache,
+               os.environ.get(registry.SPARSE_DECODE_MATMUL_ENV))
+        plan = _DECODE_PLANS.get(key)
+    except (AttributeError, TypeError):  # a non-tensor or an unhashable scalar: the checks below name it
+        key = plan = None
+    if plan is None:
+        plan = _plan_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, num_splits, softmax_scale, causal,
+                            is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
+                            topk_length, extra_topk_length)
+        if key is None:
+            _, pointers = plans.signature(
+                q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, indices=indices,
+                attn_sink=attn_sink, extra_k_cache=extra_k_cache, extra_indices=extra_indices_in_kvcache,
+                topk_length=topk_length, extra_topk_length=extra_topk_length)
+        else:
+            _DECODE_PLANS.put(key, plan)
+    if indices is None:
+        return plan(tile_scheduler_metadata, pointers, cache_seqlens)
+    return plan(tile_scheduler_metadata, pointers, q, topk_length, extra_topk_length)
+
+
+def _plan_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, num_splits, softmax_scale, causal,
+                 is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices, topk_length, extra_topk_length):
+    """Check every input of ``flash_mla_with_kvcache`` and plan the call (the first call of a signature)."""
     if num_splits is not None:
         raise ValueError("num_splits must be None (kept only for compatibility with FlashMLA's older interface)")
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
@@ -117,27 +95,19 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                          f"got {getattr(k_cache, 'shape', type(k_cache))}")
     if head_dim_v != 512:
         raise ValueError(f"head_dim_v must be 512, got {head_dim_v}")
-    config = _config_of(q, k_cache, causal, is_fp8_kvcache, indices, extra_k_cache, extra_indices_in_kvcache)
+    config = _config_of(q, k_cache, causal, is_fp8_kvcache, indices, extra_k_cache, extra_indices)
     if indices is not None or is_fp8_kvcache:
-        return _sparse_decode(q, k_cache, tile_scheduler_metadata, config, softmax_scale, causal, is_fp8_kvcache,
-                              indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length,
-                              extra_topk_length)
+        return _plan_sparse_decode(q, k_cache, config, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
+                                   extra_k_cache, extra_indices, topk_length, extra_topk_length)
     for name, val in (("attn_sink", attn_sink), ("extra_k_cache", extra_k_cache),
-                      ("extra_indices_in_kvcache", extra_indices_in_kvcache), ("topk_length", topk_length),
+                      ("extra_indices_in_kvcache", extra_indices), ("topk_length", topk_length),
                       ("extra_topk_length", extra_topk_length)):
         if val is not None:
             raise ValueError(f"{name} is only supported by sparse attention (indices given); got it with dense decode")
     _check_dense_decode(q, k_cache, block_table, cache_seqlens)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    if _bind_sched_meta(tile_scheduler_metadata, config):
-        schedule_decode(tile_scheduler_metadata, cache_seqlens, q.shape[1], q.shape[2], k_cache.shape[2])
-    b, s_q, h_q, _ = q.shape
-    out = torch.empty(b, s_q, h_q, head_dim_v, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
-    ops.dense_decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata.tile_scheduler_metadata,
-                     tile_scheduler_metadata.num_splits, softmax_scale, causal, out, lse)
-    return out, lse
+    return plans.DenseDecodePlan(q, k_cache, block_table, cache_seqlens, softmax_scale, causal, config)
 
 
 def _check_dense_decode(q, k_cache, block_table, cache_seqlens) -> None:
@@ -165,9 +135,9 @@ def _check_dense_decode(q, k_cache, block_table, cache_seqlens) -> None:
     need(cache_seqlens.is_contiguous(), "cache_seqlens must be contiguous")
 
 
-def _sparse_decode(q, k_cache, sched_meta, config, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
-                   extra_k_cache, extra_indices, topk_length, extra_topk_length):
-    """The FP8 sparse path of ``flash_mla_with_kvcache``."""
+def _plan_sparse_decode(q, k_cache, config, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
+                        extra_k_cache, extra_indices, topk_length, extra_topk_length):
+    """Check and plan the FP8 sparse path of ``flash_mla_with_kvcache``."""
     if indices is None:
         raise NotImplementedError("cute-mla: an FP8 cache is only supported with indices (sparse decode); "
                                   "dense decode takes a bf16/fp16 cache")
@@ -179,17 +149,9 @@ def _sparse_decode(q, k_cache, sched_meta, config, softmax_scale, causal, is_fp8
                          extra_topk_length)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    b, s_q, h_q, _ = q.shape
-    if _bind_sched_meta(sched_meta, config):
-        lengths = ops.sparse_decode_lengths(
-            b, indices.shape[-1], topk_length, 0 if extra_indices is None else extra_indices.shape[-1],
-            extra_topk_length, q.device)
-        schedule_decode(sched_meta, lengths, s_q, h_q, 1, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS)
-    out = torch.empty(b, s_q, h_q, 512, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
-    ops.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length, attn_sink,
-                      sched_meta.tile_scheduler_metadata, sched_meta.num_splits, softmax_scale, out, lse)
-    return out, lse
+    fmt = format_for_dqk(q.shape[-1]).name
+    return plans.SparseDecodePlan(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length,
+                                  attn_sink, softmax_scale, ops.sparse_decode_matmul(fmt), fmt, config)
 
 
 _FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.uint8)
@@ -274,13 +236,20 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
     natural-log scale of the scaled logits and without the sink.  To run a batch of
     requests, flatten it with ``flatten_sparse_prefill_batch``.
     """
-    _check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
-    s_q, h_q, _ = q.shape
-    out = torch.empty(s_q, h_q, d_v, dtype=q.dtype, device=q.device)
-    max_logits = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
-    lse = torch.empty(s_q, h_q, dtype=torch.float32, device=q.device)
-    ops.sparse_prefill(q, kv, indices, sm_scale, attn_sink, topk_length, out, max_logits, lse)
-    return out, max_logits, lse
+    try:
+        key, pointers = plans.signature(q=q, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
+        key = (key, sm_scale, d_v)
+        plan = _PREFILL_PLANS.get(key)
+    except (AttributeError, TypeError):  # a non-tensor or an unhashable scalar: the checks below name it
+        key = plan = None
+    if plan is None:
+        _check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+        plan = plans.SparsePrefillPlan(q, kv, indices, sm_scale, attn_sink, topk_length)
+        if key is None:
+            _, pointers = plans.signature(q=q, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
+        else:
+            _PREFILL_PLANS.put(key, plan)
+    return plan(pointers)
 
 
 def _check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length) -> None:

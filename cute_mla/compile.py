@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import re
@@ -23,9 +24,9 @@ import time
 from pathlib import Path
 
 from cute_mla import registry
+from cute_mla.launcher import DEFAULT_CUBIN_DIR as DEFAULT_OUT
 from layouts import abi
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "_cubins"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DSL_PIN = "4.8.1"
 
@@ -91,6 +92,16 @@ def check_abi(key: str, expected: list[dict], actual: list[dict]) -> None:
             f"the ABI in layouts.operands {[(p['name'], p['size'], p['align']) for p in expected]}")
 
 
+def check_arg_names(key: str, cls, spec) -> None:
+    """The kernel's ``@cute.jit __call__`` must take the ABI's arguments under the ABI's names, in
+    order (then ``stream``), so that binding by name at launch means what it says."""
+    params = list(inspect.signature(cls.__call__).parameters)[1:]
+    names = [a.name for a in spec] + ["stream"]
+    if params != names:
+        raise CompileError(f"{key}: {cls.__name__}.__call__ takes ({', '.join(params)}) but its ABI in "
+                           f"layouts.operands names ({', '.join(names)})")
+
+
 def compile_variant(kd: registry.KernelDef, config: dict, arch: str) -> tuple[bytes, dict]:
     """Compile one variant; returns (cubin bytes, manifest entry without fingerprint)."""
     import cutlass.cute as cute
@@ -101,6 +112,7 @@ def compile_variant(kd: registry.KernelDef, config: dict, arch: str) -> tuple[by
     cls = getattr(importlib.import_module(mod_name), cls_name)
     obj = cls(**config)
     spec = kd.abi(config)
+    check_arg_names(kd.key(config), cls, spec)
     with tempfile.TemporaryDirectory() as tmp:
         compiled = cute.compile(
             obj, *fake_args(spec), cute.runtime.make_fake_stream(),

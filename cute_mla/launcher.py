@@ -1,10 +1,20 @@
-"""Loads the prebuilt cubins and launches them on torch's current stream.
+"""Loads the prebuilt cubins and launches them on torch's current stream (runtime code).
 
-Runtime needs torch and cuda-python only.  Per device, modules are loaded
-lazily once (in torch's primary context) and kept; each launch packs the
-parameters by the kernel's ABI, sets cluster/PDL attributes and calls
-``cuLaunchKernelEx``.  Nothing here synchronises the host, so launches can be
-captured in a CUDA graph.
+Runtime needs torch and cuda-python only.  Per device, each kernel variant's module is loaded
+once, into the device's primary context, after its manifest entry has been checked against
+this cute-mla's ABI (parameter names, sizes and alignments).
+
+Two ways to launch:
+
+- ``launch(name, config, grid, **args)`` binds every argument by its ABI name, checks it and
+  launches: the general path (tests, probes).
+- ``prepare(...)`` returns a ``Launch``: the same binding and checks done once, after which each
+  ``Launch.run(stream, pointers)`` only rewrites the data pointers (and the TMA maps made from
+  them) in its preallocated parameter buffer and calls ``cuLaunchKernelEx``.  The public ops keep
+  one per call signature, which is how an eager call stays within SPEC section 7's host budget.
+
+Nothing here synchronises the host, so launches can be captured in a CUDA graph.  A launch
+makes its device's context current when the calling thread has another one or none.
 """
 from __future__ import annotations
 
@@ -12,15 +22,16 @@ import ctypes
 import json
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cute_mla import registry
+from cute_mla import driver, registry
 from layouts import abi
 
 CUBIN_DIR_ENV = "CUTE_MLA_CUBIN_DIR"
+DEFAULT_CUBIN_DIR = Path(__file__).resolve().parent / "_cubins"
 BUILD_HINT = "build them with `python -m cute_mla.compile` (on any machine, no GPU needed)"
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
 class CubinsNotBuilt(RuntimeError):
@@ -33,30 +44,7 @@ class UnsupportedDevice(RuntimeError):
 
 def cubin_dir() -> Path:
     env = os.environ.get(CUBIN_DIR_ENV)
-    if env:
-        return Path(env)
-    from cute_mla.compile import DEFAULT_OUT  # a path constant; importing it loads no DSL
-
-    return DEFAULT_OUT
-
-
-def _drv():
-    from cuda.bindings import driver
-
-    return driver
-
-
-def check(result, what: str):
-    """Unpack a cuda-python return tuple, raising on any CUresult other than success."""
-    drv = _drv()
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if err != drv.CUresult.CUDA_SUCCESS:
-        _, name = drv.cuGetErrorName(err)
-        _, msg = drv.cuGetErrorString(err)
-        raise RuntimeError(f"{what} failed: {name.decode() if name else err}: {msg.decode() if msg else ''}")
-    if not rest:
-        return None
-    return rest[0] if len(rest) == 1 else tuple(rest)
+    return Path(env) if env else DEFAULT_CUBIN_DIR
 
 
 def arch_for_device(device_index: int) -> str:
@@ -72,11 +60,21 @@ def arch_for_device(device_index: int) -> str:
             f"cute-mla supports {supported}") from None
 
 
-@dataclass
 class LoadedKernel:
-    entry: Mapping[str, Any]
-    spec: tuple
-    function: Any
+    """One kernel variant loaded on one device: its function handle, launch shape and the layout
+    of its parameters."""
+
+    def __init__(self, key: str, entry: Mapping[str, Any], spec: tuple, function: Any, device_index: int):
+        self.key = key
+        self.entry = entry
+        self.layout = abi.ParamLayout(spec)
+        self.function = function
+        self.device_index = device_index
+        self.context = driver.primary_context(device_index)
+        self.block = tuple(entry["block"])
+        self.cluster = tuple(entry["cluster"])
+        self.smem_bytes = int(entry["smem_bytes"])
+        self.pdl_wait = bool(entry["pdl_wait"])
 
 
 class _DeviceKernels:
@@ -96,38 +94,30 @@ class _DeviceKernels:
     def get(self, kd: registry.KernelDef, config: Mapping[str, Any]) -> LoadedKernel:
         key = kd.key(config)
         lk = self.loaded.get(key)
-        if lk is not None:
-            return lk
-        with self.lock:
-            if key not in self.loaded:
-                self.loaded[key] = self._load(kd, config, key)
-            return self.loaded[key]
+        if lk is None:
+            with self.lock:
+                if key not in self.loaded:
+                    self.loaded[key] = self._load(kd, config, key)
+                lk = self.loaded[key]
+        return lk
 
     def _load(self, kd, config, key) -> LoadedKernel:
-        import torch
-
-        drv = _drv()
+        drv = driver._drv()
         entry = self.manifest["kernels"].get(key)
         if entry is None:
             raise CubinsNotBuilt(f"kernel variant {key} is missing from {self.dir / 'manifest.json'}: {BUILD_HINT}")
         spec = kd.abi(config)
-        if [(p["size"], p["align"]) for p in entry["params"]] != [(p["size"], p["align"]) for p in abi.param_layout(spec)]:
-            raise CubinsNotBuilt(f"{key}: manifest ABI differs from this cute-mla's layouts.operands; {BUILD_HINT}")
+        if entry["params"] != abi.param_layout(spec):
+            raise CubinsNotBuilt(f"{key}: the manifest's parameters (names, sizes, alignments) differ from this "
+                                 f"cute-mla's layouts.operands; {BUILD_HINT}")
         data = (self.dir / entry["cubin"]).read_bytes()
-        # Load into torch's primary context of this device.
-        with torch.cuda.device(self.device_index):
-            torch.cuda.init()
-            ctx = check(drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
-            if ctx is None or int(ctx) == 0:
-                dev = check(drv.cuDeviceGet(self.device_index), "cuDeviceGet")
-                ctx = check(drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-                check(drv.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-            module = check(drv.cuModuleLoadData(data), f"cuModuleLoadData({entry['cubin']})")
-            fn = check(drv.cuModuleGetFunction(module, entry["symbol"].encode()), f"cuModuleGetFunction({key})")
+        with driver.DeviceContext(driver.primary_context(self.device_index)):
+            module = driver.check(drv.cuModuleLoadData(data), f"cuModuleLoadData({entry['cubin']})")
+            fn = driver.check(drv.cuModuleGetFunction(module, entry["symbol"].encode()), f"cuModuleGetFunction({key})")
             if entry["smem_bytes"] > 48 * 1024:
                 attr = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-                check(drv.cuFuncSetAttribute(fn, attr, entry["smem_bytes"]), f"cuFuncSetAttribute({key})")
-        return LoadedKernel(entry, spec, fn)
+                driver.check(drv.cuFuncSetAttribute(fn, attr, entry["smem_bytes"]), f"cuFuncSetAttribute({key})")
+        return LoadedKernel(key, entry, spec, fn, self.device_index)
 
 
 _DEVICES: dict[int, _DeviceKernels] = {}
@@ -138,55 +128,126 @@ def device_kernels(device_index: int) -> _DeviceKernels:
     dk = _DEVICES.get(device_index)
     if dk is None:
         with _DEVICES_LOCK:
-            dk = _DEVICES.setdefault(device_index, _DeviceKernels(device_index))
+            dk = _DEVICES.get(device_index)
+            if dk is None:
+                dk = _DEVICES[device_index] = _DeviceKernels(device_index)
     return dk
 
 
-def launch(name: str, config: Mapping[str, Any], grid: Sequence[int], args: Sequence[Any], *,
-           device_index: int | None = None, pdl: bool = False) -> None:
-    """Launch kernel variant ``name``/``config`` over ``grid`` with ``args`` (tensors and
-    numbers, in ABI order) on torch's current stream of the device.
+def kernel(name: str, config: Mapping[str, Any], device_index: int) -> LoadedKernel:
+    """Variant ``name``/``config`` loaded on ``device_index`` (loaded on first use)."""
+    return device_kernels(device_index).get(registry.get(name), config)
 
-    ``pdl=True`` lets the kernel start before its predecessor on the stream has
-    finished (programmatic dependent launch); the kernel must then call
-    ``griddepcontrol.wait`` before it reads the predecessor's output.
+
+class Launch:
+    """One kernel launch bound to fixed shapes, strides, scalars and grid on one device.
+
+    Made by ``prepare``, which checks every argument against the ABI.  ``run(stream, pointers)``
+    then launches it again with new data pointers: ``pointers`` maps each tensor argument's name
+    to the new pointer, which must point at memory of the same dtype, shape and strides as the
+    tensor it replaces and share its alignment modulo 16 (the ops' call signatures include every
+    pointer's low four bits, so a signature hit guarantees it).  Thread-safe: the buffer is
+    rewritten and launched under a lock, and the driver copies the parameters at launch.
     """
-    import torch
 
-    drv = _drv()
+    def __init__(self, kernel: LoadedKernel, grid: Sequence[int], pdl: bool, args: Mapping[str, Any]):
+        self.kernel = kernel
+        self.grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+        if any(g > lim for g, lim in zip(self.grid, GRID_LIMITS)):
+            raise ValueError(f"{kernel.key}: grid {self.grid} exceeds CUDA's limits {GRID_LIMITS}")
+        self.empty = min(self.grid) <= 0  # an empty grid is a no-op, as for torch ops on empty tensors
+        if pdl and not kernel.pdl_wait:
+            raise RuntimeError(f"{kernel.key}: launched with PDL but the kernel never waits on its predecessor")
+        self.pdl = pdl
+        layout = kernel.layout
+        buf = layout.pack(args)
+        self._tmas = []
+        for spec in layout.args:
+            if isinstance(spec, abi.TmaArg):
+                t = args[spec.name]
+                sig = (tuple(t.shape), tuple(t.stride()))
+                off = layout.tma_offsets[spec.name]
+                buf[off:off + 128] = driver.tensor_map(spec, kernel.device_index, t.data_ptr(), *sig)
+                self._tmas.append((spec.name, off, spec, sig))
+        self._buffer = buf
+        self._words = memoryview(buf).cast("Q")
+        c_buf = (ctypes.c_char * len(buf)).from_buffer(buf)
+        self._params = (ctypes.c_void_p * len(layout.offsets))(*[ctypes.addressof(c_buf) + o for o in layout.offsets])
+        self._params_addr = ctypes.addressof(self._params)
+        self._pointer_words = tuple(layout.pointer_words.items())
+        self._configs: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._ctx_handle = int(kernel.context)
+
+    def _config(self, stream: int):
+        cfg = self._configs.get(stream)
+        if cfg is None:
+            drv = driver._drv()
+            cfg = drv.CUlaunchConfig()
+            cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = self.grid
+            cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = self.kernel.block
+            cfg.sharedMemBytes = self.kernel.smem_bytes
+            cfg.hStream = drv.CUstream(stream)
+            attrs = []
+            if self.kernel.cluster != (1, 1, 1):
+                a = drv.CUlaunchAttribute()
+                a.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+                a.value.clusterDim.x, a.value.clusterDim.y, a.value.clusterDim.z = self.kernel.cluster
+                attrs.append(a)
+            if self.pdl:
+                a = drv.CUlaunchAttribute()
+                a.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+                a.value.programmaticStreamSerializationAllowed = 1
+                attrs.append(a)
+            cfg.attrs = attrs
+            cfg.numAttrs = len(attrs)
+            if len(self._configs) >= 64:  # streams come and go; keep the table small
+                self._configs.clear()
+            self._configs[stream] = cfg
+        return cfg
+
+    def run(self, stream: int, pointers: Mapping[str, int] | None = None) -> None:
+        """Launch on ``stream`` (a raw CUstream handle), first re-pointing the tensor arguments
+        named in ``pointers`` (all of them when given)."""
+        if self.empty:
+            return
+        drv = driver._drv()
+        with self._lock:
+            if pointers is not None:
+                words = self._words
+                for name, w in self._pointer_words:
+                    words[w] = pointers[name]
+                for name, off, spec, sig in self._tmas:
+                    self._buffer[off:off + 128] = driver.tensor_map(spec, self.kernel.device_index,
+                                                                    pointers[name], *sig)
+            err, cur = drv.cuCtxGetCurrent()
+            if err or cur is None or int(cur) != self._ctx_handle:
+                with driver.DeviceContext(self.kernel.context):
+                    result = drv.cuLaunchKernelEx(self._config(stream), self.kernel.function, self._params_addr, 0)
+            else:
+                result = drv.cuLaunchKernelEx(self._config(stream), self.kernel.function, self._params_addr, 0)
+        if result[0]:
+            driver.check(result, f"cuLaunchKernelEx({self.kernel.key})")
+
+
+def prepare(name: str, config: Mapping[str, Any], grid: Sequence[int], *, device_index: int,
+            pdl: bool = False, **args) -> Launch:
+    """Bind ``args`` (every ABI argument of ``name``, by name) to a launch of variant
+    ``name``/``config`` over ``grid`` on ``device_index``, checking each against the ABI.
+
+    ``pdl=True`` lets the kernel start before its predecessor on the stream has finished
+    (programmatic dependent launch); the kernel must then call ``griddepcontrol.wait`` before
+    it reads the predecessor's output.
+    """
+    return Launch(kernel(name, config, device_index), grid, pdl, args)
+
+
+def launch(name: str, config: Mapping[str, Any], grid: Sequence[int], *, device_index: int | None = None,
+           pdl: bool = False, **args) -> None:
+    """Launch variant ``name``/``config`` over ``grid`` with ``args`` bound by ABI name, on
+    torch's current stream of ``device_index`` (default: torch's current device)."""
     if device_index is None:
+        import torch
+
         device_index = torch.cuda.current_device()
-    lk = device_kernels(device_index).get(registry.get(name), config)
-    entry = lk.entry
-    if pdl and not entry["pdl_wait"]:
-        raise RuntimeError(f"{name}: launched with PDL but the kernel never waits on its predecessor")
-    grid = [int(g) for g in grid] + [1] * (3 - len(grid))
-    if min(grid) <= 0:
-        return  # an empty grid is a no-op, as for torch ops on empty tensors
-    if grid[1] > 65535 or grid[2] > 65535 or grid[0] > 2**31 - 1:
-        raise ValueError(f"{name}: grid {grid} exceeds CUDA's limits")
-
-    packed = abi.pack(lk.spec, args)
-    buf = (ctypes.c_char * max(len(packed.buffer), 1)).from_buffer(packed.buffer)
-    base = ctypes.addressof(buf)
-    ptrs = (ctypes.c_void_p * len(packed.offsets))(*[base + o for o in packed.offsets])
-
-    cfg = drv.CUlaunchConfig()
-    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
-    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = entry["block"]
-    cfg.sharedMemBytes = entry["smem_bytes"]
-    cfg.hStream = drv.CUstream(torch.cuda.current_stream(device_index).cuda_stream)
-    attrs = []
-    if list(entry["cluster"]) != [1, 1, 1]:
-        a = drv.CUlaunchAttribute()
-        a.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-        a.value.clusterDim.x, a.value.clusterDim.y, a.value.clusterDim.z = entry["cluster"]
-        attrs.append(a)
-    if pdl:
-        a = drv.CUlaunchAttribute()
-        a.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-        a.value.programmaticStreamSerializationAllowed = 1
-        attrs.append(a)
-    cfg.attrs = attrs
-    cfg.numAttrs = len(attrs)
-    check(drv.cuLaunchKernelEx(cfg, lk.function, ctypes.addressof(ptrs), 0), f"cuLaunchKernelEx({name})")
+    prepare(name, config, grid, device_index=device_index, pdl=pdl, **args).run(driver.current_stream(device_index))

@@ -1,26 +1,18 @@
-"""Thin torch wrappers over single kernels: validate, allocate, launch.
-
-These are the building blocks the public API composes (scheduler -> split
-kernel -> combine); tests and benchmarks call them directly too.
+"""Thin torch wrappers over the foundation kernels (scheduler, combine): validate, allocate,
+launch by name; tests and benchmarks call them directly.  The public entry points run through
+prepared plans (``cute_mla.plans``) instead.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
 import torch
 
 from cute_mla import launcher, registry
-from layouts.kv_cache import format_for_dqk
 from schedules import decode_plan
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -54,9 +46,8 @@ def plan_decode(cache_seqlens: torch.Tensor, num_parts: int, block_n: int = deco
     split_offsets = torch.empty(b + 1, dtype=torch.int32, device=dev)
     if b == 0:
         return sched_meta.zero_(), split_offsets.zero_()
-    launcher.launch("decode_scheduler", {}, (1, 1, 1),
-                    [cache_seqlens, sched_meta, split_offsets, block_n, fixed_overhead],
-                    device_index=dev.index)
+    launcher.launch("decode_scheduler", {}, (1, 1, 1), device_index=dev.index, cache_seqlens=cache_seqlens,
+                    sched_meta=sched_meta, split_offsets=split_offsets, block_n=block_n, fixed_overhead=fixed_overhead)
     return sched_meta, split_offsets
 
 
@@ -87,71 +78,9 @@ def combine(o_accum: torch.Tensor, lse_accum: torch.Tensor, split_offsets: torch
     else:
         sink = torch.empty(1, dtype=torch.float32, device=out.device)
     launcher.launch(
-        "combine", {"dtype": _DTYPE_NAMES[out.dtype]},
-        (-(-h_q // decode_plan.COMBINE_HEADS_PER_CTA), s_q, b),
-        [o_accum, lse_accum, split_offsets, sink, out, lse, int(skip_single_split), int(attn_sink is not None)],
-        device_index=out.device.index, pdl=pdl)
-
-
-def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-                 sched_meta: torch.Tensor, split_offsets: torch.Tensor, softmax_scale: float, causal: bool,
-                 out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Split-KV dense decode (SM90) then the combine of multi-split requests, on the current
-    stream.  Inputs are assumed validated by the API layer."""
-    b, s_q, h_q, _ = q.shape
-    parts = sched_meta.shape[0]
-    h_kv = k_cache.shape[2]
-    # at most one extra split per part on top of one per request
-    n_partial = b + parts
-    o_accum = torch.empty(n_partial, s_q, h_q, 512, dtype=torch.float32, device=q.device)
-    lse_accum = torch.empty(n_partial, s_q, h_q, dtype=torch.float32, device=q.device)
-    rows = s_q * (h_q // h_kv)
-    launcher.launch(
-        "dense_decode_sm90", {"dtype": _DTYPE_NAMES[q.dtype]},
-        (parts, h_kv, -(-rows // decode_plan.BLOCK_M)),
-        [q, k_cache, block_table, cache_seqlens, sched_meta, split_offsets, out, lse, o_accum, lse_accum,
-         float(softmax_scale), int(bool(causal) and s_q > 1), h_q // h_kv],
-        device_index=q.device.index)
-    combine(o_accum, lse_accum, split_offsets, out, lse, skip_single_split=True, pdl=True)
-
-
-def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
-                   attn_sink: Optional[torch.Tensor], topk_length: Optional[torch.Tensor],
-                   out: torch.Tensor, max_logits: torch.Tensor, lse: torch.Tensor) -> None:
-    """SM90 sparse prefill on the current stream; inputs are assumed validated by the API layer."""
-    s_q, h_q, d_qk = q.shape
-    if s_q == 0:
-        return
-    dummy_i32 = topk_length if topk_length is not None else torch.empty(1, dtype=torch.int32, device=q.device)
-    dummy_f32 = attn_sink if attn_sink is not None else torch.empty(1, dtype=torch.float32, device=q.device)
-    tiles = s_q * (h_q // 64)
-    launcher.launch(
-        "sparse_prefill_sm90", {"d_qk": d_qk}, (min(tiles, _num_sms(q.device)), 1, 1),
-        [q, kv, indices, dummy_i32, dummy_f32, out, max_logits, lse, float(sm_scale),
-         int(topk_length is not None), int(attn_sink is not None)],
-        device_index=q.device.index)
-
-
-def fp8_cache_bytes(cache: torch.Tensor) -> torch.Tensor:
-    """``[num_blocks, page_block_size, 1, bytes_per_token]`` FP8 cache (any 1-byte dtype) ->
-    the (num_blocks, block_bytes) uint8 view the sparse decode kernels take (same memory;
-    rows keep the cache's block stride)."""
-    u8 = cache.view(torch.uint8)
-    return u8.as_strided((u8.shape[0], u8.shape[1] * u8.shape[3]), (u8.stride(0), 1))
-
-
-def sparse_decode_lengths(b: int, topk: int, topk_length: Optional[torch.Tensor], extra_topk: int,
-                          extra_topk_length: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Each request's length in the split-KV plan (GPU, no sync): its counted main slots
-    padded to whole 64-slot blocks, then its counted extra slots; a length is clamped into
-    [0, topk] as the kernel does (``kernels.sm90.sparse_decode``)."""
-    blk = decode_plan.BLOCK_N
-    n = torch.full((b,), topk, dtype=torch.int32, device=device) if topk_length is None \
-        else topk_length.clamp(0, topk)
-    lengths = (n + blk - 1) // blk * blk
-    if extra_topk:
-        lengths = lengths + (extra_topk if extra_topk_length is None else extra_topk_length.clamp(0, extra_topk))
-    return lengths.to(torch.int32).contiguous()
+        "combine", {"dtype": _DTYPE_NAMES[out.dtype]}, (-(-h_q // decode_plan.COMBINE_HEADS_PER_CTA), s_q, b),
+        device_index=out.device.index, pdl=pdl, o_accum=o_accum, lse_accum=lse_accum, split_offsets=split_offsets,
+        attn_sink=sink, out=out, lse=lse, skip_single_split=int(skip_single_split), has_sink=int(attn_sink is not None))
 
 
 # The default matmul type of sparse decode per cache format (perf/results/NOTES.md, session 8):
@@ -170,36 +99,3 @@ def sparse_decode_matmul(fmt: str) -> str:
     _require(val == "auto" or val in registry.SPARSE_DECODE_MATMULS,
              f"{env} must be one of {('auto',) + registry.SPARSE_DECODE_MATMULS} (unset means auto), got {val!r}")
     return SPARSE_DECODE_DEFAULT_MATMUL[fmt] if val == "auto" else val
-
-
-def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
-                  topk_length: Optional[torch.Tensor], extra_k_cache: Optional[torch.Tensor],
-                  extra_indices: Optional[torch.Tensor], extra_topk_length: Optional[torch.Tensor],
-                  attn_sink: Optional[torch.Tensor], sched_meta: torch.Tensor, split_offsets: torch.Tensor,
-                  softmax_scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Split-KV FP8 sparse decode (SM90) then the combine of multi-split requests, on the
-    current stream.  Inputs are assumed validated by the API layer."""
-    b, s_q, h_q, d_qk = q.shape
-    if b == 0:
-        return
-    fmt = format_for_dqk(d_qk).name
-    parts = sched_meta.shape[0]
-    dev = q.device
-    i32 = torch.empty(1, dtype=torch.int32, device=dev)
-    n_partial = b + parts  # at most one extra split per part on top of one per request
-    o_accum = torch.empty(n_partial, s_q, h_q, 512, dtype=torch.float32, device=dev)
-    lse_accum = torch.empty(n_partial, s_q, h_q, dtype=torch.float32, device=dev)
-    has_extra = extra_k_cache is not None
-    x_cache = fp8_cache_bytes(extra_k_cache) if has_extra else torch.empty(1, 16, dtype=torch.uint8, device=dev)
-    x_idx = extra_indices if has_extra else torch.empty(1, 1, 1, dtype=torch.int32, device=dev)
-    launcher.launch(
-        "sparse_decode_sm90", {"fmt": fmt, "matmul": sparse_decode_matmul(fmt)},
-        (parts, 1, s_q * h_q // decode_plan.BLOCK_M),
-        [q, fp8_cache_bytes(k_cache), indices, i32 if topk_length is None else topk_length,
-         x_cache, x_idx, i32 if extra_topk_length is None else extra_topk_length,
-         attn_sink if attn_sink is not None else torch.empty(1, dtype=torch.float32, device=dev),
-         sched_meta, split_offsets, out, lse, o_accum, lse_accum, float(softmax_scale),
-         k_cache.shape[1], extra_k_cache.shape[1] if has_extra else 1,
-         int(topk_length is not None), int(has_extra), int(extra_topk_length is not None), int(attn_sink is not None)],
-        device_index=dev.index)
-    combine(o_accum, lse_accum, split_offsets, out, lse, attn_sink=attn_sink, skip_single_split=True, pdl=True)

@@ -22,8 +22,8 @@ This module is runtime code: it imports neither the DSL nor torch at load time.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
-from typing import Any, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence, Union
 
 Dim = Union[int, str]  # an int is static (compiled in); a str names a dynamic value
 
@@ -83,8 +83,8 @@ class TensorArg:
     def layout(self) -> tuple[int, int]:
         return _struct_layout([code for _, code in self.fields()], align=8)
 
-    def params(self, t: Any = None) -> list["Param"]:
-        return [Param(self.name, *self.layout(), self.fields(), None if t is None else self.values(t))]
+    def params(self) -> list["Param"]:
+        return [Param(self.name, *self.layout(), self.fields())]
 
     def values(self, t: Any) -> list[int]:
         """Check a torch tensor against the spec and return the struct's values."""
@@ -126,8 +126,8 @@ class ScalarArg:
         code = self.fields()[0][1]
         return struct.calcsize(code), struct.calcsize(code)
 
-    def params(self, v: Any = None) -> list["Param"]:
-        return [Param(self.name, *self.layout(), self.fields(), None if v is None else self.values(v))]
+    def params(self) -> list["Param"]:
+        return [Param(self.name, *self.layout(), self.fields())]
 
     def values(self, v: Any) -> list:
         if self.dtype == "f32":
@@ -181,70 +181,28 @@ class TmaArg:
     def name(self) -> str:
         return self.tensor.name
 
-    def params(self, t: Any = None) -> list["Param"]:
+    def params(self) -> list["Param"]:
         coords = [(f"{self.name}.coord[{i}]", "i") for i in self.coord_modes]
-        cvals = None
-        mvals = None
-        if t is not None:
-            self.tensor.values(t)  # same checks as a plain tensor argument
-            cvals = [t.shape[i] for i in self.coord_modes]
-            mvals = [encode_tensor_map(self, t)]
-        out = [Param(f"{self.name}.tma", 128, 64, [(f"{self.name}.tma", "128s")], mvals)]
+        out = [Param(f"{self.name}.tma", 128, 64, [(f"{self.name}.tma", "128s")])]
         if coords:
-            out.append(Param(f"{self.name}.coords", *_struct_layout([c for _, c in coords]), coords, cvals))
+            out.append(Param(f"{self.name}.coords", *_struct_layout([c for _, c in coords]), coords))
         return out
 
-
-def encode_tensor_map(spec: TmaArg, t: Any) -> bytes:
-    """The 128-byte CUtensorMap for tensor ``t`` as ``spec`` describes it."""
-    from cuda.bindings import driver as drv
-
-    from cute_mla.launcher import check
-
-    dt = drv.CUtensorMapDataType
-    kinds = {"bf16": dt.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, "fp16": dt.CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-             "f32": dt.CU_TENSOR_MAP_DATA_TYPE_FLOAT32, "i32": dt.CU_TENSOR_MAP_DATA_TYPE_INT32,
-             "u8": dt.CU_TENSOR_MAP_DATA_TYPE_UINT8, "fp8e4m3": dt.CU_TENSOR_MAP_DATA_TYPE_UINT8}
-    sw = drv.CUtensorMapSwizzle
-    swizzle = {0: sw.CU_TENSOR_MAP_SWIZZLE_NONE, 32: sw.CU_TENSOR_MAP_SWIZZLE_32B,
-               64: sw.CU_TENSOR_MAP_SWIZZLE_64B, 128: sw.CU_TENSOR_MAP_SWIZZLE_128B}[spec.swizzle]
-    esize = DTYPES[spec.tensor.dtype][1]
-    rank = len(spec.dims)
-    gdim = [drv.cuuint64_t(int(t.shape[m])) for m in spec.dims]
-    gstride = [drv.cuuint64_t(int(t.stride(m)) * esize) for m in spec.dims[1:]]
-    for m in spec.dims[1:]:
-        if (t.stride(m) * esize) % 16:
-            raise AbiError(f"{spec.name}: TMA needs 16-byte multiples for strides, mode {m} has {t.stride(m) * esize} bytes")
-    box = [drv.cuuint32_t(b) for b in spec.box]
-    estr = [drv.cuuint32_t(1)] * rank
-    oob = (drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA if spec.oob_nan
-           else drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
-    tmap = check(drv.cuTensorMapEncodeTiled(
-        kinds[spec.tensor.dtype], rank, t.data_ptr(), gdim, gstride, box, estr,
-        drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
-        drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_128B, oob), f"cuTensorMapEncodeTiled({spec.name})")
-    return struct.pack("<16Q", *[int(x) for x in tmap.opaque])
+    def values(self, t: Any) -> list[int]:
+        """Check ``t`` as a plain tensor argument; return the coordinate extents (the map is
+        encoded by the launcher, which owns the driver)."""
+        self.tensor.values(t)
+        return [t.shape[i] for i in self.coord_modes]
 
 
 @dataclass(frozen=True)
 class Param:
-    """One kernel parameter: its size/alignment, struct fields and (when packing) values."""
+    """One kernel parameter: its size, alignment and struct fields (name, struct code)."""
 
     name: str
     size: int
     align: int
     fields: list
-    values: Any = None
-
-    def blob(self) -> bytes:
-        out = bytearray(self.size)
-        off = 0
-        for (_, code), x in zip(self.fields, self.values):
-            sz = struct.calcsize(code)
-            off = -(-off // min(sz, 8)) * min(sz, 8)
-            struct.pack_into("<" + code, out, off, x)
-            off += sz
-        return bytes(out)
 
 
 ArgSpec = Union[TensorArg, ScalarArg, TmaArg]
@@ -261,30 +219,71 @@ def _struct_layout(codes: Sequence[str], align: int = 1) -> tuple[int, int]:
     return -(-off // al) * al, al
 
 
+def _field_offsets(fields: Sequence[tuple[str, str]]) -> list[int]:
+    """Offsets of a C struct's fields (each naturally aligned, at most to 8 bytes)."""
+    out, off = [], 0
+    for _, code in fields:
+        sz = struct.calcsize(code)
+        off = -(-off // min(sz, 8)) * min(sz, 8)
+        out.append(off)
+        off += sz
+    return out
+
+
 def param_layout(args: Sequence[ArgSpec]) -> list[dict]:
     """The expected kernel parameter list (an argument may be several parameters)."""
     return [{"name": p.name, "size": p.size, "align": p.align} for a in args for p in a.params()]
 
 
-@dataclass
-class PackedParams:
-    """Kernel parameters packed into one buffer plus per-parameter offsets (kernelParams)."""
+class ParamLayout:
+    """Where every field of one kernel's parameters lives in one host buffer, worked out once.
 
-    buffer: bytearray = field(default_factory=bytearray)
-    offsets: list[int] = field(default_factory=list)
+    Each parameter sits at its own alignment; ``offsets`` are the parameter offsets the driver's
+    ``kernelParams`` array points at.  ``pack`` binds runtime values *by name* (every ABI name
+    exactly once, so two neighbours of the same shape can never be swapped), checks each one
+    against its spec and writes it.  ``pointer_words`` says where each plain tensor's data
+    pointer lives (as an index into the buffer viewed as uint64), ``tma_offsets`` where each TMA
+    argument's 128-byte map lives: what a prepared launch rewrites when only pointers change.
+    """
 
+    def __init__(self, args: Sequence[ArgSpec]):
+        self.args = tuple(args)
+        self.names = tuple(a.name for a in self.args)
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"argument names must be unique, got {self.names}")
+        self.offsets: list[int] = []
+        self._writers: list[tuple[ArgSpec, list[tuple[int, str]]]] = []
+        self.pointer_words: dict[str, int] = {}
+        self.tma_offsets: dict[str, int] = {}
+        off = 0
+        for a in self.args:
+            slots = []
+            for p in a.params():
+                off = -(-off // p.align) * p.align
+                self.offsets.append(off)
+                slots += [(off + f, code) for f, (_, code) in zip(_field_offsets(p.fields), p.fields)]
+                off += p.size
+            if isinstance(a, TmaArg):
+                self.tma_offsets[a.name] = slots[0][0]
+                slots = slots[1:]  # the map itself is written by the launcher
+            elif isinstance(a, TensorArg):
+                self.pointer_words[a.name] = slots[0][0] // 8
+            self._writers.append((a, slots))
+        self.size = -(-max(off, 8) // 8) * 8  # whole words: pointers are rewritten as uint64
 
-def pack(args: Sequence[ArgSpec], values: Sequence[Any]) -> PackedParams:
-    """Pack runtime values (torch tensors / numbers) by the ABI, one entry per parameter."""
-    if len(args) != len(values):
-        raise AbiError(f"expected {len(args)} kernel arguments, got {len(values)}")
-    out = PackedParams()
-    for spec, v in zip(args, values):
-        for p in spec.params(v):
-            # Each parameter is handed to the driver by address, so only its own
-            # alignment matters; 64 covers the tensor maps.
-            base = -(-len(out.buffer) // 64) * 64
-            out.buffer.extend(b"\0" * (base - len(out.buffer)))
-            out.offsets.append(base)
-            out.buffer.extend(p.blob())
-    return out
+    def check_names(self, values: Mapping[str, Any]) -> None:
+        if len(values) != len(self.names) or any(n not in values for n in self.names):
+            missing = [n for n in self.names if n not in values]
+            unknown = [n for n in values if n not in self.names]
+            raise AbiError(f"kernel arguments must be exactly {', '.join(self.names)}; "
+                           f"missing {missing or 'none'}, unknown {unknown or 'none'}")
+
+    def pack(self, values: Mapping[str, Any]) -> bytearray:
+        """A buffer holding ``values`` (name -> tensor or number), every one checked; the TMA maps
+        are left zero for the launcher to fill."""
+        self.check_names(values)
+        buf = bytearray(self.size)
+        for spec, slots in self._writers:
+            for (off, code), x in zip(slots, spec.values(values[spec.name])):
+                struct.pack_into("<" + code, buf, off, x)
+        return buf

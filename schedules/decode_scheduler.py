@@ -31,9 +31,9 @@ class DecodeSchedulerKernel:
         self.smem_bytes = STAGED_REQUESTS * 4
 
     @cute.jit
-    def __call__(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mOffsets: cute.Tensor,
+    def __call__(self, cache_seqlens: cute.Tensor, sched_meta: cute.Tensor, split_offsets: cute.Tensor,
                  block_n: Int32, fixed_overhead: Int32, stream: cuda.CUstream):
-        self.kernel(mSeqlens, mMeta, mOffsets, block_n, fixed_overhead).launch(
+        self.kernel(cache_seqlens, sched_meta, split_offsets, block_n, fixed_overhead).launch(
             grid=[1, 1, 1], block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream)
 
     @cute.kernel

@@ -43,13 +43,48 @@ def test_struct_layout_matches_dsl_convention():
 
 def test_pack_values_and_offsets():
     spec = (TensorArg("a", "bf16", ("m", "k"), ("s", 1)), ScalarArg("n"), ScalarArg("f", "f32"))
-    packed = abi.pack(spec, [fake((3, 8), (16, 1)), 7, 0.5])
-    assert len(packed.offsets) == 3 and all(o % 64 == 0 for o in packed.offsets)
-    o = packed.offsets[0]
-    ptr, m, k, s = struct.unpack_from("<Qiiq", packed.buffer, o)
+    layout = abi.ParamLayout(spec)
+    buf = layout.pack({"f": 0.5, "a": fake((3, 8), (16, 1)), "n": 7})  # by name, in any order
+    assert layout.offsets == [0, 24, 28] and layout.size == 32
+    ptr, m, k, s = struct.unpack_from("<Qiiq", buf, layout.offsets[0])
     assert (ptr, m, k, s) == (0x7F0000001000, 3, 8, 16)
-    assert struct.unpack_from("<i", packed.buffer, packed.offsets[1])[0] == 7
-    assert struct.unpack_from("<f", packed.buffer, packed.offsets[2])[0] == 0.5
+    assert struct.unpack_from("<i", buf, layout.offsets[1])[0] == 7
+    assert struct.unpack_from("<f", buf, layout.offsets[2])[0] == 0.5
+    assert layout.pointer_words == {"a": 0}
+
+
+def test_every_parameter_sits_at_its_alignment_and_matches_param_layout():
+    from cute_mla import registry
+
+    for kd in registry.KERNELS:
+        for cfg in kd.variants:
+            spec = kd.abi(cfg)
+            layout = abi.ParamLayout(spec)
+            params = abi.param_layout(spec)
+            assert len(layout.offsets) == len(params)
+            for off, p in zip(layout.offsets, params):
+                assert off % p["align"] == 0, (kd.key(cfg), p)
+            ends = [o + p["size"] for o, p in zip(layout.offsets, params)]
+            assert all(e <= o for e, o in zip(ends, layout.offsets[1:])), "parameters overlap"
+            assert layout.size >= ends[-1]
+            assert all(w * 8 in layout.offsets for w in layout.pointer_words.values())
+
+
+def test_arguments_bind_by_name_exactly():
+    """Two neighbours of the same shape can never be swapped silently: every ABI name exactly once."""
+    spec = (TensorArg("topk_length", "i32", ("n",), (1,), align=4),
+            TensorArg("extra_topk_length", "i32", ("n",), (1,), align=4), ScalarArg("has_sink"))
+    layout = abi.ParamLayout(spec)
+    a, b = fake((4,), (1,), dtype=torch.int32, ptr=0x1000), fake((4,), (1,), dtype=torch.int32, ptr=0x2000)
+    buf = layout.pack({"extra_topk_length": b, "topk_length": a, "has_sink": 1})
+    assert struct.unpack_from("<Q", buf, layout.offsets[0])[0] == 0x1000
+    assert struct.unpack_from("<Q", buf, layout.offsets[1])[0] == 0x2000
+    with pytest.raises(abi.AbiError, match=r"missing \['has_sink'\], unknown none"):
+        layout.pack({"extra_topk_length": b, "topk_length": a})
+    with pytest.raises(abi.AbiError, match=r"missing \['has_sink'\], unknown \['has_snk'\]"):
+        layout.pack({"extra_topk_length": b, "topk_length": a, "has_snk": 1})
+    with pytest.raises(ValueError, match="unique"):
+        abi.ParamLayout(spec + (ScalarArg("has_sink"),))
 
 
 @pytest.mark.parametrize("tensor,match", [
@@ -63,16 +98,14 @@ def test_pack_values_and_offsets():
 def test_tensor_that_breaks_the_abi_is_refused(tensor, match):
     spec = TensorArg("q", "bf16", ("m", "k"), ("s", 1), divisibility=(("s", 8),))
     with pytest.raises(abi.AbiError, match=f"q: .*{match}|{match}"):
-        abi.pack((spec,), [tensor])
+        abi.ParamLayout((spec,)).pack({"q": tensor})
 
 
 def test_size_one_mode_stride_is_free_and_scalar_range_checked():
     spec = TensorArg("v", "f32", (1, "n"), (512, 1))
-    abi.pack((spec,), [fake((1, 5), (5, 1), dtype=torch.float32)])
+    abi.ParamLayout((spec,)).pack({"v": fake((1, 5), (5, 1), dtype=torch.float32)})
     with pytest.raises(abi.AbiError, match="does not fit i32"):
-        abi.pack((ScalarArg("n"),), [2**31])
-    with pytest.raises(abi.AbiError, match="expected 1 kernel arguments"):
-        abi.pack((ScalarArg("n"),), [])
+        abi.ParamLayout((ScalarArg("n"),)).pack({"n": 2**31})
 
 
 def test_tma_arg_params_and_checks():

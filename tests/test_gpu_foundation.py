@@ -172,12 +172,15 @@ def test_sched_meta_reuse_mismatch_raises():
     assert none is None
     q = torch.zeros(2, 1, 16, 576, dtype=torch.bfloat16, device=DEV)
     kc = torch.zeros(4, 64, 1, 576, dtype=torch.bfloat16, device=DEV)
-    cfg = api._config_of(q, kc, False, False, None, None, None)
-    assert api._bind_sched_meta(meta, cfg) is True
-    assert api._bind_sched_meta(meta, cfg) is False
-    cfg2 = api._config_of(q[:, :, :8], kc, False, False, None, None, None)
+    table = torch.arange(4, dtype=torch.int32, device=DEV).view(2, 2)
+    lens = torch.tensor([100, 20], dtype=torch.int32, device=DEV)
+    api.flash_mla_with_kvcache(q, kc, table, lens, 512, meta)
+    assert meta.have_initialized and meta.config.h_q == 16
+    bound = meta.tile_scheduler_metadata
+    api.flash_mla_with_kvcache(q, kc, table, lens, 512, meta)
+    assert meta.tile_scheduler_metadata is bound  # reused, not recomputed
     with pytest.raises(ValueError, match="h_q"):
-        api._bind_sched_meta(meta, cfg2)
+        api.flash_mla_with_kvcache(q[:, :, :8], kc, table, lens, 512, meta)
 
 
 def test_launcher_rejects_bad_inputs():
@@ -197,7 +200,7 @@ def test_tma_descriptor_round_trip_is_bit_exact(rows, cols, pad):
     base = torch.randn(rows, cols + pad, device=DEV).to(torch.bfloat16)
     src = base[:, :cols]
     dst = torch.full((rows, cols), math.nan, dtype=torch.bfloat16, device=DEV)
-    launcher.launch("tma_probe", {}, (-(-cols // 64), -(-rows // 64)), [src, dst])
+    launcher.launch("tma_probe", {}, (-(-cols // 64), -(-rows // 64)), src=src, dst=dst)
     torch.cuda.synchronize()
     assert torch.equal(dst.view(torch.int16), src.contiguous().view(torch.int16))
 
@@ -208,10 +211,12 @@ def test_launcher_refuses_tensor_that_breaks_the_abi():
 
     src = torch.zeros(64, 64, dtype=torch.bfloat16, device=DEV)
     with pytest.raises(abi.AbiError, match="dst: expected dtype"):
-        launcher.launch("tma_probe", {}, (1, 1), [src, src.float()])
+        launcher.launch("tma_probe", {}, (1, 1), src=src, dst=src.float())
     strided = torch.zeros(64, 128, dtype=torch.bfloat16, device=DEV)[:, ::2]  # inner stride 2
     with pytest.raises(abi.AbiError, match="src: stride 1 must be 1"):
-        launcher.launch("tma_probe", {}, (1, 1), [strided, src])
+        launcher.launch("tma_probe", {}, (1, 1), src=strided, dst=src)
+    with pytest.raises(abi.AbiError, match="missing \\['dst'\\], unknown \\['out'\\]"):
+        launcher.launch("tma_probe", {}, (1, 1), src=src, out=src)
 
 
 def test_missing_cubins_name_the_build_command(tmp_path, monkeypatch):
@@ -235,7 +240,8 @@ def test_paged_kv_tma_gathers_pages_bit_exact(h_kv, padded):
     k_cache = base[:, :64]
     block_table = torch.randperm(num_blocks, generator=g, device=DEV)[: b * max_blocks].view(b, max_blocks).int()
     out = torch.full((b, max_blocks * 64, h_kv, 576), math.nan, dtype=torch.bfloat16, device=DEV)
-    launcher.launch("paged_kv_probe", {"dtype": "bf16", "d": 576}, (max_blocks, b, h_kv), [k_cache, block_table, out])
+    launcher.launch("paged_kv_probe", {"dtype": "bf16", "d": 576}, (max_blocks, b, h_kv), k_cache=k_cache,
+                    block_table=block_table, out=out)
     torch.cuda.synchronize()
     ref = k_cache[block_table.long()].reshape(b, max_blocks * 64, h_kv, 576)
     assert torch.equal(out.view(torch.int16), ref.view(torch.int16))

@@ -58,7 +58,7 @@ def test_sparse_decode_lengths_pad_main_slots_to_blocks():
     64-slot blocks (the kernel starts the extra cache on a block boundary), then the
     counted extra slots; lengths outside [0, topk] are clamped as the kernel does."""
     torch = pytest.importorskip("torch")
-    from cute_mla.ops import sparse_decode_lengths
+    from cute_mla.plans import sparse_decode_lengths
 
     dev = torch.device("cpu")
     tl = torch.tensor([0, 1, 64, 65, 128, -5, 999], dtype=torch.int32)

@@ -46,11 +46,11 @@ class CombineKernel:
         self.smem_bytes = 0
 
     @cute.jit
-    def __call__(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSplitOffsets: cute.Tensor,
-                 mSink: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
+    def __call__(self, o_accum: cute.Tensor, lse_accum: cute.Tensor, split_offsets: cute.Tensor,
+                 attn_sink: cute.Tensor, out: cute.Tensor, lse: cute.Tensor,
                  skip_single_split: Int32, has_sink: Int32, stream: cuda.CUstream):
-        b, s_q, h_q = mOut.shape[0], mOut.shape[1], mOut.shape[2]
-        self.kernel(mOAccum, mLseAccum, mSplitOffsets, mSink, mOut, mLse, skip_single_split, has_sink).launch(
+        b, s_q, h_q = out.shape[0], out.shape[1], out.shape[2]
+        self.kernel(o_accum, lse_accum, split_offsets, attn_sink, out, lse, skip_single_split, has_sink).launch(
             grid=[cute.ceil_div(h_q, self.warps_per_cta), s_q, b],
             block=[self.threads, 1, 1],
             stream=stream,

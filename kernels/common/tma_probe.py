@@ -35,14 +35,14 @@ class TmaProbeKernel:
         self.smem_bytes = self.tile[0] * self.tile[1] * 2 + self.pad_kib * 1024 + 2048
 
     @cute.jit
-    def __call__(self, mSrc: cute.Tensor, mDst: cute.Tensor, stream: cuda.CUstream):
-        # mSrc, mDst: (rows, cols) bf16, cols contiguous
+    def __call__(self, src: cute.Tensor, dst: cute.Tensor, stream: cuda.CUstream):
+        # src, dst: (rows, cols) bf16, cols contiguous
         tm, tn = self.tile
         # 128-byte swizzle over 64 bf16 columns: the layout WGMMA operands use.
         sLayout = cute.make_composed_layout(cute.make_swizzle(3, 4, 3), 0, cute.make_layout((tm, tn), stride=(tn, 1)))
-        atom, mSrcTma = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mSrc, sLayout, (tm, tn))
-        self.kernel(atom, mSrcTma, mDst, sLayout).launch(
-            grid=[cute.ceil_div(mSrc.shape[1], tn), cute.ceil_div(mSrc.shape[0], tm), 1],
+        atom, mSrcTma = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), src, sLayout, (tm, tn))
+        self.kernel(atom, mSrcTma, dst, sLayout).launch(
+            grid=[cute.ceil_div(src.shape[1], tn), cute.ceil_div(src.shape[0], tm), 1],
             block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream)
 
     @cute.kernel
@@ -100,12 +100,12 @@ class PagedKvProbeKernel:
         self.smem_bytes = PAGE * d * 2 + 1024 + 64
 
     @cute.jit
-    def __call__(self, mK: cute.Tensor, mBlockTable: cute.Tensor, mOut: cute.Tensor, stream: cuda.CUstream):
-        # mK (num_blocks, PAGE, h_kv, d); mBlockTable (b, max_blocks) int32; mOut (b, max_blocks*PAGE, h_kv, d)
+    def __call__(self, k_cache: cute.Tensor, block_table: cute.Tensor, out: cute.Tensor, stream: cuda.CUstream):
+        # k_cache (num_blocks, PAGE, h_kv, d); block_table (b, max_blocks) int32; out (b, max_blocks*PAGE, h_kv, d)
         sLayout = kv_smem_layout(self.dtype, self.d, 1)
-        atom, mKTma = make_kv_tma(mK, sLayout, self.d)
-        self.kernel(atom, mKTma, mBlockTable, mOut, sLayout).launch(
-            grid=[mBlockTable.shape[1], mBlockTable.shape[0], mK.shape[2]],
+        atom, mKTma = make_kv_tma(k_cache, sLayout, self.d)
+        self.kernel(atom, mKTma, block_table, out, sLayout).launch(
+            grid=[block_table.shape[1], block_table.shape[0], k_cache.shape[2]],
             block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream)
 
     @cute.kernel

@@ -69,16 +69,16 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         self.reload_tiles = ((V_LEFT, V_RIGHT + (P_TILE,)), (V_LEFT + (P_TILE,), V_RIGHT))  # [buffer][warpgroup]
 
     @cute.jit
-    def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mBlockTable: cute.Tensor, mSeqlens: cute.Tensor,
-                 mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
-                 mOAccum: cute.Tensor, mLseAccum: cute.Tensor, softmax_scale: Float32, causal: Int32,
+    def __call__(self, q: cute.Tensor, k_cache: cute.Tensor, block_table: cute.Tensor, cache_seqlens: cute.Tensor,
+                 sched_meta: cute.Tensor, split_offsets: cute.Tensor, out: cute.Tensor, lse: cute.Tensor,
+                 o_accum: cute.Tensor, lse_accum: cute.Tensor, softmax_scale: Float32, causal: Int32,
                  heads_per_kv: Int32, stream: cuda.CUstream):
-        # mQ (b, s_q, h_q, d); mK (num_blocks, PAGE, h_kv, d); mOut (b, s_q, h_q, 512); mLse (b, h_q, s_q)
-        kv_atom, mKTma = make_kv_column_tma(mK, self.dtype)
-        rows = mQ.shape[1] * heads_per_kv
-        grid = [mSchedMeta.shape[0], mK.shape[2], cute.ceil_div(rows, BLOCK_M)]
-        self.kernel(mQ, kv_atom, mKTma, mBlockTable, mSeqlens, mSchedMeta, mSplitOffsets,
-                    mOut, mLse, mOAccum, mLseAccum, softmax_scale, causal, heads_per_kv,
+        # q (b, s_q, h_q, d); k_cache (num_blocks, PAGE, h_kv, d); out (b, s_q, h_q, 512); lse (b, h_q, s_q)
+        kv_atom, mKTma = make_kv_column_tma(k_cache, self.dtype)
+        rows = q.shape[1] * heads_per_kv
+        grid = [sched_meta.shape[0], k_cache.shape[2], cute.ceil_div(rows, BLOCK_M)]
+        self.kernel(q, kv_atom, mKTma, block_table, cache_seqlens, sched_meta, split_offsets,
+                    out, lse, o_accum, lse_accum, softmax_scale, causal, heads_per_kv,
                     self.q_smem_layout(), kv_smem_layout(self.dtype, self.d, 2), self.v_smem_layout(),
                     self.p_smem_layout()).launch(
             grid=grid, block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream, min_blocks_per_mp=1)

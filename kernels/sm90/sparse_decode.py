@@ -105,18 +105,18 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         self.scale_offset = f.scale_offset(0, 1) if f.placement == "per_token" else 0
 
     @cute.jit
-    def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor,
-                 mXK: cute.Tensor, mXIndices: cute.Tensor, mXTopkLength: cute.Tensor, mSink: cute.Tensor,
-                 mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
-                 mOAccum: cute.Tensor, mLseAccum: cute.Tensor, softmax_scale: Float32, page_block_size: Int32,
+    def __call__(self, q: cute.Tensor, k_cache: cute.Tensor, indices: cute.Tensor, topk_length: cute.Tensor,
+                 extra_k_cache: cute.Tensor, extra_indices: cute.Tensor, extra_topk_length: cute.Tensor, attn_sink: cute.Tensor,
+                 sched_meta: cute.Tensor, split_offsets: cute.Tensor, out: cute.Tensor, lse: cute.Tensor,
+                 o_accum: cute.Tensor, lse_accum: cute.Tensor, softmax_scale: Float32, page_block_size: Int32,
                  extra_page_block_size: Int32, has_topk_length: Int32, has_extra: Int32,
                  has_extra_topk_length: Int32, has_sink: Int32, stream: cuda.CUstream):
-        # mQ (b, s_q, h_q, d); mK / mXK (num_blocks, block_bytes) u8; mIndices (b, s_q, topk);
-        # mOut (b, s_q, h_q, 512); mLse (b, h_q, s_q)
+        # q (b, s_q, h_q, d); k_cache / extra_k_cache (num_blocks, block_bytes) u8; indices (b, s_q, topk);
+        # out (b, s_q, h_q, 512); lse (b, h_q, s_q)
         sK_layout = kv_smem_layout(self.dtype, self.d, self.stages)
-        grid = [mSchedMeta.shape[0], 1, cute.ceil_div(mQ.shape[1] * mQ.shape[2], BLOCK_M)]
-        self.kernel(mQ, mK, mIndices, mTopkLength, mXK, mXIndices, mXTopkLength, mSink, mSchedMeta, mSplitOffsets,
-                    mOut, mLse, mOAccum, mLseAccum, softmax_scale, page_block_size, extra_page_block_size,
+        grid = [sched_meta.shape[0], 1, cute.ceil_div(q.shape[1] * q.shape[2], BLOCK_M)]
+        self.kernel(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length, attn_sink, sched_meta, split_offsets,
+                    out, lse, o_accum, lse_accum, softmax_scale, page_block_size, extra_page_block_size,
                     has_topk_length, has_extra, has_extra_topk_length, has_sink,
                     self.q_smem_layout(), sK_layout, self.v_smem_layout(), self.p_smem_layout()).launch(
             grid=grid, block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream, min_blocks_per_mp=1)

@@ -78,15 +78,15 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         self.smem_bytes = self.q_bytes + self.stages * self.kv_bytes + self.p_buffers * self.p_bytes + 2048
 
     @cute.jit
-    def __call__(self, mQ: cute.Tensor, mKV: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor,
-                 mSink: cute.Tensor, mOut: cute.Tensor, mMaxLogits: cute.Tensor, mLse: cute.Tensor,
+    def __call__(self, q: cute.Tensor, kv: cute.Tensor, indices: cute.Tensor, topk_length: cute.Tensor,
+                 attn_sink: cute.Tensor, out: cute.Tensor, max_logits: cute.Tensor, lse: cute.Tensor,
                  sm_scale: Float32, has_topk_length: Int32, has_sink: Int32, stream: cuda.CUstream):
-        # mQ (s_q, h_q, d); mKV (s_kv, 1, d); mIndices (s_q, 1, topk); mOut (s_q, h_q, 512)
+        # q (s_q, h_q, d); kv (s_kv, 1, d); indices (s_q, 1, topk); out (s_q, h_q, 512)
         sK_layout = kv_smem_layout(self.dtype, self.d, self.stages)
         # Persistent: the launcher starts min(tiles, SMs) CTAs (ops.sparse_prefill), each walking
         # tiles bid, bid + grid, ...; this grid only serves the ahead-of-time compile.
-        grid = [mQ.shape[0] * (mQ.shape[1] // BLOCK_M), 1, 1]
-        self.kernel(mQ, mKV, mIndices, mTopkLength, mSink, mOut, mMaxLogits, mLse, sm_scale, has_topk_length,
+        grid = [q.shape[0] * (q.shape[1] // BLOCK_M), 1, 1]
+        self.kernel(q, kv, indices, topk_length, attn_sink, out, max_logits, lse, sm_scale, has_topk_length,
                     has_sink, self.q_smem_layout(), sK_layout, self.v_smem_layout(), self.p_smem_layout()).launch(
             grid=grid, block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream, min_blocks_per_mp=1)
 

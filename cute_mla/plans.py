@@ -1,0 +1,291 @@
+"""Prepared calls: everything a public call needs that depends only on its signature, worked out once.
+
+A call's *signature* is, for every tensor argument, (dtype, shape, strides, device, data pointer
+modulo 16), plus its scalar arguments: everything the input checks and the kernels' parameter
+layouts depend on.  The first call with a new signature is checked in full (``cute_mla.api``)
+and gets a plan: its kernel variants, grids, output shapes and ``launcher.Launch`` objects bound
+by name.  Every later call with that signature only allocates its outputs and workspace, collects
+data pointers and launches.  Measured on an H200 host (2026-12-04): a launch costs 3.8 us and a
+``torch.empty`` 2.3 us whatever the binding, so a decode call (two launches, three buffers) has
+about 14 us of unavoidable work; the plan keeps everything else out of the call.
+
+Plans hold no tensor of a caller's, and each call's buffers are fresh from torch's allocator on the
+current stream, so one plan serves any number of streams, threads and CUDA graphs at once.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+import torch
+
+from cute_mla import driver, launcher
+from cute_mla.sched_meta import FlashMLASchedMeta, require_sched_meta
+from layouts.operands import D_V
+from schedules import decode_plan
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def signature(**tensors) -> tuple[tuple, dict[str, int]]:
+    """(key, pointers): the call-signature part of ``tensors`` (None for an absent one) and the
+    data pointers of the present ones by name.  Raises AttributeError for a non-tensor."""
+    key = []
+    pointers = {}
+    for name, t in tensors.items():
+        if t is None:
+            key.append(None)
+        else:
+            p = t.data_ptr()
+            pointers[name] = p
+            key.append((t.dtype, t.shape, t.stride(), t.get_device(), p & 15))
+    return tuple(key), pointers
+
+
+class PlanCache:
+    """A bounded signature -> plan table shared by all threads (a full table is dropped: engines
+    use a handful of signatures per layer shape, so it only fills under churn)."""
+
+    def __init__(self, limit: int = 1024):
+        self.limit = limit
+        self._plans: dict = {}
+
+    def get(self, key):
+        return self._plans.get(key)
+
+    def put(self, key, plan) -> None:
+        if len(self._plans) >= self.limit:
+            self._plans.clear()
+        self._plans[key] = plan
+
+
+_DUMMIES: dict[int, dict[str, torch.Tensor]] = {}
+_DUMMIES_LOCK = threading.Lock()
+
+
+def dummies(device_index: int) -> dict[str, torch.Tensor]:
+    """Per-device stand-ins for absent optional arguments (kernels never read them: each comes
+    with a has_* flag of 0), kept for the life of the process."""
+    d = _DUMMIES.get(device_index)
+    if d is None:
+        with _DUMMIES_LOCK:
+            d = _DUMMIES.get(device_index)
+            if d is None:
+                dev = torch.device("cuda", device_index)
+                d = _DUMMIES[device_index] = {
+                    "i32": torch.zeros(1, dtype=torch.int32, device=dev),
+                    "f32": torch.zeros(1, dtype=torch.float32, device=dev),
+                    "fp8_cache": torch.zeros(1, 16, dtype=torch.uint8, device=dev),
+                    "indices": torch.zeros(1, 1, 1, dtype=torch.int32, device=dev),
+                }
+    return d
+
+
+def fp8_cache_bytes(cache: torch.Tensor) -> torch.Tensor:
+    """``[num_blocks, page_block_size, 1, bytes_per_token]`` FP8 cache (any 1-byte dtype) ->
+    the (num_blocks, block_bytes) uint8 view the sparse decode kernels take (same memory, same
+    data pointer; rows keep the cache's block stride)."""
+    u8 = cache.view(torch.uint8)
+    return u8.as_strided((u8.shape[0], u8.shape[1] * u8.shape[3]), (u8.stride(0), 1))
+
+
+class SplitKvPlan:
+    """What dense and sparse decode share: the scheduler launch that binds a ``FlashMLASchedMeta``,
+    the partials workspace (o_accum then lse_accum in one float32 buffer) and the combine."""
+
+    def __init__(self, q: torch.Tensor, config: FlashMLASchedMeta.Config, h_kv: int, fixed_overhead: int):
+        b, s_q, h_q, _ = q.shape
+        self.device_index = q.get_device()
+        self.device = q.device
+        self.config = config
+        self.dtype = q.dtype
+        self.out_shape = (b, s_q, h_q, D_V)
+        self.lse_shape = (b, h_q, s_q)
+        num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.parts = decode_plan.num_sm_parts(num_sms, s_q, h_q, h_kv)
+        self.sched_shapes = ((self.parts, decode_plan.SCHED_META_FIELDS), (b + 1,))
+        # at most one extra split per part on top of one per request
+        self.n_partial = n_partial = b + self.parts
+        rows = n_partial * s_q * h_q
+        self.workspace_numel = rows * (D_V + 1)
+        self.lse_accum_offset = rows * D_V * 4  # bytes
+        self.fixed_overhead = fixed_overhead
+
+    def templates(self, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fresh buffers of every shape the split-KV launches take, to bind them by name (a plan
+        keeps none of them: only their shapes, strides and alignment matter).  Also binds the
+        scheduler launch to ``lengths``."""
+        n_partial, (_, s_q, h_q, _) = self.n_partial, self.out_shape
+        ws = self.workspace(self.device)
+        rows = n_partial * s_q * h_q
+        t = {"o_accum": ws[:rows * D_V].view(n_partial, s_q, h_q, D_V),
+             "lse_accum": ws[rows * D_V:].view(n_partial, s_q, h_q),
+             "sched_meta": torch.empty(self.sched_shapes[0], dtype=torch.int32, device=self.device),
+             "split_offsets": torch.empty(self.sched_shapes[1], dtype=torch.int32, device=self.device)}
+        self.scheduler = launcher.prepare(
+            "decode_scheduler", {}, (1, 1, 1), device_index=self.device_index, cache_seqlens=lengths,
+            sched_meta=t["sched_meta"], split_offsets=t["split_offsets"], block_n=decode_plan.BLOCK_N,
+            fixed_overhead=self.fixed_overhead)
+        return t
+
+    def workspace(self, device) -> torch.Tensor:
+        return torch.empty(self.workspace_numel, dtype=torch.float32, device=device)
+
+    def prepare_combine(self, out: torch.Tensor, lse: torch.Tensor, attn_sink: Optional[torch.Tensor],
+                        templates: dict[str, torch.Tensor]):
+        b, s_q, h_q, _ = self.out_shape
+        has_sink = attn_sink is not None
+        self.combine = launcher.prepare(
+            "combine", {"dtype": _DTYPE_NAMES[self.dtype]}, (-(-h_q // decode_plan.COMBINE_HEADS_PER_CTA), s_q, b),
+            device_index=self.device_index, pdl=True, out=out, lse=lse,
+            attn_sink=attn_sink if has_sink else dummies(self.device_index)["f32"],
+            skip_single_split=1, has_sink=int(has_sink), o_accum=templates["o_accum"],
+            lse_accum=templates["lse_accum"], split_offsets=templates["split_offsets"])
+
+    def bind(self, meta: FlashMLASchedMeta, stream: int, lengths) -> None:
+        """Make ``meta`` this plan's schedule: check it, or compute it (``lengths()`` gives the
+        per-request lengths to plan) when it is still empty.  It stays unbound if anything fails."""
+        require_sched_meta(meta)
+        if meta.have_initialized:
+            meta.check_config(self.config)
+            return
+        lens = lengths()
+        sched, offsets = (torch.empty(s, dtype=torch.int32, device=self.device) for s in self.sched_shapes)
+        self.scheduler.run(stream, {"cache_seqlens": lens.data_ptr(), "sched_meta": sched.data_ptr(),
+                                    "split_offsets": offsets.data_ptr()})
+        meta.tile_scheduler_metadata, meta.num_splits = sched, offsets
+        meta.config = self.config
+        meta.have_initialized = True
+
+    def run(self, meta: FlashMLASchedMeta, pointers: dict[str, int], lengths, main: launcher.Launch):
+        """Bind ``meta`` if needed, allocate out / lse / workspace, run ``main`` then the combine."""
+        stream = driver.current_stream(self.device_index)
+        if meta.config is not self.config:
+            self.bind(meta, stream, lengths)
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+        ws = self.workspace(self.device)
+        pointers["sched_meta"] = meta.tile_scheduler_metadata.data_ptr()
+        pointers["split_offsets"] = meta.num_splits.data_ptr()
+        pointers["out"] = out.data_ptr()
+        pointers["lse"] = lse.data_ptr()
+        pointers["o_accum"] = w = ws.data_ptr()
+        pointers["lse_accum"] = w + self.lse_accum_offset
+        main.run(stream, pointers)
+        self.combine.run(stream, pointers)
+        return out, lse
+
+    def scratch_outputs(self):
+        return (torch.empty(self.out_shape, dtype=self.dtype, device=self.device),
+                torch.empty(self.lse_shape, dtype=torch.float32, device=self.device))
+
+
+class DenseDecodePlan(SplitKvPlan):
+    """SM90 dense decode: split kernel + combine over the schedule of ``cache_seqlens``."""
+
+    def __init__(self, q, k_cache, block_table, cache_seqlens, softmax_scale: float, causal: bool,
+                 config: FlashMLASchedMeta.Config):
+        h_kv = k_cache.shape[2]
+        super().__init__(q, config, h_kv, decode_plan.FIXED_OVERHEAD_BLOCKS)
+        b, s_q, h_q, _ = q.shape
+        templates = self.templates(cache_seqlens)
+        out, lse = self.scratch_outputs()
+        self.main = launcher.prepare(
+            "dense_decode_sm90", {"dtype": _DTYPE_NAMES[q.dtype]},
+            (self.parts, h_kv, -(-(s_q * (h_q // h_kv)) // decode_plan.BLOCK_M)), device_index=self.device_index,
+            q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse,
+            softmax_scale=float(softmax_scale), causal=int(bool(causal) and s_q > 1), heads_per_kv=h_q // h_kv,
+            **templates)
+        self.prepare_combine(out, lse, None, templates)
+        self.static_pointers = {"attn_sink": dummies(self.device_index)["f32"].data_ptr()}
+
+    def __call__(self, meta, pointers: dict[str, int], cache_seqlens: torch.Tensor):
+        pointers.update(self.static_pointers)
+        return self.run(meta, pointers, lambda: cache_seqlens, self.main)
+
+
+def sparse_decode_lengths(b: int, topk: int, topk_length: Optional[torch.Tensor], extra_topk: int,
+                          extra_topk_length: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Each request's length in the split-KV plan (GPU, no sync): its counted main slots
+    padded to whole 64-slot blocks, then its counted extra slots; a length is clamped into
+    [0, topk] as the kernel does (``kernels.sm90.sparse_decode``)."""
+    blk = decode_plan.BLOCK_N
+    n = torch.full((b,), topk, dtype=torch.int32, device=device) if topk_length is None \
+        else topk_length.clamp(0, topk)
+    lengths = (n + blk - 1) // blk * blk
+    if extra_topk:
+        lengths = lengths + (extra_topk if extra_topk_length is None else extra_topk_length.clamp(0, extra_topk))
+    return lengths.to(torch.int32).contiguous()
+
+
+class SparseDecodePlan(SplitKvPlan):
+    """SM90 FP8 sparse decode: split kernel + combine over the schedule of the topk lengths."""
+
+    def __init__(self, q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length,
+                 attn_sink, softmax_scale: float, matmul: str, fmt: str, config: FlashMLASchedMeta.Config):
+        b, s_q, h_q, _ = q.shape
+        self.topk = indices.shape[-1]
+        self.extra_topk = 0 if extra_indices is None else extra_indices.shape[-1]
+        lengths = sparse_decode_lengths(b, self.topk, topk_length, self.extra_topk, extra_topk_length, q.device)
+        super().__init__(q, config, 1, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS)
+        templates = self.templates(lengths)
+        dm = dummies(self.device_index)
+        has_extra = extra_k_cache is not None
+        optional = {"topk_length": (topk_length, dm["i32"]), "extra_k_cache": (extra_k_cache, dm["fp8_cache"]),
+                    "extra_indices": (extra_indices, dm["indices"]),
+                    "extra_topk_length": (extra_topk_length, dm["i32"]), "attn_sink": (attn_sink, dm["f32"])}
+        bound = {name: (dummy if t is None else t) for name, (t, dummy) in optional.items()}
+        bound["extra_k_cache"] = fp8_cache_bytes(extra_k_cache) if has_extra else dm["fp8_cache"]
+        self.static_pointers = {name: dummy.data_ptr() for name, (t, dummy) in optional.items() if t is None}
+        out, lse = self.scratch_outputs()
+        self.main = launcher.prepare(
+            "sparse_decode_sm90", {"fmt": fmt, "matmul": matmul}, (self.parts, 1, s_q * h_q // decode_plan.BLOCK_M),
+            device_index=self.device_index, q=q, k_cache=fp8_cache_bytes(k_cache), indices=indices, out=out, lse=lse,
+            softmax_scale=float(softmax_scale), page_block_size=k_cache.shape[1],
+            extra_page_block_size=extra_k_cache.shape[1] if has_extra else 1,
+            has_topk_length=int(topk_length is not None), has_extra=int(has_extra),
+            has_extra_topk_length=int(extra_topk_length is not None), has_sink=int(attn_sink is not None),
+            **bound, **templates)
+        self.prepare_combine(out, lse, attn_sink, templates)
+
+    def __call__(self, meta, pointers: dict[str, int], q, topk_length, extra_topk_length):
+        pointers.update(self.static_pointers)
+        b = self.out_shape[0]
+        return self.run(meta, pointers, lambda: sparse_decode_lengths(
+            b, self.topk, topk_length, self.extra_topk, extra_topk_length, q.device), self.main)
+
+
+class SparsePrefillPlan:
+    """SM90 sparse prefill: one persistent launch of min(tiles, SMs) CTAs."""
+
+    def __init__(self, q, kv, indices, sm_scale: float, attn_sink, topk_length):
+        s_q, h_q, d_qk = q.shape
+        self.device_index = q.get_device()
+        self.device = q.device
+        self.out_shape = (s_q, h_q, D_V)
+        self.stat_shape = (s_q, h_q)
+        dm = dummies(self.device_index)
+        optional = {"topk_length": (topk_length, dm["i32"]), "attn_sink": (attn_sink, dm["f32"])}
+        self.static_pointers = {name: dummy.data_ptr() for name, (t, dummy) in optional.items() if t is None}
+        out, max_logits, lse = self.outputs()
+        num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.main = launcher.prepare(
+            "sparse_prefill_sm90", {"d_qk": d_qk}, (min(s_q * (h_q // 64), num_sms), 1, 1),
+            device_index=self.device_index, q=q, kv=kv, indices=indices, out=out, max_logits=max_logits, lse=lse,
+            sm_scale=float(sm_scale), has_topk_length=int(topk_length is not None),
+            has_sink=int(attn_sink is not None),
+            **{name: (dummy if t is None else t) for name, (t, dummy) in optional.items()})
+
+    def outputs(self):
+        return (torch.empty(self.out_shape, dtype=torch.bfloat16, device=self.device),
+                torch.empty(self.stat_shape, dtype=torch.float32, device=self.device),
+                torch.empty(self.stat_shape, dtype=torch.float32, device=self.device))
+
+    def __call__(self, pointers: dict[str, int]) -> tuple[Any, Any, Any]:
+        out, max_logits, lse = self.outputs()
+        pointers.update(self.static_pointers)
+        pointers["out"] = out.data_ptr()
+        pointers["max_logits"] = max_logits.data_ptr()
+        pointers["lse"] = lse.data_ptr()
+        self.main.run(driver.current_stream(self.device_index), pointers)
+        return out, max_logits, lse

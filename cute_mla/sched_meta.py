@@ -1,0 +1,64 @@
+"""``FlashMLASchedMeta``: the split-KV schedule shared by the layers of one decode step.
+
+``get_mla_metadata()`` returns an empty one; the first ``flash_mla_with_kvcache`` call binds it
+(computes the schedule on the GPU, no host sync) and later calls with the same configuration
+reuse it.  A call whose configuration differs from the bound one raises.  A first call that
+fails leaves it unbound.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class FlashMLASchedMeta:
+    """Scheduling state shared by the layers of one decode step.
+
+    Empty when made by ``get_mla_metadata``; the first ``flash_mla_with_kvcache`` call fills it
+    on the GPU (no host sync) and later calls reuse it, which is valid only while shapes and
+    lengths stay the same: a call whose shapes differ from the first one's raises.
+    """
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        b: int
+        s_q: int
+        h_q: int
+        page_block_size: int
+        h_k: int
+        causal: bool
+        is_fp8_kvcache: bool
+        topk: Optional[int]
+        extra_page_block_size: Optional[int]
+        extra_topk: Optional[int]
+        device: torch.device
+
+    have_initialized: bool = False
+    config: Optional[Config] = None
+    tile_scheduler_metadata: Optional[torch.Tensor] = None  # (num_sm_parts, 8) int32
+    num_splits: Optional[torch.Tensor] = None  # split offsets, (b + 1,) int32
+
+    def check_config(self, config: Config) -> None:
+        """Raise unless this (bound) metadata was made for ``config``."""
+        if self.config != config:
+            diff = [f.name for f in dataclasses.fields(config)
+                    if getattr(config, f.name) != getattr(self.config, f.name)]
+            raise ValueError(f"tile_scheduler_metadata was made for other arguments (differs in {', '.join(diff)}); "
+                             "reuse one sched_meta only across calls with the same shapes and lengths, "
+                             "or get a new one from get_mla_metadata()")
+
+
+def require_sched_meta(sched_meta) -> FlashMLASchedMeta:
+    if not isinstance(sched_meta, FlashMLASchedMeta):
+        raise TypeError("tile_scheduler_metadata must be the FlashMLASchedMeta returned by get_mla_metadata(), "
+                        f"got {type(sched_meta).__name__}")
+    return sched_meta
+
+
+def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLASchedMeta, None]:
+    """Returns an empty ``FlashMLASchedMeta``; arguments are accepted and ignored for
+    compatibility with FlashMLA's older interface."""
+    return FlashMLASchedMeta(), None
