@@ -25,6 +25,10 @@ __all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache", "f
            "flash_attn_varlen_kvpacked_func"]
 
 _DECODE_PLANS = plans.PlanCache()
+# flash_mla_with_kvcache's tensor arguments under the kernels' ABI names
+_DECODE_NAMES = ("q", "k_cache", "block_table", "cache_seqlens", "indices", "attn_sink", "extra_k_cache",
+                 "extra_indices", "topk_length", "extra_topk_length")
+_PREFILL_NAMES = ("q", "kv", "indices", "attn_sink", "topk_length")
 _PREFILL_PLANS = plans.PlanCache()
 
 
@@ -57,13 +61,13 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     (bf16(code * scale): FlashMLA's numerics and range; about 10% slower).  A MODEL1 cache
     (d_qk 512) runs in bf16 by default (exact: its scales are powers of two; f16 is no faster
     there).  out is bf16 either way."""
+    tensors = (q, k_cache, block_table, cache_seqlens, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
+               topk_length, extra_topk_length)
     try:
-        key, pointers = plans.signature(
-            q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, indices=indices,
-            attn_sink=attn_sink, extra_k_cache=extra_k_cache, extra_indices=extra_indices_in_kvcache,
-            topk_length=topk_length, extra_topk_length=extra_topk_length)
+        key, pointers = plans.signature(_DECODE_NAMES, tensors)
+        # the matmul type is a per-call choice of sparse decode only
         key = (key, head_dim_v, num_splits, softmax_scale, causal, is_fp8_kvcache,
-               os.environ.get(registry.SPARSE_DECODE_MATMUL_ENV))
+               None if indices is None else os.environ.get(registry.SPARSE_DECODE_MATMUL_ENV))
         plan = _DECODE_PLANS.get(key)
     except (AttributeError, TypeError):  # a non-tensor or an unhashable scalar: the checks below name it
         key = plan = None
@@ -72,10 +76,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                             is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
                             topk_length, extra_topk_length)
         if key is None:
-            _, pointers = plans.signature(
-                q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, indices=indices,
-                attn_sink=attn_sink, extra_k_cache=extra_k_cache, extra_indices=extra_indices_in_kvcache,
-                topk_length=topk_length, extra_topk_length=extra_topk_length)
+            _, pointers = plans.signature(_DECODE_NAMES, tensors)
         else:
             _DECODE_PLANS.put(key, plan)
     if indices is None:
@@ -237,7 +238,7 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
     requests, flatten it with ``flatten_sparse_prefill_batch``.
     """
     try:
-        key, pointers = plans.signature(q=q, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
+        key, pointers = plans.signature(_PREFILL_NAMES, (q, kv, indices, attn_sink, topk_length))
         key = (key, sm_scale, d_v)
         plan = _PREFILL_PLANS.get(key)
     except (AttributeError, TypeError):  # a non-tensor or an unhashable scalar: the checks below name it
@@ -246,7 +247,7 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
         _check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
         plan = plans.SparsePrefillPlan(q, kv, indices, sm_scale, attn_sink, topk_length)
         if key is None:
-            _, pointers = plans.signature(q=q, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
+            _, pointers = plans.signature(_PREFILL_NAMES, (q, kv, indices, attn_sink, topk_length))
         else:
             _PREFILL_PLANS.put(key, plan)
     return plan(pointers)

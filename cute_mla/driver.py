@@ -5,9 +5,9 @@
   device, made current for the launch when the calling thread has another one (or none).
 - ``current_stream``: torch's current stream of a device as a raw handle, in about 0.15 us
   where ``torch.cuda.current_stream(i).cuda_stream`` takes 1.7 (H200 host, 2026-12-04).
-- ``tensor_map``: the 128-byte ``CUtensorMap`` of a TMA argument, cached by everything it
-  encodes (spec, device, data pointer, shape, strides), so a map is never reused for memory it
-  was not made for.
+- ``tensor_maps`` / ``tensor_map``: the 128-byte ``CUtensorMap`` of a TMA argument, cached by
+  everything it encodes (spec, device, shape, strides, data pointer), so a map is never reused
+  for memory it was not made for.
 """
 from __future__ import annotations
 
@@ -18,10 +18,17 @@ from typing import Any
 from layouts.abi import DTYPES, AbiError, TmaArg
 
 
-def _drv():
-    from cuda.bindings import driver
+_driver = None
 
-    return driver
+
+def _drv():
+    """cuda.bindings.driver, imported on first use (an import statement per call costs ~0.3 us)."""
+    global _driver
+    if _driver is None:
+        from cuda.bindings import driver
+
+        _driver = driver
+    return _driver
 
 
 def check(result, what: str):
@@ -103,19 +110,31 @@ def current_stream(device_index: int) -> int:
     return _raw_stream(device_index)
 
 
-_MAPS: dict[tuple, bytes] = {}
-_MAPS_LIMIT = 4096  # about 0.5 MB of maps; a full cache is dropped rather than evicted piecemeal
+_MAPS: dict[tuple, dict[int, bytes]] = {}
+_MAPS_LOCK = threading.Lock()
+_MAPS_PER_TENSOR = 1024  # maps kept per (spec, device, shape, strides); a full table is dropped, not evicted
 
 
-def tensor_map(spec: TmaArg, device_index: int, ptr: int, shape: tuple, stride: tuple) -> bytes:
-    """The 128-byte CUtensorMap for the tensor at ``ptr`` with ``shape``/``stride`` (elements),
-    as ``spec`` describes it; encoded once per distinct (spec, device, ptr, shape, stride)."""
-    key = (spec, device_index, ptr, shape, stride)
-    m = _MAPS.get(key)
+def tensor_maps(spec: TmaArg, device_index: int, shape: tuple, stride: tuple) -> dict[int, bytes]:
+    """The table data pointer -> 128-byte CUtensorMap for tensors of ``shape``/``stride``
+    (elements) on ``device_index`` as ``spec`` describes them: with the table's own key, every
+    map is cached by everything it encodes.  A prepared launch looks its table up once, so a call
+    pays one dict lookup by pointer; ``tensor_map`` fills it."""
+    key = (spec, device_index, shape, stride)
+    maps = _MAPS.get(key)
+    if maps is None:
+        with _MAPS_LOCK:
+            maps = _MAPS.setdefault(key, {})
+    return maps
+
+
+def tensor_map(maps: dict[int, bytes], spec: TmaArg, ptr: int, shape: tuple, stride: tuple) -> bytes:
+    """The map for the tensor at ``ptr`` from ``maps`` (its ``tensor_maps`` table), encoded on a miss."""
+    m = maps.get(ptr)
     if m is None:
-        if len(_MAPS) >= _MAPS_LIMIT:
-            _MAPS.clear()
-        m = _MAPS[key] = encode_tensor_map(spec, ptr, shape, stride)
+        if len(maps) >= _MAPS_PER_TENSOR:
+            maps.clear()
+        m = maps[ptr] = encode_tensor_map(spec, ptr, shape, stride)
     return m
 
 

@@ -165,10 +165,11 @@ class Launch:
         for spec in layout.args:
             if isinstance(spec, abi.TmaArg):
                 t = args[spec.name]
-                sig = (tuple(t.shape), tuple(t.stride()))
+                shape, stride = tuple(t.shape), tuple(t.stride())
+                maps = driver.tensor_maps(spec, kernel.device_index, shape, stride)
                 off = layout.tma_offsets[spec.name]
-                buf[off:off + 128] = driver.tensor_map(spec, kernel.device_index, t.data_ptr(), *sig)
-                self._tmas.append((spec.name, off, spec, sig))
+                buf[off:off + 128] = driver.tensor_map(maps, spec, t.data_ptr(), shape, stride)
+                self._tmas.append((spec.name, off, maps, (spec, shape, stride)))
         self._buffer = buf
         self._words = memoryview(buf).cast("Q")
         c_buf = (ctypes.c_char * len(buf)).from_buffer(buf)
@@ -217,15 +218,18 @@ class Launch:
                 words = self._words
                 for name, w in self._pointer_words:
                     words[w] = pointers[name]
-                for name, off, spec, sig in self._tmas:
-                    self._buffer[off:off + 128] = driver.tensor_map(spec, self.kernel.device_index,
-                                                                    pointers[name], *sig)
+                for name, off, maps, (spec, shape, stride) in self._tmas:
+                    ptr = pointers[name]
+                    m = maps.get(ptr)
+                    self._buffer[off:off + 128] = m if m is not None else driver.tensor_map(
+                        maps, spec, ptr, shape, stride)
+            cfg = self._configs.get(stream) or self._config(stream)
             err, cur = drv.cuCtxGetCurrent()
             if err or cur is None or int(cur) != self._ctx_handle:
                 with driver.DeviceContext(self.kernel.context):
-                    result = drv.cuLaunchKernelEx(self._config(stream), self.kernel.function, self._params_addr, 0)
+                    result = drv.cuLaunchKernelEx(cfg, self.kernel.function, self._params_addr, 0)
             else:
-                result = drv.cuLaunchKernelEx(self._config(stream), self.kernel.function, self._params_addr, 0)
+                result = drv.cuLaunchKernelEx(cfg, self.kernel.function, self._params_addr, 0)
         if result[0]:
             driver.check(result, f"cuLaunchKernelEx({self.kernel.key})")
 

@@ -9,8 +9,10 @@ data pointers and launches.  Measured on an H200 host (2026-12-04): a launch cos
 ``torch.empty`` 2.3 us whatever the binding, so a decode call (two launches, three buffers) has
 about 14 us of unavoidable work; the plan keeps everything else out of the call.
 
-Plans hold no tensor of a caller's, and each call's buffers are fresh from torch's allocator on the
-current stream, so one plan serves any number of streams, threads and CUDA graphs at once.
+Plans hold no tensor of a caller's, and each call's outputs are fresh from torch's allocator on the
+current stream, so one plan serves any number of streams, threads and CUDA graphs at once.  The
+split-KV workspace is shared by the layers of one decode step through their ``FlashMLASchedMeta``
+(``SplitKvPlan.workspace_for`` says when).
 """
 from __future__ import annotations
 
@@ -27,12 +29,13 @@ from schedules import decode_plan
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def signature(**tensors) -> tuple[tuple, dict[str, int]]:
+def signature(names: tuple[str, ...], tensors: tuple) -> tuple[tuple, dict[str, int]]:
     """(key, pointers): the call-signature part of ``tensors`` (None for an absent one) and the
-    data pointers of the present ones by name.  Raises AttributeError for a non-tensor."""
+    data pointers of the present ones under their ``names``.  Raises AttributeError for a
+    non-tensor."""
     key = []
     pointers = {}
-    for name, t in tensors.items():
+    for name, t in zip(names, tensors):
         if t is None:
             key.append(None)
         else:
@@ -131,6 +134,22 @@ class SplitKvPlan:
     def workspace(self, device) -> torch.Tensor:
         return torch.empty(self.workspace_numel, dtype=torch.float32, device=device)
 
+    def workspace_for(self, meta: FlashMLASchedMeta, stream: int) -> torch.Tensor:
+        """The partials buffer of a call: the one ``meta`` holds when it was made on this stream
+        and has this size (the layers of a step run in stream order, so one layer's combine has
+        read it before the next layer's split kernel writes it), else a fresh one, kept in
+        ``meta`` for the next layer.  Under CUDA-graph capture always a fresh one from the
+        graph's pool, never kept: a buffer made outside the capture must not be baked into the
+        graph (it could be freed while the graph lives)."""
+        ws = meta.workspace
+        if ws is not None and meta.workspace_stream == stream and ws.numel() == self.workspace_numel \
+                and not torch.cuda.is_current_stream_capturing():
+            return ws
+        ws = self.workspace(self.device)
+        if not torch.cuda.is_current_stream_capturing():
+            meta.workspace, meta.workspace_stream = ws, stream
+        return ws
+
     def prepare_combine(self, out: torch.Tensor, lse: torch.Tensor, attn_sink: Optional[torch.Tensor],
                         templates: dict[str, torch.Tensor]):
         b, s_q, h_q, _ = self.out_shape
@@ -162,9 +181,9 @@ class SplitKvPlan:
         stream = driver.current_stream(self.device_index)
         if meta.config is not self.config:
             self.bind(meta, stream, lengths)
-        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
-        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
-        ws = self.workspace(self.device)
+        out = torch.empty(*self.out_shape, dtype=self.dtype, device=self.device)
+        lse = torch.empty(*self.lse_shape, dtype=torch.float32, device=self.device)
+        ws = self.workspace_for(meta, stream)
         pointers["sched_meta"] = meta.tile_scheduler_metadata.data_ptr()
         pointers["split_offsets"] = meta.num_splits.data_ptr()
         pointers["out"] = out.data_ptr()
@@ -176,8 +195,8 @@ class SplitKvPlan:
         return out, lse
 
     def scratch_outputs(self):
-        return (torch.empty(self.out_shape, dtype=self.dtype, device=self.device),
-                torch.empty(self.lse_shape, dtype=torch.float32, device=self.device))
+        return (torch.empty(*self.out_shape, dtype=self.dtype, device=self.device),
+                torch.empty(*self.lse_shape, dtype=torch.float32, device=self.device))
 
 
 class DenseDecodePlan(SplitKvPlan):
@@ -277,9 +296,9 @@ class SparsePrefillPlan:
             **{name: (dummy if t is None else t) for name, (t, dummy) in optional.items()})
 
     def outputs(self):
-        return (torch.empty(self.out_shape, dtype=torch.bfloat16, device=self.device),
-                torch.empty(self.stat_shape, dtype=torch.float32, device=self.device),
-                torch.empty(self.stat_shape, dtype=torch.float32, device=self.device))
+        return (torch.empty(*self.out_shape, dtype=torch.bfloat16, device=self.device),
+                torch.empty(*self.stat_shape, dtype=torch.float32, device=self.device),
+                torch.empty(*self.stat_shape, dtype=torch.float32, device=self.device))
 
     def __call__(self, pointers: dict[str, int]) -> tuple[Any, Any, Any]:
         out, max_logits, lse = self.outputs()

@@ -40,6 +40,11 @@ class FlashMLASchedMeta:
     config: Optional[Config] = None
     tile_scheduler_metadata: Optional[torch.Tensor] = None  # (num_sm_parts, 8) int32
     num_splits: Optional[torch.Tensor] = None  # split offsets, (b + 1,) int32
+    # The split-KV partials buffer of this step's calls and the stream it was made for: the layers
+    # of a step run one after another on one stream, so they can share it (one allocation fewer
+    # per call; ``plans.SplitKvPlan.workspace_for``).  Held while this metadata lives.
+    workspace: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)
+    workspace_stream: Optional[int] = dataclasses.field(default=None, repr=False)
 
     def check_config(self, config: Config) -> None:
         """Raise unless this (bound) metadata was made for ``config``."""

@@ -50,6 +50,29 @@ def _progress(items):
         yield c, tqdm.write
 
 
+def _host_case(case, common: dict, say) -> dict:
+    """A host_overhead case: host us per call (median, p10, p90), FlashMLA's in the same run when
+    ``perf.peer`` finds it, and the first call's cost in a fresh interpreter."""
+    from perf import host_overhead
+
+    try:
+        med, p10, p90 = host_overhead.host_us(case.make_inputs())
+    except Exception as e:   # report and go on
+        msg = f"{type(e).__name__}: {e}".strip()
+        say(f"FAILED {case.name}: {msg.splitlines()[0] if msg else ''}")
+        return report.case_entry(us=None, error=msg, **common)
+    extra = {"us_p10": p10, "us_p90": p90}
+    entry, fresh = case.params["entry"], case.params.get("meta") == "fresh"
+    try:
+        extra["peer_us"] = host_overhead.host_us(host_overhead.make(entry, "flashmla", fresh))[0]
+    except Exception as e:   # no peer here, or it refuses the case: the case still stands
+        extra["peer_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+    if not fresh:
+        extra["cold_us"] = host_overhead.cold_us(entry)
+    say(f"{case.name}: {med:.1f} us/call (FlashMLA {extra.get('peer_us', float('nan')):.1f})")
+    return report.case_entry(us=med, **extra, **common)
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     load_errors: list[str] = []
@@ -84,6 +107,9 @@ def main(argv=None) -> int:
     for case, say in _progress(selected):
         common = dict(kernel=case.kernel, params=case.params, bound=case.bound, flops=case.flops,
                       bytes=case.bytes, roofline=roof, published=case.published)
+        if case.bound == "host":
+            entries.append(_host_case(case, common, say))
+            continue
         try:
             t = timing.time_case(case, iters=args.iters, warmup=args.warmup, rotate=args.rotate)
         except Exception as e:   # report and go on: one broken kernel must not hide the others' numbers

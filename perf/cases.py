@@ -28,13 +28,15 @@ from typing import Callable, Iterable, Iterator
 
 # Base kernel names; a case may add a suffix ("dense_decode_fp16") to tell variants apart.
 KERNELS = ("combine", "scheduler", "dense_decode", "sparse_decode", "sparse_prefill",
-           "mha_prefill_fwd", "mha_prefill_bwd")
-BOUNDS = ("compute", "memory")
+           "mha_prefill_fwd", "mha_prefill_bwd", "host_overhead")
+# "host": the case times the host, not the GPU (``perf.host_overhead``): its ``us`` is host
+# microseconds per call of a tiny problem, with no roofline ratio
+BOUNDS = ("compute", "memory", "host")
 UNITS = ("TFLOPS", "GB/s")
 
 # Modules that hold providers, imported lazily by all_cases(). Later work appends to this list.
 PROVIDER_MODULES = ["perf.bench_foundation", "perf.bench_dense_decode", "perf.bench_sparse_prefill",
-                    "perf.bench_sparse_decode"]
+                    "perf.bench_sparse_decode", "perf.host_overhead"]
 
 _SUFFIX = re.compile(r"[a-z0-9]+(_[a-z0-9]+)*")
 

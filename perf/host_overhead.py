@@ -10,6 +10,11 @@ zero-argument callable that runs it through ``lib`` ("cute_mla" or "flashmla", t
 FlashMLA's compiled ops when ``perf.peer`` found them), reusing one scheduling metadata across calls
 as the layers of one decode step do.  ``cold_us(entry)`` runs one call in a fresh interpreter and
 reports its wall time there: module load, first schedule and first launch plans included.
+
+The harness (``python -m perf --filter host_overhead``) records one ``host_overhead`` case per entry
+point (``params.entry``; decode twice: ``meta`` reused, as every layer after the first of a step,
+or fresh, as the first), with FlashMLA's figure of the same run as ``peer_us`` and the first call
+as ``cold_us``.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import subprocess
 import sys
 import time
 from typing import Callable
+
+from perf.cases import BenchCase, register
 
 ENTRIES = ("dense_decode", "sparse_decode", "sparse_prefill")
 D_V = 512
@@ -121,6 +128,15 @@ def cold_us(entry: str, lib: str = "cute_mla") -> float:
             "print('COLD', (time.perf_counter_ns() - t) / 1e3)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return float(next(line.split()[1] for line in out.splitlines() if line.startswith("COLD")))
+
+
+@register
+def host_overhead_cases():
+    for entry in ENTRIES:
+        for meta in (("reused", "fresh") if entry != "sparse_prefill" else ("none",)):
+            yield BenchCase("host_overhead", {"entry": entry, "meta": meta}, "host", flops=0.0, bytes=0.0,
+                            make_inputs=lambda e=entry, m=meta: make(e, fresh_meta=m == "fresh"),
+                            run=lambda call: call())
 
 
 if __name__ == "__main__":

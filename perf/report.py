@@ -24,7 +24,7 @@ def case_entry(kernel: str, params: dict, bound: str, flops: float, bytes: float
     ok = us is not None and us > 0 and error is None
     tflops = flops / us / 1e6 if ok else None
     gbs = bytes / us / 1e3 if ok else None
-    ceiling = roofline.get("gemm_tflops") if bound == "compute" else roofline.get("copy_gbs")
+    ceiling = {"compute": roofline.get("gemm_tflops"), "memory": roofline.get("copy_gbs")}.get(bound)
     ours = tflops if bound == "compute" else gbs
     ratio = ours / ceiling if ours is not None and ceiling else None
     e = {"kernel": kernel, "params": dict(params), "us": us if ok else None, "tflops": tflops, "gbs": gbs,
@@ -90,11 +90,16 @@ def markdown(report: dict) -> str:
     lines = [f"# cute-mla perf: {report['device']}", "",
              f"- commit: `{report['commit']}`", f"- date: {report['date']}",
              f"- roofline: copy {r['copy_gbs']:.1f} GB/s (read + write), bf16 GEMM {r['gemm_tflops']:.1f} TFLOPS",
-             "- ratio: TFLOPS / GEMM rate for compute-bound cases, GB/s / copy bandwidth for memory-bound ones", "",
+             "- ratio: TFLOPS / GEMM rate for compute-bound cases, GB/s / copy bandwidth for memory-bound ones",
+             "- host_overhead: us = host microseconds per eager call (median); peer_us = FlashMLA's, same run", "",
              "| kernel | params | us | TFLOPS | GB/s | bound | ratio | FlashMLA |",
              "| --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
     for e in report["cases"]:
         params = " ".join(f"{k}={v}" for k, v in e["params"].items())
+        if e.get("peer_us") is not None:
+            params += f" (FlashMLA {e['peer_us']:.1f} us)"
+        if e.get("cold_us") is not None:
+            params += f" (first call {e['cold_us']:.0f} us)"
         us = "ERROR" if e.get("error") else _fmt(e["us"], 2)
         lines.append(f"| {_cell(e['kernel'])} | {_cell(params)} | {us} | {_fmt(e['tflops'], 1)} | "
                      f"{_fmt(e['gbs'], 1)} | {e['bound']} | {_fmt(e['ratio'], 3)} | {_cell(_published(e))} |")
