@@ -84,6 +84,23 @@ def dummies(device_index: int) -> dict[str, torch.Tensor]:
     return d
 
 
+_CONSTANTS: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def constant_lengths(device_index: int, b: int, value: int) -> torch.Tensor:
+    """A read-only int32 [b] tensor of ``value``, kept for the life of the process (a CUDA graph
+    may hold its address, so it must outlive any plan)."""
+    key = (device_index, b, value)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        with _DUMMIES_LOCK:
+            t = _CONSTANTS.get(key)
+            if t is None:
+                t = _CONSTANTS[key] = torch.full((b,), value, dtype=torch.int32,
+                                                 device=torch.device("cuda", device_index))
+    return t
+
+
 def fp8_cache_bytes(cache: torch.Tensor) -> torch.Tensor:
     """``[num_blocks, page_block_size, 1, bytes_per_token]`` FP8 cache (any 1-byte dtype) ->
     the (num_blocks, block_bytes) uint8 view the sparse decode kernels take (same memory, same
@@ -227,14 +244,18 @@ def sparse_decode_lengths(b: int, topk: int, topk_length: Optional[torch.Tensor]
                           extra_topk_length: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Each request's length in the split-KV plan (GPU, no sync): its counted main slots
     padded to whole 64-slot blocks, then its counted extra slots; a length is clamped into
-    [0, topk] as the kernel does (``kernels.sm90.sparse_decode``)."""
+    [0, topk] as the kernel does (``kernels.sm90.sparse_decode``).  Three int32 ops per given
+    length tensor (each costs a few microseconds of host time), none without one."""
     blk = decode_plan.BLOCK_N
-    n = torch.full((b,), topk, dtype=torch.int32, device=device) if topk_length is None \
-        else topk_length.clamp(0, topk)
-    lengths = (n + blk - 1) // blk * blk
-    if extra_topk:
-        lengths = lengths + (extra_topk if extra_topk_length is None else extra_topk_length.clamp(0, extra_topk))
-    return lengths.to(torch.int32).contiguous()
+    if topk_length is None:
+        if extra_topk_length is None:
+            return torch.full((b,), topk + extra_topk, dtype=torch.int32, device=device)
+        lengths = extra_topk_length.clamp(0, extra_topk) + topk
+    else:
+        lengths = (topk_length.clamp(0, topk) + (blk - 1)) & -blk  # blk is a power of two
+        if extra_topk:
+            lengths += extra_topk if extra_topk_length is None else extra_topk_length.clamp(0, extra_topk)
+    return lengths
 
 
 class SparseDecodePlan(SplitKvPlan):
@@ -248,6 +269,9 @@ class SparseDecodePlan(SplitKvPlan):
         lengths = sparse_decode_lengths(b, self.topk, topk_length, self.extra_topk, extra_topk_length, q.device)
         super().__init__(q, config, 1, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS)
         templates = self.templates(lengths)
+        self.constant_lengths = None
+        if topk_length is None and extra_topk_length is None:
+            self.constant_lengths = constant_lengths(self.device_index, b, self.topk + self.extra_topk)
         dm = dummies(self.device_index)
         has_extra = extra_k_cache is not None
         optional = {"topk_length": (topk_length, dm["i32"]), "extra_k_cache": (extra_k_cache, dm["fp8_cache"]),
@@ -269,9 +293,15 @@ class SparseDecodePlan(SplitKvPlan):
 
     def __call__(self, meta, pointers: dict[str, int], q, topk_length, extra_topk_length):
         pointers.update(self.static_pointers)
-        b = self.out_shape[0]
-        return self.run(meta, pointers, lambda: sparse_decode_lengths(
-            b, self.topk, topk_length, self.extra_topk, extra_topk_length, q.device), self.main)
+        return self.run(meta, pointers, lambda: self.lengths(topk_length, extra_topk_length), self.main)
+
+    def lengths(self, topk_length, extra_topk_length) -> torch.Tensor:
+        """The scheduler's lengths for a new step: computed from the given length tensors, or,
+        without any, this plan's constant ones (read-only, made once)."""
+        if topk_length is None and extra_topk_length is None:
+            return self.constant_lengths
+        return sparse_decode_lengths(self.out_shape[0], self.topk, topk_length, self.extra_topk, extra_topk_length,
+                                     self.device)
 
 
 class SparsePrefillPlan:
