@@ -104,7 +104,7 @@ def make(entry: str, lib: str = "cute_mla", fresh_meta: bool = False) -> Callabl
         attn_sink=x["attn_sink"], extra_k_cache=x["extra_k_cache"], extra_indices_in_kvcache=x["extra_indices"])
 
 
-def host_us(call: Callable[[], object], calls: int = 400, warmup: int = 50) -> tuple[float, float, float]:
+def host_us(call: Callable[[], object], calls: int = 1000, warmup: int = 200) -> tuple[float, float, float]:
     """(median, p10, p90) wall microseconds of one ``call()``, each timed on its own after ``warmup``."""
     import torch
 
