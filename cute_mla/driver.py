@@ -151,7 +151,8 @@ def encode_tensor_map(spec: TmaArg, ptr: int, shape: tuple, stride: tuple) -> by
     esize = DTYPES[spec.tensor.dtype][1]
     for m in spec.dims[1:]:
         if (stride[m] * esize) % 16:
-            raise AbiError(f"{spec.name}: TMA needs 16-byte multiples for strides, mode {m} has {stride[m] * esize} bytes")
+            raise AbiError(f"{spec.name}: TMA needs 16-byte multiples for strides, "
+                           f"mode {m} has {stride[m] * esize} bytes")
     oob = (drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA if spec.oob_nan
            else drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
     tmap = check(drv.cuTensorMapEncodeTiled(

@@ -28,7 +28,8 @@ def load(path: str | None = None):
             return torch.ops._flashmla_C
         except Exception as e:  # not installed, or built for another torch
             tried.append(f"{mod}: {type(e).__name__}")
-    candidates = [path, os.environ.get(PEER_ENV)] + sorted(str(p) for p in (REPO_ROOT / ".peers").glob("_flashmla_C*.so"))
+    candidates = [path, os.environ.get(PEER_ENV)]
+    candidates += sorted(str(p) for p in (REPO_ROOT / ".peers").glob("_flashmla_C*.so"))
     for c in (c for c in candidates if c):
         try:
             torch.ops.load_library(c)

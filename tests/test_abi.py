@@ -125,3 +125,27 @@ def test_tma_coordinate_extents_follow_the_kernels_view():
     # the kernel views (num_blocks, 64, h_kv, 576) as (64, 576, h_kv, num_blocks)
     assert spec.coord_modes == [2, 0]
     assert [(p.size, p.align) for p in spec.params()] == [(128, 64), (8, 4)]
+
+
+def test_runtime_never_imports_build_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, cute_mla, cute_mla.launcher, cute_mla.plans, cute_mla.driver; "
+            "bad = [m for m in ('cute_mla.compile', 'cutlass', 'kernels') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_compile_refuses_a_kernel_whose_arguments_are_named_otherwise():
+    from cute_mla.compile import CompileError, check_arg_names
+
+    class Kernel:
+        def __call__(self, topk_length, extra_topk_length, stream):
+            pass
+
+    spec = (TensorArg("topk_length", "i32", ("n",), (1,), align=4),
+            TensorArg("extra_topk_length", "i32", ("n",), (1,), align=4))
+    check_arg_names("k", Kernel, spec)
+    with pytest.raises(CompileError, match="takes"):
+        check_arg_names("k", Kernel, spec[::-1])

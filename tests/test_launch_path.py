@@ -87,7 +87,8 @@ def refresh(x, fresh):
         if name in ("cache_seqlens", "topk_length"):
             t.copy_(t * 2 // 3)
         elif name not in ("block_table", "indices", "extra_indices"):
-            t.copy_(torch.where(t.isnan(), t, fresh[name]) if t.dtype in (torch.bfloat16, torch.float32) else fresh[name])
+            keep_nan = t.dtype in (torch.bfloat16, torch.float32)
+            t.copy_(torch.where(t.isnan(), t, fresh[name]) if keep_nan else fresh[name])
 
 
 ENTRIES = {"dense": (dense_inputs, dense_call), "sparse_v32": (lambda s: sparse_inputs(s, 576), sparse_call),
