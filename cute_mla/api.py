@@ -81,7 +81,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
             _DECODE_PLANS.put(key, plan)
     if indices is None:
         return plan(tile_scheduler_metadata, pointers, cache_seqlens)
-    return plan(tile_scheduler_metadata, pointers, q, topk_length, extra_topk_length)
+    return plan(tile_scheduler_metadata, pointers, topk_length, extra_topk_length)
 
 
 def _plan_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, num_splits, softmax_scale, causal,

@@ -12,7 +12,7 @@ import torch
 from cute_mla import launcher, registry
 from schedules import decode_plan
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # torch dtype -> kernel variant dtype
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -62,7 +62,7 @@ def combine(o_accum: torch.Tensor, lse_accum: torch.Tensor, split_offsets: torch
     With ``skip_single_split`` rows of single-split requests are left untouched (the split
     kernel finalised them).  The sink is applied here, once.
     """
-    _require(out.dtype in _DTYPE_NAMES, f"out must be bfloat16 or float16, got {out.dtype}")
+    _require(out.dtype in DTYPE_NAMES, f"out must be bfloat16 or float16, got {out.dtype}")
     _require(out.dim() == 4 and out.shape[3] == 512, f"out must be [b, s_q, h_q, 512], got {tuple(out.shape)}")
     b, s_q, h_q, _ = out.shape
     _require(o_accum.dim() == 4 and tuple(o_accum.shape[1:]) == (s_q, h_q, 512),
@@ -78,7 +78,7 @@ def combine(o_accum: torch.Tensor, lse_accum: torch.Tensor, split_offsets: torch
     else:
         sink = torch.empty(1, dtype=torch.float32, device=out.device)
     launcher.launch(
-        "combine", {"dtype": _DTYPE_NAMES[out.dtype]}, (-(-h_q // decode_plan.COMBINE_HEADS_PER_CTA), s_q, b),
+        "combine", {"dtype": DTYPE_NAMES[out.dtype]}, (-(-h_q // decode_plan.COMBINE_HEADS_PER_CTA), s_q, b),
         device_index=out.device.index, pdl=pdl, o_accum=o_accum, lse_accum=lse_accum, split_offsets=split_offsets,
         attn_sink=sink, out=out, lse=lse, skip_single_split=int(skip_single_split), has_sink=int(attn_sink is not None))
 

@@ -22,11 +22,10 @@ from typing import Any, Optional
 import torch
 
 from cute_mla import driver, launcher
+from cute_mla.ops import DTYPE_NAMES
 from cute_mla.sched_meta import FlashMLASchedMeta, require_sched_meta
 from layouts.operands import D_V
 from schedules import decode_plan
-
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def signature(names: tuple[str, ...], tensors: tuple) -> tuple[tuple, dict[str, int]]:
@@ -136,20 +135,28 @@ class SplitKvPlan:
         keeps none of them: only their shapes, strides and alignment matter).  Also binds the
         scheduler launch to ``lengths``."""
         n_partial, (_, s_q, h_q, _) = self.n_partial, self.out_shape
-        ws = self.workspace(self.device)
+        ws = self.workspace()
         rows = n_partial * s_q * h_q
+        sched, offsets = self.schedule_buffers()
         t = {"o_accum": ws[:rows * D_V].view(n_partial, s_q, h_q, D_V),
-             "lse_accum": ws[rows * D_V:].view(n_partial, s_q, h_q),
-             "sched_meta": torch.empty(self.sched_shapes[0], dtype=torch.int32, device=self.device),
-             "split_offsets": torch.empty(self.sched_shapes[1], dtype=torch.int32, device=self.device)}
+             "lse_accum": ws[rows * D_V:].view(n_partial, s_q, h_q), "sched_meta": sched, "split_offsets": offsets}
         self.scheduler = launcher.prepare(
             "decode_scheduler", {}, (1, 1, 1), device_index=self.device_index, cache_seqlens=lengths,
             sched_meta=t["sched_meta"], split_offsets=t["split_offsets"], block_n=decode_plan.BLOCK_N,
             fixed_overhead=self.fixed_overhead)
         return t
 
-    def workspace(self, device) -> torch.Tensor:
-        return torch.empty(self.workspace_numel, dtype=torch.float32, device=device)
+    def workspace(self) -> torch.Tensor:
+        return torch.empty(self.workspace_numel, dtype=torch.float32, device=self.device)
+
+    def schedule_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh (sched_meta [parts, 8], split_offsets [b + 1]) int32 buffers."""
+        return tuple(torch.empty(s, dtype=torch.int32, device=self.device) for s in self.sched_shapes)
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh out [b, s_q, h_q, 512] in q's dtype and lse [b, h_q, s_q] float32."""
+        return (torch.empty(*self.out_shape, dtype=self.dtype, device=self.device),
+                torch.empty(*self.lse_shape, dtype=torch.float32, device=self.device))
 
     def workspace_for(self, meta: FlashMLASchedMeta, stream: int) -> torch.Tensor:
         """The partials buffer of a call: the one ``meta`` holds when it was made on this stream
@@ -158,13 +165,12 @@ class SplitKvPlan:
         ``meta`` for the next layer.  Under CUDA-graph capture always a fresh one from the
         graph's pool, never kept: a buffer made outside the capture must not be baked into the
         graph (it could be freed while the graph lives)."""
+        if torch.cuda.is_current_stream_capturing():
+            return self.workspace()
         ws = meta.workspace
-        if ws is not None and meta.workspace_stream == stream and ws.numel() == self.workspace_numel \
-                and not torch.cuda.is_current_stream_capturing():
-            return ws
-        ws = self.workspace(self.device)
-        if not torch.cuda.is_current_stream_capturing():
-            meta.workspace, meta.workspace_stream = ws, stream
+        if ws is None or meta.workspace_stream != stream or ws.numel() != self.workspace_numel:
+            ws = meta.workspace = self.workspace()
+            meta.workspace_stream = stream
         return ws
 
     def prepare_combine(self, out: torch.Tensor, lse: torch.Tensor, attn_sink: Optional[torch.Tensor],
@@ -172,7 +178,7 @@ class SplitKvPlan:
         b, s_q, h_q, _ = self.out_shape
         has_sink = attn_sink is not None
         self.combine = launcher.prepare(
-            "combine", {"dtype": _DTYPE_NAMES[self.dtype]}, (-(-h_q // decode_plan.COMBINE_HEADS_PER_CTA), s_q, b),
+            "combine", {"dtype": DTYPE_NAMES[self.dtype]}, (-(-h_q // decode_plan.COMBINE_HEADS_PER_CTA), s_q, b),
             device_index=self.device_index, pdl=True, out=out, lse=lse,
             attn_sink=attn_sink if has_sink else dummies(self.device_index)["f32"],
             skip_single_split=1, has_sink=int(has_sink), o_accum=templates["o_accum"],
@@ -186,20 +192,20 @@ class SplitKvPlan:
             meta.check_config(self.config)
             return
         lens = lengths()
-        sched, offsets = (torch.empty(s, dtype=torch.int32, device=self.device) for s in self.sched_shapes)
+        sched, offsets = self.schedule_buffers()
         self.scheduler.run(stream, {"cache_seqlens": lens.data_ptr(), "sched_meta": sched.data_ptr(),
                                     "split_offsets": offsets.data_ptr()})
         meta.tile_scheduler_metadata, meta.num_splits = sched, offsets
         meta.config = self.config
         meta.have_initialized = True
 
-    def run(self, meta: FlashMLASchedMeta, pointers: dict[str, int], lengths, main: launcher.Launch):
-        """Bind ``meta`` if needed, allocate out / lse / workspace, run ``main`` then the combine."""
+    def run(self, meta: FlashMLASchedMeta, pointers: dict[str, int], lengths):
+        """Bind ``meta`` if needed, allocate out / lse / workspace, run the split kernel
+        (``self.main``, bound by the subclass) then the combine."""
         stream = driver.current_stream(self.device_index)
         if meta.config is not self.config:
             self.bind(meta, stream, lengths)
-        out = torch.empty(*self.out_shape, dtype=self.dtype, device=self.device)
-        lse = torch.empty(*self.lse_shape, dtype=torch.float32, device=self.device)
+        out, lse = self.outputs()
         ws = self.workspace_for(meta, stream)
         pointers["sched_meta"] = meta.tile_scheduler_metadata.data_ptr()
         pointers["split_offsets"] = meta.num_splits.data_ptr()
@@ -207,13 +213,9 @@ class SplitKvPlan:
         pointers["lse"] = lse.data_ptr()
         pointers["o_accum"] = w = ws.data_ptr()
         pointers["lse_accum"] = w + self.lse_accum_offset
-        main.run(stream, pointers)
+        self.main.run(stream, pointers)
         self.combine.run(stream, pointers)
         return out, lse
-
-    def scratch_outputs(self):
-        return (torch.empty(*self.out_shape, dtype=self.dtype, device=self.device),
-                torch.empty(*self.lse_shape, dtype=torch.float32, device=self.device))
 
 
 class DenseDecodePlan(SplitKvPlan):
@@ -225,9 +227,9 @@ class DenseDecodePlan(SplitKvPlan):
         super().__init__(q, config, h_kv, decode_plan.FIXED_OVERHEAD_BLOCKS)
         b, s_q, h_q, _ = q.shape
         templates = self.templates(cache_seqlens)
-        out, lse = self.scratch_outputs()
+        out, lse = self.outputs()
         self.main = launcher.prepare(
-            "dense_decode_sm90", {"dtype": _DTYPE_NAMES[q.dtype]},
+            "dense_decode_sm90", {"dtype": DTYPE_NAMES[q.dtype]},
             (self.parts, h_kv, -(-(s_q * (h_q // h_kv)) // decode_plan.BLOCK_M)), device_index=self.device_index,
             q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse,
             softmax_scale=float(softmax_scale), causal=int(bool(causal) and s_q > 1), heads_per_kv=h_q // h_kv,
@@ -237,7 +239,7 @@ class DenseDecodePlan(SplitKvPlan):
 
     def __call__(self, meta, pointers: dict[str, int], cache_seqlens: torch.Tensor):
         pointers.update(self.static_pointers)
-        return self.run(meta, pointers, lambda: cache_seqlens, self.main)
+        return self.run(meta, pointers, lambda: cache_seqlens)
 
 
 def sparse_decode_lengths(b: int, topk: int, topk_length: Optional[torch.Tensor], extra_topk: int,
@@ -280,7 +282,7 @@ class SparseDecodePlan(SplitKvPlan):
         bound = {name: (dummy if t is None else t) for name, (t, dummy) in optional.items()}
         bound["extra_k_cache"] = fp8_cache_bytes(extra_k_cache) if has_extra else dm["fp8_cache"]
         self.static_pointers = {name: dummy.data_ptr() for name, (t, dummy) in optional.items() if t is None}
-        out, lse = self.scratch_outputs()
+        out, lse = self.outputs()
         self.main = launcher.prepare(
             "sparse_decode_sm90", {"fmt": fmt, "matmul": matmul}, (self.parts, 1, s_q * h_q // decode_plan.BLOCK_M),
             device_index=self.device_index, q=q, k_cache=fp8_cache_bytes(k_cache), indices=indices, out=out, lse=lse,
@@ -291,9 +293,9 @@ class SparseDecodePlan(SplitKvPlan):
             **bound, **templates)
         self.prepare_combine(out, lse, attn_sink, templates)
 
-    def __call__(self, meta, pointers: dict[str, int], q, topk_length, extra_topk_length):
+    def __call__(self, meta, pointers: dict[str, int], topk_length, extra_topk_length):
         pointers.update(self.static_pointers)
-        return self.run(meta, pointers, lambda: self.lengths(topk_length, extra_topk_length), self.main)
+        return self.run(meta, pointers, lambda: self.lengths(topk_length, extra_topk_length))
 
     def lengths(self, topk_length, extra_topk_length) -> torch.Tensor:
         """The scheduler's lengths for a new step: computed from the given length tensors, or,
