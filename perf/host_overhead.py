@@ -104,18 +104,25 @@ def make(entry: str, lib: str = "cute_mla", fresh_meta: bool = False) -> Callabl
         attn_sink=x["attn_sink"], extra_k_cache=x["extra_k_cache"], extra_indices_in_kvcache=x["extra_indices"])
 
 
-def host_us(call: Callable[[], object], calls: int = 1000, warmup: int = 200) -> tuple[float, float, float]:
-    """(median, p10, p90) wall microseconds of one ``call()``, each timed on its own after ``warmup``."""
+def host_us(call: Callable[[], object], calls: int = 1000, warmup: int = 200,
+            sync_every: int = 50) -> tuple[float, float, float]:
+    """(median, p10, p90) wall microseconds of one ``call()``, each timed on its own after ``warmup``.
+
+    The GPU is drained (untimed) every ``sync_every`` calls, so a call never waits for room in a
+    full launch queue: with a new scheduling metadata per call a step's three kernels can take
+    longer on the GPU than their launches on the host, and the median would then time the GPU."""
     import torch
 
     for _ in range(warmup):
         call()
     torch.cuda.synchronize()
     ts = []
-    for _ in range(calls):
+    for i in range(calls):
         t0 = time.perf_counter_ns()
         call()
         ts.append(time.perf_counter_ns() - t0)
+        if i % sync_every == sync_every - 1:
+            torch.cuda.synchronize()
     torch.cuda.synchronize()
     ts = sorted(t / 1e3 for t in ts)
     return statistics.median(ts), ts[len(ts) // 10], ts[(9 * len(ts)) // 10]
