@@ -19,6 +19,7 @@ from cute_mla import ops, plans, registry
 from cute_mla.ops import _require as need  # ValueError(msg) unless cond
 from cute_mla.sched_meta import FlashMLASchedMeta, get_mla_metadata
 from layouts.kv_cache import BLOCK_STRIDE_ALIGN, format_for_dqk
+from schedules import decode_plan
 
 __all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache", "flash_mla_sparse_fwd",
            "flatten_sparse_prefill_batch", "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func",
@@ -61,6 +62,8 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     (bf16(code * scale): FlashMLA's numerics and range; about 10% slower).  A MODEL1 cache
     (d_qk 512) runs in bf16 by default (exact: its scales are powers of two; f16 is no faster
     there).  out is bf16 either way."""
+    if softmax_scale is not None and softmax_scale.__class__ is not float:
+        softmax_scale = ops.scale_value("softmax_scale", softmax_scale)  # numpy, int or 0-d tensor
     tensors = (q, k_cache, block_table, cache_seqlens, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
                topk_length, extra_topk_length)
     try:
@@ -96,6 +99,8 @@ def _plan_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, num_splits,
                          f"got {getattr(k_cache, 'shape', type(k_cache))}")
     if head_dim_v != 512:
         raise ValueError(f"head_dim_v must be 512, got {head_dim_v}")
+    if softmax_scale is not None:
+        ops.scale_value("softmax_scale", softmax_scale)
     config = _config_of(q, k_cache, causal, is_fp8_kvcache, indices, extra_k_cache, extra_indices)
     if indices is not None or is_fp8_kvcache:
         return _plan_sparse_decode(q, k_cache, config, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
@@ -131,6 +136,9 @@ def _check_dense_decode(q, k_cache, block_table, cache_seqlens) -> None:
     need(block_table.dtype == torch.int32 and block_table.dim() == 2 and block_table.shape[0] == b,
          f"block_table must be int32 [{b}, max_blocks], got {block_table.dtype} {tuple(block_table.shape)}")
     need(block_table.stride(1) == 1, "block_table's last dim must be contiguous")
+    need(block_table.shape[1] * 64 <= decode_plan.MAX_PLAN_LEN,
+         f"block_table has {block_table.shape[1]} blocks per request; at most "
+         f"{decode_plan.MAX_PLAN_LEN // 64} (2^31 tokens) are supported")
     need(cache_seqlens.dtype == torch.int32 and tuple(cache_seqlens.shape) == (b,),
          f"cache_seqlens must be int32 [{b}], got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     need(cache_seqlens.is_contiguous(), "cache_seqlens must be contiguous")
@@ -237,6 +245,8 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
     natural-log scale of the scaled logits and without the sink.  To run a batch of
     requests, flatten it with ``flatten_sparse_prefill_batch``.
     """
+    if sm_scale.__class__ is not float:
+        sm_scale = ops.scale_value("sm_scale", sm_scale)  # numpy, int or 0-d tensor
     try:
         key, pointers = plans.signature(_PREFILL_NAMES, (q, kv, indices, attn_sink, topk_length))
         key = (key, sm_scale, d_v)
@@ -254,6 +264,7 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
 
 
 def _check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length) -> None:
+    ops.scale_value("sm_scale", sm_scale)
     for name, t in (("q", q), ("kv", kv), ("indices", indices)):
         need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
     need(q.dim() == 3, f"q must be [s_q, h_q, d_qk], got shape {tuple(q.shape)}")
@@ -271,7 +282,6 @@ def _check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
          f"indices must be [{s_q}, 1, topk], got shape {tuple(indices.shape)}")
     topk = indices.shape[2]
     need(topk > 0 and topk % 64 == 0, f"indices' topk must be a positive multiple of 64, got {topk}")
-    need(isinstance(sm_scale, (int, float)) and sm_scale > 0, f"sm_scale must be a positive float, got {sm_scale!r}")
     for name, t in (("kv", kv), ("indices", indices)):
         need(t.device == q.device, f"{name} must be on {q.device}, got {t.device}")
     need(q.stride(2) == 1 and kv.stride(2) == 1 and indices.stride(2) == 1,

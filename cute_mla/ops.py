@@ -4,6 +4,7 @@ prepared plans (``cute_mla.plans``) instead.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -30,24 +31,42 @@ def _check_int32_vector(name: str, t: torch.Tensor, n: Optional[int] = None) -> 
         _require(t.shape[0] == n, f"{name} must have {n} entries, got {t.shape[0]}")
 
 
+def scale_value(name: str, value) -> float:
+    """A softmax scale as a float: from a Python or numpy number or a 0-d CPU tensor; NaN, inf,
+    zero and negative values raise ValueError naming ``name`` (a CUDA tensor would need a
+    host sync to read, so it is refused too)."""
+    if isinstance(value, torch.Tensor):
+        _require(value.dim() == 0 and not value.is_cuda and value.dtype.is_floating_point,
+                 f"{name} must be a number or a 0-d floating CPU tensor, got a {value.dtype} tensor of shape "
+                 f"{tuple(value.shape)} on {value.device}")
+        value = value.item()
+    elif isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    _require(math.isfinite(v) and v > 0, f"{name} must be a finite number > 0, got {v}")
+    return v
+
+
 def plan_decode(cache_seqlens: torch.Tensor, num_parts: int, block_n: int = decode_plan.BLOCK_N,
-                fixed_overhead: int = decode_plan.FIXED_OVERHEAD_BLOCKS):
+                fixed_overhead: int = decode_plan.FIXED_OVERHEAD_BLOCKS, max_len: int = decode_plan.MAX_PLAN_LEN):
     """Run the split-KV scheduler on the GPU: returns (sched_meta [parts, 8], split_offsets [b + 1]).
 
-    Enqueued on the current stream with no host sync; the decode kernel that follows
-    may start early (it is a PDL dependent of this one).
+    Lengths are clamped to [0, max_len].  Enqueued on the current stream with no host sync;
+    the decode kernel that follows may start early (it is a PDL dependent of this one).
     """
     _check_int32_vector("cache_seqlens", cache_seqlens)
     _require(cache_seqlens.is_contiguous(), "cache_seqlens must be contiguous")
     _require(num_parts >= 1, f"num_parts must be >= 1, got {num_parts}")
     b = cache_seqlens.shape[0]
+    decode_plan.check_plan_fits(b, max_len, num_parts, block_n, fixed_overhead)
     dev = cache_seqlens.device
     sched_meta = torch.empty(num_parts, decode_plan.SCHED_META_FIELDS, dtype=torch.int32, device=dev)
     split_offsets = torch.empty(b + 1, dtype=torch.int32, device=dev)
     if b == 0:
         return sched_meta.zero_(), split_offsets.zero_()
     launcher.launch("decode_scheduler", {}, (1, 1, 1), device_index=dev.index, cache_seqlens=cache_seqlens,
-                    sched_meta=sched_meta, split_offsets=split_offsets, block_n=block_n, fixed_overhead=fixed_overhead)
+                    sched_meta=sched_meta, split_offsets=split_offsets, block_n=block_n, fixed_overhead=fixed_overhead,
+                    max_len=max_len)
     return sched_meta, split_offsets
 
 

@@ -24,7 +24,7 @@ import torch
 from cute_mla import driver, launcher
 from cute_mla.ops import DTYPE_NAMES
 from cute_mla.sched_meta import FlashMLASchedMeta, require_sched_meta
-from layouts.operands import D_V
+from layouts.operands import D_V, PAGE_BLOCK_SIZE
 from schedules import decode_plan
 
 
@@ -67,7 +67,8 @@ _DUMMIES_LOCK = threading.Lock()
 
 def dummies(device_index: int) -> dict[str, torch.Tensor]:
     """Per-device stand-ins for absent optional arguments (kernels never read them: each comes
-    with a has_* flag of 0), kept for the life of the process."""
+    with a has_* flag of 0), kept for the life of the process; uninitialised, so making them
+    enqueues nothing."""
     d = _DUMMIES.get(device_index)
     if d is None:
         with _DUMMIES_LOCK:
@@ -75,10 +76,10 @@ def dummies(device_index: int) -> dict[str, torch.Tensor]:
             if d is None:
                 dev = torch.device("cuda", device_index)
                 d = _DUMMIES[device_index] = {
-                    "i32": torch.zeros(1, dtype=torch.int32, device=dev),
-                    "f32": torch.zeros(1, dtype=torch.float32, device=dev),
-                    "fp8_cache": torch.zeros(1, 16, dtype=torch.uint8, device=dev),
-                    "indices": torch.zeros(1, 1, 1, dtype=torch.int32, device=dev),
+                    "i32": torch.empty(1, dtype=torch.int32, device=dev),
+                    "f32": torch.empty(1, dtype=torch.float32, device=dev),
+                    "fp8_cache": torch.empty(1, 16, dtype=torch.uint8, device=dev),
+                    "indices": torch.empty(1, 1, 1, dtype=torch.int32, device=dev),
                 }
     return d
 
@@ -108,11 +109,26 @@ def fp8_cache_bytes(cache: torch.Tensor) -> torch.Tensor:
     return u8.as_strided((u8.shape[0], u8.shape[1] * u8.shape[3]), (u8.stride(0), 1))
 
 
+def lengths_stamp(t: Optional[torch.Tensor]) -> Optional[tuple[int, Optional[int]]]:
+    """What a schedule remembers of a length tensor it was planned from: (data pointer, version
+    counter).  The counter counts torch's in-place writes to the tensor and every view of its
+    memory, so new values written through torch change the stamp; writes torch cannot see (a
+    foreign kernel, a CUDA-graph replay) and tensors made in inference mode, which keep no
+    counter (None), are not caught."""
+    if t is None:
+        return None
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:  # an inference tensor
+        return t.data_ptr(), None
+
+
 class SplitKvPlan:
     """What dense and sparse decode share: the scheduler launch that binds a ``FlashMLASchedMeta``,
     the partials workspace (o_accum then lse_accum in one float32 buffer) and the combine."""
 
-    def __init__(self, q: torch.Tensor, config: FlashMLASchedMeta.Config, h_kv: int, fixed_overhead: int):
+    def __init__(self, q: torch.Tensor, config: FlashMLASchedMeta.Config, h_kv: int, fixed_overhead: int,
+                 max_len: int):
         b, s_q, h_q, _ = q.shape
         self.device_index = q.get_device()
         self.device = q.device
@@ -129,6 +145,9 @@ class SplitKvPlan:
         self.workspace_numel = rows * (D_V + 1)
         self.lse_accum_offset = rows * D_V * 4  # bytes
         self.fixed_overhead = fixed_overhead
+        # the most KV tokens one request can have: the scheduler clamps each length to it
+        self.max_len = max_len
+        decode_plan.check_plan_fits(b, max_len, self.parts, decode_plan.BLOCK_N, fixed_overhead)
 
     def templates(self, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """Fresh buffers of every shape the split-KV launches take, to bind them by name (a plan
@@ -143,7 +162,7 @@ class SplitKvPlan:
         self.scheduler = launcher.prepare(
             "decode_scheduler", {}, (1, 1, 1), device_index=self.device_index, cache_seqlens=lengths,
             sched_meta=t["sched_meta"], split_offsets=t["split_offsets"], block_n=decode_plan.BLOCK_N,
-            fixed_overhead=self.fixed_overhead)
+            fixed_overhead=self.fixed_overhead, max_len=self.max_len)
         return t
 
     def workspace(self) -> torch.Tensor:
@@ -184,12 +203,13 @@ class SplitKvPlan:
             skip_single_split=1, has_sink=int(has_sink), o_accum=templates["o_accum"],
             lse_accum=templates["lse_accum"], split_offsets=templates["split_offsets"])
 
-    def bind(self, meta: FlashMLASchedMeta, stream: int, lengths) -> None:
+    def bind(self, meta: FlashMLASchedMeta, stream: int, lengths, stamp: tuple) -> None:
         """Make ``meta`` this plan's schedule: check it, or compute it (``lengths()`` gives the
         per-request lengths to plan) when it is still empty.  It stays unbound if anything fails."""
         require_sched_meta(meta)
         if meta.have_initialized:
             meta.check_config(self.config)
+            meta.check_lengths(stamp)
             return
         lens = lengths()
         sched, offsets = self.schedule_buffers()
@@ -197,14 +217,18 @@ class SplitKvPlan:
                                     "split_offsets": offsets.data_ptr()})
         meta.tile_scheduler_metadata, meta.num_splits = sched, offsets
         meta.config = self.config
+        meta.lengths_stamp = stamp
         meta.have_initialized = True
 
-    def run(self, meta: FlashMLASchedMeta, pointers: dict[str, int], lengths):
-        """Bind ``meta`` if needed, allocate out / lse / workspace, run the split kernel
-        (``self.main``, bound by the subclass) then the combine."""
+    def run(self, meta: FlashMLASchedMeta, pointers: dict[str, int], lengths, stamp: tuple):
+        """Bind ``meta`` if needed (``stamp``: the ``lengths_stamp`` of the call's length
+        tensors), allocate out / lse / workspace, run the split kernel (``self.main``, bound by
+        the subclass) then the combine."""
         stream = driver.current_stream(self.device_index)
         if meta.config is not self.config:
-            self.bind(meta, stream, lengths)
+            self.bind(meta, stream, lengths, stamp)
+        elif meta.lengths_stamp != stamp:
+            meta.check_lengths(stamp)
         out, lse = self.outputs()
         ws = self.workspace_for(meta, stream)
         pointers["sched_meta"] = meta.tile_scheduler_metadata.data_ptr()
@@ -224,7 +248,7 @@ class DenseDecodePlan(SplitKvPlan):
     def __init__(self, q, k_cache, block_table, cache_seqlens, softmax_scale: float, causal: bool,
                  config: FlashMLASchedMeta.Config):
         h_kv = k_cache.shape[2]
-        super().__init__(q, config, h_kv, decode_plan.FIXED_OVERHEAD_BLOCKS)
+        super().__init__(q, config, h_kv, decode_plan.FIXED_OVERHEAD_BLOCKS, block_table.shape[1] * PAGE_BLOCK_SIZE)
         b, s_q, h_q, _ = q.shape
         templates = self.templates(cache_seqlens)
         out, lse = self.outputs()
@@ -239,7 +263,7 @@ class DenseDecodePlan(SplitKvPlan):
 
     def __call__(self, meta, pointers: dict[str, int], cache_seqlens: torch.Tensor):
         pointers.update(self.static_pointers)
-        return self.run(meta, pointers, lambda: cache_seqlens)
+        return self.run(meta, pointers, lambda: cache_seqlens, (lengths_stamp(cache_seqlens),))
 
 
 def sparse_decode_lengths(b: int, topk: int, topk_length: Optional[torch.Tensor], extra_topk: int,
@@ -268,12 +292,11 @@ class SparseDecodePlan(SplitKvPlan):
         b, s_q, h_q, _ = q.shape
         self.topk = indices.shape[-1]
         self.extra_topk = 0 if extra_indices is None else extra_indices.shape[-1]
-        lengths = sparse_decode_lengths(b, self.topk, topk_length, self.extra_topk, extra_topk_length, q.device)
-        super().__init__(q, config, 1, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS)
-        templates = self.templates(lengths)
-        self.constant_lengths = None
-        if topk_length is None and extra_topk_length is None:
-            self.constant_lengths = constant_lengths(self.device_index, b, self.topk + self.extra_topk)
+        blk = decode_plan.BLOCK_N
+        super().__init__(q, config, 1, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS,
+                         -(-self.topk // blk) * blk + self.extra_topk)  # sparse_decode_lengths' largest
+        # the scheduler's lengths are bound by shape only: nothing is enqueued before every check passed
+        templates = self.templates(torch.empty(b, dtype=torch.int32, device=q.device))
         dm = dummies(self.device_index)
         has_extra = extra_k_cache is not None
         optional = {"topk_length": (topk_length, dm["i32"]), "extra_k_cache": (extra_k_cache, dm["fp8_cache"]),
@@ -292,10 +315,14 @@ class SparseDecodePlan(SplitKvPlan):
             has_extra_topk_length=int(extra_topk_length is not None), has_sink=int(attn_sink is not None),
             **bound, **templates)
         self.prepare_combine(out, lse, attn_sink, templates)
+        self.constant_lengths = None
+        if topk_length is None and extra_topk_length is None:
+            self.constant_lengths = constant_lengths(self.device_index, b, self.topk + self.extra_topk)
 
     def __call__(self, meta, pointers: dict[str, int], topk_length, extra_topk_length):
         pointers.update(self.static_pointers)
-        return self.run(meta, pointers, lambda: self.lengths(topk_length, extra_topk_length))
+        return self.run(meta, pointers, lambda: self.lengths(topk_length, extra_topk_length),
+                        (lengths_stamp(topk_length), lengths_stamp(extra_topk_length)))
 
     def lengths(self, topk_length, extra_topk_length) -> torch.Tensor:
         """The scheduler's lengths for a new step: computed from the given length tensors, or,

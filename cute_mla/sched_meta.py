@@ -2,8 +2,11 @@
 
 ``get_mla_metadata()`` returns an empty one; the first ``flash_mla_with_kvcache`` call binds it
 (computes the schedule on the GPU, no host sync) and later calls with the same configuration
-reuse it.  A call whose configuration differs from the bound one raises.  A first call that
-fails leaves it unbound.
+reuse it.  A call whose configuration differs from the bound one raises, and so does one whose
+length tensors are others, or were written in place by torch since (``plans.lengths_stamp``).
+Inside a CUDA graph nothing can be checked at replay: capture a fresh ``get_mla_metadata()``
+per step, as a decode step makes one, and the replay re-plans from the lengths' contents at that
+time.  A first call that fails leaves it unbound.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ class FlashMLASchedMeta:
 
     Empty when made by ``get_mla_metadata``; the first ``flash_mla_with_kvcache`` call fills it
     on the GPU (no host sync) and later calls reuse it, which is valid only while shapes and
-    lengths stay the same: a call whose shapes differ from the first one's raises.
+    lengths stay the same: a call whose shapes differ from the first one's raises, and so does
+    one whose length tensors are others or were written in place since (``check_lengths``).
     """
 
     @dataclasses.dataclass(frozen=True)
@@ -40,6 +44,8 @@ class FlashMLASchedMeta:
     config: Optional[Config] = None
     tile_scheduler_metadata: Optional[torch.Tensor] = None  # (num_sm_parts, 8) int32
     num_splits: Optional[torch.Tensor] = None  # split offsets, (b + 1,) int32
+    # ``plans.lengths_stamp`` of each length tensor the schedule was planned from
+    lengths_stamp: Optional[tuple] = dataclasses.field(default=None, repr=False)
     # The split-KV partials buffer of this step's calls and the stream it was made for: the layers
     # of a step run one after another on one stream, so they can share it (one allocation fewer
     # per call; ``plans.SplitKvPlan.workspace_for``).  Held while this metadata lives.
@@ -54,6 +60,18 @@ class FlashMLASchedMeta:
             raise ValueError(f"tile_scheduler_metadata was made for other arguments (differs in {', '.join(diff)}); "
                              "reuse one sched_meta only across calls with the same shapes and lengths, "
                              "or get a new one from get_mla_metadata()")
+
+
+    def check_lengths(self, stamp: tuple) -> None:
+        """Raise unless the call's length tensors (``stamp``) are the ones this metadata was
+        planned from, unchanged: a schedule made for other lengths would silently skip KV blocks."""
+        if self.lengths_stamp != stamp:
+            raise ValueError(
+                "tile_scheduler_metadata was planned from other lengths: the call's cache_seqlens / topk_length "
+                "tensor is another one, or was written in place, since the call that planned it.  A schedule "
+                "holds only for the length values it was made from: get a new one from get_mla_metadata() for "
+                "every decode step (whenever lengths change) and reuse it only across that step's layers, "
+                "which must pass the same length tensors")
 
 
 def require_sched_meta(sched_meta) -> FlashMLASchedMeta:

@@ -30,6 +30,10 @@ __all__ = [
     "make_paged_kv",
     "varlen_seqlens",
     "randn_clipped",
+    "Data",
+    "SOFT",
+    "SHARP",
+    "data_for",
     "poison_",
     "strided_view",
 ]
@@ -188,11 +192,38 @@ def assert_close_named(kind: str, actual: torch.Tensor, ref: torch.Tensor,
 # Test data
 # --------------------------------------------------------------------------------------------------
 def randn_clipped(shape, generator: torch.Generator, dtype: torch.dtype = torch.bfloat16,
-                  device=None, scale: float = 0.1) -> torch.Tensor:
-    """randn * scale clipped to [-1, 1], drawn on the generator's device, then moved and cast."""
+                  device=None, scale: float = 0.1, clip: float = 1.0) -> torch.Tensor:
+    """randn * scale clipped to [-clip, clip], drawn on the generator's device, then moved and cast."""
     x = torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=torch.float32)
-    x = (x * scale).clamp_(-1.0, 1.0)
+    x = (x * scale).clamp_(-clip, clip)
     return x.to(device=device if device is not None else generator.device, dtype=dtype)
+
+
+class Data(NamedTuple):
+    """How a test draws its inputs: q and K values randn * scale clipped to [-clip, clip], and a
+    softmax scale of ``softmax`` / sqrt(d_qk)."""
+    name: str
+    scale: float
+    clip: float
+    softmax: float
+
+    def values(self, shape, generator, **kw) -> torch.Tensor:
+        return randn_clipped(shape, generator, scale=self.scale, clip=self.clip, **kw)
+
+    def softmax_scale(self, d_qk: int) -> float:
+        return self.softmax * d_qk ** -0.5
+
+
+# SPEC section 5's data: logits with a std of about 0.01, so attention is nearly uniform.
+SOFT = Data("soft", 0.1, 1.0, 1.0)
+# Unscaled randn (clipped at 4 sigma) with two softmax scales: logit std 3 and 6, attention
+# concentrated on a few keys, so a wrong scale or a uniform average fails (test_reference).
+SHARP = (Data("sharp3", 1.0, 4.0, 3.0), Data("sharp6", 1.0, 4.0, 6.0))
+
+
+def data_for(i: int) -> Data:
+    """The data of case ``i`` of a grid: every third case sharp, alternating the two scales."""
+    return SHARP[i // 3 % 2] if i % 3 == 0 else SOFT
 
 
 def varlen_seqlens(b: int, mean_s_k: int, generator: torch.Generator, min_len: int = 1,
@@ -252,7 +283,8 @@ class PagedKV(NamedTuple):
 
 def make_paged_kv(cache_seqlens: Union[torch.Tensor, Sequence[int]], page_block_size: int, h_kv: int,
                   d: int, generator: torch.Generator, dtype: torch.dtype = torch.bfloat16, device=None,
-                  num_spare_blocks: int = 2, extra_table_cols: int = 1, poison: bool = True) -> PagedKV:
+                  num_spare_blocks: int = 2, extra_table_cols: int = 1, poison: bool = True,
+                  data: "Data" = None) -> PagedKV:
     """Build a paged KV cache for the given lengths.
 
     Physical blocks are a random permutation of [0, num_blocks) (num_spare_blocks of them unused);
@@ -260,7 +292,9 @@ def make_paged_kv(cache_seqlens: Union[torch.Tensor, Sequence[int]], page_block_
     past a request's pages holds garbage: -1, huge positive/negative values, and valid-looking ids of
     other blocks. With poison=True every unused row (tail of each last page, spare blocks) is NaN,
     so any read of it shows up in the outputs. `used` tells other formats (FP8) which rows to poison.
+    Values are drawn as ``data`` says (default SOFT).
     """
+    data = SOFT if data is None else data
     device = device if device is not None else generator.device
     lens = torch.as_tensor(cache_seqlens, dtype=torch.int64).cpu()
     if bool((lens < 0).any()):
@@ -292,7 +326,8 @@ def make_paged_kv(cache_seqlens: Union[torch.Tensor, Sequence[int]], page_block_
             rows = torch.zeros(n * page_block_size, dtype=torch.bool)
             rows[:int(lens[i])] = True
             used[blocks] = rows.view(n, page_block_size)
-    k_cache = randn_clipped((num_blocks, page_block_size, h_kv, d), generator, dtype=dtype, device=device)
+    k_cache = randn_clipped((num_blocks, page_block_size, h_kv, d), generator, dtype=dtype, device=device,
+                            scale=data.scale, clip=data.clip)
     used = used.to(device)
     if poison:
         k_cache[~used] = float("nan")

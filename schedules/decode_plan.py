@@ -37,6 +37,9 @@ FIXED_OVERHEAD_BLOCKS = 12
 # H100 (perf/results/NOTES.md, session 4) left the V32 cases unchanged and took 3.5-4% off
 # MODEL1 h_q 128 at b 128 and 256 with 2.
 SPARSE_FIXED_OVERHEAD_BLOCKS = 2
+# The longest length a plan counts: its block count (rounded up) still fits int32.  Callers
+# clamp lengths to their requests' capacity, which must not exceed it.
+MAX_PLAN_LEN = 2**31 - BLOCK_N
 BLOCK_M = 64  # query rows (s_q * h_q / h_kv) a decode CTA processes at once
 COMBINE_HEADS_PER_CTA = 4  # the combine kernel runs one warp per head row
 
@@ -56,11 +59,25 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def check_plan_fits(b: int, max_len: int, parts: int, block_n: int = BLOCK_N,
+                    fixed_overhead: int = FIXED_OVERHEAD_BLOCKS) -> None:
+    """Raise ValueError unless every quantity the GPU scheduler computes for ``b`` requests of
+    at most ``max_len`` tokens fits int32 (lengths past ``max_len`` are clamped to it)."""
+    if not 0 <= max_len <= MAX_PLAN_LEN:
+        raise ValueError(f"a request may hold at most {MAX_PLAN_LEN} tokens, got a capacity of {max_len}")
+    worst = b * (_cdiv(max_len, block_n) + fixed_overhead) + parts * fixed_overhead + b + parts
+    if worst >= 2**31:
+        raise ValueError(f"{b} requests of up to {max_len} tokens are too many KV blocks to plan "
+                         f"({worst} >= 2^31); split the batch")
+
+
 def plan_host(cache_seqlens: Sequence[int], parts: int, block_n: int = BLOCK_N,
-              fixed_overhead: int = FIXED_OVERHEAD_BLOCKS) -> tuple[list[list[int]], list[int]]:
-    """Plan on the host: returns (sched_meta rows, split_offsets)."""
+              fixed_overhead: int = FIXED_OVERHEAD_BLOCKS,
+              max_len: int = MAX_PLAN_LEN) -> tuple[list[list[int]], list[int]]:
+    """Plan on the host: returns (sched_meta rows, split_offsets); lengths are clamped to
+    [0, max_len], as the GPU scheduler does."""
     b = len(cache_seqlens)
-    nblocks = [_cdiv(max(int(s), 0), block_n) for s in cache_seqlens]  # negative = empty
+    nblocks = [_cdiv(min(max(int(s), 0), max_len), block_n) for s in cache_seqlens]  # negative = empty
     total = sum(nblocks) + fixed_overhead * b
     payload = _cdiv(total, parts) + fixed_overhead
     meta = []
@@ -87,6 +104,8 @@ def plan_host(cache_seqlens: Sequence[int], parts: int, block_n: int = BLOCK_N,
         else:
             end_req, end_blk = req - 1, nblocks[req - 1] if req > 0 else 0
         meta.append([begin[0], begin[1], end_req, end_blk, begin[2], 0, 0, 0])
+    for r in range(req, b):  # never taken (the parts cover the batch); the GPU has the same guard
+        offsets[r + 1] = cum
     return meta, offsets
 
 

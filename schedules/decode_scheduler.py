@@ -5,7 +5,9 @@ them in shared memory, then lane 0 walks the requests once, exactly as ``plan_ho
 does.  The walk is O(b + parts) dependent scalar steps, so it must read shared
 memory, not global: from global each step would pay a full memory latency.
 Batches larger than the staging buffer are walked from global memory (same code,
-slower).  It runs on the stream with no host synchronisation, so a decode step
+slower).  Lengths are clamped to [0, max_len] (the most a request's block table or indices
+hold, as the decode kernels clamp them), and the host keeps ``max_len`` and the batch's total
+cost inside int32 (``decode_plan.check_plan_fits``), so no length can wrap the arithmetic.  It runs on the stream with no host synchronisation, so a decode step
 stays graph-capturable.
 """
 from __future__ import annotations
@@ -19,7 +21,8 @@ STAGED_REQUESTS = 8192  # block counts staged in shared memory (32 KiB, under th
 
 
 class DecodeSchedulerKernel:
-    """Computes ``sched_meta`` and ``split_offsets`` from ``cache_seqlens``.
+    """Computes ``sched_meta`` and ``split_offsets`` from ``cache_seqlens``; writes every field
+    of both, whatever the lengths.
 
     Warp roles: a single warp; all lanes reduce, lane 0 plans and writes.
     Launched as a PDL primary: it lets the decode kernel start its prologue early.
@@ -32,13 +35,13 @@ class DecodeSchedulerKernel:
 
     @cute.jit
     def __call__(self, cache_seqlens: cute.Tensor, sched_meta: cute.Tensor, split_offsets: cute.Tensor,
-                 block_n: Int32, fixed_overhead: Int32, stream: cuda.CUstream):
-        self.kernel(cache_seqlens, sched_meta, split_offsets, block_n, fixed_overhead).launch(
+                 block_n: Int32, fixed_overhead: Int32, max_len: Int32, stream: cuda.CUstream):
+        self.kernel(cache_seqlens, sched_meta, split_offsets, block_n, fixed_overhead, max_len).launch(
             grid=[1, 1, 1], block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream)
 
     @cute.kernel
     def kernel(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mOffsets: cute.Tensor,
-               block_n: Int32, fixed_overhead: Int32):
+               block_n: Int32, fixed_overhead: Int32, max_len: Int32):
         # mSeqlens (b,), mMeta (parts, 8), mOffsets (b + 1,)
         lane = cute.arch.lane_idx()
         b = mSeqlens.shape[0]
@@ -47,19 +50,19 @@ class DecodeSchedulerKernel:
         staged = b <= STAGED_REQUESTS
         total = Int32(0)
         for i in cutlass.range(lane, b, 32):
-            nb = (cutlass.max(mSeqlens[i], 0) + block_n - 1) // block_n  # negative = empty
+            nb = self.blocks_of(mSeqlens[i], block_n, max_len)
             if staged:
                 sBlocks[i] = nb
             total += nb + fixed_overhead
         total = cute.arch.warp_reduction_sum(total)
         cute.arch.sync_warp()
         if lane == 0:
-            self.plan(sBlocks, mSeqlens, staged, mMeta, mOffsets, block_n, fixed_overhead, total)
+            self.plan(sBlocks, mSeqlens, staged, mMeta, mOffsets, block_n, fixed_overhead, max_len, total)
         cute.arch.griddepcontrol_launch_dependents()
 
     @cute.jit
     def plan(self, sBlocks: cute.Tensor, mSeqlens: cute.Tensor, staged: cutlass.Boolean, mMeta: cute.Tensor,
-             mOffsets: cute.Tensor, block_n: Int32, fixed_overhead: Int32, total: Int32):
+             mOffsets: cute.Tensor, block_n: Int32, fixed_overhead: Int32, max_len: Int32, total: Int32):
         # sBlocks (b,) staged block counts, valid when `staged`; else they are derived from mSeqlens
         b = mSeqlens.shape[0]
         parts = mMeta.shape[0]
@@ -76,7 +79,7 @@ class DecodeSchedulerKernel:
             remain = payload
             done = Int32(0)
             while req < b and done == 0:
-                left = self.num_blocks(sBlocks, mSeqlens, staged, block_n, req) - blk
+                left = self.num_blocks(sBlocks, mSeqlens, staged, block_n, max_len, req) - blk
                 if remain >= left + fixed_overhead:
                     cum += split + 1
                     mOffsets[req + 1] = cum
@@ -95,21 +98,31 @@ class DecodeSchedulerKernel:
                 end_req = req - 1
                 end_blk = Int32(0)
                 if req > 0:
-                    end_blk = self.num_blocks(sBlocks, mSeqlens, staged, block_n, req - 1)
+                    end_blk = self.num_blocks(sBlocks, mSeqlens, staged, block_n, max_len, req - 1)
             mMeta[p, 2] = end_req
             mMeta[p, 3] = end_blk
             mMeta[p, 5] = 0
             mMeta[p, 6] = 0
             mMeta[p, 7] = 0
+        # The parts always cover the batch (payload * parts >= total); should a request be left
+        # over all the same, it gets no splits, so the combine reads no partial row for it.
+        for r in cutlass.range(req, b):
+            mOffsets[r + 1] = cum
 
     @cute.jit
     def num_blocks(self, sBlocks: cute.Tensor, mSeqlens: cute.Tensor, staged: cutlass.Boolean,
-                   block_n: Int32, i: Int32) -> Int32:
+                   block_n: Int32, max_len: Int32, i: Int32) -> Int32:
         # The walk is a chain of dependent steps: a staged count costs one shared load,
         # recomputing it costs a global load plus an emulated integer division.
         nb = Int32(0)
         if staged:
             nb = sBlocks[i]
         else:
-            nb = (cutlass.max(mSeqlens[i], 0) + block_n - 1) // block_n  # negative = empty
+            nb = self.blocks_of(mSeqlens[i], block_n, max_len)
         return nb
+
+    @cute.jit
+    def blocks_of(self, seqlen: Int32, block_n: Int32, max_len: Int32) -> Int32:
+        """KV blocks of a request of ``seqlen`` tokens, the length clamped to [0, max_len]
+        (negative = empty; max_len <= MAX_PLAN_LEN, so the rounding cannot wrap)."""
+        return (cutlass.min(cutlass.max(seqlen, 0), max_len) + block_n - 1) // block_n

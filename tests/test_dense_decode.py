@@ -11,30 +11,33 @@ import torch
 
 import cute_mla
 from cute_mla.reference import ref_dense_decode
-from cute_mla.testing import assert_close_named, make_paged_kv, randn_clipped, strided_view, varlen_seqlens
+from cute_mla.testing import (SHARP, SOFT, assert_close_named, data_for, make_paged_kv, randn_clipped, strided_view,
+                              varlen_seqlens)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
 
 def run_case(b, s_q, s_k, h_q, h_kv, varlen, causal, dtype=torch.bfloat16, seed=0, num_zero=0,
-             strided=False, sched_meta=None):
+             strided=False, sched_meta=None, data=SOFT):
     g = torch.Generator(device=DEV).manual_seed(seed)
     if varlen:
         lens = varlen_seqlens(b, s_k, g, min_len=1, num_zero=num_zero)
     else:
         lens = torch.full((b,), s_k, dtype=torch.int32)
         lens[:num_zero] = 0
-    kv = make_paged_kv(lens, 64, h_kv, 576, g, dtype=dtype)
-    q = randn_clipped((b, s_q, h_q, 576), g, dtype=dtype)
+    kv = make_paged_kv(lens, 64, h_kv, 576, g, dtype=dtype, data=data)
+    q = data.values((b, s_q, h_q, 576), g, dtype=dtype)
+    scale = data.softmax_scale(576)
     block_table = kv.block_table
     if strided:
         q = strided_view(q, dim=2)
         block_table = strided_view(block_table, dim=0)
     meta = sched_meta if sched_meta is not None else cute_mla.get_mla_metadata()[0]
     out, lse = cute_mla.flash_mla_with_kvcache(q, kv.k_cache, block_table, kv.cache_seqlens, 512, meta,
-                                               causal=causal)
-    ref_out, ref_lse = ref_dense_decode(q, kv.k_cache, kv.block_table, kv.cache_seqlens, 512, causal=causal)
+                                               softmax_scale=scale, causal=causal)
+    ref_out, ref_lse = ref_dense_decode(q, kv.k_cache, kv.block_table, kv.cache_seqlens, 512, softmax_scale=scale,
+                                        causal=causal)
     assert out.dtype == dtype and tuple(out.shape) == (b, s_q, h_q, 512)
     assert_close_named("dense_decode_out", out.float(), ref_out)
     assert_close_named("decode_lse", lse, ref_lse)
@@ -63,18 +66,22 @@ FAST = [
 ]
 
 
+def _id(c):
+    return "b{}-sq{}-sk{}-h{}-kv{}-{}-{}".format(*c[:5], "var" if c[5] else "fix", "causal" if c[6] else "full")
+
+
+@pytest.mark.parametrize("data", [SOFT, *SHARP], ids=lambda d: d.name)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", FAST, ids=lambda c: "b{}-sq{}-sk{}-h{}-kv{}-{}-{}".format(
-    *c[:5], "var" if c[5] else "fix", "causal" if c[6] else "full"))
-def test_dense_decode_fast(case, dtype):
-    run_case(*case, dtype=dtype, seed=hash(case) % 1000)
+@pytest.mark.parametrize("case", FAST, ids=_id)
+def test_dense_decode_fast(case, dtype, data):
+    run_case(*case, dtype=dtype, seed=hash(case) % 1000, data=data)
 
 
 @pytest.mark.full
-@pytest.mark.parametrize("case", FULL_GRID, ids=lambda c: "b{}-sq{}-sk{}-h{}-kv{}-{}-{}".format(
-    *c[:5], "var" if c[5] else "fix", "causal" if c[6] else "full"))
-def test_dense_decode_full_grid(case):
-    run_case(*case, dtype=torch.bfloat16 if hash(case) % 2 else torch.float16, seed=hash(case) % 1000)
+@pytest.mark.parametrize("i,case", list(enumerate(FULL_GRID)), ids=[_id(c) for c in FULL_GRID])
+def test_dense_decode_full_grid(i, case):
+    run_case(*case, dtype=torch.bfloat16 if hash(case) % 2 else torch.float16, seed=hash(case) % 1000,
+             data=data_for(i))
 
 
 def test_zero_length_requests_b128():
@@ -100,14 +107,14 @@ def test_deterministic_over_five_runs_and_meta_reuse():
         else:
             assert torch.equal(out.view(torch.int16), first[0].view(torch.int16))
             assert torch.equal(lse.view(torch.int32), first[1].view(torch.int32))
-    # another layer's cache and queries, same shapes and lengths: reuse is valid
+    # another layer's cache and queries, same shapes and the same lengths tensor: reuse is valid
     kv2 = make_paged_kv(lens, 64, 1, 576, g)
     q2 = randn_clipped((16, 2, 128, 576), g)
-    out2, lse2 = cute_mla.flash_mla_with_kvcache(q2, kv2.k_cache, kv2.block_table, kv2.cache_seqlens, 512, meta)
-    ref_out, ref_lse = ref_dense_decode(q2, kv2.k_cache, kv2.block_table, kv2.cache_seqlens, 512)
+    out2, lse2 = cute_mla.flash_mla_with_kvcache(q2, kv2.k_cache, kv2.block_table, kv.cache_seqlens, 512, meta)
+    ref_out, ref_lse = ref_dense_decode(q2, kv2.k_cache, kv2.block_table, kv.cache_seqlens, 512)
     assert_close_named("dense_decode_out", out2.float(), ref_out)
     with pytest.raises(ValueError, match="s_q"):
-        cute_mla.flash_mla_with_kvcache(q2[:, :1], kv2.k_cache, kv2.block_table, kv2.cache_seqlens, 512, meta)
+        cute_mla.flash_mla_with_kvcache(q2[:, :1], kv2.k_cache, kv2.block_table, kv.cache_seqlens, 512, meta)
 
 
 def test_cuda_graph_capture():

@@ -399,3 +399,36 @@ def test_small_helpers():
         s = T.strided_view(t, dim)
         assert torch.equal(s, t) and not s.is_contiguous()
     assert T.strided_view(t, 1).stride(-1) == 1
+
+
+def _uniform_decode(k_cache, block_table, lens, s_q, h_q):
+    """out of an 'attention' that ignores q: the mean of each request's V rows."""
+    outs = []
+    for i, n in enumerate(lens.tolist()):
+        pages = block_table[i, :-(-n // 64)].long()
+        v = k_cache[pages].reshape(-1, k_cache.shape[-1])[:n, :512].float()
+        outs.append(v.mean(0).expand(s_q, h_q, 512))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("data", T.SHARP, ids=lambda d: d.name)
+def test_comparator_fails_wrong_scale_and_uniform_attention_on_sharp_data(data):
+    """On the sharp test data (logit std 3 and 6) the GPU tests' comparator rejects a reference whose
+    softmax scale is 5% off, and an output that averages V uniformly; on SPEC's soft data (logit std
+    ~0.01) the 5%-off out passes (and only the cosine bound tells a uniform one), which is why every
+    GPU grid also runs sharp cases."""
+    def outcome(d):
+        g = gen(21)
+        kv = T.make_paged_kv([300, 130, 64], 64, 1, 576, g, data=d)
+        q = d.values((3, 1, 16, 576), g)
+        scale = d.softmax_scale(576)
+        out, lse = R.ref_dense_decode(q, kv.k_cache, kv.block_table, kv.cache_seqlens, softmax_scale=scale)
+        off_out, off_lse = R.ref_dense_decode(q, kv.k_cache, kv.block_table, kv.cache_seqlens,
+                                              softmax_scale=scale * 1.05)
+        uniform = _uniform_decode(kv.k_cache, kv.block_table, kv.cache_seqlens, 1, 16)
+        tol = T.TOLERANCES["dense_decode_out"]
+        return (T.check_close("off", off_out, out, *tol).ok, T.check_close("uniform", uniform, out, *tol).ok,
+                T.check_close("off_lse", off_lse, lse, *T.TOLERANCES["decode_lse"]).ok)
+
+    assert outcome(data) == (False, False, False)
+    assert outcome(T.SOFT)[0]

@@ -34,7 +34,8 @@ import torch
 import cute_mla
 from cute_mla import ops, quant, registry
 from cute_mla.reference import ref_sparse_decode
-from cute_mla.testing import assert_close_named, make_paged_kv, randn_clipped, strided_view, varlen_seqlens
+from cute_mla.testing import (SOFT, assert_close_named, data_for, make_paged_kv, randn_clipped, strided_view,
+                              varlen_seqlens)
 from layouts.kv_cache import UE8M0_NAN, format_for_dqk
 
 pytestmark = pytest.mark.gpu
@@ -86,10 +87,10 @@ def make_lengths(b, topk, g, mode):
     return lens
 
 
-def make_source(b, s_q, s_k, topk, pbs, d_qk, g, lengths=None, all_invalid=False, pad=0):
+def make_source(b, s_q, s_k, topk, pbs, d_qk, g, lengths=None, all_invalid=False, pad=0, data=SOFT):
     """A poisoned FP8 paged cache of b varlen requests and its indices (see the module docstring)."""
     seqlens = varlen_seqlens(b, s_k, g, min_len=1, max_len=2 * s_k)
-    kv = make_paged_kv(seqlens, pbs, 1, d_qk, g, num_spare_blocks=3)  # bf16; page tails, spare blocks NaN
+    kv = make_paged_kv(seqlens, pbs, 1, d_qk, g, num_spare_blocks=3, data=data)  # page tails, spare blocks NaN
     n_rows = kv.k_cache.shape[0] * pbs
     seq = seqlens.to(DEV).long().view(b, 1, 1)
     L = int(seqlens.max())
@@ -133,9 +134,9 @@ def make_sparse_decode_inputs(b, s_q, h_q, d_qk, main, g, sink=False, lengths=No
     """q, the main Source, the extra Source (or None) and attn_sink (or None).
 
     main / extra = (s_k, topk, page_block_size); lengths: topk_length mode for both (see make_lengths);
-    src_kw: all_invalid, pad (extra bytes of block stride).
+    src_kw: all_invalid, pad (extra bytes of block stride), data (how values are drawn; SOFT).
     """
-    q = randn_clipped((b, s_q, h_q, d_qk), g)
+    q = src_kw.get("data", SOFT).values((b, s_q, h_q, d_qk), g)
     src = make_source(b, s_q, *main, d_qk, g, lengths, **src_kw)
     xsrc = make_source(b, s_q, *extra, d_qk, g, lengths, **src_kw) if extra else None
     attn_sink = None
@@ -156,21 +157,23 @@ def call(q, src, xsrc, sink, meta=None, cache=None, xcache=None, softmax_scale=N
         extra_indices_in_kvcache=x.indices, topk_length=src.lengths, extra_topk_length=x.lengths)
 
 
-def check(q, src, xsrc, sink, out, lse):
+def check(q, src, xsrc, sink, out, lse, softmax_scale=None):
     b, s_q, h_q, _ = q.shape
     assert out.dtype == torch.bfloat16 and tuple(out.shape) == (b, s_q, h_q, 512)
     assert lse.dtype == torch.float32 and tuple(lse.shape) == (b, h_q, s_q)
     x = xsrc or NO_SOURCE
-    ref_out, ref_lse = ref_sparse_decode(q, src.deq, src.indices, src.lengths, sink, x.deq, x.indices, x.lengths)
+    ref_out, ref_lse = ref_sparse_decode(q, src.deq, src.indices, src.lengths, sink, x.deq, x.indices, x.lengths,
+                                         softmax_scale=softmax_scale)
     assert_close_named("sparse_decode_out", out.float(), ref_out)
     assert_close_named("sparse_decode_lse", lse, ref_lse)
 
 
-def run_case(b, s_q, h_q, d_qk, main, seed=0, **kw):
+def run_case(b, s_q, h_q, d_qk, main, seed=0, data=SOFT, **kw):
     g = torch.Generator(device=DEV).manual_seed(seed)
-    q, src, xsrc, sink = make_sparse_decode_inputs(b, s_q, h_q, d_qk, main, g, **kw)
-    out, lse = call(q, src, xsrc, sink)
-    check(q, src, xsrc, sink, out, lse)
+    q, src, xsrc, sink = make_sparse_decode_inputs(b, s_q, h_q, d_qk, main, g, data=data, **kw)
+    scale = data.softmax_scale(d_qk)
+    out, lse = call(q, src, xsrc, sink, softmax_scale=scale)
+    check(q, src, xsrc, sink, out, lse, softmax_scale=scale)
     return out, lse
 
 
@@ -211,10 +214,15 @@ def _id(c):
             + ("-len" if lens else "") + (f"-x{x[0]}-{x[1]}-{x[2]}" if x else ""))
 
 
-def _run(c):
+def _run(c, data):
     d, h, b, s_q, t, sink, lens, x = c
     run_case(b, s_q, h, d, t, seed=zlib.crc32(_id(c).encode()), sink=sink,
-             lengths="random" if lens else None, extra=x)
+             lengths="random" if lens else None, extra=x, data=data)
+
+
+def _grid(cases):
+    """(case, data) pairs: every third case on sharp logits (cute_mla.testing.data_for)."""
+    return [pytest.param(c, data_for(i), id=f"{_id(c)}-{data_for(i).name}") for i, c in enumerate(cases)]
 
 
 @pytest.mark.parametrize("case", [FAST[1], FAST[3], FAST[5], FAST[7]], ids=_id)
@@ -235,15 +243,15 @@ def test_out_matches_exact_dequantisation(case):
     assert_close_named("sparse_decode_out", out.float(), ref_out)
 
 
-@pytest.mark.parametrize("case", FAST, ids=_id)
-def test_sparse_decode_fast(case):
-    _run(case)
+@pytest.mark.parametrize("case,data", _grid(FAST))
+def test_sparse_decode_fast(case, data):
+    _run(case, data)
 
 
 @pytest.mark.full
-@pytest.mark.parametrize("case", FULL_GRID, ids=_id)
-def test_sparse_decode_full_grid(case):
-    _run(case)
+@pytest.mark.parametrize("case,data", _grid(FULL_GRID))
+def test_sparse_decode_full_grid(case, data):
+    _run(case, data)
 
 
 @pytest.mark.parametrize("matmul", ["bf16"], indirect=True)

@@ -13,7 +13,7 @@ import torch
 
 import cute_mla
 from cute_mla.reference import ref_sparse_prefill
-from cute_mla.testing import assert_close_named, randn_clipped, strided_view
+from cute_mla.testing import SOFT, assert_close_named, data_for, randn_clipped, strided_view
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -25,13 +25,13 @@ def invalid_values(s_kv):
 
 
 def make_inputs(s_q, s_kv, topk, h_q, d_qk, g, invalid_frac=0.1, all_invalid=False, sink=False,
-                topk_length=False, strided=False):
-    q = randn_clipped((s_q, h_q, d_qk), g)
+                topk_length=False, strided=False, data=SOFT):
+    q = data.values((s_q, h_q, d_qk), g)
     # kv rows [0, s_kv) are the tensor; 64 NaN rows follow it in memory
     pad = 16 if strided else 0
     buf = torch.full((s_kv + 64, 1, d_qk + pad), float("nan"), dtype=torch.bfloat16, device=DEV)
     kv = buf[:s_kv, :, :d_qk]
-    kv.copy_(randn_clipped((s_kv, 1, d_qk), g))
+    kv.copy_(data.values((s_kv, 1, d_qk), g))
     # distinct valid rows per token (a random permutation prefix), -1 where topk > s_kv
     n_sel = min(topk, s_kv)
     perm = torch.rand(s_q, s_kv, generator=g, device=DEV).argsort(dim=1)[:, :n_sel]
@@ -66,10 +66,10 @@ def make_inputs(s_q, s_kv, topk, h_q, d_qk, g, invalid_frac=0.1, all_invalid=Fal
     return q, kv, indices, attn_sink, lengths
 
 
-def run_case(s_q, s_kv, topk, h_q, d_qk, seed=0, **kw):
+def run_case(s_q, s_kv, topk, h_q, d_qk, seed=0, data=SOFT, **kw):
     g = torch.Generator(device=DEV).manual_seed(seed)
-    q, kv, indices, sink, lengths = make_inputs(s_q, s_kv, topk, h_q, d_qk, g, **kw)
-    scale = d_qk ** -0.5
+    q, kv, indices, sink, lengths = make_inputs(s_q, s_kv, topk, h_q, d_qk, g, data=data, **kw)
+    scale = data.softmax_scale(d_qk)
     out, mx, lse = cute_mla.flash_mla_sparse_fwd(q, kv, indices, scale, attn_sink=sink, topk_length=lengths)
     ref_out, ref_mx, ref_lse = ref_sparse_prefill(q, kv, indices, scale, attn_sink=sink, topk_length=lengths)
     assert out.dtype == torch.bfloat16 and tuple(out.shape) == (s_q, h_q, 512)
@@ -99,17 +99,22 @@ def _id(c):
     return "sq{}-skv{}-topk{}-h{}-d{}".format(*c[:5]) + ("-sink-len" if c[5] else "")
 
 
-@pytest.mark.parametrize("case", FAST, ids=_id)
-def test_sparse_prefill_fast(case):
+def _grid(cases):
+    """(case, data) pairs: every third case on sharp logits (cute_mla.testing.data_for)."""
+    return [pytest.param(c, data_for(i), id=f"{_id(c)}-{data_for(i).name}") for i, c in enumerate(cases)]
+
+
+@pytest.mark.parametrize("case,data", _grid(FAST))
+def test_sparse_prefill_fast(case, data):
     *shape, extras = case
-    run_case(*shape, seed=hash(case) % 1000, sink=extras, topk_length=extras)
+    run_case(*shape, seed=hash(case) % 1000, sink=extras, topk_length=extras, data=data)
 
 
 @pytest.mark.full
-@pytest.mark.parametrize("case", FULL_GRID, ids=_id)
-def test_sparse_prefill_full_grid(case):
+@pytest.mark.parametrize("case,data", _grid(FULL_GRID))
+def test_sparse_prefill_full_grid(case, data):
     *shape, extras = case
-    run_case(*shape, seed=hash(case) % 1000, sink=extras, topk_length=extras)
+    run_case(*shape, seed=hash(case) % 1000, sink=extras, topk_length=extras, data=data)
 
 
 @pytest.mark.parametrize("d_qk", [576, 512])

@@ -72,8 +72,11 @@ class CombineKernel:
         # Everything above is independent of the producer; partials are read only after it.
         cute.arch.griddepcontrol_wait()
         if h < h_q:
-            start = mSplitOffsets[ib]
-            n = mSplitOffsets[ib + 1] - start
+            # Offsets are clamped into the partials buffer: no schedule, however wrong, makes
+            # the combine read outside it.
+            rows = mOAccum.shape[0]
+            start = cutlass.min(cutlass.max(mSplitOffsets[ib], 0), rows)
+            n = cutlass.min(cutlass.max(mSplitOffsets[ib + 1], start), rows) - start
             if not (skip_single_split != 0 and n == 1):
                 self.combine_row(mOAccum, mLseAccum, mSink, mOut, mLse, has_sink, start, n, ib, iq, h, lane)
 
