@@ -48,16 +48,19 @@ def scale_value(name: str, value) -> float:
 
 
 def plan_decode(cache_seqlens: torch.Tensor, num_parts: int, block_n: int = decode_plan.BLOCK_N,
-                fixed_overhead: int = decode_plan.FIXED_OVERHEAD_BLOCKS, max_len: int = decode_plan.MAX_PLAN_LEN):
+                fixed_overhead: int = decode_plan.FIXED_OVERHEAD_BLOCKS, max_len: Optional[int] = None):
     """Run the split-KV scheduler on the GPU: returns (sched_meta [parts, 8], split_offsets [b + 1]).
 
-    Lengths are clamped to [0, max_len].  Enqueued on the current stream with no host sync;
+    Lengths are clamped to [0, max_len] (default: the most the plan's int32 arithmetic can
+    hold for this batch, ``decode_plan.max_plan_len``).  Enqueued on the current stream with no host sync;
     the decode kernel that follows may start early (it is a PDL dependent of this one).
     """
     _check_int32_vector("cache_seqlens", cache_seqlens)
     _require(cache_seqlens.is_contiguous(), "cache_seqlens must be contiguous")
     _require(num_parts >= 1, f"num_parts must be >= 1, got {num_parts}")
     b = cache_seqlens.shape[0]
+    if max_len is None:
+        max_len = decode_plan.max_plan_len(b, num_parts, block_n, fixed_overhead)
     decode_plan.check_plan_fits(b, max_len, num_parts, block_n, fixed_overhead)
     dev = cache_seqlens.device
     sched_meta = torch.empty(num_parts, decode_plan.SCHED_META_FIELDS, dtype=torch.int32, device=dev)

@@ -182,9 +182,10 @@ def assert_close(name: str, actual: torch.Tensor, ref: torch.Tensor, abs_tol: fl
 
 
 def assert_close_named(kind: str, actual: torch.Tensor, ref: torch.Tensor,
-                       name: Optional[str] = None) -> CloseResult:
-    """assert_close with the tolerances TOLERANCES[kind] (e.g. "sparse_decode_out", "decode_lse")."""
-    tol = TOLERANCES[kind]
+                       name: Optional[str] = None, data: Optional["Data"] = None) -> CloseResult:
+    """assert_close with the tolerances TOLERANCES[kind] (e.g. "sparse_decode_out", "decode_lse"),
+    for inputs drawn as ``data`` says (default SOFT, SPEC's data; see ``Data.tolerance``)."""
+    tol = (data or SOFT).tolerance(kind)
     return assert_close(name or kind, actual, ref, tol.abs, tol.rel, tol.cos)
 
 
@@ -212,6 +213,29 @@ class Data(NamedTuple):
 
     def softmax_scale(self, d_qk: int) -> float:
         return self.softmax * d_qk ** -0.5
+
+    @property
+    def logit_std(self) -> float:
+        """About the std of the scaled logits q.k * softmax_scale (values of std ``scale``)."""
+        return self.softmax * self.scale ** 2
+
+    def tolerance(self, kind: str) -> Tolerance:
+        """SPEC section 5's bar for ``kind``.  SPEC states it for its data (SOFT): there the
+        absolute bars sit at a fixed fraction of what they measure, and they keep that fraction
+        here: an output's (a weighted sum of V rows) scales with V's values, an lse's or
+        max_logits' with the logits' std.  Relative and cosine bars are unchanged.
+
+        Measured on an H200 (2026-12-04) with SOFT's bars on sharp data: outputs of ~0.02 made of
+        cancelling terms with |V| up to 4 were off by up to 8.6e-3 (bf16-rounded probabilities
+        times V), and lse near 0 by up to 6.7e-6 (float32 sums of logits of magnitude ~10-30) in
+        both the kernels and the reference.  A 5% wrong scale or a uniform average still misses
+        the scaled bars by far (test_reference)."""
+        tol = TOLERANCES[kind]
+        if kind.endswith("_out"):
+            return tol._replace(abs=tol.abs * self.scale / SOFT.scale)
+        if kind.endswith(("_lse", "_max_logits")):
+            return tol._replace(abs=tol.abs * self.logit_std / SOFT.logit_std)
+        return tol
 
 
 # SPEC section 5's data: logits with a std of about 0.01, so attention is nearly uniform.

@@ -71,6 +71,12 @@ def check_plan_fits(b: int, max_len: int, parts: int, block_n: int = BLOCK_N,
                          f"({worst} >= 2^31); split the batch")
 
 
+def max_plan_len(b: int, parts: int, block_n: int = BLOCK_N, fixed_overhead: int = FIXED_OVERHEAD_BLOCKS) -> int:
+    """The largest ``max_len`` that ``check_plan_fits`` accepts for ``b`` requests."""
+    room = (2**31 - 1 - parts * fixed_overhead - b - parts) // max(b, 1) - fixed_overhead
+    return max(0, min(MAX_PLAN_LEN, room * block_n))
+
+
 def plan_host(cache_seqlens: Sequence[int], parts: int, block_n: int = BLOCK_N,
               fixed_overhead: int = FIXED_OVERHEAD_BLOCKS,
               max_len: int = MAX_PLAN_LEN) -> tuple[list[list[int]], list[int]]:

@@ -16,8 +16,8 @@ import cute_mla
 from cute_mla import launcher, ops
 from cute_mla.reference import ref_dense_decode
 from cute_mla.testing import assert_close_named, make_paged_kv, randn_clipped
-from schedules.decode_plan import (BLOCK_N, FIXED_OVERHEAD_BLOCKS, MAX_PLAN_LEN, check_plan_fits, part_work,
-                                   plan_host)
+from schedules.decode_plan import (BLOCK_N, FIXED_OVERHEAD_BLOCKS, MAX_PLAN_LEN, check_plan_fits, max_plan_len,
+                                   part_work, plan_host)
 
 DEV = "cuda"
 D_V = 512
@@ -29,7 +29,7 @@ gpu = pytest.mark.gpu
 def test_host_plan_clamps_lengths_that_would_wrap_int32():
     """Lengths past max_len count as max_len; every request is planned and every offset written."""
     lens = [HUGE[0], 300, HUGE[1], 0, 77]
-    for max_len in (448, MAX_PLAN_LEN):
+    for max_len in (448, MAX_PLAN_LEN, max_plan_len(5, 132)):
         meta, offsets = plan_host(lens, 132, max_len=max_len)
         nblocks = [-(-min(max(s, 0), max_len) // BLOCK_N) for s in lens]
         covered = [0] * len(lens)
@@ -42,6 +42,10 @@ def test_host_plan_clamps_lengths_that_would_wrap_int32():
 
 def test_plan_bounds_refuse_what_would_overflow():
     check_plan_fits(4, MAX_PLAN_LEN, 132)  # four requests of 2^31 tokens: fine
+    for b in (1, 64, 9000):
+        check_plan_fits(b, max_plan_len(b, 132), 132)
+        with pytest.raises(ValueError):
+            check_plan_fits(b, max_plan_len(b, 132) + 64 * b, 132)
     with pytest.raises(ValueError, match="at most"):
         check_plan_fits(1, MAX_PLAN_LEN + 1, 132)
     with pytest.raises(ValueError, match="split the batch"):
@@ -72,9 +76,9 @@ def test_scale_value_accepts_python_numpy_and_0d_cpu_tensors(value):
 
 
 # ------------------------------------------------------------------------------------------------ GPU
-def dense(seed=0, lens=(300, 77, 130, 1), h_q=64, s_q=2, device=DEV):
+def dense(seed=0, lens=(300, 77, 130, 1), h_q=64, s_q=2, device=DEV, poison=True):
     g = torch.Generator(device=device).manual_seed(seed)
-    kv = make_paged_kv(list(lens), 64, 1, 576, g)
+    kv = make_paged_kv(list(lens), 64, 1, 576, g, poison=poison)
     return {"q": randn_clipped((len(lens), s_q, h_q, 576), g, scale=1.0), "k_cache": kv.k_cache,
             "block_table": kv.block_table, "cache_seqlens": kv.cache_seqlens}
 
@@ -117,7 +121,7 @@ def test_lengths_near_int32_max_leave_the_other_requests_intact():
 
 @gpu
 def test_reused_metadata_after_the_lengths_changed_raises():
-    x = dense(2)
+    x = dense(2, poison=False)  # the lengths grow below into rows that must hold real keys
     meta, _ = cute_mla.get_mla_metadata()
     first = dense_call(x, meta)
     again = dense_call(dict(x, cache_seqlens=x["cache_seqlens"][:]), meta)  # a view: same memory, same version
