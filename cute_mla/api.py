@@ -18,8 +18,8 @@ import torch
 from cute_mla import ops, plans, registry
 from cute_mla.ops import _require as need  # ValueError(msg) unless cond
 from cute_mla.sched_meta import FlashMLASchedMeta, get_mla_metadata
-from layouts.kv_cache import BLOCK_STRIDE_ALIGN, format_for_dqk
-from schedules import decode_plan
+from cute_mla.layouts.kv_cache import BLOCK_STRIDE_ALIGN, format_for_dqk
+from cute_mla.schedules import decode_plan
 
 __all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache", "flash_mla_sparse_fwd",
            "flatten_sparse_prefill_batch", "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func",

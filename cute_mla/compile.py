@@ -1,13 +1,15 @@
 """Ahead-of-time compilation of every registered kernel variant to cubins.
 
-    python -m cute_mla.compile [--arch sm_90a sm_100a] [--out DIR] [--only NAME ...] [--force]
+    python -m cute_mla.compile [--arch sm_90a sm_100a] [--out DIR] [--only NAME ...] [--force] [--list]
 
 Runs on a machine with no GPU (the CuTe DSL cross-compiles).  Per arch it writes
 ``<out>/<arch>/<key>.cubin`` and ``<out>/<arch>/manifest.json`` with each
 variant's kernel symbol, parameter ABI (sizes/alignments as the PTX declares
 them, checked against ``layouts.operands``), block and cluster dims, dynamic
-shared memory, PDL use, DSL version and a fingerprint of its sources.  A variant
-whose fingerprint is unchanged and whose cubin exists is skipped.
+shared memory, PDL use, DSL version, the modules it is built from (its import
+closure) and their fingerprint.  A variant whose fingerprint is unchanged and whose
+cubin exists is skipped; the launcher refuses one whose fingerprint no longer
+matches the sources beside it.
 """
 from __future__ import annotations
 
@@ -23,11 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from cute_mla import registry
+from cute_mla import registry, sources
 from cute_mla.launcher import DEFAULT_CUBIN_DIR as DEFAULT_OUT
-from layouts import abi
+from cute_mla.layouts import abi
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DSL_PIN = "4.8.1"
 
 
@@ -41,17 +42,11 @@ def _dsl_version() -> str:
     return getattr(cutlass, "__version__", "unknown")
 
 
-def fingerprint(kd: registry.KernelDef, config: dict, arch: str, dsl_version: str) -> str:
-    """Hash of everything that decides the cubin: sources, ABI, config, arch, DSL version."""
-    h = hashlib.sha256()
-    module = kd.source.split(":")[0]
-    files = [module.replace(".", "/") + ".py", *kd.deps]
-    for f in files:
-        h.update(f.encode())
-        h.update((REPO_ROOT / f).read_bytes())
-    h.update(repr(kd.abi(config)).encode())
-    h.update(json.dumps([kd.source, config, arch, dsl_version], sort_keys=True).encode())
-    return h.hexdigest()[:16]
+def fingerprint(kd: registry.KernelDef, config: dict, arch: str, dsl_version: str) -> tuple[str, tuple[str, ...]]:
+    """(fingerprint, modules) of a variant: the hash of everything that decides its cubin, and the
+    modules it is built from, derived from the imports (``cute_mla.sources``)."""
+    modules = sources.variant_modules(kd.source)
+    return sources.fingerprint(kd.source, kd.abi(config), config, arch, dsl_version, modules), modules
 
 
 _ENTRY = re.compile(r"\.entry\s+(\S+)\s*\((.*?)\)", re.S)
@@ -106,7 +101,7 @@ def compile_variant(kd: registry.KernelDef, config: dict, arch: str) -> tuple[by
     """Compile one variant; returns (cubin bytes, manifest entry without fingerprint)."""
     import cutlass.cute as cute
 
-    from kernels.common.fake import fake_args
+    from cute_mla.kernels.common.fake import fake_args
 
     mod_name, cls_name = kd.source.split(":")
     cls = getattr(importlib.import_module(mod_name), cls_name)
@@ -166,7 +161,7 @@ def build(archs, out: Path, only=None, force: bool = False, log=print) -> int:
         arch_dir.mkdir(parents=True, exist_ok=True)
         manifest = manifests.setdefault(arch, load_manifest(arch_dir))
         key = kd.key(cfg)
-        fp = fingerprint(kd, cfg, arch, dsl_version)
+        fp, modules = fingerprint(kd, cfg, arch, dsl_version)
         old = manifest["kernels"].get(key)
         tag = f"[{i}/{len(todo)}] {arch} {key}"
         if not force and old and old.get("fingerprint") == fp and (arch_dir / old["cubin"]).exists():
@@ -178,6 +173,7 @@ def build(archs, out: Path, only=None, force: bool = False, log=print) -> int:
         except Exception as e:  # name the variant whatever went wrong inside the DSL
             raise CompileError(f"{tag}: compilation failed: {type(e).__name__}: {e}") from e
         entry["fingerprint"] = fp
+        entry["sources"] = list(modules)
         entry["cubin"] = f"{key}.cubin"
         (arch_dir / entry["cubin"]).write_bytes(cubin)
         manifest["kernels"][key] = entry
@@ -187,13 +183,29 @@ def build(archs, out: Path, only=None, force: bool = False, log=print) -> int:
     return built
 
 
+def list_variants(archs, only=None, out=print) -> None:
+    """Print each arch's variant keys with their kernel's names (what ``--only`` accepts)."""
+    for arch in archs:
+        out(f"{arch}:")
+        for kd, cfg, _ in registry.variants(arch, only):
+            names = kd.name if kd.perf_name in (None, kd.name) else f"{kd.name}, {kd.perf_name}"
+            out(f"  {kd.key(cfg):48s} ({names})")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cute_mla.compile", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", nargs="+", default=list(registry.ARCHS), choices=registry.ARCHS)
+    p.add_argument("--arch", nargs="+", default=list(registry.ARCHS), choices=registry.ARCHS, metavar="ARCH",
+                   help=f"architectures to build, of {', '.join(registry.ARCHS)} (default: all of them)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    p.add_argument("--only", nargs="+", help="kernel names or variant keys to build")
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="kernel names (as here or as `python -m perf --list` prints them) or variant keys "
+                        "to build; see --list")
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.add_argument("--list", action="store_true", help="print the variants per arch and exit")
     a = p.parse_args(argv)
+    if a.list:
+        list_variants(a.arch, a.only)
+        return 0
     t0 = time.time()
     try:
         n = build(a.arch, a.out, a.only, a.force, log=lambda s: print(s, flush=True))

@@ -15,7 +15,7 @@ import struct
 import threading
 from typing import Any
 
-from layouts.abi import DTYPES, AbiError, TmaArg
+from cute_mla.layouts.abi import DTYPES, AbiError, TmaArg
 
 
 _driver = None

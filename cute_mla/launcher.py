@@ -26,8 +26,8 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cute_mla import driver, registry
-from layouts import abi
+from cute_mla import driver, registry, sources
+from cute_mla.layouts import abi
 
 CUBIN_DIR_ENV = "CUTE_MLA_CUBIN_DIR"
 DEFAULT_CUBIN_DIR = Path(__file__).resolve().parent / "_cubins"
@@ -59,6 +59,21 @@ def arch_for_device(device_index: int) -> str:
         raise UnsupportedDevice(
             f"{torch.cuda.get_device_name(device_index)} has compute capability {cc[0]}.{cc[1]}; "
             f"cute-mla supports {supported}") from None
+
+
+def check_fresh(key: str, kd: registry.KernelDef, config: Mapping[str, Any], arch: str,
+                entry: Mapping[str, Any]) -> None:
+    """Raise CubinsNotBuilt unless manifest ``entry`` was compiled from the sources beside it: its
+    fingerprint is recomputed from the modules it lists (``cute_mla.sources``; about a millisecond
+    a variant, once per process)."""
+    modules = tuple(entry.get("sources") or ())
+    try:
+        fp = sources.fingerprint(kd.source, kd.abi(config), dict(config), arch, entry.get("dsl_version"), modules)
+    except (OSError, AttributeError, ImportError):  # a module it was built from is gone
+        fp = None
+    if not modules or fp != entry.get("fingerprint"):
+        raise CubinsNotBuilt(f"{key}: the cubin is stale: the sources beside it are not the ones it was compiled "
+                             f"from (fingerprint {fp} != {entry.get('fingerprint')}); {BUILD_HINT}")
 
 
 class LoadedKernel:
@@ -111,6 +126,7 @@ class _DeviceKernels:
         if entry["params"] != abi.param_layout(spec):
             raise CubinsNotBuilt(f"{key}: the manifest's parameters (names, sizes, alignments) differ from this "
                                  f"cute-mla's layouts.operands; {BUILD_HINT}")
+        check_fresh(key, kd, config, self.arch, entry)
         data = (self.dir / entry["cubin"]).read_bytes()
         with driver.DeviceContext(driver.primary_context(self.device_index)):
             module = driver.check(drv.cuModuleLoadData(data), f"cuModuleLoadData({entry['cubin']})")

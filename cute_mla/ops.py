@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from cute_mla import launcher, registry
-from schedules import decode_plan
+from cute_mla.schedules import decode_plan
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # torch dtype -> kernel variant dtype
 

@@ -24,8 +24,8 @@ import torch
 from cute_mla import driver, launcher
 from cute_mla.ops import DTYPE_NAMES
 from cute_mla.sched_meta import FlashMLASchedMeta, require_sched_meta
-from layouts.operands import D_V, PAGE_BLOCK_SIZE
-from schedules import decode_plan
+from cute_mla.layouts.operands import D_V, PAGE_BLOCK_SIZE
+from cute_mla.schedules import decode_plan
 
 
 def signature(names: tuple[str, ...], tensors: tuple) -> tuple[tuple, dict[str, int]]:

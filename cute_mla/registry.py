@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from layouts import operands
+from cute_mla.layouts import operands
 
 ARCHS = ("sm_90a", "sm_100a")
 # compute capability (major, minor) -> cubin architecture
@@ -25,8 +25,8 @@ class KernelDef:
     archs: tuple[str, ...]
     args: Callable[..., tuple]  # config -> ABI spec tuple
     variants: tuple[Mapping[str, Any], ...] = ({},)
-    # extra source files (besides the class's module) whose edits must trigger a rebuild
-    deps: tuple[str, ...] = ()
+    # the name the perf harness reports it under (``perf.cases.KERNELS``), where it differs
+    perf_name: str | None = None
 
     def abi(self, config: Mapping[str, Any]) -> tuple:
         return self.args(**config)
@@ -46,71 +46,60 @@ def variant_key(name: str, config: Mapping[str, Any]) -> str:
 SPARSE_DECODE_MATMULS = ("f16", "bf16")
 SPARSE_DECODE_MATMUL_ENV = "CUTE_MLA_SPARSE_DECODE_MATMUL"
 
-_COMMON_DEPS = ("kernels/common/fake.py", "kernels/common/dtypes.py", "kernels/common/softmax.py",
-                "layouts/abi.py", "layouts/operands.py")
 
 KERNELS: tuple[KernelDef, ...] = (
     KernelDef(
         name="dense_decode_sm90",
-        source="kernels.sm90.dense_decode:DenseDecodeSm90",
+        perf_name="dense_decode",
+        source="cute_mla.kernels.sm90.dense_decode:DenseDecodeSm90",
         archs=("sm_90a",),
         args=operands.dense_decode_args,
         variants=({"dtype": "bf16"}, {"dtype": "fp16"}),
-        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py", "kernels/common/gmem.py",
-                             "schedules/decode_plan.py", "kernels/sm90/mla_consumers.py", "kernels/sm90/seesaw.py",
-                             "kernels/sm90/split_kv_decode.py"),
     ),
     KernelDef(
         name="sparse_prefill_sm90",
-        source="kernels.sm90.sparse_prefill:SparsePrefillSm90",
+        perf_name="sparse_prefill",
+        source="cute_mla.kernels.sm90.sparse_prefill:SparsePrefillSm90",
         archs=("sm_90a",),
         args=operands.sparse_prefill_args,
         variants=({"d_qk": 576}, {"d_qk": 512}),
-        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py", "kernels/common/gmem.py",
-                             "kernels/sm90/mla_consumers.py"),
     ),
     KernelDef(
         name="sparse_decode_sm90",
-        source="kernels.sm90.sparse_decode:SparseDecodeSm90",
+        perf_name="sparse_decode",
+        source="cute_mla.kernels.sm90.sparse_decode:SparseDecodeSm90",
         archs=("sm_90a",),
         args=operands.sparse_decode_args,
         variants=tuple({"fmt": f, "matmul": m} for f in ("V32", "MODEL1") for m in SPARSE_DECODE_MATMULS),
-        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py", "kernels/common/mma_sm90.py", "kernels/common/fp8.py",
-                             "kernels/common/gmem.py",
-                             "kernels/sm90/mla_consumers.py", "kernels/sm90/split_kv_decode.py",
-                             "layouts/kv_cache.py", "schedules/decode_plan.py"),
     ),
     KernelDef(
         name="combine",
-        source="kernels.common.combine:CombineKernel",
+        source="cute_mla.kernels.common.combine:CombineKernel",
         archs=ARCHS,
         args=operands.combine_args,
         variants=({"dtype": "bf16"}, {"dtype": "fp16"}),
-        deps=_COMMON_DEPS + ("schedules/decode_plan.py",),
     ),
     KernelDef(
         name="decode_scheduler",
-        source="schedules.decode_scheduler:DecodeSchedulerKernel",
+        perf_name="scheduler",
+        source="cute_mla.schedules.decode_scheduler:DecodeSchedulerKernel",
         archs=ARCHS,
         args=operands.decode_scheduler_args,
-        deps=_COMMON_DEPS + ("schedules/decode_plan.py",),
     ),
     # Tests the launcher's TMA descriptors end to end; no public op uses it.
     KernelDef(
         name="tma_probe",
-        source="kernels.common.tma_probe:TmaProbeKernel",
+        source="cute_mla.kernels.common.tma_probe:TmaProbeKernel",
         archs=ARCHS,
         args=operands.tma_probe_args,
-        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py",),
     ),
     # Tests the paged-KV TMA view the decode kernels stream pages through.
     KernelDef(
         name="paged_kv_probe",
-        source="kernels.common.tma_probe:PagedKvProbeKernel",
+        source="cute_mla.kernels.common.tma_probe:PagedKvProbeKernel",
         archs=ARCHS,
         args=operands.paged_kv_probe_args,
         variants=({"dtype": "bf16", "d": 576},),
-        deps=_COMMON_DEPS + ("kernels/common/paged_kv.py",),
     ),
 )
 
@@ -125,12 +114,13 @@ def get(name: str) -> KernelDef:
 
 
 def variants(arch: str | None = None, only: Sequence[str] | None = None):
-    """(KernelDef, config, arch) triples to build, filtered by arch and name/key."""
+    """(KernelDef, config, arch) triples to build, filtered by arch and by name (the registry's
+    or the perf harness's) or variant key."""
     for kd in KERNELS:
         for cfg in kd.variants:
             for a in kd.archs:
                 if arch is not None and a != arch:
                     continue
-                if only and kd.name not in only and kd.key(cfg) not in only:
+                if only and not {kd.name, kd.perf_name, kd.key(cfg)} & set(only):
                     continue
                 yield kd, dict(cfg), a

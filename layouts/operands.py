@@ -7,7 +7,7 @@ SPEC.md's names.
 """
 from __future__ import annotations
 
-from layouts.abi import ScalarArg, TensorArg, TmaArg
+from cute_mla.layouts.abi import ScalarArg, TensorArg, TmaArg
 
 D_V = 512  # every MLA kernel here writes 512-wide V rows
 PAGE_BLOCK_SIZE = 64  # tokens per page of the dense (bf16/fp16) KV cache
@@ -153,7 +153,7 @@ def sparse_decode_args(fmt: str, matmul: str = "f16"):
     """SM90 FP8 sparse decode (kernels.sm90.sparse_decode), host order = kernel parameter
     order.  ``fmt`` is "V32" (d_qk 576) or "MODEL1" (d_qk 512); the matmul type ("f16" or
     "bf16") does not change the ABI."""
-    from layouts.kv_cache import get_format
+    from cute_mla.layouts.kv_cache import get_format
 
     d_qk = get_format(fmt).d_qk
     return (

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from layouts import abi
-from layouts.abi import ScalarArg, TensorArg
+from cute_mla.layouts import abi
+from cute_mla.layouts.abi import ScalarArg, TensorArg
 
 
 class FakeCudaTensor(SimpleNamespace):
@@ -119,7 +119,7 @@ def test_tma_arg_params_and_checks():
 
 
 def test_tma_coordinate_extents_follow_the_kernels_view():
-    from layouts import operands
+    from cute_mla.layouts import operands
 
     spec = operands.paged_kv_tma("bf16", 576)
     # the kernel views (num_blocks, 64, h_kv, 576) as (64, 576, h_kv, num_blocks)

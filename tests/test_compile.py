@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cute_mla import compile as cm, registry
-from layouts import abi
+from cute_mla.layouts import abi
 
 pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl (the build extra) is not installed")
 
@@ -45,7 +45,7 @@ def test_only_filters_and_unknown_name_fails(built, tmp_path):
 
 
 def test_failure_names_the_variant(tmp_path, monkeypatch):
-    broken = registry.KernelDef(name="broken", source="kernels.common.combine:CombineKernel", archs=("sm_90a",),
+    broken = registry.KernelDef(name="broken", source="cute_mla.kernels.common.combine:CombineKernel", archs=("sm_90a",),
                                 args=lambda: registry.operands.decode_scheduler_args(), variants=({},))
     monkeypatch.setattr(registry, "KERNELS", (broken,))
     with pytest.raises(cm.CompileError, match=r"sm_90a broken"):

@@ -12,7 +12,7 @@ import torch
 
 from cute_mla.quant import (dequantize_kvcache, empty_kvcache, pack_model1, pack_v32, quantize_kvcache,
                             ue8m0_to_float32, unpack_model1, unpack_v32)
-from layouts.kv_cache import FORMATS, MODEL1, V32, format_for_bytes_per_token, format_for_dqk, get_format
+from cute_mla.layouts.kv_cache import FORMATS, MODEL1, V32, format_for_bytes_per_token, format_for_dqk, get_format
 
 NAN = float("nan")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cute_mla import api, ops
-from schedules.decode_plan import FIXED_OVERHEAD_BLOCKS, SPARSE_FIXED_OVERHEAD_BLOCKS, plan_host
+from cute_mla.schedules.decode_plan import FIXED_OVERHEAD_BLOCKS, SPARSE_FIXED_OVERHEAD_BLOCKS, plan_host
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -207,7 +207,7 @@ def test_tma_descriptor_round_trip_is_bit_exact(rows, cols, pad):
 
 def test_launcher_refuses_tensor_that_breaks_the_abi():
     from cute_mla import launcher
-    from layouts import abi
+    from cute_mla.layouts import abi
 
     src = torch.zeros(64, 64, dtype=torch.bfloat16, device=DEV)
     with pytest.raises(abi.AbiError, match="dst: expected dtype"):

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from schedules.decode_plan import BLOCK_N, FIXED_OVERHEAD_BLOCKS, num_sm_parts, part_work, plan_host
+from cute_mla.schedules.decode_plan import BLOCK_N, FIXED_OVERHEAD_BLOCKS, num_sm_parts, part_work, plan_host
 
 
 def _cases():

@@ -36,7 +36,7 @@ from cute_mla import ops, quant, registry
 from cute_mla.reference import ref_sparse_decode
 from cute_mla.testing import (SOFT, assert_close_named, data_for, make_paged_kv, randn_clipped, strided_view,
                               varlen_seqlens)
-from layouts.kv_cache import UE8M0_NAN, format_for_dqk
+from cute_mla.layouts.kv_cache import UE8M0_NAN, format_for_dqk
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"

@@ -10,10 +10,10 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
-from kernels.common.dtypes import dsl_dtype
-from kernels.common.softmax import LN_2, LOG2_E
-from layouts.operands import D_V
-from schedules.decode_plan import COMBINE_HEADS_PER_CTA
+from cute_mla.kernels.common.dtypes import dsl_dtype
+from cute_mla.kernels.common.softmax import LN_2, LOG2_E
+from cute_mla.layouts.operands import D_V
+from cute_mla.schedules.decode_plan import COMBINE_HEADS_PER_CTA
 
 
 class CombineKernel:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 
-from layouts.abi import ScalarArg, TensorArg, TmaArg
-from kernels.common.dtypes import dsl_dtype
+from cute_mla.layouts.abi import ScalarArg, TensorArg, TmaArg
+from cute_mla.kernels.common.dtypes import dsl_dtype
 
 _SCALARS = {"i32": cutlass.Int32, "i64": cutlass.Int64, "f32": cutlass.Float32}
 

@@ -12,9 +12,9 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.cute.nvgpu.cpasync as cpasync
 
-from kernels.common.dtypes import dsl_dtype
-from kernels.common.paged_kv import PAGE, kv_smem_layout, make_kv_tma, page_tile
-from layouts.operands import TMA_PROBE_TILE
+from cute_mla.kernels.common.dtypes import dsl_dtype
+from cute_mla.kernels.common.paged_kv import PAGE, kv_smem_layout, make_kv_tma, page_tile
+from cute_mla.layouts.operands import TMA_PROBE_TILE
 
 
 class TmaProbeKernel:

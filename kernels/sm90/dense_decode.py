@@ -8,15 +8,15 @@ import cutlass.cute.nvgpu.cpasync as cpasync
 from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import warpgroup
 
-from kernels.common import named_barrier
-from kernels.common.dtypes import dsl_dtype
-from kernels.common.paged_kv import (COLUMN_TILE, PAGE, kv_smem_layout, make_kv_column_tma,
+from cute_mla.kernels.common import named_barrier
+from cute_mla.kernels.common.dtypes import dsl_dtype
+from cute_mla.kernels.common.paged_kv import (COLUMN_TILE, PAGE, kv_smem_layout, make_kv_column_tma,
                                      page_column_tile)
-from kernels.common.softmax import LOG2_E
-from kernels.sm90.mla_consumers import BLOCK_M
-from kernels.sm90.seesaw import SeesawBarrier, SeesawConsumers
-from kernels.sm90.split_kv_decode import SplitKvDecodeSm90
-from layouts.operands import D_V
+from cute_mla.kernels.common.softmax import LOG2_E
+from cute_mla.kernels.sm90.mla_consumers import BLOCK_M
+from cute_mla.kernels.sm90.seesaw import SeesawBarrier, SeesawConsumers
+from cute_mla.kernels.sm90.split_kv_decode import SplitKvDecodeSm90
+from cute_mla.layouts.operands import D_V
 
 TILES = 9  # 64-column tiles of a 576-wide page
 P_TILE = 8  # the RoPE tile: read by S only, so it holds the block's P once S is done

@@ -25,12 +25,12 @@ from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
-from kernels.common import named_barrier
-from kernels.common.fp8 import bf16x2_to_f16x2
-from kernels.common.gmem import load_16B, store_16B_shared
-from kernels.common.mma_sm90 import gemm
+from cute_mla.kernels.common import named_barrier
+from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
+from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
+from cute_mla.kernels.common.mma_sm90 import gemm
 
-from layouts.operands import D_V
+from cute_mla.layouts.operands import D_V
 
 BLOCK_M = 64  # query rows per CTA
 BLOCK_N = 64  # KV tokens per block

@@ -32,9 +32,9 @@ import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import warpgroup
 
-from kernels.common import named_barrier
-from kernels.common.mma_sm90 import gemm
-from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
+from cute_mla.kernels.common import named_barrier
+from cute_mla.kernels.common.mma_sm90 import gemm
+from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
 
 
 class SeesawBarrier:

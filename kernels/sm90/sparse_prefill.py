@@ -8,12 +8,12 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import warpgroup
 
-from kernels.common import named_barrier
-from kernels.common.gmem import copy_16B_async, copy_16B_async_zfill
-from kernels.common.paged_kv import COLUMN_TILE, kv_smem_layout
-from kernels.common.softmax import LN_2, LOG2_E
-from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, NamedBarrier, TwoConsumerMlaSm90
-from kernels.sm90.seesaw import SeesawConsumers
+from cute_mla.kernels.common import named_barrier
+from cute_mla.kernels.common.gmem import copy_16B_async, copy_16B_async_zfill
+from cute_mla.kernels.common.paged_kv import COLUMN_TILE, kv_smem_layout
+from cute_mla.kernels.common.softmax import LN_2, LOG2_E
+from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, NamedBarrier, TwoConsumerMlaSm90
+from cute_mla.kernels.sm90.seesaw import SeesawConsumers
 
 V_L_TILES = 4  # column tiles 0-3 of a block: V_L, read by warpgroup 0's P V
 GROUP = 8  # producer threads per 128-byte line (one 64-column tile row of a kv row)

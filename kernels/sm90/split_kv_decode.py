@@ -14,8 +14,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
-from kernels.common.softmax import LN_2, LOG2_E
-from kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
+from cute_mla.kernels.common.softmax import LN_2, LOG2_E
+from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
 
 
 class SplitKvDecodeSm90(TwoConsumerMlaSm90):
