@@ -26,10 +26,11 @@ __all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache", "f
            "flash_attn_varlen_kvpacked_func"]
 
 _DECODE_PLANS = plans.PlanCache()
+_compiling = torch.compiler.is_compiling  # 0.08 us a call
 # flash_mla_with_kvcache's tensor arguments under the kernels' ABI names
 _DECODE_NAMES = ("q", "k_cache", "block_table", "cache_seqlens", "indices", "attn_sink", "extra_k_cache",
-                 "extra_indices", "topk_length", "extra_topk_length")
-_PREFILL_NAMES = ("q", "kv", "indices", "attn_sink", "topk_length")
+                 "extra_indices", "topk_length", "extra_topk_length", "out")
+_PREFILL_NAMES = ("q", "kv", "indices", "attn_sink", "topk_length", "out")
 _PREFILL_PLANS = plans.PlanCache()
 
 
@@ -51,21 +52,51 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                            attn_sink: Optional[torch.Tensor] = None, extra_k_cache: Optional[torch.Tensor] = None,
                            extra_indices_in_kvcache: Optional[torch.Tensor] = None,
                            topk_length: Optional[torch.Tensor] = None,
-                           extra_topk_length: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                           extra_topk_length: Optional[torch.Tensor] = None,
+                           out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """MLA decode over a paged KV cache: returns (out [b, s_q, h_q, 512], lse [b, h_q, s_q]).
 
-    With ``indices`` (FP8 sparse decode) on a V32 cache (d_qk 576) the matmuls run in float16 by
-    default, not bf16: each FP8 value becomes f16(code * f16(scale)) and q is rounded to f16
-    (the RoPE columns stay bf16), which is closer to the exact dequantisation than a bf16
-    product but needs q and the dequantised cache inside f16's range (|x| < 65504; a value past
-    it gives inf, and NaN outputs).  CUTE_MLA_SPARSE_DECODE_MATMUL=bf16 selects bf16 matmuls
-    (bf16(code * scale): FlashMLA's numerics and range; about 10% slower).  A MODEL1 cache
-    (d_qk 512) runs in bf16 by default (exact: its scales are powers of two; f16 is no faster
-    there).  out is bf16 either way."""
+    Dense (``indices`` None; SM90): q [b, s_q, h_q, 576] bf16 or fp16 (512 NoPE + 64 RoPE
+    columns, last dim contiguous); k_cache [num_blocks, 64, h_kv, 576] in q's dtype (page size
+    64; V is its first 512 columns); h_q a multiple of h_kv; block_table [b, max_blocks] int32
+    (entries past a request's pages may be anything); cache_seqlens [b] int32 (contiguous;
+    clamped to [0, 64 * max_blocks]).  ``causal`` masks the s_q query tokens as the last s_q
+    tokens of each request.  out has q's dtype.
+
+    FP8 sparse (``indices`` given, ``is_fp8_kvcache=True``; SM90): q [b, s_q, h_q, d_qk] bf16
+    with h_q 64 or 128 and d_qk 576 (V32 cache) or 512 (MODEL1 cache); k_cache
+    [num_blocks, page_block_size, 1, bytes_per_token] FP8 (``quant.quantize_kvcache``; float8,
+    int8 or uint8 view; any page size); indices [b, s_q, topk] int32, topk a multiple of 64,
+    token ids ``block * page_block_size + offset`` (anything outside the cache is skipped);
+    block_table and cache_seqlens are ignored (pass None).  Optional: attn_sink [h_q] float32,
+    topk_length [b] int32 (only the first topk_length[i] indices count), and a second cache
+    ``extra_k_cache`` with ``extra_indices_in_kvcache`` [b, s_q, extra_topk] and
+    ``extra_topk_length``.  out is bf16.
+
+    lse is the natural-log sum of exp(scaled logits) without the sink (+inf for a row with no
+    key, whose out is 0).  ``softmax_scale`` (default d_qk ** -0.5) is a positive finite
+    Python, numpy or 0-d CPU tensor number.  ``tile_scheduler_metadata`` comes from
+    ``get_mla_metadata()``, one per decode step: the first call plans it from the lengths, later
+    calls with the same shapes and the same length tensors, unchanged, reuse it (anything else
+    raises).  ``out`` (optional) is written instead of a new tensor: contiguous, 16-byte
+    aligned, of out's shape and dtype, apart from q and k_cache.  ``num_splits`` must be None.
+
+    With ``indices`` on a V32 cache (d_qk 576) the matmuls run in float16 by default, not bf16:
+    each FP8 value becomes f16(code * f16(scale)) and q is rounded to f16 (the RoPE columns stay
+    bf16), which is closer to the exact dequantisation than a bf16 product but needs q and the
+    dequantised cache inside f16's range (|x| < 65504; a value past it gives inf, and NaN
+    outputs).  CUTE_MLA_SPARSE_DECODE_MATMUL=bf16 selects bf16 matmuls (bf16(code * scale):
+    FlashMLA's numerics and range; about 10% slower).  A MODEL1 cache (d_qk 512) runs in bf16 by
+    default (exact: its scales are powers of two; f16 is no faster there)."""
     if softmax_scale is not None and softmax_scale.__class__ is not float:
         softmax_scale = ops.scale_value("softmax_scale", softmax_scale)  # numpy, int or 0-d tensor
+    if _compiling():  # torch.compile is tracing: one opaque op (cute_mla.library)
+        res = torch.ops.cute_mla.mla_decode(
+            q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices,
+            attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length)
+        return res if out is None else (out.copy_(res[0]), res[1])
     tensors = (q, k_cache, block_table, cache_seqlens, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
-               topk_length, extra_topk_length)
+               topk_length, extra_topk_length, out)
     try:
         key, pointers = plans.signature(_DECODE_NAMES, tensors)
         # the matmul type is a per-call choice of sparse decode only
@@ -77,18 +108,21 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     if plan is None:
         plan = _plan_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, num_splits, softmax_scale, causal,
                             is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
-                            topk_length, extra_topk_length)
+                            topk_length, extra_topk_length, out)
         if key is None:
             _, pointers = plans.signature(_DECODE_NAMES, tensors)
         else:
             _DECODE_PLANS.put(key, plan)
+    if out is not None:
+        _require_apart("out", out, q, k_cache)
     if indices is None:
-        return plan(tile_scheduler_metadata, pointers, cache_seqlens)
-    return plan(tile_scheduler_metadata, pointers, topk_length, extra_topk_length)
+        return plan(tile_scheduler_metadata, pointers, cache_seqlens, out)
+    return plan(tile_scheduler_metadata, pointers, topk_length, extra_topk_length, out)
 
 
 def _plan_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, num_splits, softmax_scale, causal,
-                 is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices, topk_length, extra_topk_length):
+                 is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices, topk_length, extra_topk_length,
+                 out):
     """Check every input of ``flash_mla_with_kvcache`` and plan the call (the first call of a signature)."""
     if num_splits is not None:
         raise ValueError("num_splits must be None (kept only for compatibility with FlashMLA's older interface)")
@@ -102,6 +136,8 @@ def _plan_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, num_splits,
     if softmax_scale is not None:
         ops.scale_value("softmax_scale", softmax_scale)
     config = _config_of(q, k_cache, causal, is_fp8_kvcache, indices, extra_k_cache, extra_indices)
+    if out is not None:
+        _check_out(out, (*q.shape[:3], head_dim_v), torch.bfloat16 if indices is not None else q.dtype, q.device)
     if indices is not None or is_fp8_kvcache:
         return _plan_sparse_decode(q, k_cache, config, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
                                    extra_k_cache, extra_indices, topk_length, extra_topk_length)
@@ -233,7 +269,7 @@ def _check_sparse_decode(q, k_cache, indices, attn_sink, extra_k_cache, extra_in
 
 def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
                          d_v: int = 512, attn_sink: Optional[torch.Tensor] = None,
-                         topk_length: Optional[torch.Tensor] = None
+                         topk_length: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sparse MLA prefill: token i of q attends to the kv rows ``indices[i, 0, :]`` selects.
 
@@ -242,25 +278,62 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
     outside [0, s_kv) are invalid and never read); attn_sink [h_q] float32; topk_length
     [s_q] int32 (only the first topk_length[i] indices of token i count).
     Returns out [s_q, h_q, 512] bf16, max_logits [s_q, h_q] and lse [s_q, h_q] float32, both
-    natural-log scale of the scaled logits and without the sink.  To run a batch of
-    requests, flatten it with ``flatten_sparse_prefill_batch``.
+    natural-log scale of the scaled logits and without the sink (a token with no valid index:
+    out 0, max_logits -inf, lse +inf).  ``sm_scale`` is a positive finite Python, numpy or 0-d
+    CPU tensor number; ``d_v`` must be 512.  ``out`` (optional) is written instead of a new
+    tensor: contiguous, 16-byte aligned, [s_q, h_q, 512] bf16, apart from q and kv.  SM90.
+    To run a batch of requests, flatten it with ``flatten_sparse_prefill_batch``.
     """
     if sm_scale.__class__ is not float:
         sm_scale = ops.scale_value("sm_scale", sm_scale)  # numpy, int or 0-d tensor
+    if _compiling():  # torch.compile is tracing: one opaque op (cute_mla.library)
+        res = torch.ops.cute_mla.sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+        return res if out is None else (out.copy_(res[0]), *res[1:])
+    tensors = (q, kv, indices, attn_sink, topk_length, out)
     try:
-        key, pointers = plans.signature(_PREFILL_NAMES, (q, kv, indices, attn_sink, topk_length))
+        key, pointers = plans.signature(_PREFILL_NAMES, tensors)
         key = (key, sm_scale, d_v)
         plan = _PREFILL_PLANS.get(key)
     except (AttributeError, TypeError):  # a non-tensor or an unhashable scalar: the checks below name it
         key = plan = None
     if plan is None:
         _check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+        if out is not None:
+            _check_out(out, (q.shape[0], q.shape[1], d_v), torch.bfloat16, q.device)
         plan = plans.SparsePrefillPlan(q, kv, indices, sm_scale, attn_sink, topk_length)
         if key is None:
-            _, pointers = plans.signature(_PREFILL_NAMES, (q, kv, indices, attn_sink, topk_length))
+            _, pointers = plans.signature(_PREFILL_NAMES, tensors)
         else:
             _PREFILL_PLANS.put(key, plan)
-    return plan(pointers)
+    if out is not None:
+        _require_apart("out", out, q, kv)
+    return plan(pointers, out)
+
+
+def _check_out(out, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """``out=``: a contiguous, 16-byte aligned tensor of exactly the output's shape, dtype and device."""
+    need(isinstance(out, torch.Tensor), f"out must be a torch.Tensor, got {type(out).__name__}")
+    need(tuple(out.shape) == tuple(shape) and out.dtype == dtype and out.device == device,
+         f"out must be a {dtype} tensor of shape {list(shape)} on {device}, "
+         f"got {out.dtype} {list(out.shape)} on {out.device}")
+    need(out.is_contiguous() and out.data_ptr() % 16 == 0, "out must be contiguous and 16-byte aligned")
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses a tensor's elements occupy."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _require_apart(name: str, out: torch.Tensor, *inputs: torch.Tensor) -> None:
+    """``out`` must not share memory with an input the kernels read while it is written (checked
+    on every call: it depends on the addresses, not on the signature)."""
+    lo, hi = _span(out)
+    for t in inputs:
+        a, b = _span(t)
+        need(hi <= a or b <= lo, f"{name} overlaps an input's memory; pass a separate buffer")
 
 
 def _check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length) -> None:
@@ -326,8 +399,15 @@ def flatten_sparse_prefill_batch(qs, kvs, indices, topk_lengths=None):
 
 
 def flash_attn_varlen_func(*args, **kwargs):
+    """Dense MHA prefill (FlashMLA's ``flash_attn_varlen_func``): NOT BUILT YET in cute-mla.
+
+    Every call raises NotImplementedError; so do the ``..._qkvpacked_func`` and
+    ``..._kvpacked_func`` aliases.  Use FlashMLA or FlashAttention for MHA prefill meanwhile."""
     raise NotImplementedError("cute-mla: dense MHA prefill is not built yet")
 
 
 flash_attn_varlen_qkvpacked_func = flash_attn_varlen_func
 flash_attn_varlen_kvpacked_func = flash_attn_varlen_func
+
+
+from cute_mla import library  # noqa: E402,F401  (registers torch.ops.cute_mla.*, which call the functions above)

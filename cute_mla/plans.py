@@ -172,10 +172,12 @@ class SplitKvPlan:
         """Fresh (sched_meta [parts, 8], split_offsets [b + 1]) int32 buffers."""
         return tuple(torch.empty(s, dtype=torch.int32, device=self.device) for s in self.sched_shapes)
 
-    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh out [b, s_q, h_q, 512] in q's dtype and lse [b, h_q, s_q] float32."""
-        return (torch.empty(*self.out_shape, dtype=self.dtype, device=self.device),
-                torch.empty(*self.lse_shape, dtype=torch.float32, device=self.device))
+    def outputs(self, out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """out [b, s_q, h_q, 512] in q's dtype (the caller's ``out``, checked by the API, or a
+        fresh one) and a fresh lse [b, h_q, s_q] float32."""
+        if out is None:
+            out = torch.empty(*self.out_shape, dtype=self.dtype, device=self.device)
+        return out, torch.empty(*self.lse_shape, dtype=torch.float32, device=self.device)
 
     def workspace_for(self, meta: FlashMLASchedMeta, stream: int) -> torch.Tensor:
         """The partials buffer of a call: the one ``meta`` holds when it was made on this stream
@@ -220,16 +222,17 @@ class SplitKvPlan:
         meta.lengths_stamp = stamp
         meta.have_initialized = True
 
-    def run(self, meta: FlashMLASchedMeta, pointers: dict[str, int], lengths, stamp: tuple):
+    def run(self, meta: FlashMLASchedMeta, pointers: dict[str, int], lengths, stamp: tuple,
+            out: Optional[torch.Tensor]):
         """Bind ``meta`` if needed (``stamp``: the ``lengths_stamp`` of the call's length
-        tensors), allocate out / lse / workspace, run the split kernel (``self.main``, bound by
-        the subclass) then the combine."""
+        tensors), allocate lse / workspace (and out unless given), run the split kernel
+        (``self.main``, bound by the subclass) then the combine."""
         stream = driver.current_stream(self.device_index)
         if meta.config is not self.config:
             self.bind(meta, stream, lengths, stamp)
         elif meta.lengths_stamp != stamp:
             meta.check_lengths(stamp)
-        out, lse = self.outputs()
+        out, lse = self.outputs(out)
         ws = self.workspace_for(meta, stream)
         pointers["sched_meta"] = meta.tile_scheduler_metadata.data_ptr()
         pointers["split_offsets"] = meta.num_splits.data_ptr()
@@ -261,9 +264,9 @@ class DenseDecodePlan(SplitKvPlan):
         self.prepare_combine(out, lse, None, templates)
         self.static_pointers = {"attn_sink": dummies(self.device_index)["f32"].data_ptr()}
 
-    def __call__(self, meta, pointers: dict[str, int], cache_seqlens: torch.Tensor):
+    def __call__(self, meta, pointers: dict[str, int], cache_seqlens: torch.Tensor, out=None):
         pointers.update(self.static_pointers)
-        return self.run(meta, pointers, lambda: cache_seqlens, (lengths_stamp(cache_seqlens),))
+        return self.run(meta, pointers, lambda: cache_seqlens, (lengths_stamp(cache_seqlens),), out)
 
 
 def sparse_decode_lengths(b: int, topk: int, topk_length: Optional[torch.Tensor], extra_topk: int,
@@ -319,10 +322,10 @@ class SparseDecodePlan(SplitKvPlan):
         if topk_length is None and extra_topk_length is None:
             self.constant_lengths = constant_lengths(self.device_index, b, self.topk + self.extra_topk)
 
-    def __call__(self, meta, pointers: dict[str, int], topk_length, extra_topk_length):
+    def __call__(self, meta, pointers: dict[str, int], topk_length, extra_topk_length, out=None):
         pointers.update(self.static_pointers)
         return self.run(meta, pointers, lambda: self.lengths(topk_length, extra_topk_length),
-                        (lengths_stamp(topk_length), lengths_stamp(extra_topk_length)))
+                        (lengths_stamp(topk_length), lengths_stamp(extra_topk_length)), out)
 
     def lengths(self, topk_length, extra_topk_length) -> torch.Tensor:
         """The scheduler's lengths for a new step: computed from the given length tensors, or,
@@ -354,13 +357,15 @@ class SparsePrefillPlan:
             has_sink=int(attn_sink is not None),
             **{name: (dummy if t is None else t) for name, (t, dummy) in optional.items()})
 
-    def outputs(self):
-        return (torch.empty(*self.out_shape, dtype=torch.bfloat16, device=self.device),
+    def outputs(self, out: Optional[torch.Tensor] = None):
+        """out [s_q, h_q, 512] bf16 (the caller's, checked by the API, or fresh), fresh
+        max_logits and lse [s_q, h_q] float32."""
+        return (torch.empty(*self.out_shape, dtype=torch.bfloat16, device=self.device) if out is None else out,
                 torch.empty(*self.stat_shape, dtype=torch.float32, device=self.device),
                 torch.empty(*self.stat_shape, dtype=torch.float32, device=self.device))
 
-    def __call__(self, pointers: dict[str, int]) -> tuple[Any, Any, Any]:
-        out, max_logits, lse = self.outputs()
+    def __call__(self, pointers: dict[str, int], out: Optional[torch.Tensor] = None) -> tuple[Any, Any, Any]:
+        out, max_logits, lse = self.outputs(out)
         pointers.update(self.static_pointers)
         pointers["out"] = out.data_ptr()
         pointers["max_logits"] = max_logits.data_ptr()

@@ -82,6 +82,7 @@ def require_sched_meta(sched_meta) -> FlashMLASchedMeta:
 
 
 def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLASchedMeta, None]:
-    """Returns an empty ``FlashMLASchedMeta``; arguments are accepted and ignored for
-    compatibility with FlashMLA's older interface."""
+    """Returns (an empty ``FlashMLASchedMeta``, None): make one per decode step and pass it to
+    every layer's ``flash_mla_with_kvcache``.  Arguments are accepted and ignored, for
+    compatibility with FlashMLA's older interface (cache_seqlens, s_q * h_q // h_kv, h_kv)."""
     return FlashMLASchedMeta(), None

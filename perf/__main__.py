@@ -62,12 +62,12 @@ def _host_case(case, common: dict, say) -> dict:
         say(f"FAILED {case.name}: {msg.splitlines()[0] if msg else ''}")
         return report.case_entry(us=None, error=msg, **common)
     extra = {"us_p10": p10, "us_p90": p90}
-    entry, fresh = case.params["entry"], case.params.get("meta") == "fresh"
-    try:
-        extra["peer_us"] = host_overhead.host_us(host_overhead.make(entry, "flashmla", fresh))[0]
+    entry, meta = case.params["entry"], case.params.get("meta")
+    try:  # the op path plans a schedule per call: FlashMLA's fresh-metadata call is its peer
+        extra["peer_us"] = host_overhead.host_us(host_overhead.make(entry, "flashmla", meta in ("fresh", "op")))[0]
     except Exception as e:   # no peer here, or it refuses the case: the case still stands
         extra["peer_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
-    if not fresh:
+    if meta in ("reused", "none"):
         extra["cold_us"] = host_overhead.cold_us(entry)
     say(f"{case.name}: {med:.1f} us/call (FlashMLA {extra.get('peer_us', float('nan')):.1f})")
     return report.case_entry(us=med, **extra, **common)

@@ -14,7 +14,8 @@ reports its wall time there: module load, first schedule and first launch plans 
 The harness (``python -m perf --filter host_overhead``) records one ``host_overhead`` case per entry
 point (``params.entry``; decode twice: ``meta`` reused, as every layer after the first of a step,
 or fresh, as the first), with FlashMLA's figure of the same run as ``peer_us`` and the first call
-as ``cold_us``.
+as ``cold_us``; ``meta=op`` cases time the torch.library ops (``cute_mla.library``, what
+``torch.compile`` runs; decode plans a schedule per call).
 """
 from __future__ import annotations
 
@@ -89,6 +90,8 @@ def make(entry: str, lib: str = "cute_mla", fresh_meta: bool = False) -> Callabl
         return peer.host_call(entry, x, fresh_meta)
     import cute_mla
 
+    if lib == "cute_mla_op":  # the torch.library ops (what torch.compile runs): a schedule per call
+        return _op_call(entry, x)
     if entry == "sparse_prefill":
         return lambda: cute_mla.flash_mla_sparse_fwd(x["q"], x["kv"], x["indices"], x["sm_scale"])
     meta = [x["new_meta"]()]
@@ -102,6 +105,22 @@ def make(entry: str, lib: str = "cute_mla", fresh_meta: bool = False) -> Callabl
     return lambda: cute_mla.flash_mla_with_kvcache(
         x["q"], x["k_cache"], None, None, D_V, sched(), is_fp8_kvcache=True, indices=x["indices"],
         attn_sink=x["attn_sink"], extra_k_cache=x["extra_k_cache"], extra_indices_in_kvcache=x["extra_indices"])
+
+
+def _op_call(entry, x):
+    import torch
+
+    import cute_mla  # noqa: F401  (registers the ops)
+    cute_mla.get_mla_metadata  # the first attribute imports cute_mla.api, which registers the ops
+
+    if entry == "sparse_prefill":
+        return lambda: torch.ops.cute_mla.sparse_prefill(x["q"], x["kv"], x["indices"], x["sm_scale"], D_V, None, None)
+    if entry == "dense_decode":
+        return lambda: torch.ops.cute_mla.mla_decode(x["q"], x["k_cache"], x["block_table"], x["cache_seqlens"], D_V,
+                                                     None, True, False, None, None, None, None, None, None)
+    return lambda: torch.ops.cute_mla.mla_decode(x["q"], x["k_cache"], None, None, D_V, None, False, True,
+                                                 x["indices"], x["attn_sink"], x["extra_k_cache"], x["extra_indices"],
+                                                 None, None)
 
 
 def host_us(call: Callable[[], object], calls: int = 1000, warmup: int = 200,
@@ -140,9 +159,10 @@ def cold_us(entry: str, lib: str = "cute_mla") -> float:
 @register
 def host_overhead_cases():
     for entry in ENTRIES:
-        for meta in (("reused", "fresh") if entry != "sparse_prefill" else ("none",)):
+        for meta in (("reused", "fresh", "op") if entry != "sparse_prefill" else ("none", "op")):
             yield BenchCase("host_overhead", {"entry": entry, "meta": meta}, "host", flops=0.0, bytes=0.0,
-                            make_inputs=lambda e=entry, m=meta: make(e, fresh_meta=m == "fresh"),
+                            make_inputs=lambda e=entry, m=meta: make(e, "cute_mla_op" if m == "op" else "cute_mla",
+                                                                     fresh_meta=m == "fresh"),
                             run=lambda call: call())
 
 

@@ -179,3 +179,64 @@ def test_five_reruns_are_bit_identical(entry):
     first = call(x)
     for _ in range(5):
         assert_bitwise(call(x), first)
+
+
+# ------------------------------------------------------------------------------- out= and torch.compile
+def call_with(entry, x, **kw):
+    """One call of ``entry`` on inputs ``x`` (a fresh metadata), with extra keyword arguments."""
+    if entry == "prefill":
+        return list(cute_mla.flash_mla_sparse_fwd(x["q"], x["kv"], x["indices"], 0.07, attn_sink=x["attn_sink"],
+                                                  topk_length=x["topk_length"], **kw))
+    meta, _ = cute_mla.get_mla_metadata()
+    if entry == "dense":
+        return list(cute_mla.flash_mla_with_kvcache(x["q"], x["k_cache"], x["block_table"], x["cache_seqlens"], D_V,
+                                                    meta, causal=True, **kw))
+    return list(cute_mla.flash_mla_with_kvcache(
+        x["q"], x["k_cache"], None, None, D_V, meta, is_fp8_kvcache=True, indices=x["indices"],
+        attn_sink=x["attn_sink"], topk_length=x["topk_length"], extra_k_cache=x.get("extra_k_cache"),
+        extra_indices_in_kvcache=x.get("extra_indices"), **kw))
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_out_argument_receives_the_output(entry):
+    x = ENTRIES[entry][0](10)
+    expected = call_with(entry, x)
+    for _ in range(2):  # the second call takes the planned path
+        buf = torch.full_like(expected[0], float("nan"))
+        got = call_with(entry, x, out=buf)
+        assert got[0] is buf
+        assert_bitwise(got, expected)
+
+
+@pytest.mark.parametrize("entry", ["dense", "prefill"])
+def test_bad_out_is_refused_naming_it(entry):
+    x = ENTRIES[entry][0](11)
+    good = call_with(entry, x)[0]
+    bad = [good.float(), good[..., :256], good.transpose(-1, -2).contiguous().transpose(-1, -2),
+           torch.empty(good.numel() + 8, dtype=good.dtype, device=DEV)[1:1 + good.numel()].view(good.shape),
+           x["q"][..., :D_V]]  # wrong dtype, shape, strides, alignment; q's own memory
+    for out in bad:
+        with pytest.raises(ValueError, match=r"\bout\b"):
+            call_with(entry, x, out=out)
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_torch_compile_fullgraph_matches_eager(entry):
+    """A compiled function that calls the public entry point traces it as one custom op
+    (cute_mla.library), with no graph break, and gives the eager bits."""
+    torch._dynamo.reset()
+    x = ENTRIES[entry][0](12)
+    expected = call_with(entry, x)
+    compiled = torch.compile(lambda x: call_with(entry, x), fullgraph=True)
+    assert_bitwise(compiled(x), expected)
+    refresh(x, ENTRIES[entry][0](13) if entry != "dense" else dense_inputs(13, poison=False))  # new contents
+    assert_bitwise(compiled(x), call_with(entry, x))
+
+
+def test_custom_ops_pass_opcheck():
+    d, p = dense_inputs(14), prefill_inputs(15)
+    torch.library.opcheck(torch.ops.cute_mla.mla_decode.default,
+                          (d["q"], d["k_cache"], d["block_table"], d["cache_seqlens"], D_V, None, True, False, None,
+                           None, None, None, None, None))
+    torch.library.opcheck(torch.ops.cute_mla.sparse_prefill.default,
+                          (p["q"], p["kv"], p["indices"], 0.07, D_V, p["attn_sink"], p["topk_length"]))

@@ -1,7 +1,7 @@
 """The installed shape (CPU): what a wheel holds, that a wheel never ships without its kernels, and
 that the cubins' fingerprints follow every source file a kernel imports.
 
-Each test works on a copy of the repository's tracked files in a temporary folder, so the
+Each test works on a copy of the repository's package sources in a temporary folder, so the
 checkout is never written to.  The wheel tests need the cubins built (the README's set-up
 command builds them).
 """
@@ -22,11 +22,13 @@ CUBINS = Path("cute_mla") / "_cubins"
 
 
 def copy_repo(dest: Path, with_cubins: bool) -> Path:
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, dest / f)
+    """The files a wheel is built from (package folders, pyproject.toml, setup.py, README.md),
+    without build outputs; with the cubins when asked."""
+    skip = shutil.ignore_patterns("__pycache__", "_cubins", "*.egg-info")
+    for folder in ("cute_mla", "kernels", "layouts", "schedules"):
+        shutil.copytree(REPO / folder, dest / folder, ignore=skip)
+    for f in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(REPO / f, dest / f)
     if with_cubins:
         shutil.copytree(launcher.DEFAULT_CUBIN_DIR, dest / CUBINS)
     return dest
