@@ -14,7 +14,6 @@ matches the sources beside it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import inspect
 import json

@@ -90,6 +90,12 @@ class DeviceContext:
         return False
 
 
+def is_current(handle: int) -> bool:
+    """Whether the context with this handle (``int(ctx)``) is the calling thread's current one."""
+    err, cur = _drv().cuCtxGetCurrent()
+    return not err and cur is not None and int(cur) == handle
+
+
 def _raw_stream_getter():
     import torch
 

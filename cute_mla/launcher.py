@@ -195,7 +195,7 @@ class Launch:
         self._pointer_words = tuple(layout.pointer_words.items())
         self._configs: dict[int, Any] = {}
         self._lock = threading.Lock()
-        self._ctx_handle = int(kernel.context)
+        self.context_handle = int(kernel.context)
         # Without launch attributes the plain cuLaunchKernel takes the stream as an int and
         # costs 5.3 us against cuLaunchKernelEx's 6.2 (H200 host, 2026-12-04)
         self._plain = not pdl and kernel.cluster == (1, 1, 1)
@@ -230,7 +230,16 @@ class Launch:
 
     def run(self, stream: int, pointers: Mapping[str, int] | None = None) -> None:
         """Launch on ``stream`` (a raw CUstream handle), first re-pointing the tensor arguments
-        named in ``pointers`` (all of them when given)."""
+        named in ``pointers`` (all of them when given), in the kernel's device context."""
+        if driver.is_current(self.context_handle):
+            self.run_current(stream, pointers)
+        else:
+            with driver.DeviceContext(self.kernel.context):
+                self.run_current(stream, pointers)
+
+    def run_current(self, stream: int, pointers: Mapping[str, int] | None = None) -> None:
+        """``run`` for a caller that has made the kernel's context current (``driver.is_current``
+        of ``context_handle``): a plan with two launches checks it once."""
         if self.empty:
             return
         drv = driver._drv()
@@ -244,12 +253,7 @@ class Launch:
                     m = maps.get(ptr)
                     self._buffer[off:off + 128] = m if m is not None else driver.tensor_map(
                         maps, spec, ptr, shape, stride)
-            err, cur = drv.cuCtxGetCurrent()
-            if err or cur is None or int(cur) != self._ctx_handle:
-                with driver.DeviceContext(self.kernel.context):
-                    result = self._launch(drv, stream)
-            else:
-                result = self._launch(drv, stream)
+            result = self._launch(drv, stream)
         if result[0]:
             driver.check(result, f"launching {self.kernel.key}")
 

@@ -240,8 +240,13 @@ class SplitKvPlan:
         pointers["lse"] = lse.data_ptr()
         pointers["o_accum"] = w = ws.data_ptr()
         pointers["lse_accum"] = w + self.lse_accum_offset
-        self.main.run(stream, pointers)
-        self.combine.run(stream, pointers)
+        if driver.is_current(self.main.context_handle):  # one context check for both launches
+            self.main.run_current(stream, pointers)
+            self.combine.run_current(stream, pointers)
+        else:
+            with driver.DeviceContext(self.main.kernel.context):
+                self.main.run_current(stream, pointers)
+                self.combine.run_current(stream, pointers)
         return out, lse
 
 
