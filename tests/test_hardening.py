@@ -170,7 +170,7 @@ def test_failed_first_call_leaves_the_metadata_unbound(monkeypatch):
     def fail(self, stream, pointers=None):
         raise RuntimeError("launch failed (test)")
 
-    monkeypatch.setattr(launcher.Launch, "run", fail)
+    monkeypatch.setattr(launcher.Launch, "run_current", fail)
     with pytest.raises(RuntimeError, match="launch failed"):
         dense_call(x, meta)
     assert not meta.have_initialized and meta.tile_scheduler_metadata is None
@@ -193,8 +193,9 @@ def test_every_check_runs_before_any_launch(monkeypatch):
     call (scheduler included) is launched, and leave the metadata unbound."""
     x = dense(5)
     launches = []
-    run = launcher.Launch.run
-    monkeypatch.setattr(launcher.Launch, "run", lambda self, *a, **k: (launches.append(self), run(self, *a, **k)))
+    run = launcher.Launch.run_current  # every launch goes through it
+    monkeypatch.setattr(launcher.Launch, "run_current",
+                        lambda self, *a, **k: (launches.append(self), run(self, *a, **k)))
     for bad in ({"q": _misaligned(x["q"])}, {"k_cache": _misaligned(x["k_cache"])}):
         meta, _ = cute_mla.get_mla_metadata()
         with pytest.raises(ValueError):
