@@ -130,8 +130,8 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     if out is not None:
         _require_apart("out", out, q, k_cache)
     if indices is None:
-        return plan(tile_scheduler_metadata, pointers, cache_seqlens, out)
-    return plan(tile_scheduler_metadata, pointers, topk_length, extra_topk_length, out)
+        return plan(tile_scheduler_metadata, pointers, (cache_seqlens,), out)
+    return plan(tile_scheduler_metadata, pointers, (topk_length, extra_topk_length), out)
 
 
 def _plan_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, num_splits, softmax_scale, causal,

@@ -161,13 +161,15 @@ class Launch:
 
     Made by ``prepare``, which checks every argument against the ABI.  ``run(stream, pointers)``
     then launches it again with new data pointers: ``pointers`` maps each tensor argument's name
-    to the new pointer, which must point at memory of the same dtype, shape and strides as the
-    tensor it replaces and share its alignment modulo 16 (the ops' call signatures include every
-    pointer's low four bits, so a signature hit guarantees it).  Thread-safe: the buffer is
-    rewritten and launched under a lock, and the driver copies the parameters at launch.
+    (but the ``static`` ones, bound for good) to the new pointer, which must point at memory of
+    the same dtype, shape and strides as the tensor it replaces and share its alignment modulo
+    16 (the ops' call signatures include every pointer's low four bits, so a signature hit
+    guarantees it).  Thread-safe: the buffer is rewritten and launched under a lock, and the
+    driver copies the parameters at launch.
     """
 
-    def __init__(self, kernel: LoadedKernel, grid: Sequence[int], pdl: bool, args: Mapping[str, Any]):
+    def __init__(self, kernel: LoadedKernel, grid: Sequence[int], pdl: bool, args: Mapping[str, Any],
+                 static: Sequence[str] = ()):
         self.kernel = kernel
         self.grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
         if any(g > lim for g, lim in zip(self.grid, GRID_LIMITS)):
@@ -178,6 +180,10 @@ class Launch:
         self.pdl = pdl
         layout = kernel.layout
         buf = layout.pack(args)
+        tma_names = {a.name for a in layout.args if isinstance(a, abi.TmaArg)}
+        unknown = set(static) - set(layout.pointer_words) - tma_names
+        if unknown:
+            raise abi.AbiError(f"{kernel.key}: static arguments {sorted(unknown)} are not tensor arguments")
         self._tmas = []
         for spec in layout.args:
             if isinstance(spec, abi.TmaArg):
@@ -186,13 +192,14 @@ class Launch:
                 maps = driver.tensor_maps(spec, kernel.device_index, shape, stride)
                 off = layout.tma_offsets[spec.name]
                 buf[off:off + 128] = driver.tensor_map(maps, spec, t.data_ptr(), shape, stride)
-                self._tmas.append((spec.name, off, maps, (spec, shape, stride)))
+                if spec.name not in static:
+                    self._tmas.append((spec.name, off, maps, (spec, shape, stride)))
         self._buffer = buf
         self._words = memoryview(buf).cast("Q")
         c_buf = (ctypes.c_char * len(buf)).from_buffer(buf)
         self._params = (ctypes.c_void_p * len(layout.offsets))(*[ctypes.addressof(c_buf) + o for o in layout.offsets])
         self._params_addr = ctypes.addressof(self._params)
-        self._pointer_words = tuple(layout.pointer_words.items())
+        self._pointer_words = tuple((n, w) for n, w in layout.pointer_words.items() if n not in static)
         self._configs: dict[int, Any] = {}
         self._lock = threading.Lock()
         self.context_handle = int(kernel.context)
@@ -253,29 +260,29 @@ class Launch:
                     m = maps.get(ptr)
                     self._buffer[off:off + 128] = m if m is not None else driver.tensor_map(
                         maps, spec, ptr, shape, stride)
-            result = self._launch(drv, stream)
+            if self._plain:
+                gx, gy, gz, bx, by, bz, smem = self._dims
+                result = drv.cuLaunchKernel(self.kernel.function, gx, gy, gz, bx, by, bz, smem, stream,
+                                            self._params_addr, 0)
+            else:
+                cfg = self._configs.get(stream) or self._config(stream)
+                result = drv.cuLaunchKernelEx(cfg, self.kernel.function, self._params_addr, 0)
         if result[0]:
             driver.check(result, f"launching {self.kernel.key}")
 
-    def _launch(self, drv, stream: int):
-        if self._plain:
-            gx, gy, gz, bx, by, bz, smem = self._dims
-            return drv.cuLaunchKernel(self.kernel.function, gx, gy, gz, bx, by, bz, smem, stream,
-                                      self._params_addr, 0)
-        cfg = self._configs.get(stream) or self._config(stream)
-        return drv.cuLaunchKernelEx(cfg, self.kernel.function, self._params_addr, 0)
-
 
 def prepare(name: str, config: Mapping[str, Any], grid: Sequence[int], *, device_index: int,
-            pdl: bool = False, **args) -> Launch:
+            pdl: bool = False, static: Sequence[str] = (), **args) -> Launch:
     """Bind ``args`` (every ABI argument of ``name``, by name) to a launch of variant
     ``name``/``config`` over ``grid`` on ``device_index``, checking each against the ABI.
+    The tensors named in ``static`` stay bound for good (``Launch.run`` takes no pointer for
+    them): stand-ins that live as long as the process.
 
     ``pdl=True`` lets the kernel start before its predecessor on the stream has finished
     (programmatic dependent launch); the kernel must then call ``griddepcontrol.wait`` before
     it reads the predecessor's output.
     """
-    return Launch(kernel(name, config, device_index), grid, pdl, args)
+    return Launch(kernel(name, config, device_index), grid, pdl, args, static)
 
 
 def launch(name: str, config: Mapping[str, Any], grid: Sequence[int], *, device_index: int | None = None,

@@ -200,20 +200,21 @@ class SplitKvPlan:
         has_sink = attn_sink is not None
         self.combine = launcher.prepare(
             "combine", {"dtype": DTYPE_NAMES[self.dtype]}, (-(-h_q // decode_plan.COMBINE_HEADS_PER_CTA), s_q, b),
-            device_index=self.device_index, pdl=True, out=out, lse=lse,
+            device_index=self.device_index, pdl=True, static=() if has_sink else ("attn_sink",), out=out, lse=lse,
             attn_sink=attn_sink if has_sink else dummies(self.device_index)["f32"],
             skip_single_split=1, has_sink=int(has_sink), o_accum=templates["o_accum"],
             lse_accum=templates["lse_accum"], split_offsets=templates["split_offsets"])
 
-    def bind(self, meta: FlashMLASchedMeta, stream: int, lengths, stamp: tuple) -> None:
-        """Make ``meta`` this plan's schedule: check it, or compute it (``lengths()`` gives the
-        per-request lengths to plan) when it is still empty.  It stays unbound if anything fails."""
+    def bind(self, meta: FlashMLASchedMeta, stream: int, length_tensors: tuple, stamp: tuple) -> None:
+        """Make ``meta`` this plan's schedule: check it, or compute it from the lengths
+        ``plan_lengths(*length_tensors)`` gives when it is still empty.  It stays unbound if
+        anything fails."""
         require_sched_meta(meta)
         if meta.have_initialized:
             meta.check_config(self.config)
             meta.check_lengths(stamp)
             return
-        lens = lengths()
+        lens = self.plan_lengths(*length_tensors)
         sched, offsets = self.schedule_buffers()
         self.scheduler.run(stream, {"cache_seqlens": lens.data_ptr(), "sched_meta": sched.data_ptr(),
                                     "split_offsets": offsets.data_ptr()})
@@ -222,14 +223,15 @@ class SplitKvPlan:
         meta.lengths_stamp = stamp
         meta.have_initialized = True
 
-    def run(self, meta: FlashMLASchedMeta, pointers: dict[str, int], lengths, stamp: tuple,
-            out: Optional[torch.Tensor]):
-        """Bind ``meta`` if needed (``stamp``: the ``lengths_stamp`` of the call's length
-        tensors), allocate lse / workspace (and out unless given), run the split kernel
-        (``self.main``, bound by the subclass) then the combine."""
+    def __call__(self, meta: FlashMLASchedMeta, pointers: dict[str, int], length_tensors: tuple,
+                 out: Optional[torch.Tensor] = None):
+        """One call: bind ``meta`` if needed (from ``length_tensors``, the call's length
+        arguments, as ``plan_lengths`` takes them), allocate lse / workspace (and out unless
+        given), run the split kernel (``self.main``, bound by the subclass) then the combine."""
         stream = driver.current_stream(self.device_index)
+        stamp = tuple(map(lengths_stamp, length_tensors))
         if meta.config is not self.config:
-            self.bind(meta, stream, lengths, stamp)
+            self.bind(meta, stream, length_tensors, stamp)
         elif meta.lengths_stamp != stamp:
             meta.check_lengths(stamp)
         out, lse = self.outputs(out)
@@ -267,11 +269,10 @@ class DenseDecodePlan(SplitKvPlan):
             softmax_scale=float(softmax_scale), causal=int(bool(causal) and s_q > 1), heads_per_kv=h_q // h_kv,
             **templates)
         self.prepare_combine(out, lse, None, templates)
-        self.static_pointers = {"attn_sink": dummies(self.device_index)["f32"].data_ptr()}
 
-    def __call__(self, meta, pointers: dict[str, int], cache_seqlens: torch.Tensor, out=None):
-        pointers.update(self.static_pointers)
-        return self.run(meta, pointers, lambda: cache_seqlens, (lengths_stamp(cache_seqlens),), out)
+    def plan_lengths(self, cache_seqlens: torch.Tensor) -> torch.Tensor:
+        """The scheduler plans ``cache_seqlens`` as given (it clamps them as the kernel does)."""
+        return cache_seqlens
 
 
 def sparse_decode_lengths(b: int, topk: int, topk_length: Optional[torch.Tensor], extra_topk: int,
@@ -312,11 +313,12 @@ class SparseDecodePlan(SplitKvPlan):
                     "extra_topk_length": (extra_topk_length, dm["i32"]), "attn_sink": (attn_sink, dm["f32"])}
         bound = {name: (dummy if t is None else t) for name, (t, dummy) in optional.items()}
         bound["extra_k_cache"] = fp8_cache_bytes(extra_k_cache) if has_extra else dm["fp8_cache"]
-        self.static_pointers = {name: dummy.data_ptr() for name, (t, dummy) in optional.items() if t is None}
+        static = tuple(name for name, (t, _) in optional.items() if t is None)
         out, lse = self.outputs()
         self.main = launcher.prepare(
             "sparse_decode_sm90", {"fmt": fmt, "matmul": matmul}, (self.parts, 1, s_q * h_q // decode_plan.BLOCK_M),
-            device_index=self.device_index, q=q, k_cache=fp8_cache_bytes(k_cache), indices=indices, out=out, lse=lse,
+            device_index=self.device_index, static=static, q=q, k_cache=fp8_cache_bytes(k_cache), indices=indices,
+            out=out, lse=lse,
             softmax_scale=float(softmax_scale), page_block_size=k_cache.shape[1],
             extra_page_block_size=extra_k_cache.shape[1] if has_extra else 1,
             has_topk_length=int(topk_length is not None), has_extra=int(has_extra),
@@ -327,12 +329,7 @@ class SparseDecodePlan(SplitKvPlan):
         if topk_length is None and extra_topk_length is None:
             self.constant_lengths = constant_lengths(self.device_index, b, self.topk + self.extra_topk)
 
-    def __call__(self, meta, pointers: dict[str, int], topk_length, extra_topk_length, out=None):
-        pointers.update(self.static_pointers)
-        return self.run(meta, pointers, lambda: self.lengths(topk_length, extra_topk_length),
-                        (lengths_stamp(topk_length), lengths_stamp(extra_topk_length)), out)
-
-    def lengths(self, topk_length, extra_topk_length) -> torch.Tensor:
+    def plan_lengths(self, topk_length, extra_topk_length) -> torch.Tensor:
         """The scheduler's lengths for a new step: computed from the given length tensors, or,
         without any, this plan's constant ones (read-only, made once)."""
         if topk_length is None and extra_topk_length is None:
@@ -352,12 +349,12 @@ class SparsePrefillPlan:
         self.stat_shape = (s_q, h_q)
         dm = dummies(self.device_index)
         optional = {"topk_length": (topk_length, dm["i32"]), "attn_sink": (attn_sink, dm["f32"])}
-        self.static_pointers = {name: dummy.data_ptr() for name, (t, dummy) in optional.items() if t is None}
         out, max_logits, lse = self.outputs()
         num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.main = launcher.prepare(
             "sparse_prefill_sm90", {"d_qk": d_qk}, (min(s_q * (h_q // 64), num_sms), 1, 1),
-            device_index=self.device_index, q=q, kv=kv, indices=indices, out=out, max_logits=max_logits, lse=lse,
+            device_index=self.device_index, static=tuple(name for name, (t, _) in optional.items() if t is None),
+            q=q, kv=kv, indices=indices, out=out, max_logits=max_logits, lse=lse,
             sm_scale=float(sm_scale), has_topk_length=int(topk_length is not None),
             has_sink=int(attn_sink is not None),
             **{name: (dummy if t is None else t) for name, (t, dummy) in optional.items()})
@@ -371,7 +368,6 @@ class SparsePrefillPlan:
 
     def __call__(self, pointers: dict[str, int], out: Optional[torch.Tensor] = None) -> tuple[Any, Any, Any]:
         out, max_logits, lse = self.outputs(out)
-        pointers.update(self.static_pointers)
         pointers["out"] = out.data_ptr()
         pointers["max_logits"] = max_logits.data_ptr()
         pointers["lse"] = lse.data_ptr()
