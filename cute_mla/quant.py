@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from cute_mla.layouts.kv_cache import (FP8_E4M3_MAX, SCALE_FLOOR, UE8M0_BIAS, UE8M0_NAN, MODEL1, V32,
-                              Fp8CacheFormat, format_for_bytes_per_token, format_for_dqk, get_format)
+                                       Fp8CacheFormat, format_for_bytes_per_token, format_for_dqk, get_format)
 
 __all__ = [
     "quantize_kvcache", "dequantize_kvcache", "quantize_v32", "dequantize_v32", "quantize_model1",

@@ -7,8 +7,8 @@ memory, not global: from global each step would pay a full memory latency.
 Batches larger than the staging buffer are walked from global memory (same code,
 slower).  Lengths are clamped to [0, max_len] (the most a request's block table or indices
 hold, as the decode kernels clamp them), and the host keeps ``max_len`` and the batch's total
-cost inside int32 (``decode_plan.check_plan_fits``), so no length can wrap the arithmetic.  It runs on the stream with no host synchronisation, so a decode step
-stays graph-capturable.
+cost inside int32 (``decode_plan.check_plan_fits``), so no length can wrap the arithmetic.
+It runs on the stream with no host synchronisation, so a decode step stays graph-capturable.
 """
 from __future__ import annotations
 

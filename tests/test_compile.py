@@ -45,8 +45,9 @@ def test_only_filters_and_unknown_name_fails(built, tmp_path):
 
 
 def test_failure_names_the_variant(tmp_path, monkeypatch):
-    broken = registry.KernelDef(name="broken", source="cute_mla.kernels.common.combine:CombineKernel", archs=("sm_90a",),
-                                args=lambda: registry.operands.decode_scheduler_args(), variants=({},))
+    broken = registry.KernelDef(name="broken", source="cute_mla.kernels.common.combine:CombineKernel",
+                                archs=("sm_90a",), args=lambda: registry.operands.decode_scheduler_args(),
+                                variants=({},))
     monkeypatch.setattr(registry, "KERNELS", (broken,))
     with pytest.raises(cm.CompileError, match=r"sm_90a broken"):
         cm.build(["sm_90a"], tmp_path, log=lambda s: None)

@@ -17,7 +17,7 @@ from cute_mla import launcher, ops
 from cute_mla.reference import ref_dense_decode
 from cute_mla.testing import assert_close_named, make_paged_kv, randn_clipped
 from cute_mla.schedules.decode_plan import (BLOCK_N, FIXED_OVERHEAD_BLOCKS, MAX_PLAN_LEN, check_plan_fits, max_plan_len,
-                                   part_work, plan_host)
+                                            part_work, plan_host)
 
 DEV = "cuda"
 D_V = 512

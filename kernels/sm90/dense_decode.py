@@ -11,7 +11,7 @@ from cutlass.cute.nvgpu import warpgroup
 from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.dtypes import dsl_dtype
 from cute_mla.kernels.common.paged_kv import (COLUMN_TILE, PAGE, kv_smem_layout, make_kv_column_tma,
-                                     page_column_tile)
+                                              page_column_tile)
 from cute_mla.kernels.common.softmax import LOG2_E
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M
 from cute_mla.kernels.sm90.seesaw import SeesawBarrier, SeesawConsumers

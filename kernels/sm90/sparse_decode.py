@@ -10,10 +10,10 @@ import cutlass.cute as cute
 import cutlass.pipeline as pipeline
 from cutlass import Float32, Int32, Int64
 
-from cute_mla.kernels.common.fp8 import (bf16x2_to_f16x2, dequant_e4m3x4, dequant_e4m3x4_bf16, f16x2_scale, f32_from_bits,
-                                ue8m0_to_f32)
+from cute_mla.kernels.common.fp8 import (bf16x2_to_f16x2, dequant_e4m3x4, dequant_e4m3x4_bf16, f16x2_scale,
+                                         f32_from_bits, ue8m0_to_f32)
 from cute_mla.kernels.common.gmem import (copy_16B_async, load_8B, load_16B, load_16B_shared, load_i32,
-                                 prefetch_l2, store_16B_shared)
+                                          prefetch_l2, store_16B_shared)
 from cute_mla.kernels.common.paged_kv import kv_smem_layout
 from cute_mla.kernels.common.softmax import LOG2_E
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
