@@ -205,6 +205,12 @@ def main(argv=None) -> int:
     if a.list:
         list_variants(a.arch, a.only)
         return 0
+    try:
+        _dsl_version()
+    except ImportError:
+        print(f"error: compiling needs the CuTe DSL: pip install nvidia-cutlass-dsl=={DSL_PIN} (or, in a checkout, "
+              "pip install -e '.[build]'); an installed cute-mla wheel already holds its cubins", file=sys.stderr)
+        return 1
     t0 = time.time()
     try:
         n = build(a.arch, a.out, a.only, a.force, log=lambda s: print(s, flush=True))

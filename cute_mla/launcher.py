@@ -31,7 +31,8 @@ from cute_mla.layouts import abi
 
 CUBIN_DIR_ENV = "CUTE_MLA_CUBIN_DIR"
 DEFAULT_CUBIN_DIR = Path(__file__).resolve().parent / "_cubins"
-BUILD_HINT = "build them with `python -m cute_mla.compile` (on any machine, no GPU needed)"
+BUILD_HINT = ("build them with `python -m cute_mla.compile` in a source checkout (any machine, no GPU; it needs "
+              "nvidia-cutlass-dsl), or install a cute-mla wheel, which carries them")
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 

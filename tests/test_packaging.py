@@ -119,3 +119,22 @@ def test_launcher_refuses_a_stale_manifest_entry():
                 dict(entry, sources=entry["sources"] + ["cute_mla.no_such_module"])):
         with pytest.raises(launcher.CubinsNotBuilt, match="stale"):
             launcher.check_fresh(kd.key(cfg), kd, cfg, "sm_90a", bad)
+
+
+def test_compile_cli_lists_variants_and_takes_perf_names(capsys):
+    from cute_mla import compile
+
+    assert compile.main(["--list", "--arch", "sm_90a"]) == 0
+    listing = capsys.readouterr().out
+    for kd, cfg, _ in registry.variants("sm_90a"):
+        assert kd.key(cfg) in listing
+    for perf_name, kernel in (("dense_decode", "dense_decode_sm90"), ("scheduler", "decode_scheduler"),
+                              ("sparse_prefill", "sparse_prefill_sm90"), ("combine", "combine")):
+        assert {kd.name for kd, _, _ in registry.variants(only=[perf_name])} == {kernel}
+    assert "default: all of them" in " ".join(compile_help().split())
+
+
+def compile_help() -> str:
+    res = subprocess.run([sys.executable, "-m", "cute_mla.compile", "--help"], capture_output=True, text=True,
+                         cwd=REPO)
+    return res.stdout
