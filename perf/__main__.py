@@ -1,6 +1,11 @@
 """python -m perf: time every registered case against this GPU's measured roofline and write the results.
 
     python -m perf [--filter SUBSTR ...] [--out DIR] [--iters N] [--no-png] [--list] [--commit SHA]
+                   [--peer flashmla[=PATH]]
+
+With ``--peer flashmla`` every case that has a FlashMLA counterpart runs through both libraries on the
+same inputs, one after the other (decode inside CUDA graphs, prefill eagerly), and records ``peer_us``,
+``speedup`` (peer_us / us) and whether the two outputs agree within SPEC's tolerances (``agree``).
 
 On the GPU machine the tree is a copy without .git: pass --commit or CUTE_MLA_COMMIT=$(git rev-parse --short HEAD).
 """
@@ -27,7 +32,51 @@ def _parse(argv):
     p.add_argument("--commit", default=None, help="commit id to record (default: $CUTE_MLA_COMMIT or git)")
     p.add_argument("--provider", action="extend", nargs="+", default=[], metavar="MODULE",
                    help="extra provider modules to import besides perf.cases.PROVIDER_MODULES")
-    return p.parse_args(argv)
+    p.add_argument("--peer", default=None, metavar="flashmla[=PATH]",
+                   help="time FlashMLA's compiled ops on the same inputs, side by side (PATH: a _flashmla_C*.so; "
+                        "default: an installed flash_mla, vllm._flashmla_C, $CUTE_MLA_PEER or .peers/)")
+    args = p.parse_args(argv)
+    if args.peer is not None:
+        name, _, path = args.peer.partition("=")
+        if name != "flashmla":
+            p.error(f"--peer takes flashmla or flashmla=PATH, got {args.peer!r}")
+        args.peer_path = path or None
+    return args
+
+
+def _side_by_side(case, ops, args, say) -> dict:
+    """Time ``case`` and its FlashMLA counterpart on the same input sets; check their outputs agree."""
+    from perf import timing
+
+    n = args.rotate or case.rotate or timing.rotate_count(case.bytes)
+    inputs = [case.make_inputs() for _ in range(n)]
+    try:
+        ours = [lambda x=x: case.run(x) for x in inputs]
+        theirs = [case.peer(ops, x) for x in inputs]
+        agree, worst = _agree(case.compare, ours[0](), theirs[0]())
+        t = timing.time_side(ours, case.graph, args.iters, args.warmup)
+        tp = timing.time_side(theirs, case.graph, args.iters, args.warmup)
+    finally:
+        del inputs
+        import torch
+        torch.cuda.empty_cache()
+    say(f"{case.name}: {t.us:.2f} us, FlashMLA {tp.us:.2f} us, speedup {tp.us / t.us:.3f}"
+        + ("" if agree else f", OUTPUTS DIFFER (worst {worst:.1f}x the tolerance)"))
+    return dict(us=t.us, us_p10=t.p10_us, us_p90=t.p90_us, iters=t.iters, rotate=t.rotate, peer_us=tp.us,
+                speedup=tp.us / t.us, agree=agree, agree_worst=worst, timed="graph" if case.graph else "eager")
+
+
+def _agree(kinds, ours, theirs) -> tuple[bool, float]:
+    """(all outputs within SPEC's tolerance of the peer's, the worst error as a multiple of it)."""
+    from cute_mla.testing import TOLERANCES, check_close
+
+    ok, worst = True, 0.0
+    for kind, a, b in zip(kinds, ours, theirs):
+        tol = TOLERANCES[kind]
+        r = check_close(kind, a.float(), b.float(), tol.abs, tol.rel, tol.cos)
+        ok &= r.ok
+        worst = max(worst, r.worst_ratio)
+    return ok, worst
 
 
 def _progress(items):
@@ -103,12 +152,29 @@ def main(argv=None) -> int:
     print(f"roofline: copy {roof['copy_gbs']:.1f} GB/s, bf16 GEMM {roof['gemm_tflops']:.1f} TFLOPS",
           file=sys.stderr, flush=True)
 
+    ops = None
+    if args.peer is not None:
+        from perf import peer
+        try:
+            ops = peer.load(args.peer_path)
+        except RuntimeError as e:
+            print(f"error: --peer: {e}", file=sys.stderr)
+            return 2
+
     entries = []
     for case, say in _progress(selected):
         common = dict(kernel=case.kernel, params=case.params, bound=case.bound, flops=case.flops,
                       bytes=case.bytes, roofline=roof, published=case.published)
         if case.bound == "host":
             entries.append(_host_case(case, common, say))
+            continue
+        if ops is not None and case.peer is not None:
+            try:
+                entries.append(report.case_entry(**_side_by_side(case, ops, args, say), **common))
+            except Exception as e:   # report and go on
+                msg = f"{type(e).__name__}: {e}".strip()
+                say(f"FAILED {case.name}: {msg.splitlines()[0] if msg else ''}")
+                entries.append(report.case_entry(us=None, error=msg, **common))
             continue
         try:
             t = timing.time_case(case, iters=args.iters, warmup=args.warmup, rotate=args.rotate)

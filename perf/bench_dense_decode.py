@@ -33,7 +33,15 @@ def _run(x):
     import cute_mla
 
     q, k_cache, block_table, seqlens, meta, causal, _ = x
-    cute_mla.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, D_V, meta, causal=causal)
+    return cute_mla.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, D_V, meta, causal=causal)
+
+
+def _peer(ops, x):
+    """FlashMLA's dense decode on the same inputs: its schedule made by a first call, then reused."""
+    q, k_cache, block_table, seqlens, _, causal, _ = x
+    scale = q.shape[-1] ** -0.5
+    _, _, meta, splits = ops.dense_decode_fwd(q, k_cache, D_V, seqlens, block_table, scale, causal, None, None, None)
+    return lambda: ops.dense_decode_fwd(q, k_cache, D_V, seqlens, block_table, scale, causal, meta, splits, None)[:2]
 
 
 def _case(b, s_q, s_k, h_q, h_kv, causal, bound, dtype_name="bfloat16"):
@@ -45,7 +53,8 @@ def _case(b, s_q, s_k, h_q, h_kv, causal, bound, dtype_name="bfloat16"):
                               "page_block_size": 64, "causal": causal, "varlen": True},
                      bound, flops=float(flops), bytes=float(nbytes),
                      make_inputs=lambda: _inputs(b, s_q, s_k, h_q, h_kv, causal, dtype_name), run=_run,
-                     published=FLASHMLA_COMPUTE if bound == "compute" else FLASHMLA_MEMORY, rotate=1)
+                     published=FLASHMLA_COMPUTE if bound == "compute" else FLASHMLA_MEMORY, rotate=1,
+                     peer=_peer, compare=("dense_decode_out", "decode_lse"), graph=True)
 
 
 @register
@@ -56,3 +65,7 @@ def dense_decode_cases():
                 yield _case(128, s_q, s_k, 128, 1, causal, "compute")
     for h_q in (16, 32):
         yield _case(128, 1, 8192, h_q, 1, False, "memory")
+    # the side-by-side table of issue 18: few heads, a small batch, one very long request
+    yield _case(64, 1, 2048, 8, 1, False, "memory")
+    yield _case(5, 3, 777, 64, 1, True, "memory")
+    yield _case(1, 1, 1 << 20, 128, 1, False, "memory")

@@ -1,4 +1,4 @@
-"""Benchmark cases for SM90 FP8 sparse MLA decode (issue 4's list), all with s_q 2 and an attention sink.
+"""Benchmark cases for SM90 FP8 sparse MLA decode (issue 4's list), with s_q 2 unless said, and a sink.
 
 Three families:
 
@@ -68,34 +68,34 @@ def _cache(num_blocks, pbs, d_qk, g):
     return cache
 
 
-def _indices(b, s_k, topk, pbs, g):
-    """[b, S_Q, topk] int32: per (request, query token), topk distinct positions in [0, s_k) of that request's
+def _indices(b, s_q, s_k, topk, pbs, g):
+    """[b, s_q, topk] int32: per (request, query token), topk distinct positions in [0, s_k) of that request's
     own tokens, as block * pbs + offset through a random permutation of all b * ceil(s_k / pbs) blocks."""
     import torch
 
     nblk = math.ceil(s_k / pbs)
     table = torch.randperm(b * nblk, generator=g, device=g.device).view(b, nblk)
-    pos = torch.rand(b * S_Q, s_k, generator=g, device=g.device).argsort(dim=-1)[:, :topk].reshape(b, S_Q * topk)
+    pos = torch.rand(b * s_q, s_k, generator=g, device=g.device).argsort(dim=-1)[:, :topk].reshape(b, s_q * topk)
     idx = table.gather(1, pos // pbs) * pbs + pos % pbs
-    return idx.view(b, S_Q, topk).to(torch.int32)
+    return idx.view(b, s_q, topk).to(torch.int32)
 
 
-def _inputs(b, h_q, d_qk, s_k, topk, pbs, extra, extra_lens, seed):
+def _inputs(b, s_q, h_q, d_qk, s_k, topk, pbs, extra, extra_lens, seed):
     import torch
 
     import cute_mla
     from cute_mla.testing import randn_clipped
 
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q = randn_clipped((b, S_Q, h_q, d_qk), g)
+    q = randn_clipped((b, s_q, h_q, d_qk), g)
     sink = torch.randn(h_q, generator=g, device="cuda")
     cache = _cache(b * math.ceil(s_k / pbs), pbs, d_qk, g)
-    indices = _indices(b, s_k, topk, pbs, g)
+    indices = _indices(b, s_q, s_k, topk, pbs, g)
     xcache = xindices = xlens = None
     if extra is not None:
         x_s_k, x_topk, x_pbs = extra
         xcache = _cache(b * math.ceil(x_s_k / x_pbs), x_pbs, d_qk, g)
-        xindices = _indices(b, x_s_k, x_topk, x_pbs, g)
+        xindices = _indices(b, s_q, x_s_k, x_topk, x_pbs, g)
         if extra_lens is not None:
             xlens = torch.tensor(extra_lens, dtype=torch.int32, device="cuda")
     meta, _ = cute_mla.get_mla_metadata()
@@ -111,10 +111,10 @@ def _run(x, matmul):
     before = os.environ.get(env)
     os.environ[env] = matmul or "auto"
     try:
-        cute_mla.flash_mla_with_kvcache(q, cache, None, None, D_V, meta, softmax_scale=None, is_fp8_kvcache=True,
-                                        indices=indices, attn_sink=sink, extra_k_cache=xcache,
-                                        extra_indices_in_kvcache=xindices, topk_length=None,
-                                        extra_topk_length=xlens)
+        return cute_mla.flash_mla_with_kvcache(q, cache, None, None, D_V, meta, softmax_scale=None,
+                                               is_fp8_kvcache=True, indices=indices, attn_sink=sink,
+                                               extra_k_cache=xcache, extra_indices_in_kvcache=xindices,
+                                               topk_length=None, extra_topk_length=xlens)
     finally:
         if before is None:
             del os.environ[env]
@@ -122,10 +122,20 @@ def _run(x, matmul):
             os.environ[env] = before
 
 
-def _case(b, h_q, d_qk, s_k, topk, pbs, extra=None, extra_topk_length=False, matmul=None):
+def _peer(ops, x):
+    """FlashMLA's sparse decode on the same inputs: its schedule made by a first call, then reused."""
+    q, cache, indices, sink, xcache, xindices, xlens, _ = x
+    scale = q.shape[-1] ** -0.5
+    _, _, meta, splits = ops.sparse_decode_fwd(q, cache, indices, None, sink, None, None, xcache, xindices, xlens,
+                                               D_V, scale, None)
+    return lambda: ops.sparse_decode_fwd(q, cache, indices, None, sink, meta, splits, xcache, xindices, xlens, D_V,
+                                         scale, None)[:2]
+
+
+def _case(b, h_q, d_qk, s_k, topk, pbs, extra=None, extra_topk_length=False, matmul=None, s_q=S_Q):
     """extra: (extra_s_k, extra_topk, extra_pbs) of the extra cache, or None; matmul: the kernels' matmul type
     when not the format's default (kernel ``sparse_decode_<matmul>``)."""
-    params = {"fmt": _fmt(d_qk), "b": b, "s_q": S_Q, "h_q": h_q, "d_qk": d_qk, "s_k": s_k, "topk": topk,
+    params = {"fmt": _fmt(d_qk), "b": b, "s_q": s_q, "h_q": h_q, "d_qk": d_qk, "s_k": s_k, "topk": topk,
               "pbs": pbs}
     seed = b * 7 + h_q + d_qk + s_k + topk + pbs
     extra_lens, x_counted = None, 0.0
@@ -140,13 +150,14 @@ def _case(b, h_q, d_qk, s_k, topk, pbs, extra=None, extra_topk_length=False, mat
             x_counted = sum(extra_lens) / b
     params["sink"] = True
     topk_total = topk + x_counted
-    flops = 2 * h_q * b * S_Q * topk_total * (d_qk + D_V)
-    nbytes = (2 * b * S_Q * h_q * (d_qk + D_V)                          # q in, out back (bf16)
-              + b * S_Q * topk_total * (_token_bytes(d_qk) + 4))         # selected tokens + their indices
+    flops = 2 * h_q * b * s_q * topk_total * (d_qk + D_V)
+    nbytes = (2 * b * s_q * h_q * (d_qk + D_V)                          # q in, out back (bf16)
+              + b * s_q * topk_total * (_token_bytes(d_qk) + 4))         # selected tokens + their indices
     return BenchCase("sparse_decode" + (f"_{matmul}" if matmul else ""), params, "compute",
                      flops=float(flops), bytes=float(nbytes),
-                     make_inputs=lambda: _inputs(b, h_q, d_qk, s_k, topk, pbs, extra, extra_lens, seed),
-                     run=lambda x: _run(x, matmul), published=FLASHMLA_V32 if d_qk == 576 else None)
+                     make_inputs=lambda: _inputs(b, s_q, h_q, d_qk, s_k, topk, pbs, extra, extra_lens, seed),
+                     run=lambda x: _run(x, matmul), published=FLASHMLA_V32 if d_qk == 576 else None,
+                     peer=_peer, compare=("sparse_decode_out", "sparse_decode_lse"), graph=True)
 
 
 @register
@@ -162,6 +173,10 @@ def sparse_decode_cases():
             yield _case(148, h_q, d_qk, 32768, 16384, 64)
     # the other matmul type (CUTE_MLA_SPARSE_DECODE_MATMUL) on the headline and peak cases
     yield _case(128, 128, 576, 32768, 2048, 64, matmul="bf16")
+    # issue 18's table: topk 512 at one and two query tokens
+    yield _case(74, 64, 576, 32768, 512, 64, s_q=1)
+    yield _case(64, 64, 512, 32768, 512, 64, s_q=1)
+    yield _case(128, 128, 512, 32768, 512, 64)
     for h_q in (64, 128):
         for d_qk in (512, 576):
             yield _case(148, h_q, d_qk, 32768, 16384, 64, matmul="bf16" if d_qk == 576 else "f16")

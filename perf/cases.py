@@ -60,8 +60,14 @@ class BenchCase:
 
     flops / bytes are the *useful* work (SPEC.md section 6 formulas), not what the kernel happens to do, so that
     ratios compare like with like across implementations. ``make_inputs()`` builds one fresh input set on the
-    GPU; ``run(inputs)`` launches the op once on the current stream without synchronising (poisoning outputs,
-    if wanted, is the case's job). ``rotate`` overrides how many input sets the timer cycles through.
+    GPU; ``run(inputs)`` launches the op once on the current stream without synchronising and returns its
+    outputs (poisoning outputs, if wanted, is the case's job). ``rotate`` overrides how many input sets the
+    timer cycles through.
+
+    Side by side (``python -m perf --peer flashmla``): ``peer(ops, inputs)`` returns a zero-argument call
+    of FlashMLA's op (``perf.peer``) on the same inputs, returning the outputs ``run`` returns, in order;
+    ``compare`` names the ``cute_mla.testing.TOLERANCES`` kind of each output, to check that the two
+    agree; ``graph`` times both sides inside CUDA graphs (decode, as engines run it) instead of eagerly.
     """
     kernel: str
     params: dict
@@ -72,6 +78,9 @@ class BenchCase:
     run: Callable[[object], None]
     published: dict | None = None
     rotate: int | None = field(default=None, kw_only=True)
+    peer: Callable[[object, object], Callable[[], tuple]] | None = field(default=None, kw_only=True)
+    compare: tuple[str, ...] = field(default=(), kw_only=True)
+    graph: bool = field(default=False, kw_only=True)
 
     def __post_init__(self):
         validate_kernel(self.kernel)

@@ -85,24 +85,33 @@ def _published(e: dict) -> str:
     return s + (f", ours x{e['published_ratio']:.2f}" if e.get("published_ratio") is not None else "")
 
 
+def _speedup(e: dict) -> str:
+    if e.get("speedup") is None:
+        return "-"
+    return f"x{e['speedup']:.2f} ({e['peer_us']:.1f} us)" + ("" if e.get("agree", True) else " differs")
+
+
 def markdown(report: dict) -> str:
     r = report["roofline"]
     lines = [f"# cute-mla perf: {report['device']}", "",
              f"- commit: `{report['commit']}`", f"- date: {report['date']}",
              f"- roofline: copy {r['copy_gbs']:.1f} GB/s (read + write), bf16 GEMM {r['gemm_tflops']:.1f} TFLOPS",
              "- ratio: TFLOPS / GEMM rate for compute-bound cases, GB/s / copy bandwidth for memory-bound ones",
-             "- host_overhead: us = host microseconds per eager call (median); peer_us = FlashMLA's, same run", "",
-             "| kernel | params | us | TFLOPS | GB/s | bound | ratio | FlashMLA |",
-             "| --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
+             "- host_overhead: us = host microseconds per eager call (median); peer_us = FlashMLA's, same run",
+             "- vs FlashMLA: speedup = FlashMLA us / cute-mla us on the same inputs in the same run (--peer); "
+             "'differs' marks outputs outside SPEC's tolerance of each other", "",
+             "| kernel | params | us | TFLOPS | GB/s | bound | ratio | vs FlashMLA | FlashMLA published |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
     for e in report["cases"]:
         params = " ".join(f"{k}={v}" for k, v in e["params"].items())
-        if e.get("peer_us") is not None:
+        if e.get("peer_us") is not None and e.get("speedup") is None:
             params += f" (FlashMLA {e['peer_us']:.1f} us)"
         if e.get("cold_us") is not None:
             params += f" (first call {e['cold_us']:.0f} us)"
         us = "ERROR" if e.get("error") else _fmt(e["us"], 2)
         lines.append(f"| {_cell(e['kernel'])} | {_cell(params)} | {us} | {_fmt(e['tflops'], 1)} | "
-                     f"{_fmt(e['gbs'], 1)} | {e['bound']} | {_fmt(e['ratio'], 3)} | {_cell(_published(e))} |")
+                     f"{_fmt(e['gbs'], 1)} | {e['bound']} | {_fmt(e['ratio'], 3)} | {_speedup(e)} | "
+                     f"{_cell(_published(e))} |")
     errors = [e for e in report["cases"] if e.get("error")]
     if errors:
         lines += ["", "## Errors", ""]
@@ -124,7 +133,11 @@ def write_png(report: dict, path: Path) -> bool:
     ratios = [e["ratio"] or 0.0 for e in cases]   # failed cases show as an empty bar, marked below
     colors = ["tab:red" if e.get("error") else "tab:blue" if e["bound"] == "compute" else "tab:orange"
               for e in cases]
-    fig, ax = plt.subplots(figsize=(10, 1.5 + 0.35 * max(1, len(cases))))
+    speedups = [e.get("speedup") for e in cases]
+    panels = 2 if any(x is not None for x in speedups) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(10 + 4 * (panels - 1), 1.5 + 0.35 * max(1, len(cases))),
+                             sharey=True, squeeze=False)
+    ax = axes[0][0]
     ax.barh(range(len(cases)), ratios, color=colors)
     for i, e in enumerate(cases):
         if e.get("error"):
@@ -134,6 +147,13 @@ def write_png(report: dict, path: Path) -> bool:
     ax.axvline(1.0, color="gray", linestyle="--", linewidth=1)
     ax.set_xlabel("ratio to measured roofline (blue: GEMM TFLOPS, orange: copy GB/s)")
     ax.set_title(f"{report['device']} @ {report['commit']}  {report['date']}", fontsize=9)
+    if panels == 2:  # speedup against FlashMLA, same run (--peer); red: outputs differ
+        sx = axes[0][1]
+        sx.barh(range(len(cases)), [x or 0.0 for x in speedups],
+                color=["tab:red" if not e.get("agree", True) else "tab:green" for e in cases])
+        sx.axvline(1.0, color="gray", linestyle="--", linewidth=1)
+        sx.axvline(1.05, color="gray", linestyle=":", linewidth=1)
+        sx.set_xlabel("speedup vs FlashMLA (its us / ours)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

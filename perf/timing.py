@@ -96,3 +96,31 @@ def time_case(case, iters: int = 100, warmup: int = 10, rotate: int | None = Non
             torch.cuda.empty_cache()
         except RuntimeError:
             pass   # a broken context must not mask the case's own error
+
+
+def capture_graphs(calls: list[Callable[[], object]], warmup: int = 2) -> list:
+    """One CUDA graph per call, each captured after ``warmup`` eager calls on a side stream (which plan,
+    load modules and bind schedules outside the capture, as an engine's warm-up does)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            for _ in range(warmup):
+                call()
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for call in calls:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            call()
+        graphs.append(g)
+    torch.cuda.synchronize()
+    return graphs
+
+
+def time_side(calls: list[Callable[[], object]], graph: bool, iters: int, warmup: int) -> Timing:
+    """Time one library's calls (one per input set), replayed from CUDA graphs or eagerly."""
+    if graph:
+        graphs = capture_graphs(calls)
+        return time_calls(lambda i: graphs[i].replay(), len(graphs), iters, warmup)
+    return time_calls(lambda i: calls[i](), len(calls), iters, warmup)

@@ -64,8 +64,23 @@ def test_markdown_row_per_case(tmp_path):
     assert len(rows) == 3
     assert rows[0].startswith("| dense_decode | b=128 h_q=128 s_q=1 | 10000.00 | 400.0 |")
     assert "660 TFLOPS (H800)" in rows[0]
-    assert "ERROR" in rows[2] and rows[2].count(" | ") == 7   # the '|' in the error text is escaped away
+    assert "ERROR" in rows[2] and rows[2].count(" | ") == 8   # the '|' in the error text is escaped away
     assert "abc1234" in md and "3000.0 GB/s" in md and "800.0 TFLOPS" in md
+
+
+def test_side_by_side_speedup_in_markdown_and_png(tmp_path):
+    """--peer entries: the speedup column shows FlashMLA us / ours, and outputs that differ are flagged."""
+    cases = [report.case_entry("dense_decode", {"b": 5}, "memory", flops=1.0, bytes=1e6, us=20.0, roofline=ROOF,
+                               peer_us=25.0, speedup=1.25, agree=True),
+             report.case_entry("sparse_prefill", {"s_q": 70000}, "compute", flops=1e12, bytes=1e9, us=100.0,
+                               roofline=ROOF, peer_us=80.0, speedup=0.8, agree=False)]
+    rep = report.build_report(cases, ROOF, "NVIDIA H200", "abc1234", "2026-01-01T00:00:00+00:00")
+    rows = [l for l in report.markdown(rep).splitlines() if l.startswith(("| dense", "| sparse"))]
+    assert "x1.25 (25.0 us)" in rows[0] and "differs" not in rows[0]
+    assert "x0.80 (80.0 us) differs" in rows[1]
+    if pytest.importorskip("matplotlib"):
+        paths = report.write_report(rep, tmp_path, png=True, stamp="20260101-000000")
+        assert paths["png"].stat().st_size > 1000
 
 
 def test_png_written(tmp_path):
