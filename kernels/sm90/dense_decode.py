@@ -1,6 +1,8 @@
 """SM90 dense MLA decode over a paged bf16/fp16 KV cache (split-KV, persistent grid)."""
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
@@ -14,14 +16,36 @@ from cute_mla.kernels.common.paged_kv import (COLUMN_TILE, PAGE, kv_smem_layout,
                                               page_column_tile)
 from cute_mla.kernels.common.softmax import LOG2_E
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M
-from cute_mla.kernels.sm90.seesaw import SeesawBarrier, SeesawConsumers
-from cute_mla.kernels.sm90.split_kv_decode import SplitKvDecodeSm90
+from cute_mla.kernels.sm90.seesaw import SeesawBarrier, SeesawConsumers, SeesawFragments
+from cute_mla.kernels.sm90.split_kv_decode import QTile, SplitKvDecodeSm90
 from cute_mla.layouts.operands import D_V
 
 TILES = 9  # 64-column tiles of a 576-wide page
 P_TILE = 8  # the RoPE tile: read by S only, so it holds the block's P once S is done
 V_LEFT = (0, 1, 2, 3)  # V columns 0..255 (O_L, warpgroup 0)
 V_RIGHT = (4, 5, 6, 7)  # V columns 256..511 (O_R, warpgroup 1)
+
+
+class KvLoads(NamedTuple):
+    """What a warp needs to TMA a page's tiles into a buffer (``load_tiles``)."""
+
+    atom: Any  # the TMA copy atom of k_cache's 64-column tiles
+    tma: Any  # k_cache as the TMA's coordinate tensor
+    block_table: Any  # (b, max_blocks) page ids
+    sK: Any  # the two page buffers
+    bars: Any  # one mbarrier per (buffer, tile): bars + buffer * TILES + tile
+
+
+class BlockCtx(NamedTuple):
+    """The seesaw hooks' context for one pair of blocks of one request."""
+
+    loads: KvLoads
+    hk: Any  # kv head
+    next_blocks: Any  # ((request, block, exists) for buffer 0, for buffer 1): what to load next
+    phase: Any  # tile-barrier phase of this warpgroup's buffer
+    row_limit: Any  # key limit of this thread's two rows
+    min_limit: Any  # the smaller of the two: blocks below it need no mask
+    seqlen: Any  # the request's (clamped) length
 
 
 class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
@@ -106,7 +130,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         if warp == 0:
             cpasync.prefetch_descriptor(kv_atom)
 
-        loads = (kv_atom, mKTma, mBlockTable, sK, bars)
+        loads = KvLoads(kv_atom, mKTma, mBlockTable, sK, bars)
         if warp < 4:
             self.consume(sQ, sK, sStat, sMax, sV_layout, sP_layout, loads, mQ, mSeqlens, mSchedMeta, mSplitOffsets,
                          mOut, mLse, mOAccum, mLseAccum, softmax_scale, causal, heads_per_kv, tidx, 0)
@@ -162,17 +186,13 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         if ok & (wtid < 32):
             self.load_tiles(loads, hk, r, blk, buf, self.reload_tiles[buf][wg])
 
-    # ------------------------------------------------------------------ seesaw hooks
-    # ctx = (loads, hk, (next block for buffer 0, for buffer 1), tile-barrier phase of this
-    #        warpgroup's buffer, row key limits, their minimum, request length)
+    # ------------------------------------------------------------------ seesaw hooks (ctx: a BlockCtx)
     @cute.jit
     def s_block(self, qk_mma: cute.TiledMma, acc_s: cute.Tensor, tSrQ: cute.Tensor, tSrK: cute.Tensor,
                 tScS: cute.Tensor, ctx, buf: cutlass.Constexpr[int], blk: Int32):
         """S = Q K^T of the block in ``buf``, issued tile by tile as the tiles land, then masked."""
-        loads, _, _, phase, row_limit, min_limit, _ = ctx
-        bars = loads[4]
         for t in cutlass.range_constexpr(TILES):
-            cute.arch.mbarrier_wait(bars + (buf * TILES + t), phase)
+            cute.arch.mbarrier_wait(ctx.loads.bars + (buf * TILES + t), ctx.phase)
             warpgroup.fence()
             for kk in cutlass.range_constexpr(COLUMN_TILE // 16):
                 k = t * (COLUMN_TILE // 16) + kk
@@ -180,7 +200,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
                 cute.gemm(qk_mma, acc_s, tSrQ[None, None, k, 0], tSrK[None, None, k, buf], acc_s)
         warpgroup.commit_group()
         warpgroup.wait_group(0)
-        self.mask(acc_s, tScS, blk * PAGE, row_limit, min_limit)
+        self.mask(acc_s, tScS, blk * PAGE, ctx.row_limit, ctx.min_limit)
 
     @cute.jit
     def skip_block(self, ctx, buf: cutlass.Constexpr[int]):
@@ -189,13 +209,12 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
     @cute.jit
     def prepare_v(self, sK: cute.Tensor, ctx, buf: cutlass.Constexpr[int], blk: Int32, wg: cutlass.Constexpr[int],
                   wtid: Int32):
-        self.zero_tail(sK, buf, ctx[6] - blk * PAGE, wg, wtid)
+        self.zero_tail(sK, buf, ctx.seqlen - blk * PAGE, wg, wtid)
 
     @cute.jit
     def release(self, ctx, buf: cutlass.Constexpr[int], wg: cutlass.Constexpr[int], wtid: Int32):
         """Reload this warpgroup's tiles of ``buf`` with the block two ahead."""
-        loads, hk, nxt, _, _, _, _ = ctx
-        self.reload(loads, hk, nxt[buf], buf, wg, wtid)
+        self.reload(ctx.loads, ctx.hk, ctx.next_blocks[buf], buf, wg, wtid)
 
     @cute.jit
     def mask(self, acc_s: cute.Tensor, tScS: cute.Tensor, tok0: Int32, row_limit: cute.Tensor, min_limit: Int32):
@@ -229,18 +248,36 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
 
     # ------------------------------------------------------------------ a warpgroup's work
     @cute.jit
+    def pair(self, frags, acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, rows, sK: cute.Tensor,
+             loads: KvLoads, hk: Int32, next_blocks, phase: Int32, row_limit: cute.Tensor, min_limit: Int32,
+             seqlen: Int32, a: Int32, hi: Int32, scale_log2: Float32, wtid: Int32, wg: cutlass.Constexpr[int]):
+        """This warpgroup's part of the pair of blocks (a, a + 1); returns its buffer's next
+        tile-barrier phase.  (The context is built here, not in the caller's staged loop: the
+        DSL carries plain tuples across a loop body, not NamedTuples.)"""
+        ctx = BlockCtx(loads, hk, next_blocks, phase, row_limit, min_limit, seqlen)
+        if cutlass.const_expr(wg == 0):
+            self.even_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, a, hi, scale_log2, wtid)
+            phase = phase ^ 1
+        else:
+            self.odd_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, a, hi, scale_log2, wtid)
+            if a + 1 < hi:
+                phase = phase ^ 1
+        return phase
+
+    @cute.jit
     def consume(self, sQ: cute.Tensor, sK: cute.Tensor, sStat: cute.Tensor, sMax: cute.Tensor,
                 sV_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout, loads, mQ: cute.Tensor,
                 mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor,
                 mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, softmax_scale: Float32,
                 causal: Int32, heads_per_kv: Int32, tidx: Int32, wg: cutlass.Constexpr[int]):
         """Warpgroup ``wg``: S of buffer ``wg``'s blocks, O columns [256 wg, 256 wg + 256)."""
-        mBlockTable = loads[2]
+        mBlockTable = loads.block_table
         wtid = tidx % 128
         part, hk, mblk = cute.arch.block_idx()
         p_tiles = (self.p_tile(sK, sP_layout, 0), self.p_tile(sK, sP_layout, 1))
         frags, rows, tOcO = self.seesaw_fragments(sQ, sK, sMax, sV_layout, p_tiles, wg, wtid)
-        tScS = frags[7]
+        fields = SeesawFragments(*frags)
+        tScS = fields.tScS
         row_limit = cute.make_rmem_tensor(cute.make_layout(2), Int32)
         scale_log2 = softmax_scale * LOG2_E
         s_q = mQ.shape[1]
@@ -265,7 +302,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
             if (prev_blocks <= 0) | (hi <= lo):
                 self.reload(loads, hk, (r, lo, lo < hi), 0, wg, wtid)
                 self.reload(loads, hk, (r, lo + 1, lo + 1 < hi), 1, wg, wtid)
-            self.load_q(mQ, sQ, (r, hk, mblk, heads_per_kv), tidx)
+            self.load_q(mQ, sQ, QTile(r, hk, mblk, heads_per_kv), tidx)
 
             # Key limit of this thread's two rows: the request length, less s_q-1-i for query
             # token i under causal masking; only blocks that reach min_limit need masking.
@@ -276,16 +313,11 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
                     iq, _ = self.query_of_row(mblk * BLOCK_M + row, hk, heads_per_kv)
                     row_limit[h] = seqlen - (s_q - 1 - iq)
             min_limit = cutlass.min(row_limit[0], row_limit[1])
-            acc_o, row_max, row_sum = self.fresh_rows(frags[1].get_slice(wtid))
+            acc_o, row_max, row_sum = self.fresh_rows(fields.pv_reg.get_slice(wtid))
             for a in cutlass.range(lo, hi, 2, unroll=1):
-                ctx = (loads, hk, self.next_blocks(r, a, hi, nxt), phase, row_limit, min_limit, seqlen)
-                if cutlass.const_expr(wg == 0):
-                    self.even_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, a, hi, scale_log2, wtid)
-                    phase = phase ^ 1
-                else:
-                    self.odd_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, a, hi, scale_log2, wtid)
-                    if a + 1 < hi:
-                        phase = phase ^ 1
+                phase = self.pair(frags, acc_o, row_max, row_sum, rows, sK, loads, hk,
+                                  self.next_blocks(r, a, hi, nxt), phase, row_limit, min_limit, seqlen, a, hi,
+                                  scale_log2, wtid, wg)
             prev_blocks = hi - lo
 
             nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]

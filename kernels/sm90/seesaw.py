@@ -15,7 +15,7 @@ GEMM by one warpgroup (Q is read from shared memory once per block).  Running su
 warpgroup until the epilogue adds the two (``finish_rows``).
 
 A kernel using this core supplies how a block gets into its buffer and out again, through
-four hooks taking its own context tuple ``ctx``:
+four hooks taking its own context ``ctx`` (a NamedTuple of the kernel's):
   ``s_block(qk_mma, acc_s, tSrQ, tSrK, tScS, ctx, buf, blk)``  wait for the block, S, mask;
   ``skip_block(ctx, buf)``  warpgroup 1 of a lone last block (no odd block);
   ``prepare_v(sK, ctx, buf, blk, wg, wtid)``  before this warpgroup's P V reads buffer buf;
@@ -25,6 +25,8 @@ last read by warpgroup 1, buffer 1's by warpgroup 0.  Users: dense decode (pages
 reloaded tile by tile) and sparse prefill (gathered rows on a half-block ring).
 """
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import cutlass
 import cutlass.cute as cute
@@ -47,6 +49,34 @@ class SeesawBarrier:
     TAIL = 11  # + warpgroup: warpgroup-local, for kernels that rewrite V rows before P V
 
 
+class SeesawFragments(NamedTuple):
+    """One thread's MMAs and operand partitions (``SeesawConsumers.seesaw_fragments``)."""
+
+    qk_mma: Any  # S = Q K^T, 64 x 64
+    pv_reg: Any  # O_half += P V, P from registers
+    pv_smem: Any  # O_half += P V, P from shared memory
+    acc_s: Any  # S accumulator
+    rP: Any  # P as the register A operand
+    tSrQ: Any  # (MMA, 1, d/16, 1)
+    tSrK: Any  # (MMA, 1, d/16, 2): both buffers
+    tScS: Any  # (row, token) of each S element
+    tOrV_own: Any  # V of this warpgroup's buffer, its half of the columns
+    tOrV_other: Any  # V of the other buffer
+    tOrP_other: Any  # the other buffer's P tile as the smem A operand
+    sP_own: Any  # this warpgroup's buffer's P tile
+    sMax: Any  # (2, 64) row maxima exchanged between the warpgroups
+
+
+class RowScratch(NamedTuple):
+    """Per-row registers (2 rows a thread) of one pair's softmax."""
+
+    m_even: Any  # maxima after the even block
+    m_pair: Any  # maxima of the pair
+    base: Any  # exponent base (scaled maxima)
+    factor: Any  # rescale factor of O and the sums
+    factor2: Any  # second rescale factor (warpgroup 0, after the odd block)
+
+
 class SeesawConsumers:
     """Mixin: the per-pair steps and their softmax helpers (see the module docstring)."""
 
@@ -64,7 +94,8 @@ class SeesawConsumers:
     @cute.jit
     def seesaw_fragments(self, sQ: cute.Tensor, sK: cute.Tensor, sMax: cute.Tensor, sV_layout: cute.ComposedLayout,
                          p_tiles, wg: cutlass.Constexpr[int], wtid: Int32):
-        """This thread's MMAs, operand partitions and per-row state: (frags, rows, tOcO).
+        """This thread's MMAs, operand partitions and per-row state: (frags, rows, tOcO), frags
+        the fields of ``SeesawFragments`` and rows a ``RowScratch``.
         ``p_tiles`` = (buffer 0's P tile, buffer 1's), each a (64 rows, 64 tokens) K-major
         A operand in shared memory."""
         qk_mma, pv_reg, pv_smem = self.make_seesaw_mmas()
@@ -82,9 +113,11 @@ class SeesawConsumers:
         tOrP_other = thr_smem.make_fragment_A(thr_smem.partition_A(p_tiles[other]))
         rP = thr_reg.make_fragment_A(thr_reg.partition_shape_A((BLOCK_M, BLOCK_N)))
         acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N)))
-        frags = (qk_mma, pv_reg, pv_smem, acc_s, rP, tSrQ, tSrK, tScS, tOrV_own, tOrV_other, tOrP_other,
-                 p_tiles[wg], sMax)
-        rows = tuple(cute.make_rmem_tensor(cute.make_layout(2), Float32) for _ in range(5))
+        # handed on as a plain tuple (the DSL threads tuples, not NamedTuples, through staged loops);
+        # read it back with SeesawFragments(*frags)
+        frags = tuple(SeesawFragments(qk_mma, pv_reg, pv_smem, acc_s, rP, tSrQ, tSrK, tScS, tOrV_own,
+                                      tOrV_other, tOrP_other, p_tiles[wg], sMax))
+        rows = RowScratch(*(cute.make_rmem_tensor(cute.make_layout(2), Float32) for _ in RowScratch._fields))
         return frags, rows, tOcO
 
     # ------------------------------------------------------------------ softmax helpers
@@ -190,7 +223,7 @@ class SeesawConsumers:
         """Warpgroup 0's part of the pair (a in buffer 0, a + 1 in buffer 1 if a + 1 < hi);
         on return row_max holds the pair's maxima."""
         (qk_mma, pv_reg, pv_smem, acc_s, rP, tSrQ, tSrK, tScS, tOrV_own, tOrV_other, tOrP_other, sP_own,
-         sMax) = frags
+         sMax) = SeesawFragments(*frags)
         m_even, m_pair, base, factor, factor2 = rows
         self.s_block(qk_mma, acc_s, tSrQ, tSrK, tScS, ctx, 0, a)
         self.max_into(acc_s, row_max, m_even)
@@ -231,7 +264,7 @@ class SeesawConsumers:
         """Warpgroup 1's part of the pair (a in buffer 0, a + 1 in buffer 1 if a + 1 < hi);
         on return row_max holds the pair's maxima."""
         (qk_mma, pv_reg, pv_smem, acc_s, rP, tSrQ, tSrK, tScS, tOrV_own, tOrV_other, tOrP_other, sP_own,
-         sMax) = frags
+         sMax) = SeesawFragments(*frags)
         m_even, m_pair, base, factor, factor2 = rows
         if a + 1 < hi:
             self.s_block(qk_mma, acc_s, tSrQ, tSrK, tScS, ctx, 1, a + 1)

@@ -17,7 +17,7 @@ from cute_mla.kernels.common.gmem import (copy_16B_async, load_8B, load_16B, loa
 from cute_mla.kernels.common.paged_kv import kv_smem_layout
 from cute_mla.kernels.common.softmax import LOG2_E
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
-from cute_mla.kernels.sm90.split_kv_decode import SplitKvDecodeSm90
+from cute_mla.kernels.sm90.split_kv_decode import QTile, SplitKvDecodeSm90
 from cute_mla.layouts.kv_cache import get_format
 from cute_mla.layouts.operands import D_V
 
@@ -422,7 +422,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             if r == begin_req:
                 split = mSchedMeta[part, 4]
             # the row block's 64 heads of one query token: (request r, "kv head" 0, h_q heads per kv head)
-            self.load_q(mQ, sQ, (r, 0, mblk, h_q), ctid)
+            self.load_q(mQ, sQ, QTile(r, 0, mblk, h_q), ctid)
             acc_o, row_max, row_sum = self.fresh_rows(thr_pv)
             for blk in cutlass.range(lo, hi, unroll=1):
                 self.attend_gathered_block(qk_mma, pv_mma, qk_tail_mma, tSrQ, tSrK, tScS, tOrP, acc_o, row_max,

@@ -2,6 +2,8 @@
 top-k rows of a flat bf16 KV tensor."""
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
@@ -13,10 +15,30 @@ from cute_mla.kernels.common.gmem import copy_16B_async, copy_16B_async_zfill
 from cute_mla.kernels.common.paged_kv import COLUMN_TILE, kv_smem_layout
 from cute_mla.kernels.common.softmax import LN_2, LOG2_E
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, NamedBarrier, TwoConsumerMlaSm90
-from cute_mla.kernels.sm90.seesaw import SeesawConsumers
+from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
 
 V_L_TILES = 4  # column tiles 0-3 of a block: V_L, read by warpgroup 0's P V
 GROUP = 8  # producer threads per 128-byte line (one 64-column tile row of a kv row)
+
+
+class NextQ(NamedTuple):
+    """The next tile's Q copy, which the last pair of a tile starts (``start``)."""
+
+    mQ: Any
+    sQ: Any
+    tile: Any
+    head_blocks: Any
+    ctid: Any
+    start: Any
+
+
+class PairCtx(NamedTuple):
+    """The seesaw hooks' context for one pair of gathered blocks."""
+
+    bars: Any  # the kernel's mbarriers (halves, releases, Q)
+    phase: Any  # phase of this pair's half-block barriers
+    sBias: Any  # (slot, buffer) logit bias: 0, or -inf for a slot that gathered nothing
+    next_q: NextQ
 
 
 class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
@@ -232,6 +254,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         """Consumer warpgroup ``wg``: S of buffer ``wg``'s blocks, O columns [256 wg, 256 wg + 256)."""
         wtid = ctid % 128
         frags, rows, tOcO = self.seesaw_fragments(sQ, sK, sMax, sV_layout, p_tiles, wg, wtid)
+        pv_reg = SeesawFragments(*frags).pv_reg
         scale_log2 = sm_scale * LOG2_E
         head_blocks = mQ.shape[1] // BLOCK_M
         bid, _, _ = cute.arch.block_idx()
@@ -248,19 +271,13 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
             cute.arch.mbarrier_wait(bars + 8, q_phase)
             cute.arch.fence_proxy("async.shared", space="cta")  # cp.async wrote sQ; WGMMA reads it
             q_phase = q_phase ^ 1
-            acc_o, row_max, row_sum = self.fresh_rows(frags[1].get_slice(wtid))
+            acc_o, row_max, row_sum = self.fresh_rows(pv_reg.get_slice(wtid))
             nxt = tile + grid
             for pair in cutlass.range(pairs, unroll=1):
                 # The last pair's final release starts the next tile's Q copy.
-                q_next = (mQ, sQ, nxt, head_blocks, ctid, (pair == pairs - 1) & (nxt < tiles))
-                ctx = (bars, phase, sBias, q_next)
-                # hi = 2 * pairs: the seesaw's lone-last-block path is never taken.
-                if cutlass.const_expr(wg == 0):
-                    self.even_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, 2 * pair, 2 * pairs, scale_log2,
-                                   wtid)
-                else:
-                    self.odd_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, 2 * pair, 2 * pairs, scale_log2,
-                                  wtid)
+                next_q = (mQ, sQ, nxt, head_blocks, ctid, (pair == pairs - 1) & (nxt < tiles))
+                self.pair(frags, acc_o, row_max, row_sum, rows, sK, bars, phase, sBias, next_q, pair, pairs,
+                          scale_log2, wtid, wg)
                 phase = phase ^ 1
             if pairs == 0 and nxt < tiles:
                 self.start_q_copy(mQ, sQ, bars, nxt, head_blocks, ctid)
@@ -281,16 +298,27 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
             copy_16B_async(self.q_chunk_src(src, j), self.q_chunk_dst(dst, j))
         cute.arch.cp_async_mbarrier_arrive_noinc(bars + 8)
 
-    # ------------------------------------------------------------------ seesaw hooks
-    # ctx = (mbarriers, phase of this pair, per-slot logit bias,
-    #        (mQ, sQ, next tile, head blocks, ctid, whether to start the next tile's Q copy))
+    @cute.jit
+    def pair(self, frags, acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, rows, sK: cute.Tensor,
+             bars, phase: Int32, sBias: cute.Tensor, next_q, pair: Int32, pairs: Int32, scale_log2: Float32,
+             wtid: Int32, wg: cutlass.Constexpr[int]):
+        """This warpgroup's part of pair ``pair`` of the tile (the context is built here, not in
+        the caller's staged loop: the DSL carries plain tuples across a loop body, not
+        NamedTuples).  hi = 2 * pairs: the seesaw's lone-last-block path is never taken."""
+        ctx = PairCtx(bars, phase, sBias, NextQ(*next_q))
+        if cutlass.const_expr(wg == 0):
+            self.even_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, 2 * pair, 2 * pairs, scale_log2, wtid)
+        else:
+            self.odd_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, 2 * pair, 2 * pairs, scale_log2, wtid)
+
+    # ------------------------------------------------------------------ seesaw hooks (ctx: a PairCtx)
     @cute.jit
     def s_block(self, qk_mma: cute.TiledMma, acc_s: cute.Tensor, tSrQ: cute.Tensor, tSrK: cute.Tensor,
                 tScS: cute.Tensor, ctx, buf: cutlass.Constexpr[int], blk: Int32):
         """S = Q K^T of the gathered block in buffer ``buf``, half by half in the order the
         producer fills them (L then R for buffer 0, R then L for buffer 1), plus each slot's
         bias (0, or -inf for a slot that gathered nothing)."""
-        bars, phase, sBias, _ = ctx
+        bars, phase, sBias = ctx.bars, ctx.phase, ctx.sBias
         k_steps = COLUMN_TILE // 16
         first = True
         for i in cutlass.range_constexpr(2):
@@ -325,11 +353,11 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         """Warpgroup 0 is the last reader of both L halves, warpgroup 1 of both R halves.
         Buffer 1 is each warpgroup's last release of a pair, after both S GEMMs (the only
         readers of sQ) have completed: in a tile's last pair it starts the next Q copy."""
-        cute.arch.mbarrier_arrive(ctx[0] + (4 + 2 * buf + wg))
+        cute.arch.mbarrier_arrive(ctx.bars + (4 + 2 * buf + wg))
         if cutlass.const_expr(buf == 1):
-            mQ, sQ, nxt, head_blocks, ctid, start = ctx[3]
-            if start:
-                self.start_q_copy(mQ, sQ, ctx[0], nxt, head_blocks, ctid)
+            q = ctx.next_q
+            if q.start:
+                self.start_q_copy(q.mQ, q.sQ, ctx.bars, q.tile, q.head_blocks, q.ctid)
 
     @cute.jit
     def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,

@@ -10,12 +10,23 @@ the split's partial O and base-2 lse for the combine kernel.
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
 from cute_mla.kernels.common.softmax import LN_2, LOG2_E
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
+
+
+class QTile(NamedTuple):
+    """Which 64 query rows a decode CTA loads (``load_q`` / ``q_row``)."""
+
+    request: Any
+    kv_head: Any
+    row_block: Any  # rows [64 row_block, 64 row_block + 64) of the kv head's s_q * h_r rows
+    heads_per_kv: Any  # h_r = h_q / h_kv
 
 
 class SplitKvDecodeSm90(TwoConsumerMlaSm90):
@@ -44,8 +55,8 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
 
     @cute.jit
     def q_row(self, mQ: cute.Tensor, where, row: Int32):
-        """Row ``row`` of the CTA's Q tile (``load_q``): where = (request, kv head, row
-        block, h_r); rows past s_q * h_r do not exist."""
+        """Row ``row`` of the CTA's Q tile (``load_q``), ``where`` a ``QTile``; rows past
+        s_q * h_r do not exist."""
         r, hk, mblk, heads_per_kv = where
         m = mblk * BLOCK_M + row
         iq, hq = self.query_of_row(m, hk, heads_per_kv)
