@@ -13,10 +13,29 @@ measured the same within run-to-run noise on every benchmarked kernel (session 6
 """
 from __future__ import annotations
 
+import enum
+
 import cutlass.cute as cute
 from cutlass import Int32
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
+
+
+class NamedBarrier(enum.IntEnum):
+    """Every named barrier id of the SM90 MLA kernels' consumer warpgroups (0 is
+    ``__syncthreads``): 256 threads, the two consumer warpgroups, unless a comment says 128."""
+
+    Q_RELOAD = 1  # nobody still reads the previous piece's Q / the new Q is in shared memory
+    ROW_MAX = 4  # the consumers' row maxima of a block are exchanged (``online_softmax``)
+    P_READY = 5  # both halves of a block's P are in shared memory
+    ROW_SUM = 6  # the consumers' row sums are exchanged (``finish_rows``)
+    # the seesaw (``kernels.sm90.seesaw``)
+    MAX_0 = 7  # warpgroup 0 published its row maxima after S of the even block
+    MAX_1 = 8  # warpgroup 1 published the pair's row maxima
+    P_0 = 9  # the even block's P (at the pair's maxima) is in its buffer's P tile
+    P_1 = 10  # the odd block's P is in its buffer's P tile
+    TAIL_0 = 11  # 128 threads: warpgroup 0 rewrote V rows of its buffer before its P V
+    TAIL_1 = 12  # the same for warpgroup 1
 
 
 @dsl_user_op

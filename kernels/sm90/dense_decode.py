@@ -11,12 +11,13 @@ from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import warpgroup
 
 from cute_mla.kernels.common import named_barrier
+from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.dtypes import dsl_dtype
 from cute_mla.kernels.common.paged_kv import (COLUMN_TILE, PAGE, kv_smem_layout, make_kv_column_tma,
                                               page_column_tile)
 from cute_mla.kernels.common.softmax import LOG2_E
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M
-from cute_mla.kernels.sm90.seesaw import SeesawBarrier, SeesawConsumers, SeesawFragments
+from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
 from cute_mla.kernels.sm90.split_kv_decode import QTile, SplitKvDecodeSm90
 from cute_mla.layouts.operands import D_V
 
@@ -67,7 +68,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
     only columns 0..511.  S waits tile by tile, so it starts on the tiles freed first.
 
     Named barriers: ``NamedBarrier`` Q_RELOAD / ROW_SUM among all 256 threads,
-    ``SeesawBarrier`` MAX_0 / MAX_1 / P_0 / P_1 (one warpgroup arrives, the other
+    ``NamedBarrier`` MAX_0 / MAX_1 / P_0 / P_1 (one warpgroup arrives, the other
     syncs) and TAIL (warpgroup-local).  Tokens past a request's length are masked by
     selection before the softmax and their V rows are zeroed in shared memory before
     P V, so NaN there never reaches an output.
@@ -238,7 +239,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
                 if t >= valid:
                     sK[t, wg * self.v_half + c, buf] = self.dtype(0.0)
             cute.arch.fence_proxy("async.shared", space="cta")
-            named_barrier.sync(SeesawBarrier.TAIL + wg, 128)
+            named_barrier.sync(NamedBarrier.TAIL_0 + wg, 128)
 
     @cute.jit
     def p_tile(self, sK: cute.Tensor, sP_layout: cute.ComposedLayout, buf: cutlass.Constexpr[int]) -> cute.Tensor:

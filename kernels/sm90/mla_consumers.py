@@ -26,6 +26,7 @@ from cutlass.cute.nvgpu import warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from cute_mla.kernels.common import named_barrier
+from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
 from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
 from cute_mla.kernels.common.mma_sm90 import gemm
@@ -34,15 +35,6 @@ from cute_mla.layouts.operands import D_V
 
 BLOCK_M = 64  # query rows per CTA
 BLOCK_N = 64  # KV tokens per block
-
-
-class NamedBarrier:
-    """Named barrier ids among the 256 consumer threads (0 is __syncthreads)."""
-
-    Q_RELOAD = 1
-    ROW_MAX = 4
-    P_READY = 5
-    ROW_SUM = 6
 
 
 class TwoConsumerMlaSm90:

@@ -35,18 +35,9 @@ from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import warpgroup
 
 from cute_mla.kernels.common import named_barrier
+from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.mma_sm90 import gemm
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
-
-
-class SeesawBarrier:
-    """Named barriers between the two warpgroups (ids after ``NamedBarrier``'s)."""
-
-    MAX_0 = 7  # warpgroup 0 published its row maxima after S of the even block
-    MAX_1 = 8  # warpgroup 1 published the pair's row maxima
-    P_0 = 9  # the even block's P (at the pair's maxima) is in its buffer's P tile
-    P_1 = 10  # the odd block's P is in its buffer's P tile
-    TAIL = 11  # + warpgroup: warpgroup-local, for kernels that rewrite V rows before P V
 
 
 class SeesawFragments(NamedTuple):
@@ -227,7 +218,7 @@ class SeesawConsumers:
         m_even, m_pair, base, factor, factor2 = rows
         self.s_block(qk_mma, acc_s, tSrQ, tSrK, tScS, ctx, 0, a)
         self.max_into(acc_s, row_max, m_even)
-        self.publish_max(m_even, sMax, tScS, 0, wtid, SeesawBarrier.MAX_0)
+        self.publish_max(m_even, sMax, tScS, 0, wtid, NamedBarrier.MAX_0)
         self.rescale(row_max, m_even, base, factor, scale_log2)
         self.exponentiate(acc_s, base, row_sum, factor, scale_log2)
         self.scale_o(acc_o, factor)
@@ -237,10 +228,10 @@ class SeesawConsumers:
         gemm(pv_reg, acc_o, rP, tOrV_own, False)
         warpgroup.commit_group()
         # The pair's maxima: the even block's P handed to warpgroup 1 is rescaled to them.
-        self.read_max(m_pair, sMax, tScS, 1, SeesawBarrier.MAX_1)
+        self.read_max(m_pair, sMax, tScS, 1, NamedBarrier.MAX_1)
         self.rescale(m_even, m_pair, base, factor2, scale_log2)
         self.store_p(rP, factor2, tScS, sP_own)
-        named_barrier.arrive(SeesawBarrier.P_0, self.consumer_threads)
+        named_barrier.arrive(NamedBarrier.P_0, self.consumer_threads)
         warpgroup.wait_group(0)
         self.release(ctx, 0, 0, wtid)
         if a + 1 >= hi:  # a lone last block: nothing of buffer 1 to read this pair
@@ -249,7 +240,7 @@ class SeesawConsumers:
         for h in cutlass.range_constexpr(2):
             row_sum[h] = row_sum[h] * factor2[h]
             row_max[h] = m_pair[h]
-        named_barrier.sync(SeesawBarrier.P_1, self.consumer_threads)
+        named_barrier.sync(NamedBarrier.P_1, self.consumer_threads)
         if a + 1 < hi:
             self.prepare_v(sK, ctx, 1, a + 1, 0, wtid)
             warpgroup.fence()
@@ -270,12 +261,12 @@ class SeesawConsumers:
             self.s_block(qk_mma, acc_s, tSrQ, tSrK, tScS, ctx, 1, a + 1)
         else:
             self.skip_block(ctx, 1)
-        self.read_max(m_even, sMax, tScS, 0, SeesawBarrier.MAX_0)
+        self.read_max(m_even, sMax, tScS, 0, NamedBarrier.MAX_0)
         for h in cutlass.range_constexpr(2):
             m_pair[h] = m_even[h]
         if a + 1 < hi:
             self.max_into(acc_s, m_even, m_pair)
-        self.publish_max(m_pair, sMax, tScS, 1, wtid, SeesawBarrier.MAX_1)
+        self.publish_max(m_pair, sMax, tScS, 1, wtid, NamedBarrier.MAX_1)
         self.rescale(row_max, m_pair, base, factor, scale_log2)
         if a + 1 < hi:
             self.exponentiate(acc_s, base, row_sum, factor, scale_log2)
@@ -284,13 +275,13 @@ class SeesawConsumers:
         else:
             for h in cutlass.range_constexpr(2):
                 row_sum[h] = row_sum[h] * factor[h]
-        named_barrier.arrive(SeesawBarrier.P_1, self.consumer_threads)
+        named_barrier.arrive(NamedBarrier.P_1, self.consumer_threads)
         self.scale_o(acc_o, factor)
         for h in cutlass.range_constexpr(2):
             row_max[h] = m_pair[h]
         if a + 1 < hi:
             self.prepare_v(sK, ctx, 1, a + 1, 1, wtid)
-        named_barrier.sync(SeesawBarrier.P_0, self.consumer_threads)
+        named_barrier.sync(NamedBarrier.P_0, self.consumer_threads)
         self.prepare_v(sK, ctx, 0, a, 1, wtid)
         # P0' V0_R is waited for before P1 V1_R is issued.  An MMA chain left in flight into
         # the branch below makes ptxas serialise every WGMMA of the kernel; issuing both back

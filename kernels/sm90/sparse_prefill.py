@@ -11,10 +11,11 @@ from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import warpgroup
 
 from cute_mla.kernels.common import named_barrier
+from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.gmem import copy_16B_async, copy_16B_async_zfill
 from cute_mla.kernels.common.paged_kv import COLUMN_TILE, kv_smem_layout
 from cute_mla.kernels.common.softmax import LN_2, LOG2_E
-from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, NamedBarrier, TwoConsumerMlaSm90
+from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
 from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
 
 V_L_TILES = 4  # column tiles 0-3 of a block: V_L, read by warpgroup 0's P V
