@@ -11,7 +11,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32
 
 from cute_mla.kernels.common.dtypes import dsl_dtype
-from cute_mla.kernels.common.softmax import LN_2, LOG2_E
+from cute_mla.kernels.common.softmax import LN_2, sink_denominator
 from cute_mla.layouts.operands import D_V
 from cute_mla.schedules.decode_plan import COMBINE_HEADS_PER_CTA
 
@@ -119,8 +119,7 @@ class CombineKernel:
             lse_out = lse2 * LN_2
             scale = Float32(1.0)
             if has_sink != 0:
-                # exp(lse) / (exp(lse) + exp(sink)); sink = +inf gives 0, -inf gives 1
-                scale = 1.0 / (1.0 + cute.math.exp2(mSink[h] * LOG2_E - lse2, fastmath=True))
+                scale = 1.0 / sink_denominator(mSink[h], lse2, fastmath=True)
         res = cute.make_rmem_tensor_like(acc, self.out_dtype)
         for k in cutlass.range_constexpr(4 * self.chunks):
             res[k] = (acc[k] * scale).to(self.out_dtype)

@@ -14,7 +14,7 @@ from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.gmem import copy_16B_async, copy_16B_async_zfill
 from cute_mla.kernels.common.paged_kv import COLUMN_TILE, kv_smem_layout
-from cute_mla.kernels.common.softmax import LN_2, LOG2_E
+from cute_mla.kernels.common.softmax import LN_2, LOG2_E, sink_denominator
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
 from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
 
@@ -370,10 +370,9 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         for h in cutlass.range_constexpr(2):
             row, _ = tOcO[2 * h]
             hq = hblk * BLOCK_M + row
-            # exp(lse) / (exp(lse) + exp(sink)) = 1 / (1 + 2^(sink*log2e - lse2)); +inf sink
-            # gives 0, -inf gives 1.  A row without keys already has factor 0.
+            # a row without keys already has factor 0
             if has_sink != 0 and lse2[h] != neg_inf:
-                inv[h] = inv[h] / (1.0 + cute.math.exp2(mSink[hq] * LOG2_E - lse2[h], fastmath=False))
+                inv[h] = inv[h] / sink_denominator(mSink[hq], lse2[h], fastmath=False)
             for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
                 k = 4 * j + 2 * h
                 _, col = tOcO[k]

@@ -16,7 +16,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
-from cute_mla.kernels.common.softmax import LN_2, LOG2_E
+from cute_mla.kernels.common.softmax import LN_2, sink_denominator
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
 
 
@@ -78,10 +78,9 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
                 for h in cutlass.range_constexpr(2):
                     row, _ = tOcO[2 * h]
                     _, hq = self.query_of_row(mblk * BLOCK_M + row, hk, heads_per_kv)
-                    # 1 / (1 + 2^(sink*log2e - lse2)): +inf sink gives 0, -inf gives 1; a row
-                    # without keys (lse2 = -inf) already has factor 0.
+                    # a row without keys (lse2 = -inf) already has factor 0
                     if lse2[h] != neg_inf:
-                        inv[h] = inv[h] / (1.0 + cute.math.exp2(mSink[hq] * LOG2_E - lse2[h], fastmath=False))
+                        inv[h] = inv[h] / sink_denominator(mSink[hq], lse2[h], fastmath=False)
         # This thread's O values lie in 2 rows; fragment elements 2j, 2j+1 are adjacent
         # columns of one row, stored together (4 bytes of bf16/fp16, 8 of fp32).
         for h in cutlass.range_constexpr(2):
