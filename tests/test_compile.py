@@ -98,9 +98,8 @@ SASS_EXPECT = {
     # registers (RS form: a register A operand before the B descriptor) and the other
     # warpgroup's P from smem, V transposed from the same K pages, pages by 4-D TMA;
     # no producer warpgroup, so no register reallocation
-    # (PREEXIT: griddepcontrol.launch_dependents, so the PDL combine is scheduled early)
     "dense_decode_sm90": (["HGMMA.64x64x16.F32", r"re:HGMMA\.64x256x16\.F32\S* R\d+, R\d+, gdesc",
-                           r"re:HGMMA\.64x256x16\.F32\S* R\d+, gdesc", "tnspB", "UTMALDG.4D", "PREEXIT"],
+                           r"re:HGMMA\.64x256x16\.F32\S* R\d+, gdesc", "tnspB", "UTMALDG.4D"],
                           ["LDL", "STL", "USETMAXREG"]),
     # the seesaw's MMAs as in dense decode; kv rows gathered by 16-byte zero-filling
     # cp.async that bypass L1, each half-block's copies completing on an mbarrier
@@ -110,8 +109,7 @@ SASS_EXPECT = {
     # the same consumer MMAs (64x32 S per warpgroup, 64x256 O), FP8 codes -> f16 pairs in
     # hardware, bf16 RoPE by cp.async, bf16 output; then per matmul type (below)
     "sparse_decode_sm90": (["tnspB", "F2FP.F16.E4M3.UNPACK_B", "F2FP.BF16.F32.PACK_AB", "LDG.E.128",
-                            "LDGSTS.E.BYPASS.128", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC", "PREEXIT"],
-                           ["LDL", "STL"]),
+                            "LDGSTS.E.BYPASS.128", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
 }
 # sparse decode by ``matmul``: f16 MMAs (no .BF16 suffix; V32 adds bf16 ones for RoPE) and
 # the f16 scale applied by HMUL2; or bf16 MMAs only and the scale applied in f32

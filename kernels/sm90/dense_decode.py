@@ -130,7 +130,6 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         cute.arch.sync_threads()
         if warp == 0:
             cpasync.prefetch_descriptor(kv_atom)
-        self.allow_combine_launch()
 
         loads = KvLoads(kv_atom, mKTma, mBlockTable, sK, bars)
         if warp < 4:

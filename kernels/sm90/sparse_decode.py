@@ -141,7 +141,6 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         sBias, kv_pipe = self.make_gathered_kv_pipeline(smem, self.producer_threads)
 
         part, _, mblk = cute.arch.block_idx()
-        self.allow_combine_launch()
         lengths = (mIndices.shape[2], mTopkLength, has_topk_length, mXIndices.shape[2], mXTopkLength,
                    has_extra, has_extra_topk_length)
         if wg == 0:

@@ -34,15 +34,6 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
     epilogue; subclasses own the producer and the per-block masking."""
 
     @cute.jit
-    def allow_combine_launch(self):
-        """Let the combine (launched after this kernel with PDL) be scheduled once every CTA of
-        this grid has started: its CTAs then take SMs as this grid's CTAs finish, instead of
-        after the last one.  Safe: the combine's ``griddepcontrol.wait`` still waits for this
-        grid to complete and its writes to be visible.  Only CTAs already running have issued
-        this, so a waiting combine CTA never holds an SM a pending decode CTA needs."""
-        cute.arch.griddepcontrol_launch_dependents()
-
-    @cute.jit
     def query_of_row(self, m: Int32, hk: Int32, heads_per_kv: Int32):
         """Query row m of kv head hk -> (query token, q head): rows run over the kv head's
         h_r = h_q / h_kv query heads fastest, then over the query tokens."""
