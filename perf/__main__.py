@@ -1,11 +1,13 @@
 """python -m perf: time every registered case against this GPU's measured roofline and write the results.
 
     python -m perf [--filter SUBSTR ...] [--out DIR] [--iters N] [--no-png] [--list] [--commit SHA]
-                   [--peer flashmla[=PATH]]
+                   [--peer flashmla[=PATH] [--rounds N]]
 
 With ``--peer flashmla`` every case that has a FlashMLA counterpart runs through both libraries on the
 same inputs, one after the other (decode inside CUDA graphs, prefill eagerly), and records ``peer_us``,
 ``speedup`` (peer_us / us) and whether the two outputs agree within SPEC's tolerances (``agree``).
+``--rounds N`` repeats that N times on fresh input sets and records the medians and the speedup's
+range (``speedup_min`` / ``speedup_max``).
 
 On the GPU machine the tree is a copy without .git: pass --commit or CUTE_MLA_COMMIT=$(git rev-parse --short HEAD).
 """
@@ -35,7 +37,12 @@ def _parse(argv):
     p.add_argument("--peer", default=None, metavar="flashmla[=PATH]",
                    help="time FlashMLA's compiled ops on the same inputs, side by side (PATH: a _flashmla_C*.so; "
                         "default: an installed flash_mla, vllm._flashmla_C, $CUTE_MLA_PEER or .peers/)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --peer: time both sides this many times, each round on fresh input sets "
+                        "(new allocations), and report the medians and the speedup's range (default 1)")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     if args.peer is not None:
         name, _, path = args.peer.partition("=")
         if name != "flashmla":
@@ -45,25 +52,49 @@ def _parse(argv):
 
 
 def _side_by_side(case, ops, args, say) -> dict:
-    """Time ``case`` and its FlashMLA counterpart on the same input sets; check their outputs agree."""
+    """Time ``case`` and its FlashMLA counterpart on the same input sets, ``args.rounds`` times
+    with fresh input sets (new allocations) each round, ours then FlashMLA's; check that their
+    outputs agree.  The figures are the medians over the rounds (``rounds_summary``)."""
     from perf import timing
 
     n = args.rotate or case.rotate or timing.rotate_count(case.bytes)
-    inputs = [case.make_inputs() for _ in range(n)]
-    try:
-        ours = [lambda x=x: case.run(x) for x in inputs]
-        theirs = [case.peer(ops, x) for x in inputs]
-        agree, worst = _agree(case.compare, ours[0](), theirs[0]())
-        t = timing.time_side(ours, case.graph, args.iters, args.warmup)
-        tp = timing.time_side(theirs, case.graph, args.iters, args.warmup)
-    finally:
-        del inputs
-        import torch
-        torch.cuda.empty_cache()
-    say(f"{case.name}: {t.us:.2f} us, FlashMLA {tp.us:.2f} us, speedup {tp.us / t.us:.3f}"
+    ours_t, peer_t, agree, worst = [], [], True, 0.0
+    for _ in range(args.rounds):
+        inputs = [case.make_inputs() for _ in range(n)]
+        ours = theirs = None
+        try:
+            ours = [lambda x=x: case.run(x) for x in inputs]
+            theirs = [case.peer(ops, x) for x in inputs]
+            ok, w = _agree(case.compare, ours[0](), theirs[0]())
+            agree, worst = agree and ok, max(worst, w)
+            ours_t.append(timing.time_side(ours, case.graph, args.iters, args.warmup))
+            peer_t.append(timing.time_side(theirs, case.graph, args.iters, args.warmup))
+        finally:
+            del inputs, ours, theirs
+            import torch
+            torch.cuda.empty_cache()
+    res = rounds_summary(ours_t, peer_t)
+    say(f"{case.name}: {res['us']:.2f} us, FlashMLA {res['peer_us']:.2f} us, speedup {res['speedup']:.3f}"
+        + (f" (rounds {res['speedup_min']:.3f}-{res['speedup_max']:.3f})" if args.rounds > 1 else "")
         + ("" if agree else f", OUTPUTS DIFFER (worst {worst:.1f}x the tolerance)"))
-    return dict(us=t.us, us_p10=t.p10_us, us_p90=t.p90_us, iters=t.iters, rotate=t.rotate, peer_us=tp.us,
-                speedup=tp.us / t.us, agree=agree, agree_worst=worst, timed="graph" if case.graph else "eager")
+    return dict(res, iters=ours_t[0].iters, rotate=ours_t[0].rotate, agree=agree, agree_worst=worst,
+                timed="graph" if case.graph else "eager")
+
+
+def rounds_summary(ours: list, peer: list) -> dict:
+    """Medians over rounds of the two sides' per-round medians (``timing.Timing``), the speedup
+    of those, and each round's own speedup range: one process's timing can sit 10% off
+    another's for the same build (perf/results/NOTES.md, session 10), so a kernel decision needs
+    the spread."""
+    import statistics
+
+    us = statistics.median(t.us for t in ours)
+    peer_us = statistics.median(t.us for t in peer)
+    per_round = [p.us / o.us for o, p in zip(ours, peer)]
+    return dict(us=us, us_p10=statistics.median(t.p10_us for t in ours),
+                us_p90=statistics.median(t.p90_us for t in ours), peer_us=peer_us, speedup=peer_us / us,
+                speedup_min=min(per_round), speedup_max=max(per_round), rounds=len(per_round),
+                us_rounds=[t.us for t in ours], peer_us_rounds=[t.us for t in peer])
 
 
 def _agree(kinds, ours, theirs) -> tuple[bool, float]:

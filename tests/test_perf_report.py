@@ -162,3 +162,16 @@ def test_cli_run_without_gpu_fails_clearly(tmp_path):
     assert r.returncode != 0
     assert "needs a CUDA GPU" in r.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_side_by_side_rounds_summary():
+    """--peer --rounds: medians over rounds and each round's speedup range."""
+    from perf.__main__ import rounds_summary
+    from perf.timing import Timing
+
+    ours = [Timing(100.0, 95.0, 110.0, 50, 1), Timing(120.0, 110.0, 130.0, 50, 1), Timing(105.0, 100.0, 112.0, 50, 1)]
+    peer = [Timing(110.0, 100.0, 120.0, 50, 1)] * 3
+    r = rounds_summary(ours, peer)
+    assert r["us"] == 105.0 and r["peer_us"] == 110.0 and r["speedup"] == pytest.approx(110 / 105)
+    assert r["speedup_min"] == pytest.approx(110 / 120) and r["speedup_max"] == pytest.approx(1.1)
+    assert r["rounds"] == 3 and r["us_rounds"] == [100.0, 120.0, 105.0]
