@@ -110,8 +110,7 @@ def make(entry: str, lib: str = "cute_mla", fresh_meta: bool = False) -> Callabl
 def _op_call(entry, x):
     import torch
 
-    import cute_mla  # noqa: F401  (registers the ops)
-    cute_mla.get_mla_metadata  # the first attribute imports cute_mla.api, which registers the ops
+    import cute_mla.api  # noqa: F401  (importing the API registers torch.ops.cute_mla.*)
 
     if entry == "sparse_prefill":
         return lambda: torch.ops.cute_mla.sparse_prefill(x["q"], x["kv"], x["indices"], x["sm_scale"], D_V, None, None)
