@@ -78,7 +78,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     tokens of each request.  out has q's dtype.
 
     FP8 sparse (``indices`` given, ``is_fp8_kvcache=True``; SM90): q [b, s_q, h_q, d_qk] bf16
-    with h_q 64 or 128 and d_qk 576 (V32 cache) or 512 (MODEL1 cache); k_cache
+    with h_q 8, 16, 32, 64 or 128 and d_qk 576 (V32 cache) or 512 (MODEL1 cache); k_cache
     [num_blocks, page_block_size, 1, bytes_per_token] FP8 (``quant.quantize_kvcache``; float8,
     int8 or uint8 view; any page size); indices [b, s_q, topk] int32, topk a multiple of 64,
     token ids ``block * page_block_size + offset`` (anything outside the cache is skipped);
@@ -214,6 +214,8 @@ def _plan_sparse_decode(q, k_cache, config, softmax_scale, causal, is_fp8_kvcach
 
 
 _FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.uint8)
+# FlashMLA's 64 and 128, and the tensor-parallel shards of 128 heads (TP 16, 8, 4): no caller pads
+SPARSE_DECODE_HEADS = (8, 16, 32, 64, 128)
 
 
 def _check_sparse_decode(q, k_cache, indices, attn_sink, extra_k_cache, extra_indices, topk_length,
@@ -223,7 +225,8 @@ def _check_sparse_decode(q, k_cache, indices, attn_sink, extra_k_cache, extra_in
     need(q.is_cuda, f"q must be a CUDA tensor, got device {q.device}")
     b, s_q, h_q, d_qk = q.shape
     need(d_qk in (576, 512), f"q's head dim must be 576 (V32 cache) or 512 (MODEL1 cache), got {d_qk}")
-    need(h_q in (64, 128), f"q's head count h_q must be 64 or 128 for sparse decode, got {h_q}")
+    need(h_q in SPARSE_DECODE_HEADS, f"q's head count h_q must be one of {SPARSE_DECODE_HEADS} for sparse decode, "
+         f"got {h_q}")
     need(b >= 1 and s_q >= 1, f"q must have b >= 1 and s_q >= 1, got shape {tuple(q.shape)}")
     need(q.stride(3) == 1 and all(q.stride(i) % 8 == 0 for i in range(3)),
          f"q's last dim must be contiguous and its other strides multiples of 8, got {q.stride()}")

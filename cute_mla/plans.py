@@ -128,7 +128,9 @@ class SplitKvPlan:
     the partials workspace (o_accum then lse_accum in one float32 buffer) and the combine."""
 
     def __init__(self, q: torch.Tensor, config: FlashMLASchedMeta.Config, h_kv: int, fixed_overhead: int,
-                 max_len: int):
+                 max_len: int, token_rows: Optional[int] = None):
+        """``token_rows``: the kernel's query rows per query token and kv head (default
+        h_q / h_kv; sparse decode rounds h_q up to a whole row block)."""
         b, s_q, h_q, _ = q.shape
         self.device_index = q.get_device()
         self.device = q.device
@@ -137,7 +139,7 @@ class SplitKvPlan:
         self.out_shape = (b, s_q, h_q, D_V)
         self.lse_shape = (b, h_q, s_q)
         num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        self.parts = decode_plan.num_sm_parts(num_sms, s_q, h_q, h_kv)
+        self.parts = decode_plan.num_sm_parts(num_sms, s_q, h_kv * (token_rows or h_q // h_kv), h_kv)
         self.sched_shapes = ((self.parts, decode_plan.SCHED_META_FIELDS), (b + 1,))
         # at most one extra split per part on top of one per request
         self.n_partial = n_partial = b + self.parts
@@ -302,8 +304,10 @@ class SparseDecodePlan(SplitKvPlan):
         self.topk = indices.shape[-1]
         self.extra_topk = 0 if extra_indices is None else extra_indices.shape[-1]
         blk = decode_plan.BLOCK_N
+        token_rows = max(h_q, decode_plan.BLOCK_M)  # a row block gathers one query token's keys
         super().__init__(q, config, 1, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS,
-                         -(-self.topk // blk) * blk + self.extra_topk)  # sparse_decode_lengths' largest
+                         -(-self.topk // blk) * blk + self.extra_topk,  # sparse_decode_lengths' largest
+                         token_rows)
         # the scheduler's lengths are bound by shape only: nothing is enqueued before every check passed
         templates = self.templates(torch.empty(b, dtype=torch.int32, device=q.device))
         dm = dummies(self.device_index)
@@ -316,7 +320,8 @@ class SparseDecodePlan(SplitKvPlan):
         static = tuple(name for name, (t, _) in optional.items() if t is None)
         out, lse = self.outputs()
         self.main = launcher.prepare(
-            "sparse_decode_sm90", {"fmt": fmt, "matmul": matmul}, (self.parts, 1, s_q * h_q // decode_plan.BLOCK_M),
+            "sparse_decode_sm90", {"fmt": fmt, "matmul": matmul},
+            (self.parts, 1, s_q * token_rows // decode_plan.BLOCK_M),
             device_index=self.device_index, static=static, q=q, k_cache=fp8_cache_bytes(k_cache), indices=indices,
             out=out, lse=lse,
             softmax_scale=float(softmax_scale), page_block_size=k_cache.shape[1],

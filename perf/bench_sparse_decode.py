@@ -9,6 +9,8 @@ Three families:
   (64, 128 + 512, 256/64), (128, 128 + 1024, 256/64), and (64 and 128, 128 + 1024, 256/2) with an
   extra_topk_length drawn uniformly from [extra_topk/2, extra_topk] per request (no main topk_length).
 - Peak: b 148, s_k 32768, topk 16384, page_block_size 64, h_q in {64, 128} x both formats.
+- Small heads (tensor-parallel shards): h_q in {8, 16, 32}, b in {32, 128}, s_q in {1, 2}, V32 topk 2048 and
+  MODEL1 topk 512 (s_k 32768, page_block_size 64); FlashMLA's side runs on q padded to 64 heads.
 - The V32 b=128 and peak cases again in the matmul type that is not their format's default
   (``cute_mla.ops.sparse_decode_matmul``): V32 in bf16 (``sparse_decode_bf16``), MODEL1 in f16
   (``sparse_decode_f16``).
@@ -123,13 +125,26 @@ def _run(x, matmul):
 
 
 def _peer(ops, x):
-    """FlashMLA's sparse decode on the same inputs: its schedule made by a first call, then reused."""
+    """FlashMLA's sparse decode on the same inputs: its schedule made by a first call, then reused.  It takes
+    h_q 64 or 128 only, so fewer heads run as engines run them today, on q and the sink padded with zero heads
+    to 64 (padded once here, untimed: the comparison leaves out the engines' copy) and the outputs' first h_q
+    heads kept (views)."""
+    import torch
+
     q, cache, indices, sink, xcache, xindices, xlens, _ = x
+    h_q = q.shape[2]
     scale = q.shape[-1] ** -0.5
+    if h_q < 64:
+        q = torch.cat([q, q.new_zeros(*q.shape[:2], 64 - h_q, q.shape[3])], dim=2)
+        sink = torch.cat([sink, sink.new_zeros(64 - h_q)])
     _, _, meta, splits = ops.sparse_decode_fwd(q, cache, indices, None, sink, None, None, xcache, xindices, xlens,
                                                D_V, scale, None)
-    return lambda: ops.sparse_decode_fwd(q, cache, indices, None, sink, meta, splits, xcache, xindices, xlens, D_V,
+
+    def run():
+        out, lse = ops.sparse_decode_fwd(q, cache, indices, None, sink, meta, splits, xcache, xindices, xlens, D_V,
                                          scale, None)[:2]
+        return out[:, :, :h_q], lse[:, :h_q]
+    return run
 
 
 def _case(b, h_q, d_qk, s_k, topk, pbs, extra=None, extra_topk_length=False, matmul=None, s_q=S_Q):
@@ -180,3 +195,9 @@ def sparse_decode_cases():
     for h_q in (64, 128):
         for d_qk in (512, 576):
             yield _case(148, h_q, d_qk, 32768, 16384, 64, matmul="bf16" if d_qk == 576 else "f16")
+    # issue 19: tensor-parallel shards of 128 heads, against FlashMLA on q padded to 64 heads
+    for h_q in (8, 16, 32):
+        for b in (32, 128):
+            for s_q in (1, 2):
+                yield _case(b, h_q, 576, 32768, 2048, 64, s_q=s_q)
+                yield _case(b, h_q, 512, 32768, 512, 64, s_q=s_q)

@@ -206,6 +206,37 @@ def test_every_check_runs_before_any_launch(monkeypatch):
 
 
 @gpu
+def test_layers_sharing_a_metadata_match_the_reference_with_many_splits():
+    """Eight dense and four sparse layers of one step, each on one metadata and workspace, with
+    requests split many ways: every layer matches the reference (a layer's combine reads the
+    workspace before the next layer's split kernel rewrites it)."""
+    from cute_mla.quant import dequantize_kvcache, quantize_kvcache
+    from cute_mla.reference import ref_sparse_decode
+
+    x = dense(8, lens=(4000, 2500, 64))
+    meta, _ = cute_mla.get_mla_metadata()
+    for layer in range(8):
+        x["q"] = randn_clipped(x["q"].shape, torch.Generator(device=DEV).manual_seed(100 + layer), scale=1.0)
+        out, lse = dense_call(x, meta)
+        check_dense(x, out, lse)
+    assert int(meta.num_splits.diff().max()) > 8
+
+    g = torch.Generator(device=DEV).manual_seed(9)
+    cache = quantize_kvcache(randn_clipped((40, 64, 1, 512), g))  # MODEL1
+    idx = torch.randint(-5, 40 * 64 + 5, (2, 2, 2048), generator=g, device=DEV, dtype=torch.int32)
+    sink = torch.randn(64, generator=g, device=DEV)
+    meta, _ = cute_mla.get_mla_metadata()
+    for layer in range(4):
+        q = randn_clipped((2, 2, 64, 512), g, scale=1.0)
+        out, lse = cute_mla.flash_mla_with_kvcache(q, cache, None, None, D_V, meta, is_fp8_kvcache=True,
+                                                   indices=idx, attn_sink=sink)
+        ref_out, ref_lse = ref_sparse_decode(q, dequantize_kvcache(cache), idx, attn_sink=sink)
+        assert_close_named("sparse_decode_out", out.float(), ref_out)
+        assert_close_named("decode_lse", lse, ref_lse)
+    assert int(meta.num_splits.diff().max()) > 8
+
+
+@gpu
 def test_numpy_and_tensor_scales_give_the_float_result():
     x = dense(6)
     base = dense_call(x, softmax_scale=0.07)

@@ -195,7 +195,13 @@ MAIN_GRID = [(d, h, b, s_q, t, i // 2 % 2 == 1, d == 512 and i // 4 % 2 == 1, No
 # MODEL1 with topk_length and the extra cache: every (main, extra) pair, b in {4, 74}, the rest alternating
 EXTRA_GRID = [(512, (64, 128)[i // 5 % 2], b, (1, 3)[i // 3 % 2], t, i // 7 % 2 == 0, True, x)
               for i, (t, x, b) in enumerate(itertools.product(TRIPLES, TRIPLES, [4, 74]))]
-FULL_GRID = MAIN_GRID + EXTRA_GRID
+# tensor-parallel shards of 128 heads (h_q 8, 16, 32): s_q 1-4, both formats, the sink, topk_length and the
+# extra cache (MODEL1) alternating
+SMALL_HEAD_GRID = [(d, h, b, s_q, t, i % 2 == 0, d == 512 and i // 2 % 2 == 0,
+                    (512, 64, 69) if d == 512 and i % 3 == 0 else None)
+                   for i, (d, h, t, b, s_q) in enumerate(itertools.product([576, 512], [8, 16, 32], TRIPLES,
+                                                                           [4, 74], [1, 2, 3, 4]))]
+FULL_GRID = MAIN_GRID + EXTRA_GRID + SMALL_HEAD_GRID
 FAST = [
     (576, 64, 4, 1, (512, 64, 2), False, False, None),
     (576, 128, 74, 3, (1024, 576, 61), True, False, None),
@@ -205,6 +211,9 @@ FAST = [
     (512, 128, 4, 1, (1024, 576, 2), True, True, None),
     (512, 64, 4, 3, (2046, 2048, 64), True, True, (512, 64, 2)),
     (512, 128, 74, 1, (1024, 576, 61), False, True, (2046, 2048, 576)),
+    (576, 16, 74, 2, (2046, 2048, 64), True, False, None),
+    (512, 8, 4, 4, (1024, 576, 61), True, True, (512, 64, 2)),
+    (576, 32, 4, 3, (512, 64, 69), False, False, None),
 ]
 
 
@@ -310,8 +319,8 @@ def _empty(out, lse):
     return bool((out == 0).all()) and bool(torch.isposinf(lse).all())
 
 
-# corners at both head counts (h_q 128 is two row blocks of one query token)
-@pytest.mark.parametrize("h_q", [64, 128])
+# corners at every head count (h_q 128 is two row blocks of one query token, h_q 16 a quarter of one)
+@pytest.mark.parametrize("h_q", [8, 16, 32, 64, 128])
 @pytest.mark.parametrize("d_qk", [576, 512])
 def test_all_indices_invalid(d_qk, h_q):
     out, lse = run_case(4, 3, h_q, d_qk, (1024, 576, 61), seed=1, sink=True, extra=_extra(d_qk), all_invalid=True)
@@ -353,13 +362,13 @@ def test_int8_and_uint8_cache_views(d_qk):
         assert same_bits(base, res), dt
 
 
-@pytest.mark.parametrize("h_q", [64, 128])
+@pytest.mark.parametrize("h_q", [16, 64, 128])
 @pytest.mark.parametrize("d_qk,pad", [(576, 48), (512, 576)])
 def test_padded_block_stride(d_qk, pad, h_q):
     run_case(8, 3, h_q, d_qk, (1024, 576, 61), seed=6, sink=True, lengths=_lens(d_qk), extra=_extra(d_qk), pad=pad)
 
 
-@pytest.mark.parametrize("h_q", [64, 128])
+@pytest.mark.parametrize("h_q", [8, 64, 128])
 @pytest.mark.parametrize("d_qk", [576, 512])
 def test_strided_q_and_indices(d_qk, h_q):
     g = torch.Generator(device=DEV).manual_seed(7)
@@ -410,13 +419,13 @@ def test_cuda_graph_capture(d_qk):
 
 @pytest.mark.parametrize("mutate,match", [
     (lambda a: a.update(q=a["q"].half()), r"\bq\b"),
-    (lambda a: a.update(q=a["q"][:, :, :32]), r"\bh_q\b"),
+    (lambda a: a.update(q=a["q"][:, :, :48]), r"\bh_q\b"),
     (lambda a: a.update(indices=a["indices"][..., :100]), r"\btopk\b|\bindices\b"),
     (lambda a: a.update(indices=a["indices"].long()), r"\bindices\b"),
     (lambda a: a.update(q=torch.cat([a["q"], a["q"][..., :64]], dim=-1)), r"\bk_cache\b"),  # d_qk 576, MODEL1
     (lambda a: a.update(extra_indices_in_kvcache=None), r"extra_indices_in_kvcache|extra_k_cache"),
     (lambda a: a.update(topk_length=a["topk_length"][:-1]), r"\btopk_length\b"),
-], ids=["q-fp16", "h_q-32", "topk-100", "indices-int64", "k_cache-vs-d_qk", "extra-without-indices",
+], ids=["q-fp16", "h_q-48", "topk-100", "indices-int64", "k_cache-vs-d_qk", "extra-without-indices",
         "topk_length-shape"])
 def test_bad_input_names_the_argument(mutate, match):
     g = torch.Generator(device=DEV).manual_seed(0)

@@ -40,10 +40,12 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     codes times the float32 scale rounded to bf16 (FlashMLA's numerics, bf16's range); Q,
     RoPE and P stay bf16.  Either way O is accumulated in f32 and written in q's bf16.
 
-    Split-KV work as in dense decode (``kernels.sm90.split_kv_decode``): grid (parts, 1,
-    s_q * h_q / 64), row block z = query token z // (h_q / 64), heads (z % (h_q/64)) * 64
-    onwards.  A request's "KV" is its counted main slots, padded to whole 64-slot blocks,
-    then its counted extra slots: n = min(max(topk_length, 0), topk) main slots and
+    Split-KV work as in dense decode (``kernels.sm90.split_kv_decode``) with h_p =
+    max(h_q, 64) rows per query token (its heads, then rows that are no head when h_q is
+    8, 16 or 32): grid (parts, 1, s_q * h_p / 64), row block z = query token z // (h_p /
+    64), heads (z % (h_p / 64)) * 64 onwards.  A request's "KV" is its counted main
+    slots, padded to whole 64-slot blocks, then its counted extra slots: n =
+    min(max(topk_length, 0), topk) main slots and
     likewise for the extra ones, so its length for the scheduler is
     ceil(n / 64) * 64 + n_extra (``ops.sparse_decode`` computes the same on the host stream).
 
@@ -114,7 +116,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         # q (b, s_q, h_q, d); k_cache / extra_k_cache (num_blocks, block_bytes) u8; indices (b, s_q, topk);
         # out (b, s_q, h_q, 512); lse (b, h_q, s_q)
         sK_layout = kv_smem_layout(self.dtype, self.d, self.stages)
-        grid = [sched_meta.shape[0], 1, cute.ceil_div(q.shape[1] * q.shape[2], BLOCK_M)]
+        grid = [sched_meta.shape[0], 1, cute.ceil_div(q.shape[1] * self.token_rows(q), BLOCK_M)]
         self.kernel(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length, attn_sink, sched_meta, split_offsets,
                     out, lse, o_accum, lse_accum, softmax_scale, page_block_size, extra_page_block_size,
                     has_topk_length, has_extra, has_extra_topk_length, has_sink,
@@ -146,12 +148,19 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         if wg == 0:
             cute.arch.setmaxregister_decrease(self.regs_producer)
             self.load(mK, mIndices, mXK, mXIndices, page_block_size, extra_page_block_size, lengths, mSchedMeta,
-                      sK, sK_layout.outer, sBias, kv_pipe, part, (mblk * BLOCK_M) // mQ.shape[2], warp, tidx % 32)
+                      sK, sK_layout.outer, sBias, kv_pipe, part, (mblk * BLOCK_M) // self.token_rows(mQ), warp,
+                      tidx % 32)
         else:
             cute.arch.setmaxregister_increase(self.regs_consumer)
             self.consume(qk_mma, pv_mma, qk_tail_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, lengths, mSink,
                          mSchedMeta, mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, kv_pipe, softmax_scale, has_sink,
                          part, mblk, wg - 1, tidx - 128)
+
+    @staticmethod
+    def token_rows(mQ: cute.Tensor):
+        """h_p: the rows a query token takes, its h_q heads rounded up to whole row blocks
+        (a row block gathers one token's keys)."""
+        return cutlass.max(mQ.shape[2], BLOCK_M)
 
     # ------------------------------------------------------------------ work of a request
     @cute.jit
@@ -412,7 +421,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         wtid = ctid % 128
         thr_qk, thr_pv, tSrQ, tSrK, tScS, tOrP, tOcO = self.consumer_fragments(qk_mma, pv_mma, sQ, sK, sP, half, wtid)
         scale_log2 = softmax_scale * LOG2_E
-        h_q = mQ.shape[2]
+        token_rows = self.token_rows(mQ)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         begin_req = mSchedMeta[part, 0]
         for r in cutlass.range(begin_req, mSchedMeta[part, 2] + 1, unroll=1):
@@ -421,8 +430,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             split = Int32(0)
             if r == begin_req:
                 split = mSchedMeta[part, 4]
-            # the row block's 64 heads of one query token: (request r, "kv head" 0, h_q heads per kv head)
-            self.load_q(mQ, sQ, QTile(r, 0, mblk, h_q), ctid)
+            # the row block's heads of one query token: (request r, "kv head" 0, h_p rows per token)
+            self.load_q(mQ, sQ, QTile(r, 0, mblk, token_rows), ctid)
             acc_o, row_max, row_sum = self.fresh_rows(thr_pv)
             for blk in cutlass.range(lo, hi, unroll=1):
                 self.attend_gathered_block(qk_mma, pv_mma, qk_tail_mma, tSrQ, tSrK, tScS, tOrP, acc_o, row_max,
@@ -430,5 +439,5 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                                            half, wtid)
                 state.advance()
             nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
-            self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mOut, mLse, mOAccum, mLseAccum, r, 0, mblk, h_q,
+            self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mOut, mLse, mOAccum, mLseAccum, r, 0, mblk, token_rows,
                           half, scale_log2, nsplits, mSplitOffsets[r] + split, wtid, mSink, has_sink)

@@ -26,7 +26,7 @@ class QTile(NamedTuple):
     request: Any
     kv_head: Any
     row_block: Any  # rows [64 row_block, 64 row_block + 64) of the kv head's s_q * h_r rows
-    heads_per_kv: Any  # h_r = h_q / h_kv
+    heads_per_kv: Any  # h_r: rows per query token (h_q / h_kv; sparse decode: max(h_q, 64))
 
 
 class SplitKvDecodeSm90(TwoConsumerMlaSm90):
@@ -36,7 +36,10 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
     @cute.jit
     def query_of_row(self, m: Int32, hk: Int32, heads_per_kv: Int32):
         """Query row m of kv head hk -> (query token, q head): rows run over the kv head's
-        h_r = h_q / h_kv query heads fastest, then over the query tokens."""
+        h_r query heads fastest, then over the query tokens.  h_r is h_q / h_kv, except that
+        sparse decode gives each query token whole row blocks (h_r = max(h_q, 64)), since
+        its tokens gather different keys: with h_q < 64 rows h_q .. 63 of a block are no
+        head (``row_exists``)."""
         iq = m // heads_per_kv
         return iq, hk * heads_per_kv + (m - iq * heads_per_kv)
 
@@ -54,13 +57,19 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
 
 
     @cute.jit
+    def row_exists(self, m: Int32, hq: Int32, mOut: cute.Tensor, heads_per_kv: Int32):
+        """Whether query row m (of q head hq, ``query_of_row``) is a real one: within the
+        s_q * h_r rows and a head below h_q."""
+        return (m < mOut.shape[1] * heads_per_kv) & (hq < mOut.shape[2])
+
+    @cute.jit
     def q_row(self, mQ: cute.Tensor, where, row: Int32):
-        """Row ``row`` of the CTA's Q tile (``load_q``), ``where`` a ``QTile``; rows past
-        s_q * h_r do not exist."""
+        """Row ``row`` of the CTA's Q tile (``load_q``), ``where`` a ``QTile``, and whether it
+        exists (``row_exists``; a missing row is zeros and never stored)."""
         r, hk, mblk, heads_per_kv = where
         m = mblk * BLOCK_M + row
         iq, hq = self.query_of_row(m, hk, heads_per_kv)
-        return mQ[r, iq, hq, None], m < mQ.shape[1] * heads_per_kv
+        return mQ[r, iq, hq, None], self.row_exists(m, hq, mQ, heads_per_kv)
 
     @cute.jit
     def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
@@ -71,23 +80,24 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
         row is scaled by exp(lse) / (exp(lse) + exp(sink)); split partials are left
         unscaled, the combine applies the sink once."""
         neg_inf = -Float32.inf
-        rows = mOut.shape[1] * heads_per_kv
         lse2, inv = self.finish_rows(row_max, row_sum, tOcO, sStat, scale_log2, half, wtid)
         if cutlass.const_expr(mSink is not None):
             if nsplits == 1 and has_sink != 0:
                 for h in cutlass.range_constexpr(2):
                     row, _ = tOcO[2 * h]
                     _, hq = self.query_of_row(mblk * BLOCK_M + row, hk, heads_per_kv)
-                    # a row without keys (lse2 = -inf) already has factor 0
+                    # a row without keys (lse2 = -inf) already has factor 0; a row past
+                    # h_q reads the last head's sink and is never stored
                     if lse2[h] != neg_inf:
-                        inv[h] = inv[h] / sink_denominator(mSink[hq], lse2[h], fastmath=False)
+                        sink = mSink[cutlass.min(hq, mOut.shape[2] - 1)]
+                        inv[h] = inv[h] / sink_denominator(sink, lse2[h], fastmath=False)
         # This thread's O values lie in 2 rows; fragment elements 2j, 2j+1 are adjacent
         # columns of one row, stored together (4 bytes of bf16/fp16, 8 of fp32).
         for h in cutlass.range_constexpr(2):
             row, _ = tOcO[2 * h]
             m = mblk * BLOCK_M + row
-            if m < rows:
-                iq, hq = self.query_of_row(m, hk, heads_per_kv)
+            iq, hq = self.query_of_row(m, hk, heads_per_kv)
+            if self.row_exists(m, hq, mOut, heads_per_kv):
                 for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
                     k = 4 * j + 2 * h
                     _, col = tOcO[k]
@@ -107,8 +117,8 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
             for h in cutlass.range_constexpr(2):
                 row, _ = tOcO[2 * h]
                 m = mblk * BLOCK_M + row
-                if m < rows:
-                    iq, hq = self.query_of_row(m, hk, heads_per_kv)
+                iq, hq = self.query_of_row(m, hk, heads_per_kv)
+                if self.row_exists(m, hq, mOut, heads_per_kv):
                     if nsplits == 1:
                         out_lse = Float32.inf
                         if lse2[h] != neg_inf:
