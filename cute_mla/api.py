@@ -111,22 +111,14 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         return res if out is None else (out.copy_(res[0]), res[1])
     tensors = (q, k_cache, block_table, cache_seqlens, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
                topk_length, extra_topk_length, out)
-    try:
-        key, pointers = plans.signature(_DECODE_NAMES, tensors)
-        # the matmul type is a per-call choice of sparse decode only
-        key = (key, head_dim_v, num_splits, softmax_scale, causal, is_fp8_kvcache,
-               None if indices is None else _matmul_env())
-        plan = _DECODE_PLANS.get(key)
-    except (AttributeError, TypeError):  # a non-tensor or an unhashable scalar: the checks below name it
-        key = plan = None
+    # the matmul type is a per-call choice of sparse decode only
+    key, plan, pointers = _DECODE_PLANS.lookup(_DECODE_NAMES, tensors, (
+        head_dim_v, num_splits, softmax_scale, causal, is_fp8_kvcache, None if indices is None else _matmul_env()))
     if plan is None:
         plan = _plan_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, num_splits, softmax_scale, causal,
                             is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
                             topk_length, extra_topk_length, out)
-        if key is None:
-            _, pointers = plans.signature(_DECODE_NAMES, tensors)
-        else:
-            _DECODE_PLANS.put(key, plan)
+        pointers = _DECODE_PLANS.keep(key, plan, _DECODE_NAMES, tensors, pointers)
     if out is not None:
         _require_apart("out", out, q, k_cache)
     if indices is None:
@@ -307,21 +299,13 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
         res = torch.ops.cute_mla.sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
         return res if out is None else (out.copy_(res[0]), *res[1:])
     tensors = (q, kv, indices, attn_sink, topk_length, out)
-    try:
-        key, pointers = plans.signature(_PREFILL_NAMES, tensors)
-        key = (key, sm_scale, d_v)
-        plan = _PREFILL_PLANS.get(key)
-    except (AttributeError, TypeError):  # a non-tensor or an unhashable scalar: the checks below name it
-        key = plan = None
+    key, plan, pointers = _PREFILL_PLANS.lookup(_PREFILL_NAMES, tensors, (sm_scale, d_v))
     if plan is None:
         _check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
         if out is not None:
             _check_out(out, (q.shape[0], q.shape[1], d_v), torch.bfloat16, q.device)
         plan = plans.SparsePrefillPlan(q, kv, indices, sm_scale, attn_sink, topk_length)
-        if key is None:
-            _, pointers = plans.signature(_PREFILL_NAMES, tensors)
-        else:
-            _PREFILL_PLANS.put(key, plan)
+        pointers = _PREFILL_PLANS.keep(key, plan, _PREFILL_NAMES, tensors, pointers)
     if out is not None:
         _require_apart("out", out, q, kv)
     return plan(pointers, out)

@@ -77,11 +77,9 @@ class DeviceContext:
         self.pushed = False
 
     def __enter__(self):
-        drv = _drv()
-        err, cur = drv.cuCtxGetCurrent()
-        self.pushed = err != 0 or cur is None or int(cur) != self.handle
+        self.pushed = not is_current(self.handle)
         if self.pushed:
-            check(drv.cuCtxPushCurrent(self.ctx), "cuCtxPushCurrent")
+            check(_drv().cuCtxPushCurrent(self.ctx), "cuCtxPushCurrent")
         return self
 
     def __exit__(self, *exc):

@@ -239,15 +239,10 @@ class Launch:
     def run(self, stream: int, pointers: Mapping[str, int] | None = None) -> None:
         """Launch on ``stream`` (a raw CUstream handle), first re-pointing the tensor arguments
         named in ``pointers`` (all of them when given), in the kernel's device context."""
-        if driver.is_current(self.context_handle):
-            self.run_current(stream, pointers)
-        else:
-            with driver.DeviceContext(self.kernel.context):
-                self.run_current(stream, pointers)
+        run_launches(stream, pointers, (self,))
 
     def run_current(self, stream: int, pointers: Mapping[str, int] | None = None) -> None:
-        """``run`` for a caller that has made the kernel's context current (``driver.is_current``
-        of ``context_handle``): a plan with two launches checks it once."""
+        """``run`` once the kernel's context is current (``run_launches`` makes it so)."""
         if self.empty:
             return
         drv = driver._drv()
@@ -270,6 +265,19 @@ class Launch:
                 result = drv.cuLaunchKernelEx(cfg, self.kernel.function, self._params_addr, 0)
         if result[0]:
             driver.check(result, f"launching {self.kernel.key}")
+
+
+def run_launches(stream: int, pointers: Mapping[str, int] | None, launches: Sequence[Launch]) -> None:
+    """``Launch.run`` of each of ``launches`` (of one device) in order, with one context check:
+    their device's context is made current for them when the calling thread has another one or
+    none (``driver.DeviceContext``)."""
+    if driver.is_current(launches[0].context_handle):
+        for launch in launches:
+            launch.run_current(stream, pointers)
+        return
+    with driver.DeviceContext(launches[0].kernel.context):
+        for launch in launches:
+            launch.run_current(stream, pointers)
 
 
 def prepare(name: str, config: Mapping[str, Any], grid: Sequence[int], *, device_index: int,

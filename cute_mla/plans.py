@@ -52,13 +52,27 @@ class PlanCache:
         self.limit = limit
         self._plans: dict = {}
 
-    def get(self, key):
-        return self._plans.get(key)
+    def lookup(self, names: tuple[str, ...], tensors: tuple, scalars: tuple):
+        """(key, plan or None, pointers) of a call: its ``signature`` of ``tensors`` (under
+        ``names``) with its hashable ``scalars``.  The key is None, and so are the plan and
+        pointers, when an argument is not a tensor or a scalar cannot be hashed: the caller's
+        checks then name the argument."""
+        try:
+            key, pointers = signature(names, tensors)
+            key = (key, scalars)
+            return key, self._plans.get(key), pointers
+        except (AttributeError, TypeError):
+            return None, None, None
 
-    def put(self, key, plan) -> None:
+    def keep(self, key, plan, names: tuple[str, ...], tensors: tuple, pointers) -> dict[str, int]:
+        """Store a new ``plan`` under ``key`` (from ``lookup``; not when it is None) and return
+        the call's pointers."""
+        if key is None:
+            return signature(names, tensors)[1]
         if len(self._plans) >= self.limit:
             self._plans.clear()
         self._plans[key] = plan
+        return pointers
 
 
 _DUMMIES: dict[int, dict[str, torch.Tensor]] = {}
@@ -244,13 +258,7 @@ class SplitKvPlan:
         pointers["lse"] = lse.data_ptr()
         pointers["o_accum"] = w = ws.data_ptr()
         pointers["lse_accum"] = w + self.lse_accum_offset
-        if driver.is_current(self.main.context_handle):  # one context check for both launches
-            self.main.run_current(stream, pointers)
-            self.combine.run_current(stream, pointers)
-        else:
-            with driver.DeviceContext(self.main.kernel.context):
-                self.main.run_current(stream, pointers)
-                self.combine.run_current(stream, pointers)
+        launcher.run_launches(stream, pointers, (self.main, self.combine))
         return out, lse
 
 
@@ -275,6 +283,12 @@ class DenseDecodePlan(SplitKvPlan):
     def plan_lengths(self, cache_seqlens: torch.Tensor) -> torch.Tensor:
         """The scheduler plans ``cache_seqlens`` as given (it clamps them as the kernel does)."""
         return cache_seqlens
+
+
+def sparse_decode_max_length(topk: int, extra_topk: int) -> int:
+    """The largest length ``sparse_decode_lengths`` gives a request: its topk slots padded to
+    whole blocks, then every extra slot."""
+    return -(-topk // decode_plan.BLOCK_N) * decode_plan.BLOCK_N + extra_topk
 
 
 def sparse_decode_lengths(b: int, topk: int, topk_length: Optional[torch.Tensor], extra_topk: int,
@@ -303,11 +317,9 @@ class SparseDecodePlan(SplitKvPlan):
         b, s_q, h_q, _ = q.shape
         self.topk = indices.shape[-1]
         self.extra_topk = 0 if extra_indices is None else extra_indices.shape[-1]
-        blk = decode_plan.BLOCK_N
         token_rows = max(h_q, decode_plan.BLOCK_M)  # a row block gathers one query token's keys
         super().__init__(q, config, 1, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS,
-                         -(-self.topk // blk) * blk + self.extra_topk,  # sparse_decode_lengths' largest
-                         token_rows)
+                         sparse_decode_max_length(self.topk, self.extra_topk), token_rows)
         # the scheduler's lengths are bound by shape only: nothing is enqueued before every check passed
         templates = self.templates(torch.empty(b, dtype=torch.int32, device=q.device))
         dm = dummies(self.device_index)

@@ -356,3 +356,85 @@ def make_paged_kv(cache_seqlens: Union[torch.Tensor, Sequence[int]], page_block_
     if poison:
         k_cache[~used] = float("nan")
     return PagedKV(k_cache, table.to(torch.int32).to(device), lens.to(torch.int32).to(device), used, pages)
+
+
+class EntryCase(NamedTuple):
+    """One public entry point on small random inputs (``entry_case``): ``call(inputs, meta=None)``
+    runs it (decode: on ``meta``, else a fresh metadata); ``check(inputs, result)`` asserts the
+    result matches the float32 reference within SPEC's tolerances for the case's data."""
+    inputs: dict
+    call: object
+    check: object
+
+
+ENTRY_POINTS = ("dense", "sparse_v32", "sparse_model1", "prefill")
+
+
+def entry_case(entry: str, device, seed: int, data: Data = SOFT) -> EntryCase:
+    """The ``EntryCase`` of ``entry`` (one of ENTRY_POINTS) on ``device``: dense decode of 3
+    requests (300, 77, 129 tokens, NaN-poisoned cache, causal, s_q 2), FP8 sparse decode of 2
+    requests (V32 or MODEL1, topk 128 with invalid indices, a sink) and sparse prefill (70
+    tokens, topk 128 of 300 rows), all with 64 heads and ``data``'s values and softmax scale."""
+    import cute_mla
+    from cute_mla.quant import quantize_kvcache
+    from cute_mla.reference import ref_dense_decode, ref_sparse_decode, ref_sparse_prefill
+
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def assert_all(kinds, res, ref):
+        for kind, a, r in zip(kinds, res, ref):
+            assert_close_named(kind, a.float(), r, data=data)
+
+    if entry == "dense":
+        kv = make_paged_kv([300, 77, 129], 64, 1, 576, g, data=data)
+        scale = data.softmax_scale(576)
+        x = dict(q=data.values((3, 2, 64, 576), g), k_cache=kv.k_cache, block_table=kv.block_table,
+                 cache_seqlens=kv.cache_seqlens)
+
+        def call(x, meta=None):
+            meta = cute_mla.get_mla_metadata()[0] if meta is None else meta
+            return cute_mla.flash_mla_with_kvcache(x["q"], x["k_cache"], x["block_table"], x["cache_seqlens"], 512,
+                                                   meta, softmax_scale=scale, causal=True)
+
+        def check(x, res):
+            ref = ref_dense_decode(x["q"], x["k_cache"], x["block_table"], x["cache_seqlens"], 512,
+                                   softmax_scale=scale, causal=True)
+            assert_all(("dense_decode_out", "decode_lse"), res, ref)
+        return EntryCase(x, call, check)
+
+    if entry in ("sparse_v32", "sparse_model1"):
+        d_qk = 576 if entry == "sparse_v32" else 512
+        scale = data.softmax_scale(d_qk)
+        x = dict(q=data.values((2, 2, 64, d_qk), g), k_cache=quantize_kvcache(data.values((6, 64, 1, d_qk), g)),
+                 attn_sink=torch.randn(64, generator=g, device=device),
+                 indices=torch.randint(-1, 6 * 64, (2, 2, 128), generator=g, device=device, dtype=torch.int32))
+
+        def call(x, meta=None):
+            meta = cute_mla.get_mla_metadata()[0] if meta is None else meta
+            return cute_mla.flash_mla_with_kvcache(x["q"], x["k_cache"], None, None, 512, meta, softmax_scale=scale,
+                                                   is_fp8_kvcache=True, indices=x["indices"],
+                                                   attn_sink=x["attn_sink"])
+
+        def check(x, res):
+            # the cache as the default matmuls see it: V32 in f16 with its RoPE columns bf16, MODEL1 in bf16
+            deq = cute_mla.dequantize_kvcache(x["k_cache"], out_dtype=torch.float16 if d_qk == 576
+                                              else torch.bfloat16).float()
+            if d_qk == 576:
+                deq[..., 512:] = cute_mla.dequantize_kvcache(x["k_cache"])[..., 512:].float()
+            ref = ref_sparse_decode(x["q"], deq, x["indices"], attn_sink=x["attn_sink"], softmax_scale=scale)
+            assert_all(("sparse_decode_out", "sparse_decode_lse"), res, ref)
+        return EntryCase(x, call, check)
+
+    if entry == "prefill":
+        scale = data.softmax_scale(576)
+        x = dict(q=data.values((70, 64, 576), g), kv=data.values((300, 1, 576), g),
+                 indices=torch.randint(-1, 300, (70, 1, 128), generator=g, device=device, dtype=torch.int32))
+
+        def call(x, meta=None):
+            return cute_mla.flash_mla_sparse_fwd(x["q"], x["kv"], x["indices"], scale)
+
+        def check(x, res):
+            ref = ref_sparse_prefill(x["q"], x["kv"], x["indices"], scale)
+            assert_all(("sparse_prefill_out", "sparse_prefill_max_logits", "sparse_prefill_lse"), res, ref)
+        return EntryCase(x, call, check)
+    raise ValueError(f"entry must be one of {ENTRY_POINTS}, got {entry!r}")
