@@ -137,14 +137,24 @@ def lengths_stamp(t: Optional[torch.Tensor]) -> Optional[tuple[int, Optional[int
         return t.data_ptr(), None
 
 
+def default_parts(q: torch.Tensor, h_kv: int, token_rows: Optional[int] = None) -> int:
+    """``decode_plan.num_sm_parts`` on q's device: token_rows rows per query token and kv head
+    (default h_q / h_kv)."""
+    _, s_q, h_q, _ = q.shape
+    num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return decode_plan.num_sm_parts(num_sms, s_q, h_kv * (token_rows or h_q // h_kv), h_kv)
+
+
 class SplitKvPlan:
     """What dense and sparse decode share: the scheduler launch that binds a ``FlashMLASchedMeta``,
-    the partials workspace (o_accum then lse_accum in one float32 buffer) and the combine."""
+    the partials workspace (o_accum then lse_accum in one float32 buffer) and the combine, which a
+    plan whose requests are never split leaves out (``launches``)."""
 
     def __init__(self, q: torch.Tensor, config: FlashMLASchedMeta.Config, h_kv: int, fixed_overhead: int,
-                 max_len: int, token_rows: Optional[int] = None):
+                 max_len: int, token_rows: Optional[int] = None, parts: Optional[int] = None):
         """``token_rows``: the kernel's query rows per query token and kv head (default
-        h_q / h_kv; sparse decode rounds h_q up to a whole row block)."""
+        h_q / h_kv; sparse decode rounds h_q up to a whole row block); ``parts``: the
+        persistent CTAs per row block (default ``decode_plan.num_sm_parts``)."""
         b, s_q, h_q, _ = q.shape
         self.device_index = q.get_device()
         self.device = q.device
@@ -152,8 +162,7 @@ class SplitKvPlan:
         self.dtype = q.dtype
         self.out_shape = (b, s_q, h_q, D_V)
         self.lse_shape = (b, h_q, s_q)
-        num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        self.parts = decode_plan.num_sm_parts(num_sms, s_q, h_kv * (token_rows or h_q // h_kv), h_kv)
+        self.parts = parts or default_parts(q, h_kv, token_rows)
         self.sched_shapes = ((self.parts, decode_plan.SCHED_META_FIELDS), (b + 1,))
         # at most one extra split per part on top of one per request
         self.n_partial = n_partial = b + self.parts
@@ -220,6 +229,7 @@ class SplitKvPlan:
             attn_sink=attn_sink if has_sink else dummies(self.device_index)["f32"],
             skip_single_split=1, has_sink=int(has_sink), o_accum=templates["o_accum"],
             lse_accum=templates["lse_accum"], split_offsets=templates["split_offsets"])
+        self.launches = (self.main, self.combine)
 
     def bind(self, meta: FlashMLASchedMeta, stream: int, length_tensors: tuple, stamp: tuple) -> None:
         """Make ``meta`` this plan's schedule: check it, or compute it from the lengths
@@ -258,7 +268,7 @@ class SplitKvPlan:
         pointers["lse"] = lse.data_ptr()
         pointers["o_accum"] = w = ws.data_ptr()
         pointers["lse_accum"] = w + self.lse_accum_offset
-        launcher.run_launches(stream, pointers, (self.main, self.combine))
+        launcher.run_launches(stream, pointers, self.launches)
         return out, lse
 
 
@@ -310,7 +320,13 @@ def sparse_decode_lengths(b: int, topk: int, topk_length: Optional[torch.Tensor]
 
 
 class SparseDecodePlan(SplitKvPlan):
-    """SM90 FP8 sparse decode: split kernel + combine over the schedule of the topk lengths."""
+    """SM90 FP8 sparse decode: split kernel + combine over the schedule of the topk lengths.
+
+    Without length tensors every request has the same, known length, so the plan is known here:
+    when whole requests per part cost no more than splitting them plus the combine
+    (``decode_plan.whole_request_parts``), the plan takes that part count and launches the split
+    kernel alone (it finalises every request itself): one launch less on the host, and no
+    combine on the GPU."""
 
     def __init__(self, q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length,
                  attn_sink, softmax_scale: float, matmul: str, fmt: str, config: FlashMLASchedMeta.Config):
@@ -318,8 +334,11 @@ class SparseDecodePlan(SplitKvPlan):
         self.topk = indices.shape[-1]
         self.extra_topk = 0 if extra_indices is None else extra_indices.shape[-1]
         token_rows = max(h_q, decode_plan.BLOCK_M)  # a row block gathers one query token's keys
-        super().__init__(q, config, 1, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS,
-                         sparse_decode_max_length(self.topk, self.extra_topk), token_rows)
+        length = sparse_decode_max_length(self.topk, self.extra_topk)
+        whole = None
+        if topk_length is None and extra_topk_length is None:
+            whole = decode_plan.whole_request_parts(b, length, default_parts(q, 1, token_rows))
+        super().__init__(q, config, 1, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS, length, token_rows, whole)
         # the scheduler's lengths are bound by shape only: nothing is enqueued before every check passed
         templates = self.templates(torch.empty(b, dtype=torch.int32, device=q.device))
         dm = dummies(self.device_index)
@@ -342,6 +361,8 @@ class SparseDecodePlan(SplitKvPlan):
             has_extra_topk_length=int(extra_topk_length is not None), has_sink=int(attn_sink is not None),
             **bound, **templates)
         self.prepare_combine(out, lse, attn_sink, templates)
+        if whole is not None:
+            self.launches = (self.main,)
         self.constant_lengths = None
         if topk_length is None and extra_topk_length is None:
             self.constant_lengths = constant_lengths(self.device_index, b, self.topk + self.extra_topk)

@@ -115,6 +115,32 @@ def plan_host(cache_seqlens: Sequence[int], parts: int, block_n: int = BLOCK_N,
     return meta, offsets
 
 
+# What the combine launch costs, in main-loop blocks of the sparse decode kernel: 6-12.6 us
+# (H100, perf/results/NOTES.md session 8: 6.1 us with nothing to merge, 12.6 at V32 b 128)
+# against about 3 us a block (the V32 b 128 split kernel: 377 us for about 124 blocks a part).
+COMBINE_COST_BLOCKS = 3
+
+
+def whole_request_parts(b: int, length: int, parts: int, block_n: int = BLOCK_N,
+                        fixed_overhead: int = SPARSE_FIXED_OVERHEAD_BLOCKS) -> "int | None":
+    """For ``b`` requests of one known ``length``: the part count at most ``parts`` whose plan
+    gives every request one split, so no combine is needed, when that is no slower than
+    ``parts`` parts with split requests plus the combine (cost in blocks, COMBINE_COST_BLOCKS);
+    else None.  The plan is checked with ``plan_host``, which the GPU scheduler matches."""
+    if b < 1 or length <= 0:
+        return None
+    cost = _cdiv(length, block_n) + fixed_overhead  # one request
+    per = _cdiv(b, parts)  # requests a part takes when none is split
+    whole = _cdiv(b, per)
+    split = _cdiv(b * cost, parts) + fixed_overhead + COMBINE_COST_BLOCKS
+    if per * cost >= split:  # a tie keeps every SM busy
+        return None
+    _, offsets = plan_host([length] * b, whole, block_n, fixed_overhead)
+    if any(hi - lo != 1 for lo, hi in zip(offsets, offsets[1:])):
+        return None
+    return whole
+
+
 def part_work(meta_row: Sequence[int], nblocks: Sequence[int]):
     """Expand one part into (request, first block, end block, split index) pieces,
     exactly as a decode kernel walks it."""

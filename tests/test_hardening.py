@@ -237,6 +237,38 @@ def test_layers_sharing_a_metadata_match_the_reference_with_many_splits():
 
 
 @gpu
+@pytest.mark.parametrize("d_qk", [576, 512])
+def test_sparse_requests_of_one_known_length_skip_the_combine(monkeypatch, d_qk):
+    """No length tensors: every request's length is topk (+ extra_topk), so the plan can give each
+    part whole requests (``decode_plan.whole_request_parts``); then no request is split and the
+    split kernel finalises every row itself (the sink too): one launch per call after the first."""
+    from cute_mla.quant import dequantize_kvcache, quantize_kvcache
+    from cute_mla.reference import ref_sparse_decode
+
+    g = torch.Generator(device=DEV).manual_seed(11)
+    cache = quantize_kvcache(randn_clipped((8, 64, 1, d_qk), g))
+    idx = torch.randint(-1, 8 * 64, (4, 1, 128), generator=g, device=DEV, dtype=torch.int32)
+    sink = torch.randn(64, generator=g, device=DEV)
+    q = randn_clipped((4, 1, 64, d_qk), g, scale=1.0)
+    launches = []
+    run = launcher.Launch.run_current
+    monkeypatch.setattr(launcher.Launch, "run_current",
+                        lambda self, *a, **k: (launches.append(self.kernel.key), run(self, *a, **k)))
+    meta, _ = cute_mla.get_mla_metadata()
+    for _ in range(2):
+        out, lse = cute_mla.flash_mla_with_kvcache(q, cache, None, None, D_V, meta, is_fp8_kvcache=True, indices=idx,
+                                                   attn_sink=sink)
+    assert [k.split("__")[0] for k in launches] == ["decode_scheduler", "sparse_decode_sm90", "sparse_decode_sm90"]
+    assert meta.num_splits.cpu().tolist() == list(range(5))
+    deq = dequantize_kvcache(cache, out_dtype=torch.float16 if d_qk == 576 else torch.bfloat16).float()
+    if d_qk == 576:  # V32's RoPE columns stay bf16 in the f16 matmuls
+        deq[..., 512:] = dequantize_kvcache(cache)[..., 512:].float()
+    ref_out, ref_lse = ref_sparse_decode(q, deq, idx, attn_sink=sink)
+    assert_close_named("sparse_decode_out", out.float(), ref_out)
+    assert_close_named("sparse_decode_lse", lse, ref_lse)
+
+
+@gpu
 def test_numpy_and_tensor_scales_give_the_float_result():
     x = dense(6)
     base = dense_call(x, softmax_scale=0.07)

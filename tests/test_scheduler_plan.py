@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+from cute_mla.schedules import decode_plan
 from cute_mla.schedules.decode_plan import BLOCK_N, FIXED_OVERHEAD_BLOCKS, num_sm_parts, part_work, plan_host
 
 
@@ -68,3 +69,18 @@ def test_sparse_decode_lengths_pad_main_slots_to_blocks():
     assert sparse_decode_lengths(3, 2048, None, 0, None, dev).tolist() == [2048] * 3
     assert sparse_decode_lengths(2, 128, None, 1024, None, dev).tolist() == [128 + 1024] * 2
     assert sparse_decode_lengths(1, 64, torch.tensor([5], dtype=torch.int32), 64, None, dev).dtype == torch.int32
+
+
+@pytest.mark.parametrize("b,length,parts,expected", [
+    (2, 128, 132, 2),  # two tiny requests: one part each beats splitting them and a combine
+    (128, 2048, 33, 32),  # V32 topk 2048 at b 128: 4 whole requests a part
+    (74, 2048, 33, None),  # 3 a part would leave parts idle: split
+    (2, 2048, 33, None),  # two long requests need every SM: split
+    (64, 512, 132, None),  # a tie keeps every SM busy
+])
+def test_whole_request_parts(b, length, parts, expected):
+    got = decode_plan.whole_request_parts(b, length, parts)
+    assert got == expected
+    if got is not None:  # every request in one split, as the GPU scheduler plans it too
+        _, offsets = decode_plan.plan_host([length] * b, got, fixed_overhead=decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS)
+        assert offsets == list(range(b + 1))
