@@ -256,13 +256,12 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         tile-barrier phase.  (The context is built here, not in the caller's staged loop: the
         DSL carries plain tuples across a loop body, not NamedTuples.)"""
         ctx = BlockCtx(loads, hk, next_blocks, phase, row_limit, min_limit, seqlen)
+        self.step(frags, acc_o, row_max, row_sum, rows, sK, ctx, a, hi, scale_log2, wtid, wg)
+        # buffer 1 holds no block when the pair is a lone last block
         if cutlass.const_expr(wg == 0):
-            self.even_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, a, hi, scale_log2, wtid)
             phase = phase ^ 1
-        else:
-            self.odd_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, a, hi, scale_log2, wtid)
-            if a + 1 < hi:
-                phase = phase ^ 1
+        elif a + 1 < hi:
+            phase = phase ^ 1
         return phase
 
     @cute.jit

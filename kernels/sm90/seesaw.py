@@ -209,6 +209,15 @@ class SeesawConsumers:
 
     # ------------------------------------------------------------------ a pair of blocks
     @cute.jit
+    def step(self, frags, acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, rows, sK: cute.Tensor,
+             ctx, a: Int32, hi: Int32, scale_log2: Float32, wtid: Int32, wg: cutlass.Constexpr[int]):
+        """Warpgroup ``wg``'s part of the pair (a, a + 1): ``even_step`` or ``odd_step``."""
+        if cutlass.const_expr(wg == 0):
+            self.even_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, a, hi, scale_log2, wtid)
+        else:
+            self.odd_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, a, hi, scale_log2, wtid)
+
+    @cute.jit
     def even_step(self, frags, acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, rows, sK: cute.Tensor,
                   ctx, a: Int32, hi: Int32, scale_log2: Float32, wtid: Int32):
         """Warpgroup 0's part of the pair (a in buffer 0, a + 1 in buffer 1 if a + 1 < hi);

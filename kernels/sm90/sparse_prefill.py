@@ -307,10 +307,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         the caller's staged loop: the DSL carries plain tuples across a loop body, not
         NamedTuples).  hi = 2 * pairs: the seesaw's lone-last-block path is never taken."""
         ctx = PairCtx(bars, phase, sBias, NextQ(*next_q))
-        if cutlass.const_expr(wg == 0):
-            self.even_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, 2 * pair, 2 * pairs, scale_log2, wtid)
-        else:
-            self.odd_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, 2 * pair, 2 * pairs, scale_log2, wtid)
+        self.step(frags, acc_o, row_max, row_sum, rows, sK, ctx, 2 * pair, 2 * pairs, scale_log2, wtid, wg)
 
     # ------------------------------------------------------------------ seesaw hooks (ctx: a PairCtx)
     @cute.jit
