@@ -360,8 +360,9 @@ class SparseDecodePlan(SplitKvPlan):
             has_topk_length=int(topk_length is not None), has_extra=int(has_extra),
             has_extra_topk_length=int(extra_topk_length is not None), has_sink=int(attn_sink is not None),
             **bound, **templates)
-        self.prepare_combine(out, lse, attn_sink, templates)
-        if whole is not None:
+        if whole is None:
+            self.prepare_combine(out, lse, attn_sink, templates)
+        else:  # no request is ever split: nothing to combine
             self.launches = (self.main,)
         self.constant_lengths = None
         if topk_length is None and extra_topk_length is None:

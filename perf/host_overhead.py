@@ -13,8 +13,8 @@ reports its wall time there: module load, first schedule and first launch plans 
 
 The harness (``python -m perf --filter host_overhead``) records one ``host_overhead`` case per entry
 point (``params.entry``; decode twice: ``meta`` reused, as every layer after the first of a step,
-or fresh, as the first), with FlashMLA's figure of the same run as ``peer_us`` and the first call
-as ``cold_us``; ``meta=op`` cases time the torch.library ops (``cute_mla.library``, what
+or fresh, as the first), with FlashMLA's figure of the same run as ``peer_us`` (both timed in turns,
+``host_us_interleaved``, 5 x 200 calls each) and the first call as ``cold_us``; ``meta=op`` cases time the torch.library ops (``cute_mla.library``, what
 ``torch.compile`` runs; decode plans a schedule per call).
 """
 from __future__ import annotations
@@ -144,6 +144,36 @@ def host_us(call: Callable[[], object], calls: int = 1000, warmup: int = 200,
     torch.cuda.synchronize()
     ts = sorted(t / 1e3 for t in ts)
     return statistics.median(ts), ts[len(ts) // 10], ts[(9 * len(ts)) // 10]
+
+
+def host_us_interleaved(calls: dict, rounds: int = 5, per_round: int = 200, warmup: int = 200,
+                        sync_every: int = 50, sync: Callable[[], None] | None = None) -> dict:
+    """``host_us`` of several calls timed in turns, ``per_round`` calls of each per round: name ->
+    (median, p10, p90).  A slow stretch of the host (seen right after the GPU test suite: both
+    libraries' first case 2x slower) then weighs on every call alike, so their ratio holds."""
+    if sync is None:
+        import torch
+
+        sync = torch.cuda.synchronize
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    sync()
+    ts = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            for i in range(per_round):
+                t0 = time.perf_counter_ns()
+                call()
+                ts[name].append(time.perf_counter_ns() - t0)
+                if i % sync_every == sync_every - 1:
+                    sync()
+            sync()
+    out = {}
+    for name, t in ts.items():
+        t = sorted(x / 1e3 for x in t)
+        out[name] = (statistics.median(t), t[len(t) // 10], t[(9 * len(t)) // 10])
+    return out
 
 
 def cold_us(entry: str, lib: str = "cute_mla") -> float:

@@ -175,3 +175,14 @@ def test_side_by_side_rounds_summary():
     assert r["us"] == 105.0 and r["peer_us"] == 110.0 and r["speedup"] == pytest.approx(110 / 105)
     assert r["speedup_min"] == pytest.approx(110 / 120) and r["speedup_max"] == pytest.approx(1.1)
     assert r["rounds"] == 3 and r["us_rounds"] == [100.0, 120.0, 105.0]
+
+
+def test_host_us_interleaved_times_every_call_in_turns():
+    from perf import host_overhead
+
+    order = []
+    calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    res = host_overhead.host_us_interleaved(calls, rounds=3, per_round=4, warmup=2, sync=lambda: None)
+    assert set(res) == {"a", "b"} and all(med >= 0 and p10 <= p90 for med, p10, p90 in res.values())
+    timed = order[4:]  # after the warm-up: a x4, b x4, three times
+    assert timed == (["a"] * 4 + ["b"] * 4) * 3
