@@ -350,9 +350,12 @@ class SparseDecodePlan(SplitKvPlan):
         bound["extra_k_cache"] = fp8_cache_bytes(extra_k_cache) if has_extra else dm["fp8_cache"]
         static = tuple(name for name, (t, _) in optional.items() if t is None)
         out, lse = self.outputs()
+        # h_q 8 / 16: the kernel with the heads on the MMA's N side (no padding rows)
+        kernel, variant = "sparse_decode_sm90", {"fmt": fmt, "matmul": matmul}
+        if h_q in (8, 16):
+            kernel, variant = "sparse_decode_heads_sm90", dict(variant, heads=h_q)
         self.main = launcher.prepare(
-            "sparse_decode_sm90", {"fmt": fmt, "matmul": matmul},
-            (self.parts, 1, s_q * token_rows // decode_plan.BLOCK_M),
+            kernel, variant, (self.parts, 1, s_q * token_rows // decode_plan.BLOCK_M),
             device_index=self.device_index, static=static, q=q, k_cache=fp8_cache_bytes(k_cache), indices=indices,
             out=out, lse=lse,
             softmax_scale=float(softmax_scale), page_block_size=k_cache.shape[1],

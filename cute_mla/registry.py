@@ -73,6 +73,15 @@ KERNELS: tuple[KernelDef, ...] = (
         variants=tuple({"fmt": f, "matmul": m} for f in ("V32", "MODEL1") for m in SPARSE_DECODE_MATMULS),
     ),
     KernelDef(
+        name="sparse_decode_heads_sm90",
+        perf_name="sparse_decode",
+        source="cute_mla.kernels.sm90.sparse_decode_heads:SparseDecodeHeadsSm90",
+        archs=("sm_90a",),
+        args=operands.sparse_decode_heads_args,
+        variants=tuple({"fmt": f, "matmul": m, "heads": h} for f in ("V32", "MODEL1") for m in SPARSE_DECODE_MATMULS
+                       for h in (8, 16)),
+    ),
+    KernelDef(
         name="combine",
         source="cute_mla.kernels.common.combine:CombineKernel",
         archs=ARCHS,

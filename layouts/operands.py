@@ -185,3 +185,9 @@ def sparse_decode_args(fmt: str, matmul: str = "f16"):
         ScalarArg("has_extra_topk_length"),
         ScalarArg("has_sink"),
     )
+
+
+def sparse_decode_heads_args(fmt: str, matmul: str = "f16", heads: int = 16):
+    """The small-head sparse decode (kernels.sm90.sparse_decode_heads): the ABI of
+    ``sparse_decode_args`` (h_q stays a dynamic extent; the variant's ``heads`` is its MMA N)."""
+    return sparse_decode_args(fmt, matmul)

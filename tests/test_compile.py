@@ -110,6 +110,11 @@ SASS_EXPECT = {
     # hardware, bf16 RoPE by cp.async, bf16 output; then per matmul type (below)
     "sparse_decode_sm90": (["tnspB", "F2FP.F16.E4M3.UNPACK_B", "F2FP.BF16.F32.PACK_AB", "LDG.E.128",
                             "LDGSTS.E.BYPASS.128", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
+    # heads on N: S^T = K Q^T as 64 x h_q MMAs, O^T = V^T P^T with V^T an MN-major A operand
+    # (tnspA), the same producer
+    "sparse_decode_heads_sm90": ([r"re:HGMMA\.64x(8|16)x16\.F32", "tnspA", "F2FP.F16.E4M3.UNPACK_B",
+                                  "LDGSTS.E.BYPASS.128", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"],
+                                 ["LDL", "STL", "HGMMA.64x256x16"]),
 }
 # sparse decode by ``matmul``: f16 MMAs (no .BF16 suffix; V32 adds bf16 ones for RoPE) and
 # the f16 scale applied by HMUL2; or bf16 MMAs only and the scale applied in f32
@@ -132,7 +137,7 @@ def test_sm90_sass_has_intended_instructions(built, kd, cfg):
     entry = json.loads((built / "sm_90a" / "manifest.json").read_text())["kernels"][kd.key(cfg)]
     text = sass(built / "sm_90a" / entry["cubin"])
     must, must_not = SASS_EXPECT[kd.name]
-    if "matmul" in cfg:
+    if "matmul" in cfg and kd.name == "sparse_decode_sm90":
         must, must_not = must + SASS_EXPECT_SPARSE_DECODE[cfg["matmul"]][0], \
             must_not + SASS_EXPECT_SPARSE_DECODE[cfg["matmul"]][1]
     for ins in must:  # a substring, or a regular expression after "re:"

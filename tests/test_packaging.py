@@ -104,7 +104,8 @@ def test_editing_an_imported_module_rebuilds_its_variants_and_stales_their_cubin
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     expected = sorted(kd.key(cfg) for kd, cfg, _ in registry.variants("sm_90a")
-                      if kd.name in ("dense_decode_sm90", "sparse_prefill_sm90", "sparse_decode_sm90"))
+                      if kd.name in ("dense_decode_sm90", "sparse_prefill_sm90", "sparse_decode_sm90",
+                                     "sparse_decode_heads_sm90"))
     assert sorted(got["stale"]) == expected
     assert sorted(got["rebuilt"]) == expected
 

@@ -26,6 +26,7 @@ class NamedBarrier(enum.IntEnum):
     ``__syncthreads``): 256 threads, the two consumer warpgroups, unless a comment says 128."""
 
     Q_RELOAD = 1  # nobody still reads the previous piece's Q / the new Q is in shared memory
+    ST_PARTIAL = 2  # small-head sparse decode: both warpgroups' partial S^T are in shared memory
     ROW_MAX = 4  # the consumers' row maxima of a block are exchanged (``online_softmax``)
     P_READY = 5  # both halves of a block's P are in shared memory
     ROW_SUM = 6  # the consumers' row sums are exchanged (``finish_rows``)
@@ -36,6 +37,9 @@ class NamedBarrier(enum.IntEnum):
     P_1 = 10  # the odd block's P is in its buffer's P tile
     TAIL_0 = 11  # 128 threads: warpgroup 0 rewrote V rows of its buffer before its P V
     TAIL_1 = 12  # the same for warpgroup 1
+    # small-head sparse decode (``kernels.sm90.sparse_decode_heads``), 128 threads each
+    HEAD_STAT_0 = 13  # warpgroup 0's per-warp head maxima (or sums) are in shared memory
+    HEAD_STAT_1 = 14  # the same for warpgroup 1
 
 
 @dsl_user_op

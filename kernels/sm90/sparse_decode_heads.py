@@ -1,0 +1,341 @@
+"""SM90 FP8 sparse decode for 8 or 16 query heads, with the heads on the MMA's N side.
+
+The 64-row kernel (``kernels.sm90.sparse_decode``) gives a query token a whole 64-row block,
+so at h_q 16 three quarters of its MMA rows, and of the shared-memory reads that feed them,
+are padding.  Here the roles of tokens and heads swap (S^T = K Q^T, O^T = V^T P^T): the 64
+gathered tokens of a block are the M side, the h_q heads the N side (N = h_q), so no row is
+padding.  Same producer, same KV ring, same split-KV schedule and outputs.
+
+Per block, the two consumer warpgroups:
+  1. each compute S^T over half of d (warpgroup 0 the first k-blocks, warpgroup 1 the rest,
+     with V32's bf16 RoPE columns), exchange the two partial 64 x N tiles through shared
+     memory and add them (the same sum in both), plus each token's bias;
+  2. each run the online softmax of every head (a column of S^T: 2 rows per thread, lanes 4,
+     8 and 16 apart, then the 4 warps through shared memory), identically;
+  3. warpgroup 0 stores P^T (N x 64, K-major) for both;
+  4. each accumulate its 256 rows of O^T (d) += V^T P^T, V^T read as an MN-major A operand
+     from the K stage.
+Shared-memory bytes read per block (N = 16): K 72 KB + Q^T 18 KB for S^T, V 64 KB + P^T 4 KB
+for O^T, against about 300 KB for the 64-row kernel (perf/results/NOTES.md, session 11).
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Float32, Int32, Int64
+from cutlass.cute.nvgpu import warpgroup
+from cutlass.tensor_utils import LayoutEnum
+
+from cute_mla.kernels.common import named_barrier
+from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
+from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
+from cute_mla.kernels.common.mma_sm90 import gemm
+from cute_mla.kernels.common.named_barrier import NamedBarrier
+from cute_mla.kernels.common.softmax import LN_2, LOG2_E, sink_denominator
+from cute_mla.kernels.sm90.mla_consumers import BLOCK_N
+from cute_mla.kernels.sm90.sparse_decode import SparseDecodeSm90
+from cute_mla.layouts.operands import D_V
+
+# h_q this kernel is built for (N of its MMAs).  At 32 ptxas spilled a register in every variant
+# (session 11), and h_q 32 already met its 1.2x target on the 64-row kernel in most cases
+SMALL_HEADS = (8, 16)
+
+
+class SparseDecodeHeadsSm90(SparseDecodeSm90):
+    """``SparseDecodeSm90`` with the heads on N; ``heads`` = h_q (``SMALL_HEADS``)."""
+
+    def __init__(self, fmt: str, matmul: str = "f16", heads: int = 16):
+        super().__init__(fmt, matmul)
+        assert heads in SMALL_HEADS
+        self.heads = heads
+        elt = self.dtype.width // 8
+        self.v_half = D_V // 2
+        # scratch: S^T partials (64 x N x 2 warpgroups) and per-warp head statistics (N x 4 x 2)
+        self.scratch_floats = BLOCK_N * heads * 2 + heads * 4 * 2
+        self.smem_bytes = (heads * self.d * elt + self.stages * self.kv_bytes + heads * BLOCK_N * elt
+                           + 4 * self.scratch_floats + 2048)
+
+    # ------------------------------------------------------------------ layouts / MMAs
+    def q_smem_layout(self):
+        # Q^T: the (N heads, d) K-major B operand of S^T
+        return sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (BLOCK_N, self.heads, self.d), self.dtype, 1)
+
+    def v_smem_layout(self):
+        # V^T: the first 512 columns of a K stage read as the MN-major (d, token) A operand
+        return sm90_utils.make_smem_layout_a(LayoutEnum.COL_MAJOR, (D_V, self.heads, BLOCK_N), self.dtype, 1)
+
+    def p_smem_layout(self):
+        # P^T: the (N heads, 64 tokens) K-major B operand of O^T
+        return sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (self.v_half, self.heads, BLOCK_N), self.dtype, 1)
+
+    def make_mmas(self):
+        """(K Q^T over 64 tokens x N heads, V^T P^T over 64 d rows per instruction, K Q^T in
+        ``tail_dtype``)."""
+        qk_mma, qk_tail_mma = (sm90_utils.make_trivial_tiled_mma(
+            t, t, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K,
+            Float32, (1, 1, 1), (BLOCK_N, self.heads)) for t in (self.dtype, self.tail_dtype))
+        pv_mma = sm90_utils.make_trivial_tiled_mma(
+            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.MN, cute.nvgpu.OperandMajorMode.K,
+            Float32, (1, 1, 1), (64, self.heads))
+        return qk_mma, pv_mma, qk_tail_mma
+
+    @cute.jit
+    def allocate_operands(self, smem, sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
+                          sP_layout: cute.ComposedLayout = None):
+        """sQ^T, the KV ring, sP^T and the scratch (as ``sStat``, flat float32)."""
+        sQ = smem.allocate_tensor(self.dtype, sQ_layout.outer, byte_alignment=1024, swizzle=sQ_layout.inner)
+        sK = smem.allocate_tensor(self.dtype, sK_layout.outer, byte_alignment=1024, swizzle=sK_layout.inner)
+        sP = smem.allocate_tensor(self.dtype, sP_layout.outer, byte_alignment=1024, swizzle=sP_layout.inner)
+        sStat = smem.allocate_tensor(Float32, cute.make_layout(self.scratch_floats), byte_alignment=16)
+        return sQ, sK, sP, sStat
+
+    @cute.jit
+    def vt_view(self, sK: cute.Tensor, sV_layout: cute.ComposedLayout, stage: Int32, half: Int32) -> cute.Tensor:
+        """(256, 64) MN-major A view of V columns [256 half, 256 half + 256) of K stage ``stage``."""
+        base = sK[None, None, stage].iterator
+        sV = cute.make_tensor(cute.recast_ptr(base, sV_layout.inner), cute.slice_(sV_layout.outer, (None, None, 0)))
+        return cute.local_tile(sV, (self.v_half, BLOCK_N), (half, 0))
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def slot(k: int) -> int:
+        """The column slot (0 .. N/4) of accumulator element k: fragments hold (2 columns,
+        2 rows, N/8 column groups); slot 2 g + c is column 8 g + 2 (lane % 4) + c."""
+        return (k // 4) * 2 + k % 2
+
+    @staticmethod
+    def column_of(cs: int, lane: Int32) -> Int32:
+        """The head of this thread's column slot ``cs`` (see ``slot``)."""
+        return 8 * (cs // 2) + 2 * (lane % 4) + cs % 2
+
+    @cute.jit
+    def head_reduce(self, vals: cute.Tensor, sRed: cute.Tensor, half: Int32, warp: Int32, lane: Int32,
+                    is_max: cutlass.Constexpr[bool]):
+        """This thread's per-column values (over its 2 rows) -> the value over the warpgroup's
+        64 rows: lanes 4, 8 and 16 apart hold the same columns, then the 4 warps meet in
+        ``sRed`` (N, 4 warps, 2 warpgroups)."""
+        for cs in cutlass.range_constexpr(self.heads // 4):
+            v = vals[cs]
+            for off in cutlass.range_constexpr(3):
+                o = cute.arch.shuffle_sync_bfly(v, offset=4 << off)
+                if cutlass.const_expr(is_max):
+                    v = cute.arch.fmax(v, o)
+                else:
+                    v = v + o
+            vals[cs] = v
+            if lane < 4:
+                sRed[self.column_of(cs, lane), warp, half] = v
+        named_barrier.sync(NamedBarrier.HEAD_STAT_0 + half, 128)
+        for cs in cutlass.range_constexpr(self.heads // 4):
+            n = self.column_of(cs, lane)
+            v = sRed[n, 0, half]
+            for w in cutlass.range_constexpr(1, 4):
+                if cutlass.const_expr(is_max):
+                    v = cute.arch.fmax(v, sRed[n, w, half])
+                else:
+                    v = v + sRed[n, w, half]
+            vals[cs] = v
+
+    @cute.jit
+    def load_qt(self, mQ: cute.Tensor, sQ: cute.Tensor, r: Int32, iq: Int32, ctid: Int32):
+        """Q^T of query token iq: head n's 576 (512) values into row n of sQ^T, 16 bytes per
+        thread and step (rounded to f16 below ``tail_start`` for f16 matmuls)."""
+        named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
+        per_row = self.d * 2 // 16
+        base = sQ.iterator.toint()
+        for idx in cutlass.range(ctid, self.heads * per_row, self.consumer_threads, unroll=1):
+            n = idx // per_row
+            c = idx - n * per_row
+            buf = cute.make_rmem_tensor(cute.make_layout(4), Int32)
+            load_16B(mQ[r, iq, n, None].iterator.toint() + Int64(16 * c), buf)
+            if cutlass.const_expr(mQ.element_type != self.dtype):
+                if c * 8 < self.tail_start:
+                    for i in cutlass.range_constexpr(4):
+                        buf[i] = bf16x2_to_f16x2(buf[i])
+            tile = c // 8
+            dst = base + tile * (self.heads * 128) + n * 128 + (((c - tile * 8) ^ (n % 8)) * 16)
+            store_16B_shared(buf, dst)
+        cute.arch.fence_proxy("async.shared", space="cta")
+        named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
+
+    # ------------------------------------------------------------------ consumers
+    @cute.jit
+    def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, qk_tail_mma: cute.TiledMma, sQ: cute.Tensor,
+                sK: cute.Tensor, sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor,
+                sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths, mSink: cute.Tensor,
+                mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
+                mOAccum: cute.Tensor, mLseAccum: cute.Tensor, kv_pipe, softmax_scale: Float32, has_sink: Int32,
+                part: Int32, mblk: Int32, half: Int32, ctid: Int32):
+        """Each warpgroup runs its own copy of the loop, ``half`` a compile-time constant there."""
+        args = (qk_mma, pv_mma, qk_tail_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, lengths, mSink, mSchedMeta,
+                mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, kv_pipe, softmax_scale, has_sink, part, mblk, ctid)
+        if half == 0:
+            self.consume_half(*args, 0)
+        else:
+            self.consume_half(*args, 1)
+
+    @cute.jit
+    def consume_half(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, qk_tail_mma: cute.TiledMma,
+                     sQ: cute.Tensor, sK: cute.Tensor, sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor,
+                     sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths, mSink: cute.Tensor,
+                     mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
+                     mOAccum: cute.Tensor, mLseAccum: cute.Tensor, kv_pipe, softmax_scale: Float32, has_sink: Int32,
+                     part: Int32, mblk: Int32, ctid: Int32, half: cutlass.Constexpr[int]):
+        N = self.heads
+        # this warpgroup's own MMAs: one set shared by both branches would carry the accumulate
+        # flag set inside one branch into the other
+        qk_mma, pv_mma, qk_tail_mma = self.make_mmas()
+        wtid = ctid % 128
+        warp = wtid // 32
+        lane = wtid % 32
+        thr_qk = qk_mma.get_slice(wtid)
+        thr_pv = pv_mma.get_slice(wtid)
+        tSrK = thr_qk.make_fragment_A(thr_qk.partition_A(sK))  # (MMA, 1, d/16, stages)
+        tSrQ = thr_qk.make_fragment_B(thr_qk.partition_B(sQ))  # (MMA, 1, d/16, 1)
+        tScS = thr_qk.partition_C(cute.make_identity_tensor((BLOCK_N, N)))  # (token, head)
+        tOrP = thr_pv.make_fragment_B(thr_pv.partition_B(sP))  # (MMA, 1, 64/16, 1)
+        tOcO = thr_pv.partition_C(cute.make_identity_tensor((self.v_half, N)))  # (d - 256 half, head)
+        sX = cute.make_tensor(sStat.iterator, cute.make_layout((BLOCK_N, N, 2)))
+        sRed = cute.make_tensor(sStat.iterator + BLOCK_N * N * 2, cute.make_layout((N, 4, 2)))
+        scale_log2 = softmax_scale * LOG2_E
+        iq = mblk  # one row block per query token
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        begin_req = mSchedMeta[part, 0]
+        for r in cutlass.range(begin_req, mSchedMeta[part, 2] + 1, unroll=1):
+            _, _, _, seqlen = self.request_slots(lengths, r)
+            lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
+            split = Int32(0)
+            if r == begin_req:
+                split = mSchedMeta[part, 4]
+            self.load_qt(mQ, sQ, r, iq, ctid)
+            acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((self.v_half, N)))
+            acc_o.fill(0.0)
+            col_max = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
+            col_sum = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
+            col_max.fill(-Float32.inf)
+            col_sum.fill(0.0)
+            for blk in cutlass.range(lo, hi, unroll=1):
+                self.attend_block(qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, col_max, col_sum, sK,
+                                  sP, sX, sRed, sBias, sV_layout, kv_pipe, state, scale_log2, half, warp, lane, wtid)
+                state.advance()
+            nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
+            self.epilogue_t(acc_o, tOcO, col_max, col_sum, sRed, mOut, mLse, mOAccum, mLseAccum, r, iq, half, warp,
+                            lane, scale_log2, nsplits, mSplitOffsets[r] + split, mSink, has_sink)
+
+    @cute.jit
+    def attend_block(self, qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, col_max, col_sum, sK, sP,
+                     sX, sRed, sBias, sV_layout, kv_pipe, state, scale_log2: Float32,
+                     half: cutlass.Constexpr[int], warp: Int32, lane: Int32, wtid: Int32):
+        N = self.heads
+        thr_qk = qk_mma.get_slice(wtid)
+        thr_pv = pv_mma.get_slice(wtid)
+        kv_pipe.consumer_wait(state)
+        stage = state.index
+        acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_N, N)))
+        k_all = self.d // 16
+        k_half = k_all // 2
+        n_main = self.tail_start // 16
+        tA = tSrK[None, None, None, stage]
+        tB = tSrQ[None, None, None, 0]
+        warpgroup.fence()
+        if cutlass.const_expr(half == 0):
+            gemm(qk_mma, acc_s, tA, tB, True, (0, k_half))
+        else:
+            gemm(qk_mma, acc_s, tA, tB, True, (k_half, n_main))
+            if cutlass.const_expr(n_main < k_all):
+                gemm(qk_tail_mma, acc_s, tA, tB, False, (n_main, k_all))
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+        # the two partial S^T, summed alike in both warpgroups, plus each token's bias
+        for k in cutlass.range_constexpr(cute.size(acc_s)):
+            t, n = tScS[k]
+            sX[t, n, half] = acc_s[k]
+        named_barrier.sync(NamedBarrier.ST_PARTIAL, self.consumer_threads)
+        for k in cutlass.range_constexpr(cute.size(acc_s)):
+            t, n = tScS[k]
+            acc_s[k] = acc_s[k] + sX[t, n, 1 - half] + sBias[t, stage]
+        # online softmax of every head (column), in base 2
+        blk_max = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
+        blk_max.fill(-Float32.inf)
+        for k in cutlass.range_constexpr(cute.size(acc_s)):
+            blk_max[self.slot(k)] = cute.arch.fmax(blk_max[self.slot(k)], acc_s[k])
+        self.head_reduce(blk_max, sRed, half, warp, lane, True)
+        base = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
+        alpha = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
+        for cs in cutlass.range_constexpr(N // 4):
+            m = cute.arch.fmax(col_max[cs], blk_max[cs])
+            b = m * scale_log2
+            if m == -Float32.inf:  # no valid key yet: exp2 must see -inf, not NaN
+                b = Float32(0.0)
+            prev = col_max[cs] * scale_log2
+            if col_max[cs] == -Float32.inf:
+                prev = b
+            alpha[cs] = cute.math.exp2(prev - b, fastmath=True)
+            base[cs] = b
+            col_max[cs] = m
+            col_sum[cs] = col_sum[cs] * alpha[cs]
+        for k in cutlass.range_constexpr(cute.size(acc_s)):
+            p = cute.math.exp2(acc_s[k] * scale_log2 - base[self.slot(k)], fastmath=True)
+            acc_s[k] = p
+            col_sum[self.slot(k)] += p
+        if cutlass.const_expr(half == 0):
+            for k in cutlass.range_constexpr(cute.size(acc_s)):
+                t, n = tScS[k]
+                sP[n, t, 0] = acc_s[k].to(self.dtype)
+            cute.arch.fence_proxy("async.shared", space="cta")
+        n_o = cute.size(acc_o, mode=[0])
+        for mi in cutlass.range_constexpr(cute.size(acc_o) // n_o):
+            for e in cutlass.range_constexpr(n_o):
+                acc_o[e + n_o * mi] = acc_o[e + n_o * mi] * alpha[self.slot(e)]
+        named_barrier.sync(NamedBarrier.P_READY, self.consumer_threads)
+        tOrV = thr_pv.make_fragment_A(thr_pv.partition_A(self.vt_view(sK, sV_layout, stage, half)))
+        warpgroup.fence()
+        gemm(pv_mma, acc_o, tOrV, tOrP[None, None, None, 0], False)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+        kv_pipe.consumer_release(state)
+
+    @cute.jit
+    def epilogue_t(self, acc_o, tOcO, col_max, col_sum, sRed, mOut, mLse, mOAccum, mLseAccum, r: Int32, iq: Int32,
+                   half: cutlass.Constexpr[int], warp: Int32, lane: Int32, scale_log2: Float32, nsplits: Int32,
+                   split_row: Int32,
+                   mSink: cute.Tensor, has_sink: Int32):
+        """As ``SplitKvDecodeSm90.epilogue``, from O^T: finalise (one split: O / sum, the
+        sink, natural-log lse) or write the split's partial O and base-2 lse."""
+        N = self.heads
+        h_q = mOut.shape[2]
+        self.head_reduce(col_sum, sRed, half, warp, lane, False)
+        lse2 = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
+        inv = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
+        for cs in cutlass.range_constexpr(N // 4):
+            n = cutlass.min(self.column_of(cs, lane), h_q - 1)
+            lse2[cs] = -Float32.inf
+            inv[cs] = Float32(0.0)
+            if col_sum[cs] > 0.0:
+                lse2[cs] = col_max[cs] * scale_log2 + cute.math.log2(col_sum[cs], fastmath=False)
+                inv[cs] = 1.0 / col_sum[cs]
+                if nsplits == 1 and has_sink != 0:
+                    inv[cs] = inv[cs] / sink_denominator(mSink[n], lse2[cs], fastmath=False)
+        n_o = cute.size(acc_o, mode=[0])
+        for k in cutlass.range_constexpr(cute.size(acc_o)):
+            dl, n = tOcO[k]
+            if n < h_q:
+                v = acc_o[k] * inv[self.slot(k % n_o)]
+                d = half * self.v_half + dl
+                if nsplits == 1:
+                    mOut[r, iq, n, d] = v.to(mOut.element_type)
+                else:
+                    mOAccum[split_row, iq, n, d] = v
+        if (half == 0) & (warp == 0) & (lane < 4):
+            for cs in cutlass.range_constexpr(N // 4):
+                n = self.column_of(cs, lane)
+                if n < h_q:
+                    if nsplits == 1:
+                        out_lse = Float32.inf
+                        if lse2[cs] != -Float32.inf:
+                            out_lse = lse2[cs] * LN_2
+                        mLse[r, n, iq] = out_lse
+                    else:
+                        mLseAccum[split_row, iq, n] = lse2[cs]
