@@ -182,6 +182,17 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             nx = self.counted(xtopk, mXLen, has_xlen, r)
         return n, nb, nx, nb * BLOCK_N + nx
 
+    @cute.jit
+    def piece(self, lengths, mSchedMeta: cute.Tensor, part: Int32, r: Int32, begin_req: Int32):
+        """The consumers' piece of request r in part ``part``: (first block, end block, split
+        index of the partial row it writes)."""
+        _, _, _, seqlen = self.request_slots(lengths, r)
+        lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
+        split = Int32(0)
+        if r == begin_req:
+            split = mSchedMeta[part, 4]
+        return lo, hi, split
+
     # ------------------------------------------------------------------ producer
     @cute.jit
     def load(self, mK: cute.Tensor, mIndices: cute.Tensor, mXK: cute.Tensor, mXIndices: cute.Tensor,
@@ -425,11 +436,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         begin_req = mSchedMeta[part, 0]
         for r in cutlass.range(begin_req, mSchedMeta[part, 2] + 1, unroll=1):
-            _, _, _, seqlen = self.request_slots(lengths, r)
-            lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
-            split = Int32(0)
-            if r == begin_req:
-                split = mSchedMeta[part, 4]
+            lo, hi, split = self.piece(lengths, mSchedMeta, part, r, begin_req)
             # the row block's heads of one query token: (request r, "kv head" 0, h_p rows per token)
             self.load_q(mQ, sQ, QTile(r, 0, mblk, token_rows), ctid)
             acc_o, row_max, row_sum = self.fresh_rows(thr_pv)

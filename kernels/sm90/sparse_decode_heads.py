@@ -204,11 +204,7 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         begin_req = mSchedMeta[part, 0]
         for r in cutlass.range(begin_req, mSchedMeta[part, 2] + 1, unroll=1):
-            _, _, _, seqlen = self.request_slots(lengths, r)
-            lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
-            split = Int32(0)
-            if r == begin_req:
-                split = mSchedMeta[part, 4]
+            lo, hi, split = self.piece(lengths, mSchedMeta, part, r, begin_req)
             self.load_qt(mQ, sQ, r, iq, ctid)
             acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((self.v_half, N)))
             acc_o.fill(0.0)
