@@ -24,7 +24,7 @@ import torch
 from cute_mla import driver, launcher
 from cute_mla.ops import DTYPE_NAMES
 from cute_mla.sched_meta import FlashMLASchedMeta, require_sched_meta
-from cute_mla.layouts.operands import D_V, PAGE_BLOCK_SIZE
+from cute_mla.layouts.operands import D_V, PAGE_BLOCK_SIZE, SPARSE_DECODE_SMALL_HEADS
 from cute_mla.schedules import decode_plan
 
 
@@ -352,7 +352,7 @@ class SparseDecodePlan(SplitKvPlan):
         out, lse = self.outputs()
         # h_q 8 / 16: the kernel with the heads on the MMA's N side (no padding rows)
         kernel, variant = "sparse_decode_sm90", {"fmt": fmt, "matmul": matmul}
-        if h_q in (8, 16):
+        if h_q in SPARSE_DECODE_SMALL_HEADS:
             kernel, variant = "sparse_decode_heads_sm90", dict(variant, heads=h_q)
         self.main = launcher.prepare(
             kernel, variant, (self.parts, 1, s_q * token_rows // decode_plan.BLOCK_M),

@@ -79,7 +79,7 @@ KERNELS: tuple[KernelDef, ...] = (
         archs=("sm_90a",),
         args=operands.sparse_decode_heads_args,
         variants=tuple({"fmt": f, "matmul": m, "heads": h} for f in ("V32", "MODEL1") for m in SPARSE_DECODE_MATMULS
-                       for h in (8, 16)),
+                       for h in operands.SPARSE_DECODE_SMALL_HEADS),
     ),
     KernelDef(
         name="combine",

@@ -187,6 +187,11 @@ def sparse_decode_args(fmt: str, matmul: str = "f16"):
     )
 
 
+# h_q the small-head sparse decode kernel is built for (its MMAs' N).  At 32 ptxas spilled a
+# register in every variant (session 11), so h_q 32 runs the 64-row kernel.
+SPARSE_DECODE_SMALL_HEADS = (8, 16)
+
+
 def sparse_decode_heads_args(fmt: str, matmul: str = "f16", heads: int = 16):
     """The small-head sparse decode (kernels.sm90.sparse_decode_heads): the ABI of
     ``sparse_decode_args`` (h_q stays a dynamic extent; the variant's ``heads`` is its MMA N)."""

@@ -16,7 +16,8 @@ Per block, the two consumer warpgroups:
   4. each accumulate its 256 rows of O^T (d) += V^T P^T, V^T read as an MN-major A operand
      from the K stage.
 Shared-memory bytes read per block (N = 16): K 72 KB + Q^T 18 KB for S^T, V 64 KB + P^T 4 KB
-for O^T, against about 300 KB for the 64-row kernel (perf/results/NOTES.md, session 11).
+for O^T, against about 300 KB read by the 64-row kernel's consumers (perf/results/NOTES.md,
+session 11).
 """
 from __future__ import annotations
 
@@ -36,19 +37,17 @@ from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.softmax import LN_2, LOG2_E, sink_denominator
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_N
 from cute_mla.kernels.sm90.sparse_decode import SparseDecodeSm90
-from cute_mla.layouts.operands import D_V
+from cute_mla.layouts.operands import D_V, SPARSE_DECODE_SMALL_HEADS
 
-# h_q this kernel is built for (N of its MMAs).  At 32 ptxas spilled a register in every variant
-# (session 11), and h_q 32 already met its 1.2x target on the 64-row kernel in most cases
-SMALL_HEADS = (8, 16)
 
 
 class SparseDecodeHeadsSm90(SparseDecodeSm90):
-    """``SparseDecodeSm90`` with the heads on N; ``heads`` = h_q (``SMALL_HEADS``)."""
+    """``SparseDecodeSm90`` with the heads on N; ``heads`` = h_q
+    (``layouts.operands.SPARSE_DECODE_SMALL_HEADS``)."""
 
     def __init__(self, fmt: str, matmul: str = "f16", heads: int = 16):
         super().__init__(fmt, matmul)
-        assert heads in SMALL_HEADS
+        assert heads in SPARSE_DECODE_SMALL_HEADS
         self.heads = heads
         elt = self.dtype.width // 8
         self.v_half = D_V // 2
