@@ -30,6 +30,7 @@ from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
 from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
 from cute_mla.kernels.common.mma_sm90 import gemm
+from cute_mla.kernels.common.softmax import rescale as softmax_rescale
 
 from cute_mla.layouts.operands import D_V
 
@@ -240,15 +241,7 @@ class TwoConsumerMlaSm90:
         base = cute.make_rmem_tensor(cute.make_layout(2), Float32)
         for h in cutlass.range_constexpr(2):
             m = cute.arch.fmax(new_max[h], row_max[h])
-            # a row with no valid key so far keeps max -inf: use 0 so exp2 sees -inf, not NaN
-            b = m * scale_log2
-            if m == neg_inf:
-                b = Float32(0.0)
-            prev = row_max[h] * scale_log2
-            if row_max[h] == neg_inf:
-                prev = b
-            rescale[h] = cute.math.exp2(prev - b, fastmath=True)
-            base[h] = b
+            base[h], rescale[h] = softmax_rescale(row_max[h], m, scale_log2)
             row_max[h] = m
             row_sum[h] = row_sum[h] * rescale[h]
         for k in cutlass.range_constexpr(n):

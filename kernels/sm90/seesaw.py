@@ -37,6 +37,7 @@ from cutlass.cute.nvgpu import warpgroup
 from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.mma_sm90 import gemm
+from cute_mla.kernels.common.softmax import rescale
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
 
 
@@ -143,19 +144,9 @@ class SeesawConsumers:
     @cute.jit
     def rescale(self, m_old: cute.Tensor, m_new: cute.Tensor, base: cute.Tensor, factor: cute.Tensor,
                 scale_log2: Float32):
-        """base = m_new in scaled log2 units (0 for a row with no key yet, so exp2 sees -inf,
-        not NaN) and factor = exp2(m_old - m_new) scaled (1 while m_old is -inf: the row's
-        sums are still 0, and a huge factor would turn 0 into NaN)."""
-        neg_inf = -Float32.inf
+        """``softmax.rescale`` of this thread's 2 rows into ``base`` and ``factor``."""
         for h in cutlass.range_constexpr(2):
-            b = m_new[h] * scale_log2
-            if m_new[h] == neg_inf:
-                b = Float32(0.0)
-            prev = m_old[h] * scale_log2
-            if m_old[h] == neg_inf:
-                prev = b
-            base[h] = b
-            factor[h] = cute.math.exp2(prev - b, fastmath=True)
+            base[h], factor[h] = rescale(m_old[h], m_new[h], scale_log2)
 
     @cute.jit
     def exponentiate(self, acc_s: cute.Tensor, base: cute.Tensor, row_sum: cute.Tensor, factor: cute.Tensor,

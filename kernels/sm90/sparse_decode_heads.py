@@ -34,7 +34,7 @@ from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
 from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
 from cute_mla.kernels.common.mma_sm90 import gemm
 from cute_mla.kernels.common.named_barrier import NamedBarrier
-from cute_mla.kernels.common.softmax import LN_2, LOG2_E, sink_denominator
+from cute_mla.kernels.common.softmax import LN_2, LOG2_E, rescale, sink_denominator
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_N
 from cute_mla.kernels.sm90.sparse_decode import SparseDecodeSm90
 from cute_mla.layouts.operands import D_V, SPARSE_DECODE_SMALL_HEADS
@@ -261,14 +261,7 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         alpha = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
         for cs in cutlass.range_constexpr(N // 4):
             m = cute.arch.fmax(col_max[cs], blk_max[cs])
-            b = m * scale_log2
-            if m == -Float32.inf:  # no valid key yet: exp2 must see -inf, not NaN
-                b = Float32(0.0)
-            prev = col_max[cs] * scale_log2
-            if col_max[cs] == -Float32.inf:
-                prev = b
-            alpha[cs] = cute.math.exp2(prev - b, fastmath=True)
-            base[cs] = b
+            base[cs], alpha[cs] = rescale(col_max[cs], m, scale_log2)
             col_max[cs] = m
             col_sum[cs] = col_sum[cs] * alpha[cs]
         for k in cutlass.range_constexpr(cute.size(acc_s)):
