@@ -50,7 +50,6 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         assert heads in SPARSE_DECODE_SMALL_HEADS
         self.heads = heads
         elt = self.dtype.width // 8
-        self.v_half = D_V // 2
         # scratch: S^T partials (64 x N x 2 warpgroups) and per-warp head statistics (N x 4 x 2)
         self.scratch_floats = BLOCK_N * heads * 2 + heads * 4 * 2
         self.smem_bytes = (heads * self.d * elt + self.stages * self.kv_bytes + heads * BLOCK_N * elt
@@ -167,24 +166,23 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
                 mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
                 mOAccum: cute.Tensor, mLseAccum: cute.Tensor, kv_pipe, softmax_scale: Float32, has_sink: Int32,
                 part: Int32, mblk: Int32, half: Int32, ctid: Int32):
-        """Each warpgroup runs its own copy of the loop, ``half`` a compile-time constant there."""
-        args = (qk_mma, pv_mma, qk_tail_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, lengths, mSink, mSchedMeta,
-                mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, kv_pipe, softmax_scale, has_sink, part, mblk, ctid)
+        """Each warpgroup runs its own copy of the loop, ``half`` a compile-time constant there,
+        with its own MMAs (the kernel's are not used: one set shared by both branches would carry
+        the accumulate flag set inside one branch into the other)."""
+        args = (sQ, sK, sP, sStat, sBias, sV_layout, mQ, lengths, mSink, mSchedMeta, mSplitOffsets, mOut, mLse,
+                mOAccum, mLseAccum, kv_pipe, softmax_scale, has_sink, part, mblk, ctid)
         if half == 0:
             self.consume_half(*args, 0)
         else:
             self.consume_half(*args, 1)
 
     @cute.jit
-    def consume_half(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, qk_tail_mma: cute.TiledMma,
-                     sQ: cute.Tensor, sK: cute.Tensor, sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor,
+    def consume_half(self, sQ: cute.Tensor, sK: cute.Tensor, sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor,
                      sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths, mSink: cute.Tensor,
                      mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
                      mOAccum: cute.Tensor, mLseAccum: cute.Tensor, kv_pipe, softmax_scale: Float32, has_sink: Int32,
                      part: Int32, mblk: Int32, ctid: Int32, half: cutlass.Constexpr[int]):
         N = self.heads
-        # this warpgroup's own MMAs: one set shared by both branches would carry the accumulate
-        # flag set inside one branch into the other
         qk_mma, pv_mma, qk_tail_mma = self.make_mmas()
         wtid = ctid % 128
         warp = wtid // 32
