@@ -41,10 +41,6 @@ def _env_reader(name: str):
 
 
 _matmul_env = _env_reader(registry.SPARSE_DECODE_MATMUL_ENV)  # part of a sparse call's signature
-# flash_mla_with_kvcache's tensor arguments under the kernels' ABI names
-_DECODE_NAMES = ("q", "k_cache", "block_table", "cache_seqlens", "indices", "attn_sink", "extra_k_cache",
-                 "extra_indices", "topk_length", "extra_topk_length", "out")
-_PREFILL_NAMES = ("q", "kv", "indices", "attn_sink", "topk_length", "out")
 _PREFILL_PLANS = plans.PlanCache()
 
 
@@ -110,20 +106,18 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
             attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length)
         return res if out is None else (out.copy_(res[0]), res[1])
     tensors = (q, k_cache, block_table, cache_seqlens, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
-               topk_length, extra_topk_length, out)
+               topk_length, extra_topk_length, out)  # plans.DECODE_ARGS
     # the matmul type is a per-call choice of sparse decode only
-    key, plan, pointers = _DECODE_PLANS.lookup(_DECODE_NAMES, tensors, (
+    key, plan, pointers = _DECODE_PLANS.lookup(tensors, (
         head_dim_v, num_splits, softmax_scale, causal, is_fp8_kvcache, None if indices is None else _matmul_env()))
     if plan is None:
         plan = _plan_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, num_splits, softmax_scale, causal,
                             is_fp8_kvcache, indices, attn_sink, extra_k_cache, extra_indices_in_kvcache,
                             topk_length, extra_topk_length, out)
-        pointers = _DECODE_PLANS.keep(key, plan, _DECODE_NAMES, tensors, pointers)
+        pointers = _DECODE_PLANS.keep(key, plan, tensors, pointers)
     if out is not None:
         _require_apart("out", out, q, k_cache)
-    if indices is None:
-        return plan(tile_scheduler_metadata, pointers, (cache_seqlens,), out)
-    return plan(tile_scheduler_metadata, pointers, (topk_length, extra_topk_length), out)
+    return plan(tile_scheduler_metadata, pointers, tensors, out)
 
 
 def _plan_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, num_splits, softmax_scale, causal,
@@ -298,14 +292,14 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
     if _compiling():  # torch.compile is tracing: one opaque op (cute_mla.library)
         res = torch.ops.cute_mla.sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
         return res if out is None else (out.copy_(res[0]), *res[1:])
-    tensors = (q, kv, indices, attn_sink, topk_length, out)
-    key, plan, pointers = _PREFILL_PLANS.lookup(_PREFILL_NAMES, tensors, (sm_scale, d_v))
+    tensors = (q, kv, indices, attn_sink, topk_length, out)  # plans.PREFILL_ARGS
+    key, plan, pointers = _PREFILL_PLANS.lookup(tensors, (sm_scale, d_v))
     if plan is None:
         _check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
         if out is not None:
             _check_out(out, (q.shape[0], q.shape[1], d_v), torch.bfloat16, q.device)
         plan = plans.SparsePrefillPlan(q, kv, indices, sm_scale, attn_sink, topk_length)
-        pointers = _PREFILL_PLANS.keep(key, plan, _PREFILL_NAMES, tensors, pointers)
+        pointers = _PREFILL_PLANS.keep(key, plan, tensors, pointers)
     if out is not None:
         _require_apart("out", out, q, kv)
     return plan(pointers, out)

@@ -11,8 +11,9 @@ Two ways to launch:
 - ``prepare(...)`` returns a ``Launch``: the same binding and checks done once, after which each
   ``Launch.run(stream, pointers)`` only rewrites the data pointers (and the TMA maps made from
   them) in its preallocated parameter buffer and calls ``cuLaunchKernel`` (``cuLaunchKernelEx``
-  for a launch with PDL or a cluster).  The public ops keep
-  one per call signature, which is how an eager call stays within SPEC section 7's host budget.
+  for a launch with PDL or a cluster).  The public ops keep one per call signature, which is how
+  an eager call stays within SPEC section 7's host budget; a ``LaunchGroup`` runs a call's
+  launches from one list of pointers, under one lock and one context check.
 
 Nothing here synchronises the host, so launches can be captured in a CUDA graph.  A launch
 makes its device's context current when the calling thread has another one or none.
@@ -20,6 +21,7 @@ makes its device's context current when the calling thread has another one or no
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import threading
@@ -34,6 +36,7 @@ DEFAULT_CUBIN_DIR = Path(__file__).resolve().parent / "_cubins"
 BUILD_HINT = ("build them with `python -m cute_mla.compile` in a source checkout (any machine, no GPU; it needs "
               "nvidia-cutlass-dsl), or install a cute-mla wheel, which carries them")
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
+_DRV = None  # cuda.bindings.driver, set when the first Launch is made (every launch path starts there)
 
 
 class CubinsNotBuilt(RuntimeError):
@@ -165,8 +168,12 @@ class Launch:
     (but the ``static`` ones, bound for good) to the new pointer, which must point at memory of
     the same dtype, shape and strides as the tensor it replaces and share its alignment modulo
     16 (the ops' call signatures include every pointer's low four bits, so a signature hit
-    guarantees it).  Thread-safe: the buffer is rewritten and launched under a lock, and the
-    driver copies the parameters at launch.
+    guarantees it).
+
+    A plan's launches take their pointers as one list instead (``LaunchGroup``): ``bind_slots``
+    says which entry of it feeds which argument, so a call rewrites its parameter buffer with
+    indexed reads, not name lookups.  Thread-safe: the buffer is rewritten and launched under
+    ``lock`` (a group's launches share one), and the driver copies the parameters at launch.
     """
 
     def __init__(self, kernel: LoadedKernel, grid: Sequence[int], pdl: bool, args: Mapping[str, Any],
@@ -185,7 +192,8 @@ class Launch:
         unknown = set(static) - set(layout.pointer_words) - tma_names
         if unknown:
             raise abi.AbiError(f"{kernel.key}: static arguments {sorted(unknown)} are not tensor arguments")
-        self._tmas = []
+        # name -> (word, None) for a plain pointer, (offset, (maps, spec, shape, stride)) for a TMA map
+        self._targets: dict[str, tuple] = {n: (w, None) for n, w in layout.pointer_words.items() if n not in static}
         for spec in layout.args:
             if isinstance(spec, abi.TmaArg):
                 t = args[spec.name]
@@ -194,20 +202,37 @@ class Launch:
                 off = layout.tma_offsets[spec.name]
                 buf[off:off + 128] = driver.tensor_map(maps, spec, t.data_ptr(), shape, stride)
                 if spec.name not in static:
-                    self._tmas.append((spec.name, off, maps, (spec, shape, stride)))
+                    self._targets[spec.name] = (off, (maps, spec, shape, stride))
         self._buffer = buf
         self._words = memoryview(buf).cast("Q")
         c_buf = (ctypes.c_char * len(buf)).from_buffer(buf)
         self._params = (ctypes.c_void_p * len(layout.offsets))(*[ctypes.addressof(c_buf) + o for o in layout.offsets])
         self._params_addr = ctypes.addressof(self._params)
-        self._pointer_words = tuple((n, w) for n, w in layout.pointer_words.items() if n not in static)
+        self.bind_slots(tuple(self._targets))
         self._configs: dict[int, Any] = {}
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self.context_handle = int(kernel.context)
         # Without launch attributes the plain cuLaunchKernel takes the stream as an int and
         # costs 5.3 us against cuLaunchKernelEx's 6.2 (H200 host, 2026-12-04)
-        self._plain = not pdl and kernel.cluster == (1, 1, 1)
-        self._dims = self.grid + kernel.block + (kernel.smem_bytes,)
+        global _DRV
+        drv = _DRV = driver._drv()
+        if not pdl and kernel.cluster == (1, 1, 1):
+            self._launch_plain = functools.partial(drv.cuLaunchKernel, kernel.function, *self.grid, *kernel.block,
+                                                   kernel.smem_bytes)
+        else:
+            self._launch_plain = None
+            self._launch_ex = drv.cuLaunchKernelEx
+
+    def bind_slots(self, names: Sequence[str]) -> None:
+        """From now on ``run_current`` takes its pointers as a sequence in the order of ``names``
+        (which must name every non-static tensor argument; other entries are ignored)."""
+        missing = [n for n in self._targets if n not in names]
+        if missing:
+            raise abi.AbiError(f"{self.kernel.key}: no pointer slot for the tensor arguments {missing}")
+        self.slot_names = tuple(names)
+        self._slots = tuple((w, names.index(n)) for n, (w, tma) in self._targets.items() if tma is None)
+        self._tma_slots = tuple((off, names.index(n), tma) for n, (off, tma) in self._targets.items()
+                                if tma is not None)
 
     def _config(self, stream: int):
         cfg = self._configs.get(stream)
@@ -238,46 +263,68 @@ class Launch:
 
     def run(self, stream: int, pointers: Mapping[str, int] | None = None) -> None:
         """Launch on ``stream`` (a raw CUstream handle), first re-pointing the tensor arguments
-        named in ``pointers`` (all of them when given), in the kernel's device context."""
-        run_launches(stream, pointers, (self,))
+        (``pointers``: slot name -> pointer, every slot of ``slot_names``), in the kernel's
+        device context."""
+        ptrs = None if pointers is None else [pointers[n] for n in self.slot_names]
+        with self.lock:
+            _in_context(self.context_handle, self.kernel.context, (self,), stream, ptrs)
 
-    def run_current(self, stream: int, pointers: Mapping[str, int] | None = None) -> None:
-        """``run`` once the kernel's context is current (``run_launches`` makes it so)."""
+    def run_current(self, stream: int, ptrs: Sequence[int] | None = None) -> None:
+        """Launch with ``lock`` held and the kernel's context current, first writing ``ptrs``
+        (in ``slot_names`` order) into the parameter buffer."""
         if self.empty:
             return
-        drv = driver._drv()
-        with self._lock:
-            if pointers is not None:
-                words = self._words
-                for name, w in self._pointer_words:
-                    words[w] = pointers[name]
-                for name, off, maps, (spec, shape, stride) in self._tmas:
-                    ptr = pointers[name]
-                    m = maps.get(ptr)
-                    self._buffer[off:off + 128] = m if m is not None else driver.tensor_map(
-                        maps, spec, ptr, shape, stride)
-            if self._plain:
-                gx, gy, gz, bx, by, bz, smem = self._dims
-                result = drv.cuLaunchKernel(self.kernel.function, gx, gy, gz, bx, by, bz, smem, stream,
-                                            self._params_addr, 0)
-            else:
-                cfg = self._configs.get(stream) or self._config(stream)
-                result = drv.cuLaunchKernelEx(cfg, self.kernel.function, self._params_addr, 0)
+        if ptrs is not None:
+            words = self._words
+            for w, i in self._slots:
+                words[w] = ptrs[i]
+            for off, i, (maps, spec, shape, stride) in self._tma_slots:
+                ptr = ptrs[i]
+                m = maps.get(ptr)
+                self._buffer[off:off + 128] = m if m is not None else driver.tensor_map(
+                    maps, spec, ptr, shape, stride)
+        if self._launch_plain is not None:
+            result = self._launch_plain(stream, self._params_addr, 0)
+        else:
+            result = self._launch_ex(self._configs.get(stream) or self._config(stream), self.kernel.function,
+                                     self._params_addr, 0)
         if result[0]:
             driver.check(result, f"launching {self.kernel.key}")
 
 
-def run_launches(stream: int, pointers: Mapping[str, int] | None, launches: Sequence[Launch]) -> None:
-    """``Launch.run`` of each of ``launches`` (of one device) in order, with one context check:
-    their device's context is made current for them when the calling thread has another one or
-    none (``driver.DeviceContext``)."""
-    if driver.is_current(launches[0].context_handle):
+class LaunchGroup:
+    """The launches a call runs in order on one stream, all of one device: bound to one list of
+    pointer slots (``names``; ``Launch.bind_slots``), sharing one lock, with one context check
+    a run (``driver.is_current``; the context is pushed only when the calling thread has another
+    one or none)."""
+
+    def __init__(self, launches: Sequence[Launch], names: Sequence[str]):
+        self.launches = tuple(launches)
+        self.context_handle = self.launches[0].context_handle
+        self.context = self.launches[0].kernel.context
+        if any(launch.context_handle != self.context_handle for launch in self.launches):
+            raise ValueError("a LaunchGroup's launches must all be on one device")
+        self.lock = threading.Lock()
+        for launch in self.launches:
+            launch.bind_slots(names)
+            launch.lock = self.lock
+
+    def run(self, stream: int, ptrs: Sequence[int]) -> None:
+        """``run_current`` of each launch in order on ``stream``, fed from ``ptrs``."""
+        with self.lock:
+            _in_context(self.context_handle, self.context, self.launches, stream, ptrs)
+
+
+def _in_context(handle: int, context, launches: Sequence[Launch], stream: int, ptrs) -> None:
+    """``run_current`` of each of ``launches`` with their context current (made so when it is not)."""
+    err, current = _DRV.cuCtxGetCurrent()  # driver.is_current, inlined: this runs on every call
+    if not err and current is not None and int(current) == handle:
         for launch in launches:
-            launch.run_current(stream, pointers)
+            launch.run_current(stream, ptrs)
         return
-    with driver.DeviceContext(launches[0].kernel.context):
+    with driver.DeviceContext(context):
         for launch in launches:
-            launch.run_current(stream, pointers)
+            launch.run_current(stream, ptrs)
 
 
 def prepare(name: str, config: Mapping[str, Any], grid: Sequence[int], *, device_index: int,

@@ -4,10 +4,12 @@ A call's *signature* is, for every tensor argument, (dtype, shape, strides, devi
 modulo 16), plus its scalar arguments: everything the input checks and the kernels' parameter
 layouts depend on.  The first call with a new signature is checked in full (``cute_mla.api``)
 and gets a plan: its kernel variants, grids, output shapes and ``launcher.Launch`` objects bound
-by name.  Every later call with that signature only allocates its outputs and workspace, collects
-data pointers and launches.  Measured on an H200 host (2026-12-04): a launch costs 3.8 us and a
-``torch.empty`` 2.3 us whatever the binding, so a decode call (two launches, three buffers) has
-about 14 us of unavoidable work; the plan keeps everything else out of the call.
+by name.  Every later call with that signature only allocates its outputs, collects data pointers
+into one list (the plan's pointer slots: the call's tensors in ``DECODE_ARGS`` / ``PREFILL_ARGS``
+order, then the plan's ``SLOTS``) and launches.  Measured on the H200 hosts (2026-12-04): a
+launch costs 3.5-5.8 us and a ``torch.empty`` 2.3-2.5 us whatever the binding, and the call's
+signature about 0.7 us a tensor, so a dense decode call (two launches, two buffers, four
+tensors) has 14-18 us of unavoidable work; the plan keeps everything else out of the call.
 
 Plans hold no tensor of a caller's, and each call's outputs are fresh from torch's allocator on the
 current stream, so one plan serves any number of streams, threads and CUDA graphs at once.  The
@@ -23,24 +25,34 @@ import torch
 
 from cute_mla import driver, launcher
 from cute_mla.ops import DTYPE_NAMES
-from cute_mla.sched_meta import FlashMLASchedMeta, require_sched_meta
+from cute_mla.sched_meta import FlashMLASchedMeta, KeptWorkspace, require_sched_meta
 from cute_mla.layouts.operands import D_V, PAGE_BLOCK_SIZE, SPARSE_DECODE_SMALL_HEADS
 from cute_mla.schedules import decode_plan
 
 
-def signature(names: tuple[str, ...], tensors: tuple) -> tuple[tuple, dict[str, int]]:
-    """(key, pointers): the call-signature part of ``tensors`` (None for an absent one) and the
-    data pointers of the present ones under their ``names``.  Raises AttributeError for a
-    non-tensor."""
+# The public entry points' tensor arguments in call order, under the kernels' ABI names: the first
+# pointer slots of a plan's launches (``launcher.LaunchGroup``).  A caller's ``out`` is its own
+# slot; the plan's output slots follow (``SplitKvPlan.SLOTS``, ``SparsePrefillPlan.SLOTS``).
+DECODE_ARGS = ("q", "k_cache", "block_table", "cache_seqlens", "indices", "attn_sink", "extra_k_cache",
+               "extra_indices", "topk_length", "extra_topk_length", "out_arg")
+PREFILL_ARGS = ("q", "kv", "indices", "attn_sink", "topk_length", "out_arg")
+
+
+def signature(tensors: tuple) -> tuple[tuple, list]:
+    """(key, pointers) of a call's ``tensors``: the key holds (dtype, shape, strides, device, data
+    pointer modulo 16) of each present tensor and None for an absent one, in one flat tuple (a
+    present tensor's dtype is never None, so the layout is unambiguous); pointers holds each
+    one's data pointer (None when absent), in order.  Raises AttributeError for a non-tensor."""
     key = []
-    pointers = {}
-    for name, t in zip(names, tensors):
+    pointers = []
+    for t in tensors:
         if t is None:
             key.append(None)
+            pointers.append(None)
         else:
             p = t.data_ptr()
-            pointers[name] = p
-            key.append((t.dtype, t.shape, t.stride(), t.get_device(), p & 15))
+            pointers.append(p)
+            key += (t.dtype, t.shape, t.stride(), t.get_device(), p & 15)
     return tuple(key), pointers
 
 
@@ -52,28 +64,32 @@ class PlanCache:
         self.limit = limit
         self._plans: dict = {}
 
-    def lookup(self, names: tuple[str, ...], tensors: tuple, scalars: tuple):
-        """(key, plan or None, pointers) of a call: its ``signature`` of ``tensors`` (under
-        ``names``) with its hashable ``scalars``.  The key is None, and so are the plan and
-        pointers, when an argument is not a tensor or a scalar cannot be hashed: the caller's
-        checks then name the argument."""
+    def lookup(self, tensors: tuple, scalars: tuple):
+        """(key, plan or None, pointers) of a call: its ``signature`` of ``tensors`` with its
+        hashable ``scalars``.  The key is None, and so are the plan and pointers, when an argument
+        is not a tensor or a scalar cannot be hashed: the caller's checks then name the argument."""
         try:
-            key, pointers = signature(names, tensors)
+            key, pointers = signature(tensors)
             key = (key, scalars)
             return key, self._plans.get(key), pointers
         except (AttributeError, TypeError):
             return None, None, None
 
-    def keep(self, key, plan, names: tuple[str, ...], tensors: tuple, pointers) -> dict[str, int]:
+    def keep(self, key, plan, tensors: tuple, pointers) -> list:
         """Store a new ``plan`` under ``key`` (from ``lookup``; not when it is None) and return
         the call's pointers."""
         if key is None:
-            return signature(names, tensors)[1]
+            return signature(tensors)[1]
         if len(self._plans) >= self.limit:
             self._plans.clear()
         self._plans[key] = plan
         return pointers
 
+
+# whether torch's current stream is capturing a CUDA graph (the private accessor skips the public
+# wrapper's Python frame; both read the same state)
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
+_raw_stream = driver._raw_stream_getter()  # device index -> torch's current raw CUstream (driver.current_stream)
 
 _DUMMIES: dict[int, dict[str, torch.Tensor]] = {}
 _DUMMIES_LOCK = threading.Lock()
@@ -148,7 +164,10 @@ def default_parts(q: torch.Tensor, h_kv: int, token_rows: Optional[int] = None) 
 class SplitKvPlan:
     """What dense and sparse decode share: the scheduler launch that binds a ``FlashMLASchedMeta``,
     the partials workspace (o_accum then lse_accum in one float32 buffer) and the combine, which a
-    plan whose requests are never split leaves out (``launches``)."""
+    plan whose requests are never split leaves out (``launches``).  A call's pointers are the
+    ``DECODE_ARGS`` then ``SLOTS``."""
+
+    SLOTS = ("sched_meta", "split_offsets", "out", "lse", "o_accum", "lse_accum")
 
     def __init__(self, q: torch.Tensor, config: FlashMLASchedMeta.Config, h_kv: int, fixed_overhead: int,
                  max_len: int, token_rows: Optional[int] = None, parts: Optional[int] = None):
@@ -204,20 +223,22 @@ class SplitKvPlan:
             out = torch.empty(*self.out_shape, dtype=self.dtype, device=self.device)
         return out, torch.empty(*self.lse_shape, dtype=torch.float32, device=self.device)
 
-    def workspace_for(self, meta: FlashMLASchedMeta, stream: int) -> torch.Tensor:
+    def workspace_for(self, meta: FlashMLASchedMeta, stream: int) -> KeptWorkspace:
         """The partials buffer of a call: the one ``meta`` holds when it was made on this stream
         and has this size (the layers of a step run in stream order, so one layer's combine has
         read it before the next layer's split kernel writes it), else a fresh one, kept in
         ``meta`` for the next layer.  Under CUDA-graph capture always a fresh one from the
         graph's pool, never kept: a buffer made outside the capture must not be baked into the
-        graph (it could be freed while the graph lives)."""
-        if torch.cuda.is_current_stream_capturing():
-            return self.workspace()
-        ws = meta.workspace
-        if ws is None or meta.workspace_stream != stream or ws.numel() != self.workspace_numel:
-            ws = meta.workspace = self.workspace()
-            meta.workspace_stream = stream
-        return ws
+        graph (it could be freed while the graph lives).  The caller holds the result until its
+        launches are enqueued."""
+        kept = meta.workspace
+        if kept is not None and kept.stream == stream and kept.numel == self.workspace_numel and not _capturing():
+            return kept
+        ws = self.workspace()
+        fresh = KeptWorkspace(ws, stream, self.workspace_numel, ws.data_ptr())
+        if not _capturing():
+            meta.workspace = fresh
+        return fresh
 
     def prepare_combine(self, out: torch.Tensor, lse: torch.Tensor, attn_sink: Optional[torch.Tensor],
                         templates: dict[str, torch.Tensor]):
@@ -229,7 +250,11 @@ class SplitKvPlan:
             attn_sink=attn_sink if has_sink else dummies(self.device_index)["f32"],
             skip_single_split=1, has_sink=int(has_sink), o_accum=templates["o_accum"],
             lse_accum=templates["lse_accum"], split_offsets=templates["split_offsets"])
-        self.launches = (self.main, self.combine)
+        self.bind_launches(self.main, self.combine)
+
+    def bind_launches(self, *launches: launcher.Launch) -> None:
+        """The launches of every call, in order, fed from its pointer list."""
+        self.launches = launcher.LaunchGroup(launches, DECODE_ARGS + self.SLOTS)
 
     def bind(self, meta: FlashMLASchedMeta, stream: int, length_tensors: tuple, stamp: tuple) -> None:
         """Make ``meta`` this plan's schedule: check it, or compute it from the lengths
@@ -245,30 +270,36 @@ class SplitKvPlan:
         self.scheduler.run(stream, {"cache_seqlens": lens.data_ptr(), "sched_meta": sched.data_ptr(),
                                     "split_offsets": offsets.data_ptr()})
         meta.tile_scheduler_metadata, meta.num_splits = sched, offsets
+        meta.schedule_pointers = (sched.data_ptr(), offsets.data_ptr())
         meta.config = self.config
         meta.lengths_stamp = stamp
         meta.have_initialized = True
 
-    def __call__(self, meta: FlashMLASchedMeta, pointers: dict[str, int], length_tensors: tuple,
+    def __call__(self, meta: FlashMLASchedMeta, pointers: list, tensors: tuple,
                  out: Optional[torch.Tensor] = None):
-        """One call: bind ``meta`` if needed (from ``length_tensors``, the call's length
-        arguments, as ``plan_lengths`` takes them), allocate lse / workspace (and out unless
-        given), run the split kernel (``self.main``, bound by the subclass) then the combine."""
-        stream = driver.current_stream(self.device_index)
+        """One call: bind ``meta`` if needed (from the call's length arguments, ``length_tensors``
+        of its ``tensors``), allocate lse / workspace (and out unless given), run the split kernel
+        (``self.main``, bound by the subclass) then the combine.  ``pointers``: the call's
+        ``DECODE_ARGS`` pointers (a list, extended here).
+
+        Every call of a signature after the first runs only this; its steps are written out
+        rather than split into helpers, because on the H200 hosts a Python call costs 0.1-0.5 us
+        (session 12 measured an inlined prototype 5.5 us faster than the same steps behind helpers,
+        27.8 against 33.3 us a dense call)."""
+        stream = _raw_stream(self.device_index)
+        length_tensors = self.length_tensors(tensors)
         stamp = tuple(map(lengths_stamp, length_tensors))
         if meta.config is not self.config:
             self.bind(meta, stream, length_tensors, stamp)
         elif meta.lengths_stamp != stamp:
             meta.check_lengths(stamp)
-        out, lse = self.outputs(out)
+        if out is None:
+            out = torch.empty(*self.out_shape, dtype=self.dtype, device=self.device)
+        lse = torch.empty(*self.lse_shape, dtype=torch.float32, device=self.device)
         ws = self.workspace_for(meta, stream)
-        pointers["sched_meta"] = meta.tile_scheduler_metadata.data_ptr()
-        pointers["split_offsets"] = meta.num_splits.data_ptr()
-        pointers["out"] = out.data_ptr()
-        pointers["lse"] = lse.data_ptr()
-        pointers["o_accum"] = w = ws.data_ptr()
-        pointers["lse_accum"] = w + self.lse_accum_offset
-        launcher.run_launches(stream, pointers, self.launches)
+        pointers += (*meta.schedule_pointers, out.data_ptr(), lse.data_ptr(), ws.ptr,
+                     ws.ptr + self.lse_accum_offset)  # SLOTS
+        self.launches.run(stream, pointers)
         return out, lse
 
 
@@ -293,6 +324,11 @@ class DenseDecodePlan(SplitKvPlan):
     def plan_lengths(self, cache_seqlens: torch.Tensor) -> torch.Tensor:
         """The scheduler plans ``cache_seqlens`` as given (it clamps them as the kernel does)."""
         return cache_seqlens
+
+    @staticmethod
+    def length_tensors(tensors: tuple) -> tuple:
+        """The length arguments among a call's ``DECODE_ARGS`` tensors: (cache_seqlens,)."""
+        return tensors[3:4]
 
 
 def sparse_decode_max_length(topk: int, extra_topk: int) -> int:
@@ -366,10 +402,15 @@ class SparseDecodePlan(SplitKvPlan):
         if whole is None:
             self.prepare_combine(out, lse, attn_sink, templates)
         else:  # no request is ever split: nothing to combine
-            self.launches = (self.main,)
+            self.bind_launches(self.main)
         self.constant_lengths = None
         if topk_length is None and extra_topk_length is None:
             self.constant_lengths = constant_lengths(self.device_index, b, self.topk + self.extra_topk)
+
+    @staticmethod
+    def length_tensors(tensors: tuple) -> tuple:
+        """The length arguments among a call's ``DECODE_ARGS`` tensors: (topk_length, extra_topk_length)."""
+        return tensors[8:10]
 
     def plan_lengths(self, topk_length, extra_topk_length) -> torch.Tensor:
         """The scheduler's lengths for a new step: computed from the given length tensors, or,
@@ -381,7 +422,10 @@ class SparseDecodePlan(SplitKvPlan):
 
 
 class SparsePrefillPlan:
-    """SM90 sparse prefill: one persistent launch of min(tiles, SMs) CTAs."""
+    """SM90 sparse prefill: one persistent launch of min(tiles, SMs) CTAs.  A call's pointers are
+    the ``PREFILL_ARGS`` then ``SLOTS``."""
+
+    SLOTS = ("out", "max_logits", "lse")
 
     def __init__(self, q, kv, indices, sm_scale: float, attn_sink, topk_length):
         s_q, h_q, d_qk = q.shape
@@ -400,6 +444,7 @@ class SparsePrefillPlan:
             sm_scale=float(sm_scale), has_topk_length=int(topk_length is not None),
             has_sink=int(attn_sink is not None),
             **{name: (dummy if t is None else t) for name, (t, dummy) in optional.items()})
+        self.launches = launcher.LaunchGroup((self.main,), PREFILL_ARGS + self.SLOTS)
 
     def outputs(self, out: Optional[torch.Tensor] = None):
         """out [s_q, h_q, 512] bf16 (the caller's, checked by the API, or fresh), fresh
@@ -408,10 +453,9 @@ class SparsePrefillPlan:
                 torch.empty(*self.stat_shape, dtype=torch.float32, device=self.device),
                 torch.empty(*self.stat_shape, dtype=torch.float32, device=self.device))
 
-    def __call__(self, pointers: dict[str, int], out: Optional[torch.Tensor] = None) -> tuple[Any, Any, Any]:
+    def __call__(self, pointers: list, out: Optional[torch.Tensor] = None) -> tuple[Any, Any, Any]:
+        """One call; ``pointers``: its ``PREFILL_ARGS`` pointers (a list, extended here)."""
         out, max_logits, lse = self.outputs(out)
-        pointers["out"] = out.data_ptr()
-        pointers["max_logits"] = max_logits.data_ptr()
-        pointers["lse"] = lse.data_ptr()
-        self.main.run(driver.current_stream(self.device_index), pointers)
+        pointers += (out.data_ptr(), max_logits.data_ptr(), lse.data_ptr())  # SLOTS
+        self.launches.run(_raw_stream(self.device_index), pointers)
         return out, max_logits, lse

@@ -11,9 +11,17 @@ time.  A first call that fails leaves it unbound.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+
+
+class KeptWorkspace(NamedTuple):
+    """A split-KV partials buffer a ``FlashMLASchedMeta`` keeps for its step's calls."""
+    tensor: torch.Tensor
+    stream: int  # the raw CUstream it was made for
+    numel: int
+    ptr: int
 
 
 @dataclasses.dataclass
@@ -46,11 +54,13 @@ class FlashMLASchedMeta:
     num_splits: Optional[torch.Tensor] = None  # split offsets, (b + 1,) int32
     # ``plans.lengths_stamp`` of each length tensor the schedule was planned from
     lengths_stamp: Optional[tuple] = dataclasses.field(default=None, repr=False)
-    # The split-KV partials buffer of this step's calls and the stream it was made for: the layers
-    # of a step run one after another on one stream, so they can share it (one allocation fewer
-    # per call; ``plans.SplitKvPlan.workspace_for``).  Held while this metadata lives.
-    workspace: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)
-    workspace_stream: Optional[int] = dataclasses.field(default=None, repr=False)
+    # (tile_scheduler_metadata, num_splits) data pointers, read once when the schedule is bound
+    schedule_pointers: Optional[tuple[int, int]] = dataclasses.field(default=None, repr=False)
+    # The split-KV partials buffer of this step's calls (``KeptWorkspace``: with the stream it was
+    # made for): the layers of a step run one after another on one stream, so they can share it
+    # (one allocation fewer per call; ``plans.SplitKvPlan.workspace_for``).  Held while this
+    # metadata lives.
+    workspace: Optional["KeptWorkspace"] = dataclasses.field(default=None, repr=False)
 
     def check_config(self, config: Config) -> None:
         """Raise unless this (bound) metadata was made for ``config``."""
