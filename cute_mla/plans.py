@@ -170,10 +170,13 @@ class SplitKvPlan:
     SLOTS = ("sched_meta", "split_offsets", "out", "lse", "o_accum", "lse_accum")
 
     def __init__(self, q: torch.Tensor, config: FlashMLASchedMeta.Config, h_kv: int, fixed_overhead: int,
-                 max_len: int, token_rows: Optional[int] = None, parts: Optional[int] = None):
+                 max_len: int, token_rows: Optional[int] = None, parts: Optional[int] = None,
+                 splits: bool = True):
         """``token_rows``: the kernel's query rows per query token and kv head (default
         h_q / h_kv; sparse decode rounds h_q up to a whole row block); ``parts``: the
-        persistent CTAs per row block (default ``decode_plan.num_sm_parts``)."""
+        persistent CTAs per row block (default ``decode_plan.num_sm_parts``); ``splits``:
+        whether the schedule may split a request (when it never does, no kernel writes a
+        partial, and the workspace is one row, bound for its shape only)."""
         b, s_q, h_q, _ = q.shape
         self.device_index = q.get_device()
         self.device = q.device
@@ -184,7 +187,7 @@ class SplitKvPlan:
         self.parts = parts or default_parts(q, h_kv, token_rows)
         self.sched_shapes = ((self.parts, decode_plan.SCHED_META_FIELDS), (b + 1,))
         # at most one extra split per part on top of one per request
-        self.n_partial = n_partial = b + self.parts
+        self.n_partial = n_partial = b + self.parts if splits else 1
         rows = n_partial * s_q * h_q
         self.workspace_numel = rows * (D_V + 1)
         self.lse_accum_offset = rows * D_V * 4  # bytes
@@ -371,10 +374,12 @@ class SparseDecodePlan(SplitKvPlan):
         self.extra_topk = 0 if extra_indices is None else extra_indices.shape[-1]
         token_rows = max(h_q, decode_plan.BLOCK_M)  # a row block gathers one query token's keys
         length = sparse_decode_max_length(self.topk, self.extra_topk)
+        parts = default_parts(q, 1, token_rows)
         whole = None
         if topk_length is None and extra_topk_length is None:
-            whole = decode_plan.whole_request_parts(b, length, default_parts(q, 1, token_rows))
-        super().__init__(q, config, 1, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS, length, token_rows, whole)
+            whole = decode_plan.whole_request_parts(b, length, parts)
+        super().__init__(q, config, 1, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS, length, token_rows, whole or parts,
+                         splits=whole is None)
         # the scheduler's lengths are bound by shape only: nothing is enqueued before every check passed
         templates = self.templates(torch.empty(b, dtype=torch.int32, device=q.device))
         dm = dummies(self.device_index)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -438,3 +439,28 @@ def entry_case(entry: str, device, seed: int, data: Data = SOFT) -> EntryCase:
             assert_all(("sparse_prefill_out", "sparse_prefill_max_logits", "sparse_prefill_lse"), res, ref)
         return EntryCase(x, call, check)
     raise ValueError(f"entry must be one of {ENTRY_POINTS}, got {entry!r}")
+
+
+def run_in_threads(worker, n: int) -> list:
+    """``worker(i, barrier)`` for i in 0 .. n - 1, each in its own thread: a worker calls
+    ``barrier.wait()`` when its setup is done, so all start their calls together.  Returns the
+    workers' results in order; an error raised in any thread is raised here (a failing worker
+    breaks the barrier, so the others stop waiting)."""
+    barrier = threading.Barrier(n)
+    results, errors = [None] * n, []
+
+    def run(i):
+        try:
+            results[i] = worker(i, barrier)
+        except BaseException as e:  # reported in the calling thread
+            barrier.abort()  # the others must not wait for this one
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:  # the cause, not a worker's BrokenBarrierError from the abort
+        raise min(errors, key=lambda e: isinstance(e, threading.BrokenBarrierError))
+    return results

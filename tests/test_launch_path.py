@@ -10,7 +10,6 @@ it afresh.  These tests check what that could break:
   a signature whose strides differ, give their own reference results;
 - five reruns of each entry point are bit-identical.
 """
-import threading
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch
 import cute_mla
 from cute_mla.quant import quantize_kvcache
 from cute_mla.reference import ref_dense_decode
-from cute_mla.testing import assert_close_named, make_paged_kv, randn_clipped, strided_view
+from cute_mla.testing import assert_close_named, make_paged_kv, randn_clipped, run_in_threads, strided_view
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -126,28 +125,19 @@ def test_two_threads_on_their_own_streams_match_one_thread():
     calls = [dense_call, sparse_call, prefill_call, sparse_call]
     expected = [call(x) for call, x in zip(calls, xs)]
     torch.cuda.synchronize()
-    results = {0: [], 1: []}
-    errors = []
-    barrier = threading.Barrier(2)
 
-    def worker(tid):
-        try:
-            stream = torch.cuda.Stream()
-            barrier.wait()
-            with torch.cuda.stream(stream):
-                for i in range(40):
-                    k = (i + tid) % len(xs)
-                    results[tid].append((k, calls[k](xs[k])))
-            stream.synchronize()
-        except Exception as e:  # report in the main thread
-            errors.append(e)
+    def worker(tid, barrier):
+        stream = torch.cuda.Stream()
+        barrier.wait()
+        done = []
+        with torch.cuda.stream(stream):
+            for i in range(40):
+                k = (i + tid) % len(xs)
+                done.append((k, calls[k](xs[k])))
+        stream.synchronize()
+        return done
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = run_in_threads(worker, 2)
     for tid in (0, 1):
         assert len(results[tid]) == 40
         for k, outs in results[tid]:

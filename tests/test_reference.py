@@ -432,3 +432,23 @@ def test_comparator_fails_wrong_scale_and_uniform_attention_on_sharp_data(data):
 
     assert outcome(data) == (False, False, False)
     assert outcome(T.SOFT)[0]
+
+
+def test_run_in_threads_meets_at_the_barrier_and_reports_errors():
+    seen = []
+
+    def worker(i, barrier):
+        seen.append(i)
+        barrier.wait()
+        assert len(seen) == 3  # nobody passes the barrier before all have set up
+        return i * 10
+
+    assert T.run_in_threads(worker, 3) == [0, 10, 20]
+
+    def failing(i, barrier):
+        if i == 1:
+            raise KeyError("worker 1")
+        barrier.wait()  # aborted by the failing worker: raises instead of hanging
+
+    with pytest.raises(KeyError, match="worker 1"):
+        T.run_in_threads(failing, 2)

@@ -2,12 +2,10 @@
 current, both GPUs from two threads at once, a tensor on the wrong GPU, and CUDA-graph capture on
 cuda:1.  Every test needs two GPUs and skips, saying so, below that.
 """
-import threading
-
 import pytest
 import torch
 
-from cute_mla.testing import ENTRY_POINTS, entry_case, randn_clipped
+from cute_mla.testing import ENTRY_POINTS, entry_case, randn_clipped, run_in_threads
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
@@ -27,29 +25,21 @@ def test_entry_point_on_the_second_gpu_while_the_first_is_current(entry):
 
 def test_two_threads_one_per_gpu():
     per_gpu = {i: [entry_case(e, f"cuda:{i}", 10 + i) for e in ENTRY_POINTS] for i in (0, 1)}
-    errors, results = [], {0: [], 1: []}
-    barrier = threading.Barrier(2)
 
-    def worker(i):
-        try:
-            torch.cuda.set_device(i)
-            stream = torch.cuda.Stream(device=i)
-            barrier.wait()
-            with torch.cuda.stream(stream):
-                for k in range(100):
-                    x, call, check = per_gpu[i][k % len(per_gpu[i])]
-                    results[i].append((k % len(per_gpu[i]), call(x)))
-            stream.synchronize()
-            assert torch.cuda.current_device() == i
-        except Exception as e:  # reported in the main thread
-            errors.append(e)
+    def worker(i, barrier):
+        torch.cuda.set_device(i)
+        stream = torch.cuda.Stream(device=i)
+        barrier.wait()
+        done = []
+        with torch.cuda.stream(stream):
+            for k in range(100):
+                x, call, check = per_gpu[i][k % len(per_gpu[i])]
+                done.append((k % len(per_gpu[i]), call(x)))
+        stream.synchronize()
+        assert torch.cuda.current_device() == i
+        return done
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = run_in_threads(worker, 2)
     for i in (0, 1):
         assert len(results[i]) == 100
         for k, res in results[i]:

@@ -7,6 +7,14 @@ from cutlass.cute.nvgpu import warpgroup
 
 
 @cute.jit
+def swizzle_128b(offset):
+    """The 128-byte swizzle of a byte offset into a 1024-byte aligned K-major WGMMA operand
+    (rows of 128 bytes, 8-row atoms): bits 4-6 (the 16-byte piece in its row) ^= bits 7-9
+    (the row in its atom).  ``offset`` is the unswizzled, row-major offset."""
+    return offset ^ ((offset >> 3) & 0x70)
+
+
+@cute.jit
 def gemm(tiled_mma: cute.TiledMma, acc: cute.Tensor, tA: cute.Tensor, tB: cute.Tensor,
          zero_init: cutlass.Constexpr[bool], k_range: cutlass.Constexpr = None):
     """acc (+)= A @ B over the k-blocks [begin, end) = ``k_range`` (default: all) of the

@@ -29,7 +29,7 @@ from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
 from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
-from cute_mla.kernels.common.mma_sm90 import gemm
+from cute_mla.kernels.common.mma_sm90 import gemm, swizzle_128b
 from cute_mla.kernels.common.softmax import rescale as softmax_rescale
 
 from cute_mla.layouts.operands import D_V
@@ -178,7 +178,7 @@ class TwoConsumerMlaSm90:
         row = ctid // per_row
         q = ctid % per_row
         line = row * 128 + 16 * q
-        dst0 = sQ.iterator.toint() + (line ^ ((line >> 3) & 0x70))
+        dst0 = sQ.iterator.toint() + swizzle_128b(line)
         return row, Int64(16 * q), (dst0, dst0 ^ 64), n_chunks
 
     @staticmethod

@@ -14,6 +14,7 @@ from cute_mla.kernels.common.fp8 import (bf16x2_to_f16x2, dequant_e4m3x4, dequan
                                          f32_from_bits, ue8m0_to_f32)
 from cute_mla.kernels.common.gmem import (copy_16B_async, load_8B, load_16B, load_16B_shared, load_i32,
                                           prefetch_l2, store_16B_shared)
+from cute_mla.kernels.common.mma_sm90 import swizzle_128b
 from cute_mla.kernels.common.paged_kv import kv_smem_layout
 from cute_mla.kernels.common.softmax import LOG2_E
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
@@ -204,8 +205,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         # swizzled, its RoPE piece and its first output piece; every other piece it touches
         # differs from these by compile-time constants (``stage_raw``, ``convert_raw``).
         offs = (self.raw_offset(sK_outer, warp, 0) + 64 * (lane // 4) + PIECE * (lane % 4),
-                self.swizzle(cute.crd2idx((warp * 16 + lane // 4, self.fmt.d_nope + 8 * (lane % 4), 0), sK_outer) * 2),
-                self.swizzle(cute.crd2idx((warp * 16 + lane // 4, 16 * (lane % 4), 0), sK_outer) * 2))
+                swizzle_128b(cute.crd2idx((warp * 16 + lane // 4, self.fmt.d_nope + 8 * (lane % 4), 0), sK_outer) * 2),
+                swizzle_128b(cute.crd2idx((warp * 16 + lane // 4, 16 * (lane % 4), 0), sK_outer) * 2))
         sk_base = sK.iterator.toint()
         caches = (mK, mIndices, pbs, mXK, mXIndices, xpbs)
         slot = warp * 16 + lane % 16  # the slot of each block lane l (and l + 16) resolves
@@ -407,13 +408,6 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 for w in cutlass.range_constexpr(4):
                     piece[w] = bf16x2_to_f16x2(piece[w])
                 store_16B_shared(piece, rope_dst + (rope_sw ^ (4 * PIECE * m)))
-
-    @staticmethod
-    @cute.jit
-    def swizzle(offset: Int32) -> Int32:
-        """The 128B swizzle of a byte offset in a 1024-byte aligned K-major operand: bits
-        4-6 (16-byte piece in a 128-byte row) ^= bits 7-9 (row in the 8-row atom)."""
-        return offset ^ ((offset >> 3) & 0x70)
 
     @cute.jit
     def shuffle_i64(self, v: Int64, src_lane: Int32) -> Int64:

@@ -32,7 +32,7 @@ from cutlass.tensor_utils import LayoutEnum
 from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
 from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
-from cute_mla.kernels.common.mma_sm90 import gemm
+from cute_mla.kernels.common.mma_sm90 import gemm, swizzle_128b
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.softmax import LN_2, LOG2_E, rescale, sink_denominator
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_N
@@ -152,9 +152,8 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
                 if c * 8 < self.tail_start:
                     for i in cutlass.range_constexpr(4):
                         buf[i] = bf16x2_to_f16x2(buf[i])
-            tile = c // 8
-            dst = base + tile * (self.heads * 128) + n * 128 + (((c - tile * 8) ^ (n % 8)) * 16)
-            store_16B_shared(buf, dst)
+            tile = c // 8  # 64-column tiles of all N rows, each row one 128-byte line
+            store_16B_shared(buf, base + swizzle_128b((tile * self.heads + n) * 128 + (c - tile * 8) * 16))
         cute.arch.fence_proxy("async.shared", space="cta")
         named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
 
