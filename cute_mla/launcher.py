@@ -267,7 +267,7 @@ class Launch:
         device context."""
         ptrs = None if pointers is None else [pointers[n] for n in self.slot_names]
         with self.lock:
-            _in_context(self.context_handle, self.kernel.context, (self,), stream, ptrs)
+            _in_context(self.kernel.context, (self,), stream, ptrs)
 
     def run_current(self, stream: int, ptrs: Sequence[int] | None = None) -> None:
         """Launch with ``lock`` held and the kernel's context current, first writing ``ptrs``
@@ -312,16 +312,16 @@ class LaunchGroup:
     def run(self, stream: int, ptrs: Sequence[int]) -> None:
         """``run_current`` of each launch in order on ``stream``, fed from ``ptrs``."""
         with self.lock:
-            _in_context(self.context_handle, self.context, self.launches, stream, ptrs)
+            err, current = _DRV.cuCtxGetCurrent()  # driver.is_current, inlined: every call runs this
+            if err or current is None or int(current) != self.context_handle:
+                return _in_context(self.context, self.launches, stream, ptrs)
+            for launch in self.launches:
+                launch.run_current(stream, ptrs)
 
 
-def _in_context(handle: int, context, launches: Sequence[Launch], stream: int, ptrs) -> None:
-    """``run_current`` of each of ``launches`` with their context current (made so when it is not)."""
-    err, current = _DRV.cuCtxGetCurrent()  # driver.is_current, inlined: this runs on every call
-    if not err and current is not None and int(current) == handle:
-        for launch in launches:
-            launch.run_current(stream, ptrs)
-        return
+def _in_context(context, launches: Sequence[Launch], stream: int, ptrs) -> None:
+    """``run_current`` of each of ``launches`` with their ``context`` current (pushed for them
+    when the calling thread has another one or none)."""
     with driver.DeviceContext(context):
         for launch in launches:
             launch.run_current(stream, ptrs)

@@ -14,7 +14,7 @@ tensors) has 14-18 us of unavoidable work; the plan keeps everything else out of
 Plans hold no tensor of a caller's, and each call's outputs are fresh from torch's allocator on the
 current stream, so one plan serves any number of streams, threads and CUDA graphs at once.  The
 split-KV workspace is shared by the layers of one decode step through their ``FlashMLASchedMeta``
-(``SplitKvPlan.workspace_for`` says when).
+(``SplitKvPlan.fresh_workspace`` says when).
 """
 from __future__ import annotations
 
@@ -40,19 +40,21 @@ PREFILL_ARGS = ("q", "kv", "indices", "attn_sink", "topk_length", "out_arg")
 
 def signature(tensors: tuple) -> tuple[tuple, list]:
     """(key, pointers) of a call's ``tensors``: the key holds (dtype, shape, strides, device, data
-    pointer modulo 16) of each present tensor and None for an absent one, in one flat tuple (a
-    present tensor's dtype is never None, so the layout is unambiguous); pointers holds each
-    one's data pointer (None when absent), in order.  Raises AttributeError for a non-tensor."""
+    pointer modulo 16) of each present tensor and None for an absent one; pointers holds each
+    one's data pointer (None when absent), in order.  Raises AttributeError for a non-tensor.
+    (Appending per-tensor tuples through bound ``append`` methods was the fastest loop tried,
+    23% faster than extending one flat list: session 12.)"""
     key = []
     pointers = []
+    add_key, add_pointer = key.append, pointers.append
     for t in tensors:
         if t is None:
-            key.append(None)
-            pointers.append(None)
+            add_key(None)
+            add_pointer(None)
         else:
             p = t.data_ptr()
-            pointers.append(p)
-            key += (t.dtype, t.shape, t.stride(), t.get_device(), p & 15)
+            add_pointer(p)
+            add_key((t.dtype, t.shape, t.stride(), t.get_device(), p & 15))
     return tuple(key), pointers
 
 
@@ -226,17 +228,14 @@ class SplitKvPlan:
             out = torch.empty(*self.out_shape, dtype=self.dtype, device=self.device)
         return out, torch.empty(*self.lse_shape, dtype=torch.float32, device=self.device)
 
-    def workspace_for(self, meta: FlashMLASchedMeta, stream: int) -> KeptWorkspace:
-        """The partials buffer of a call: the one ``meta`` holds when it was made on this stream
-        and has this size (the layers of a step run in stream order, so one layer's combine has
-        read it before the next layer's split kernel writes it), else a fresh one, kept in
-        ``meta`` for the next layer.  Under CUDA-graph capture always a fresh one from the
-        graph's pool, never kept: a buffer made outside the capture must not be baked into the
-        graph (it could be freed while the graph lives).  The caller holds the result until its
-        launches are enqueued."""
-        kept = meta.workspace
-        if kept is not None and kept.stream == stream and kept.numel == self.workspace_numel and not _capturing():
-            return kept
+    def fresh_workspace(self, meta: FlashMLASchedMeta, stream: int) -> KeptWorkspace:
+        """A new partials buffer for a call that cannot use the one ``meta`` holds, kept in
+        ``meta`` for the next layer.  A call uses the kept one when it was made on its stream and
+        has its size (the layers of a step run in stream order, so one layer's combine has read it
+        before the next layer's split kernel writes it) and no CUDA graph is being captured: under
+        capture every call gets a fresh one from the graph's pool, never kept, because a buffer
+        made outside the capture must not be baked into the graph (it could be freed while the
+        graph lives).  The caller holds the result until its launches are enqueued."""
         ws = self.workspace()
         fresh = KeptWorkspace(ws, stream, self.workspace_numel, ws.data_ptr())
         if not _capturing():
@@ -280,17 +279,17 @@ class SplitKvPlan:
 
     def __call__(self, meta: FlashMLASchedMeta, pointers: list, tensors: tuple,
                  out: Optional[torch.Tensor] = None):
-        """One call: bind ``meta`` if needed (from the call's length arguments, ``length_tensors``
+        """One call: bind ``meta`` if needed (from the call's length arguments, the ``LENGTHS``
         of its ``tensors``), allocate lse / workspace (and out unless given), run the split kernel
         (``self.main``, bound by the subclass) then the combine.  ``pointers``: the call's
         ``DECODE_ARGS`` pointers (a list, extended here).
 
         Every call of a signature after the first runs only this; its steps are written out
         rather than split into helpers, because on the H200 hosts a Python call costs 0.1-0.5 us
-        (session 12 measured an inlined prototype 5.5 us faster than the same steps behind helpers,
-        27.8 against 33.3 us a dense call)."""
+        (session 12: an inlined prototype of the dense call ran 3.3-5.5 us faster than the same steps
+        behind helpers, on hosts where FlashMLA's call takes 37-60 us)."""
         stream = _raw_stream(self.device_index)
-        length_tensors = self.length_tensors(tensors)
+        length_tensors = tensors[self.LENGTHS]
         stamp = tuple(map(lengths_stamp, length_tensors))
         if meta.config is not self.config:
             self.bind(meta, stream, length_tensors, stamp)
@@ -299,7 +298,9 @@ class SplitKvPlan:
         if out is None:
             out = torch.empty(*self.out_shape, dtype=self.dtype, device=self.device)
         lse = torch.empty(*self.lse_shape, dtype=torch.float32, device=self.device)
-        ws = self.workspace_for(meta, stream)
+        ws = meta.workspace
+        if ws is None or ws.stream != stream or ws.numel != self.workspace_numel or _capturing():
+            ws = self.fresh_workspace(meta, stream)
         pointers += (*meta.schedule_pointers, out.data_ptr(), lse.data_ptr(), ws.ptr,
                      ws.ptr + self.lse_accum_offset)  # SLOTS
         self.launches.run(stream, pointers)
@@ -308,6 +309,8 @@ class SplitKvPlan:
 
 class DenseDecodePlan(SplitKvPlan):
     """SM90 dense decode: split kernel + combine over the schedule of ``cache_seqlens``."""
+
+    LENGTHS = slice(3, 4)  # the length arguments among ``DECODE_ARGS``: cache_seqlens
 
     def __init__(self, q, k_cache, block_table, cache_seqlens, softmax_scale: float, causal: bool,
                  config: FlashMLASchedMeta.Config):
@@ -328,10 +331,7 @@ class DenseDecodePlan(SplitKvPlan):
         """The scheduler plans ``cache_seqlens`` as given (it clamps them as the kernel does)."""
         return cache_seqlens
 
-    @staticmethod
-    def length_tensors(tensors: tuple) -> tuple:
-        """The length arguments among a call's ``DECODE_ARGS`` tensors: (cache_seqlens,)."""
-        return tensors[3:4]
+
 
 
 def sparse_decode_max_length(topk: int, extra_topk: int) -> int:
@@ -366,6 +366,8 @@ class SparseDecodePlan(SplitKvPlan):
     (``decode_plan.whole_request_parts``), the plan takes that part count and launches the split
     kernel alone (it finalises every request itself): one launch less on the host, and no
     combine on the GPU."""
+
+    LENGTHS = slice(8, 10)  # the length arguments among ``DECODE_ARGS``: topk_length, extra_topk_length
 
     def __init__(self, q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length,
                  attn_sink, softmax_scale: float, matmul: str, fmt: str, config: FlashMLASchedMeta.Config):
@@ -411,11 +413,6 @@ class SparseDecodePlan(SplitKvPlan):
         self.constant_lengths = None
         if topk_length is None and extra_topk_length is None:
             self.constant_lengths = constant_lengths(self.device_index, b, self.topk + self.extra_topk)
-
-    @staticmethod
-    def length_tensors(tensors: tuple) -> tuple:
-        """The length arguments among a call's ``DECODE_ARGS`` tensors: (topk_length, extra_topk_length)."""
-        return tensors[8:10]
 
     def plan_lengths(self, topk_length, extra_topk_length) -> torch.Tensor:
         """The scheduler's lengths for a new step: computed from the given length tensors, or,

@@ -58,7 +58,7 @@ class FlashMLASchedMeta:
     schedule_pointers: Optional[tuple[int, int]] = dataclasses.field(default=None, repr=False)
     # The split-KV partials buffer of this step's calls (``KeptWorkspace``: with the stream it was
     # made for): the layers of a step run one after another on one stream, so they can share it
-    # (one allocation fewer per call; ``plans.SplitKvPlan.workspace_for``).  Held while this
+    # (one allocation fewer per call; ``plans.SplitKvPlan.fresh_workspace``).  Held while this
     # metadata lives.
     workspace: Optional["KeptWorkspace"] = dataclasses.field(default=None, repr=False)
 
