@@ -212,10 +212,10 @@ class Launch:
         self._configs: dict[int, Any] = {}
         self.lock = threading.Lock()
         self.context_handle = int(kernel.context)
-        # Without launch attributes the plain cuLaunchKernel takes the stream as an int and
-        # costs 5.3 us against cuLaunchKernelEx's 6.2 (H200 host, 2026-12-04)
         global _DRV
         drv = _DRV = driver._drv()
+        # Without launch attributes the plain cuLaunchKernel takes the stream as an int and
+        # costs 5.3 us against cuLaunchKernelEx's 6.2 (H200 host, 2026-12-04)
         if not pdl and kernel.cluster == (1, 1, 1):
             self._launch_plain = functools.partial(drv.cuLaunchKernel, kernel.function, *self.grid, *kernel.block,
                                                    kernel.smem_bytes)

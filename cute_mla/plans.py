@@ -332,8 +332,6 @@ class DenseDecodePlan(SplitKvPlan):
         return cache_seqlens
 
 
-
-
 def sparse_decode_max_length(topk: int, extra_topk: int) -> int:
     """The largest length ``sparse_decode_lengths`` gives a request: its topk slots padded to
     whole blocks, then every extra slot."""
