@@ -149,3 +149,43 @@ def test_compile_refuses_a_kernel_whose_arguments_are_named_otherwise():
     check_arg_names("k", Kernel, spec)
     with pytest.raises(CompileError, match="takes"):
         check_arg_names("k", Kernel, spec[::-1])
+
+
+def _fake_launch(spec, args, static=()):
+    """A ``launcher.Launch`` of a kernel that was never loaded (no GPU): its ABI is ``spec``."""
+    from cute_mla import launcher
+
+    kernel = SimpleNamespace(key="fake", layout=abi.ParamLayout(spec), pdl_wait=False, device_index=0, context=7,
+                             function=None, cluster=(1, 1, 1), block=(128, 1, 1), smem_bytes=0)
+    return launcher.Launch(kernel, (1,), False, args, static)
+
+
+def test_a_launch_group_writes_every_pointer_into_its_own_argument(monkeypatch):
+    """The pointer list of a call feeds each launch of its group by slot name: each tensor argument
+    gets its slot's pointer, static ones and scalars keep what they were bound to."""
+    from cute_mla import launcher
+
+    i32 = dict(dtype=torch.int32)
+    one = _fake_launch((TensorArg("a", "i32", ("n",), (1,)), ScalarArg("n"), TensorArg("b", "i32", ("n",), (1,))),
+                       {"a": fake((4,), (1,), ptr=0x100, **i32), "n": 3, "b": fake((4,), (1,), ptr=0x200, **i32)})
+    two = _fake_launch((TensorArg("c", "i32", ("n",), (1,)), TensorArg("b", "i32", ("n",), (1,))),
+                       {"c": fake((4,), (1,), ptr=0x300, **i32), "b": fake((4,), (1,), ptr=0x200, **i32)},
+                       static=("c",))
+    group = launcher.LaunchGroup((one, two), ("x", "b", "a", "c"))
+    assert one.lock is two.lock is group.lock
+    launched = []
+    for launch in (one, two):
+        monkeypatch.setattr(launch, "_launch_plain",
+                            lambda stream, params, extra, launch=launch: launched.append(
+                                (launch, stream, bytes(launch._buffer))) or (0,))
+    monkeypatch.setattr(launcher, "_DRV", SimpleNamespace(cuCtxGetCurrent=lambda: (0, 7)))  # context 7 is current
+    group.run(5, [0x1110, 0x2220, 0x3330, 0x4440])
+    assert [(launch, stream) for launch, stream, _ in launched] == [(one, 5), (two, 5)]
+    words = [struct.unpack_from("<Q", buf, 0)[0] for _, _, buf in launched]
+    assert words == [0x3330, 0x300]  # one's a <- slot "a"; two's c is static: what it was bound to
+    b_one = struct.unpack_from("<Q", launched[0][2], one.kernel.layout.offsets[2])[0]
+    b_two = struct.unpack_from("<Q", launched[1][2], two.kernel.layout.offsets[1])[0]
+    assert b_one == b_two == 0x2220
+    assert struct.unpack_from("<i", launched[0][2], one.kernel.layout.offsets[1])[0] == 3  # the scalar n
+    with pytest.raises(abi.AbiError, match=r"no pointer slot for the tensor arguments \['b'\]"):
+        one.bind_slots(("a", "x"))
