@@ -27,8 +27,8 @@ class CombineKernel:
 
     Per row, with n = the request's split count and lse2_i the partials' base-2 lse:
       lse2 = log2(sum_i exp2(lse2_i)),  O = sum_i exp2(lse2_i - lse2) * O_i.
-    Splits with lse2_i = -inf (no valid key) have weight 0 and their partial rows,
-    loaded with the others, are never multiplied, so whatever they hold cannot leak.  A row with no valid key at all becomes
+    Splits with lse2_i = -inf (no valid key) are never read, so whatever their
+    partial rows hold cannot leak.  A row with no valid key at all becomes
     O = 0, lse = +inf.  The attention sink scales O by 1 / (1 + exp(sink - lse)),
     here and nowhere else, so it is applied exactly once.
 
@@ -39,6 +39,10 @@ class CombineKernel:
     warps_per_cta = COMBINE_HEADS_PER_CTA
     threads = 32 * warps_per_cta
     chunks = D_V // 128  # float4 chunks per lane
+    # Rows of at most this many splits take ``accumulate_serial``, the others
+    # ``accumulate_broadcast`` (same run, H200, session 12: broadcast 7-9% slower at 2 splits
+    # a row (b128: 29.4-29.9 us against 27.6-28.0), as fast at 4, 2-4% faster at 8).
+    serial_splits = 2
 
     def __init__(self, dtype: str):
         self.dtype = dtype
@@ -103,25 +107,10 @@ class CombineKernel:
         acc = cute.make_rmem_tensor(cute.make_layout((4, self.chunks), stride=(1, 4)), Float32)
         acc.fill(0.0)
         if lse2 != neg_inf:
-            # 32 splits at a time: each lane weighs one of them (0 for an empty split), then the
-            # warp walks them with the weight broadcast by a shuffle.  No row load waits on a
-            # loaded lse, so consecutive splits' rows are in flight together (one lse load and
-            # one row load in a chain per split made a 66-split row latency-bound: the combine
-            # took 12.7 us against FlashMLA's 9.5 at V32 b2 s_q2, ncu, session 12).
-            for c0 in cutlass.range(0, n, 32, unroll=1):
-                w_lane = Float32(0.0)
-                if c0 + lane < n:
-                    lse_i = mLseAccum[start + c0 + lane, iq, h]
-                    if lse_i != neg_inf:
-                        w_lane = cute.math.exp2(lse_i - lse2, fastmath=True)
-                for j in cutlass.range(cutlass.min(n - c0, 32), unroll=4):
-                    w = cute.arch.shuffle_sync(w_lane, j)
-                    gRow = cute.make_tensor(mOAccum[start + c0 + j, iq, h, None].iterator, row_layout)
-                    part = cute.make_rmem_tensor_like(acc)
-                    cute.autovec_copy(gRow[None, lane, None], part)
-                    if w != 0.0:  # an empty split's row (whatever it holds) is never multiplied
-                        for k in cutlass.range_constexpr(4 * self.chunks):
-                            acc[k] += w * part[k]
+            if n <= self.serial_splits:
+                self.accumulate_serial(mOAccum, mLseAccum, acc, row_layout, lse2, start, n, iq, h, lane)
+            else:
+                self.accumulate_broadcast(mOAccum, mLseAccum, acc, row_layout, lse2, start, n, iq, h, lane)
 
         lse_out = Float32.inf
         scale = Float32(0.0)
@@ -137,3 +126,41 @@ class CombineKernel:
         cute.autovec_copy(res, gOutRow[None, lane, None])
         if lane == 0:
             mLse[ib, h, iq] = lse_out
+
+    @cute.jit
+    def accumulate_serial(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, acc: cute.Tensor, row_layout,
+                          lse2: Float32, start: Int32, n: Int32, iq: Int32, h: Int32, lane: Int32):
+        """acc += exp2(lse2_i - lse2) * O_i split after split (each row load waits on its lse):
+        the fewest instructions, for rows of few splits."""
+        for i in cutlass.range(n):
+            lse_i = mLseAccum[start + i, iq, h]
+            if lse_i != -Float32.inf:  # an empty split's row (whatever it holds) is never read
+                w = cute.math.exp2(lse_i - lse2, fastmath=True)
+                gRow = cute.make_tensor(mOAccum[start + i, iq, h, None].iterator, row_layout)
+                part = cute.make_rmem_tensor_like(acc)
+                cute.autovec_copy(gRow[None, lane, None], part)
+                for k in cutlass.range_constexpr(4 * self.chunks):
+                    acc[k] += w * part[k]
+
+    @cute.jit
+    def accumulate_broadcast(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, acc: cute.Tensor, row_layout,
+                             lse2: Float32, start: Int32, n: Int32, iq: Int32, h: Int32, lane: Int32):
+        """The same sum, 32 splits at a time: each lane weighs one of them (0 for an empty
+        split), then the warp walks them with the weight broadcast by a shuffle, so no row load
+        waits on a loaded lse and consecutive splits' rows are in flight together (the serial
+        walk made a 66-split row latency-bound: 12.7 us against FlashMLA's 9.5 at V32 b2 s_q2,
+        ncu, session 12)."""
+        for c0 in cutlass.range(0, n, 32, unroll=1):
+            w_lane = Float32(0.0)
+            if c0 + lane < n:
+                lse_i = mLseAccum[start + c0 + lane, iq, h]
+                if lse_i != -Float32.inf:
+                    w_lane = cute.math.exp2(lse_i - lse2, fastmath=True)
+            for j in cutlass.range(cutlass.min(n - c0, 32), unroll=4):
+                w = cute.arch.shuffle_sync(w_lane, j)
+                if w != 0.0:  # an empty split's row (whatever it holds) is never read
+                    gRow = cute.make_tensor(mOAccum[start + c0 + j, iq, h, None].iterator, row_layout)
+                    part = cute.make_rmem_tensor_like(acc)
+                    cute.autovec_copy(gRow[None, lane, None], part)
+                    for k in cutlass.range_constexpr(4 * self.chunks):
+                        acc[k] += w * part[k]
