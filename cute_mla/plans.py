@@ -165,20 +165,23 @@ def default_parts(q: torch.Tensor, h_kv: int, token_rows: Optional[int] = None) 
 
 class SplitKvPlan:
     """What dense and sparse decode share: the scheduler launch that binds a ``FlashMLASchedMeta``,
-    the partials workspace (o_accum then lse_accum in one float32 buffer) and the combine, which a
-    plan whose requests are never split leaves out (``launches``).  A call's pointers are the
-    ``DECODE_ARGS`` then ``SLOTS``."""
+    the workspace (o_accum, lse_accum, then any int32 counters, in one 4-byte buffer) and the
+    combine, which a plan whose requests are never split, or whose kernel merges its own splits
+    (dense decode), leaves out (``launches``).  A call's pointers are the ``DECODE_ARGS`` then
+    ``SLOTS`` (the counters' slot points past the partials even when a plan has none)."""
 
-    SLOTS = ("sched_meta", "split_offsets", "out", "lse", "o_accum", "lse_accum")
+    SLOTS = ("sched_meta", "split_offsets", "out", "lse", "o_accum", "lse_accum", "split_counters")
 
     def __init__(self, q: torch.Tensor, config: FlashMLASchedMeta.Config, h_kv: int, fixed_overhead: int,
                  max_len: int, token_rows: Optional[int] = None, parts: Optional[int] = None,
-                 splits: bool = True):
+                 splits: bool = True, counters: int = 0):
         """``token_rows``: the kernel's query rows per query token and kv head (default
         h_q / h_kv; sparse decode rounds h_q up to a whole row block); ``parts``: the
         persistent CTAs per row block (default ``decode_plan.num_sm_parts``); ``splits``:
         whether the schedule may split a request (when it never does, no kernel writes a
-        partial, and the workspace is one row, bound for its shape only)."""
+        partial, and the workspace is one row, bound for its shape only); ``counters``: int32
+        counters after the partials (``layouts.operands.split_counters``), zero in a new
+        workspace; every launch leaves them zero."""
         b, s_q, h_q, _ = q.shape
         self.device_index = q.get_device()
         self.device = q.device
@@ -191,8 +194,10 @@ class SplitKvPlan:
         # at most one extra split per part on top of one per request
         self.n_partial = n_partial = b + self.parts if splits else 1
         rows = n_partial * s_q * h_q
-        self.workspace_numel = rows * (D_V + 1)
+        self.counters_start = rows * (D_V + 1)  # elements
+        self.workspace_numel = self.counters_start + counters
         self.lse_accum_offset = rows * D_V * 4  # bytes
+        self.counters_offset = self.counters_start * 4  # bytes
         self.fixed_overhead = fixed_overhead
         # the most KV tokens one request can have: the scheduler clamps each length to it
         self.max_len = max_len
@@ -207,7 +212,10 @@ class SplitKvPlan:
         rows = n_partial * s_q * h_q
         sched, offsets = self.schedule_buffers()
         t = {"o_accum": ws[:rows * D_V].view(n_partial, s_q, h_q, D_V),
-             "lse_accum": ws[rows * D_V:].view(n_partial, s_q, h_q), "sched_meta": sched, "split_offsets": offsets}
+             "lse_accum": ws[rows * D_V:self.counters_start].view(n_partial, s_q, h_q), "sched_meta": sched,
+             "split_offsets": offsets}
+        if self.workspace_numel > self.counters_start:
+            t["split_counters"] = ws[self.counters_start:].view(torch.int32)
         self.scheduler = launcher.prepare(
             "decode_scheduler", {}, (1, 1, 1), device_index=self.device_index, cache_seqlens=lengths,
             sched_meta=t["sched_meta"], split_offsets=t["split_offsets"], block_n=decode_plan.BLOCK_N,
@@ -231,12 +239,15 @@ class SplitKvPlan:
     def fresh_workspace(self, meta: FlashMLASchedMeta, stream: int) -> KeptWorkspace:
         """A new partials buffer for a call that cannot use the one ``meta`` holds, kept in
         ``meta`` for the next layer.  A call uses the kept one when it was made on its stream and
-        has its size (the layers of a step run in stream order, so one layer's combine has read it
-        before the next layer's split kernel writes it) and no CUDA graph is being captured: under
+        has its size (the layers of a step run in stream order, so one layer's merge has read it,
+        and its counters are back to zero, before the next layer's split kernel writes it) and no CUDA graph is being captured: under
         capture every call gets a fresh one from the graph's pool, never kept, because a buffer
         made outside the capture must not be baked into the graph (it could be freed while the
-        graph lives).  The caller holds the result until its launches are enqueued."""
+        graph lives).  The caller holds the result until its launches are enqueued.  Its counters
+        are zeroed (enqueued on the stream; under capture, part of the graph)."""
         ws = self.workspace()
+        if self.workspace_numel > self.counters_start:
+            ws[self.counters_start:].zero_()
         fresh = KeptWorkspace(ws, stream, self.workspace_numel, ws.data_ptr())
         if not _capturing():
             meta.workspace = fresh
@@ -302,30 +313,34 @@ class SplitKvPlan:
         if ws is None or ws.stream != stream or ws.numel != self.workspace_numel or _capturing():
             ws = self.fresh_workspace(meta, stream)
         pointers += (*meta.schedule_pointers, out.data_ptr(), lse.data_ptr(), ws.ptr,
-                     ws.ptr + self.lse_accum_offset)  # SLOTS
+                     ws.ptr + self.lse_accum_offset, ws.ptr + self.counters_offset)  # SLOTS
         self.launches.run(stream, pointers)
         return out, lse
 
 
 class DenseDecodePlan(SplitKvPlan):
-    """SM90 dense decode: split kernel + combine over the schedule of ``cache_seqlens``."""
+    """SM90 dense decode over the schedule of ``cache_seqlens``: one launch, whose CTAs merge
+    the split requests themselves (``kernels.sm90.split_tickets``), so a call is one launch
+    once its metadata is bound."""
 
     LENGTHS = slice(3, 4)  # the length arguments among ``DECODE_ARGS``: cache_seqlens
 
     def __init__(self, q, k_cache, block_table, cache_seqlens, softmax_scale: float, causal: bool,
                  config: FlashMLASchedMeta.Config):
         h_kv = k_cache.shape[2]
-        super().__init__(q, config, h_kv, decode_plan.FIXED_OVERHEAD_BLOCKS, block_table.shape[1] * PAGE_BLOCK_SIZE)
         b, s_q, h_q, _ = q.shape
+        row_blocks = -(-(s_q * (h_q // h_kv)) // decode_plan.BLOCK_M)
+        super().__init__(q, config, h_kv, decode_plan.FIXED_OVERHEAD_BLOCKS, block_table.shape[1] * PAGE_BLOCK_SIZE,
+                         counters=1 + b * h_kv * row_blocks)
         templates = self.templates(cache_seqlens)
         out, lse = self.outputs()
         self.main = launcher.prepare(
             "dense_decode_sm90", {"dtype": DTYPE_NAMES[q.dtype]},
-            (self.parts, h_kv, -(-(s_q * (h_q // h_kv)) // decode_plan.BLOCK_M)), device_index=self.device_index,
+            (self.parts, h_kv, row_blocks), device_index=self.device_index,
             q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse,
             softmax_scale=float(softmax_scale), causal=int(bool(causal) and s_q > 1), heads_per_kv=h_q // h_kv,
             **templates)
-        self.prepare_combine(out, lse, None, templates)
+        self.bind_launches(self.main)
 
     def plan_lengths(self, cache_seqlens: torch.Tensor) -> torch.Tensor:
         """The scheduler plans ``cache_seqlens`` as given (it clamps them as the kernel does)."""

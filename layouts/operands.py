@@ -25,6 +25,14 @@ def split_kv_partials(dtype_out: str = "bf16"):
     )
 
 
+def split_counters():
+    """Dense decode's ticket schedule (``kernels.sm90.split_tickets``), int32
+    (1 + b * h_kv * row_blocks,): [0] the ticket counter, then the count of written splits of
+    each (request, kv head, row block) at 1 + (request * h_kv + kv head) * row_blocks + row
+    block.  All zero before a launch, and the launch leaves them zero."""
+    return TensorArg("split_counters", "i32", ("n_counters",), (1,), align=4)
+
+
 def combine_args(dtype: str):
     return split_kv_partials() + (
         # (b + 1,) int32: split_offsets[i] = first partial row of request i
@@ -107,6 +115,7 @@ def dense_decode_args(dtype: str, d_qk: int = 576):
                   divisibility=(("ob", 8), ("os", 8), ("oh", 8))),
         TensorArg("lse", "f32", ("b", "h_q", "s_q"), ("lb", "lh", 1), align=4),
     ) + split_kv_partials() + (
+        split_counters(),
         ScalarArg("softmax_scale", "f32"),
         ScalarArg("causal"),
         ScalarArg("heads_per_kv"),

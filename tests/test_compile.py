@@ -97,9 +97,12 @@ SASS_EXPECT = {
     # seesaw: S = Q K^T as one 64x64 GEMM per warpgroup, O += P V with the own P from
     # registers (RS form: a register A operand before the B descriptor) and the other
     # warpgroup's P from smem, V transposed from the same K pages, pages by 4-D TMA;
-    # no producer warpgroup, so no register reallocation
+    # no producer warpgroup, so no register reallocation; tickets and split counts by GPU-scope
+    # atomics, the counts polled by acquire loads after a release fence (split_tickets)
     "dense_decode_sm90": (["HGMMA.64x64x16.F32", r"re:HGMMA\.64x256x16\.F32\S* R\d+, R\d+, gdesc",
-                           r"re:HGMMA\.64x256x16\.F32\S* R\d+, gdesc", "tnspB", "UTMALDG.4D"],
+                           r"re:HGMMA\.64x256x16\.F32\S* R\d+, gdesc", "tnspB", "UTMALDG.4D",
+                           "ATOMG.E.ADD.STRONG.GPU", "REDG.E.ADD.S32.STRONG.GPU", "LDG.E.STRONG.GPU",
+                           "MEMBAR.ALL.GPU"],
                           ["LDL", "STL", "USETMAXREG"]),
     # the seesaw's MMAs as in dense decode; kv rows gathered by 16-byte zero-filling
     # cp.async that bypass L1, each half-block's copies completing on an mbarrier

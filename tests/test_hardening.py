@@ -202,14 +202,14 @@ def test_every_check_runs_before_any_launch(monkeypatch):
             dense_call(dict(x, **bad), meta)
         assert launches == [] and not meta.have_initialized
     dense_call(x)
-    assert len(launches) == 3  # scheduler, decode, combine
+    assert [launch.kernel.key.split("__")[0] for launch in launches] == ["decode_scheduler", "dense_decode_sm90"]
 
 
 @gpu
 def test_layers_sharing_a_metadata_match_the_reference_with_many_splits():
     """Eight dense and four sparse layers of one step, each on one metadata and workspace, with
-    requests split many ways: every layer matches the reference (a layer's combine reads the
-    workspace before the next layer's split kernel rewrites it)."""
+    requests split many ways: every layer matches the reference (a layer's merge reads the
+    workspace before the next layer's split kernel rewrites it, and leaves its counters zero)."""
     from cute_mla.quant import dequantize_kvcache, quantize_kvcache
     from cute_mla.reference import ref_sparse_decode
 
@@ -219,6 +219,10 @@ def test_layers_sharing_a_metadata_match_the_reference_with_many_splits():
         x["q"] = randn_clipped(x["q"].shape, torch.Generator(device=DEV).manual_seed(100 + layer), scale=1.0)
         out, lse = dense_call(x, meta)
         check_dense(x, out, lse)
+        # each launch leaves its ticket and split counters at zero for the next (split_tickets)
+        b, s_q, h_q, _ = x["q"].shape
+        counters = meta.workspace.tensor[-(1 + b * -(-s_q * h_q // 64)):].view(torch.int32)
+        assert int(counters.abs().sum()) == 0, counters
     assert int(meta.num_splits.diff().max()) > 8
 
     g = torch.Generator(device=DEV).manual_seed(9)

@@ -10,10 +10,15 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
-from cute_mla.kernels.common.dtypes import dsl_dtype
 from cute_mla.kernels.common.softmax import LN_2, sink_denominator
 from cute_mla.layouts.operands import D_V
 from cute_mla.schedules.decode_plan import COMBINE_HEADS_PER_CTA
+
+CHUNKS = D_V // 128  # float4 chunks of a row per lane
+# Rows of at most this many splits take ``accumulate_serial``, the others
+# ``accumulate_broadcast`` (same run, H200, session 12: broadcast 7-9% slower at 2 splits
+# a row (b128: 29.4-29.9 us against 27.6-28.0), as fast at 4, 2-4% faster at 8).
+SERIAL_SPLITS = 2
 
 
 class CombineKernel:
@@ -38,15 +43,9 @@ class CombineKernel:
 
     warps_per_cta = COMBINE_HEADS_PER_CTA
     threads = 32 * warps_per_cta
-    chunks = D_V // 128  # float4 chunks per lane
-    # Rows of at most this many splits take ``accumulate_serial``, the others
-    # ``accumulate_broadcast`` (same run, H200, session 12: broadcast 7-9% slower at 2 splits
-    # a row (b128: 29.4-29.9 us against 27.6-28.0), as fast at 4, 2-4% faster at 8).
-    serial_splits = 2
 
     def __init__(self, dtype: str):
         self.dtype = dtype
-        self.out_dtype = dsl_dtype(dtype)
         self.smem_bytes = 0
 
     @cute.jit
@@ -76,91 +75,103 @@ class CombineKernel:
         # Everything above is independent of the producer; partials are read only after it.
         cute.arch.griddepcontrol_wait()
         if h < h_q:
-            # Offsets are clamped into the partials buffer: no schedule, however wrong, makes
-            # the combine read outside it.
-            rows = mOAccum.shape[0]
-            start = cutlass.min(cutlass.max(mSplitOffsets[ib], 0), rows)
-            n = cutlass.min(cutlass.max(mSplitOffsets[ib + 1], start), rows) - start
+            start, n = split_rows(mSplitOffsets, mOAccum, ib)
             if not (skip_single_split != 0 and n == 1):
-                self.combine_row(mOAccum, mLseAccum, mSink, mOut, mLse, has_sink, start, n, ib, iq, h, lane)
+                merge_row(mOAccum, mLseAccum, mSink, mOut, mLse, has_sink, start, n, ib, iq, h, lane)
 
-    @cute.jit
-    def combine_row(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSink: cute.Tensor,
-                    mOut: cute.Tensor, mLse: cute.Tensor, has_sink: Int32,
-                    start: Int32, n: Int32, ib: Int32, iq: Int32, h: Int32, lane: Int32):
-        neg_inf = -Float32.inf
-        # Row max and sum of the partial lse values, lanes striding over splits.
-        m = neg_inf
+
+@cute.jit
+def split_rows(mSplitOffsets: cute.Tensor, mOAccum: cute.Tensor, ib: Int32):
+    """(first partial row, split count) of request ib, clamped into the partials buffer: no
+    schedule, however wrong, makes a merge read outside it."""
+    rows = mOAccum.shape[0]
+    start = cutlass.min(cutlass.max(mSplitOffsets[ib], 0), rows)
+    return start, cutlass.min(cutlass.max(mSplitOffsets[ib + 1], start), rows) - start
+
+
+@cute.jit
+def merge_row(mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSink, mOut: cute.Tensor, mLse: cute.Tensor,
+              has_sink: Int32, start: Int32, n: Int32, ib: Int32, iq: Int32, h: Int32, lane: Int32):
+    """One warp: merge the n partial rows ``start ..`` of (query token iq, head h) into row
+    (ib, iq, h) of out and lse, by the formulas of ``CombineKernel`` (the sink only when
+    ``mSink`` is a tensor and ``has_sink`` is set).  The combine kernel and the dense decode
+    kernel's own merge (``kernels.sm90.split_kv_decode.SplitMerge``) both run it."""
+    neg_inf = -Float32.inf
+    # Row max and sum of the partial lse values, lanes striding over splits.
+    m = neg_inf
+    for i in cutlass.range(lane, n, 32):
+        m = cute.arch.fmax(m, mLseAccum[start + i, iq, h])
+    m = cute.arch.warp_reduction_max(m)
+    lse2 = neg_inf
+    if m != neg_inf:
+        s = Float32(0.0)
         for i in cutlass.range(lane, n, 32):
-            m = cute.arch.fmax(m, mLseAccum[start + i, iq, h])
-        m = cute.arch.warp_reduction_max(m)
-        lse2 = neg_inf
-        if m != neg_inf:
-            s = Float32(0.0)
-            for i in cutlass.range(lane, n, 32):
-                s += cute.math.exp2(mLseAccum[start + i, iq, h] - m, fastmath=True)
-            s = cute.arch.warp_reduction_sum(s)
-            lse2 = m + cute.math.log2(s, fastmath=False)
+            s += cute.math.exp2(mLseAccum[start + i, iq, h] - m, fastmath=True)
+        s = cute.arch.warp_reduction_sum(s)
+        lse2 = m + cute.math.log2(s, fastmath=False)
 
-        # (4, 32, chunks) view of the row: lane owns [4*lane + 128*j, +4) for each chunk j
-        row_layout = cute.make_layout((4, 32, self.chunks), stride=(1, 4, 128))
-        acc = cute.make_rmem_tensor(cute.make_layout((4, self.chunks), stride=(1, 4)), Float32)
-        acc.fill(0.0)
-        if lse2 != neg_inf:
-            if n <= self.serial_splits:
-                self.accumulate_serial(mOAccum, mLseAccum, acc, row_layout, lse2, start, n, iq, h, lane)
-            else:
-                self.accumulate_broadcast(mOAccum, mLseAccum, acc, row_layout, lse2, start, n, iq, h, lane)
+    # (4, 32, CHUNKS) view of the row: lane owns [4*lane + 128*j, +4) for each chunk j
+    row_layout = cute.make_layout((4, 32, CHUNKS), stride=(1, 4, 128))
+    acc = cute.make_rmem_tensor(cute.make_layout((4, CHUNKS), stride=(1, 4)), Float32)
+    acc.fill(0.0)
+    if lse2 != neg_inf:
+        if n <= SERIAL_SPLITS:
+            accumulate_serial(mOAccum, mLseAccum, acc, row_layout, lse2, start, n, iq, h, lane)
+        else:
+            accumulate_broadcast(mOAccum, mLseAccum, acc, row_layout, lse2, start, n, iq, h, lane)
 
-        lse_out = Float32.inf
-        scale = Float32(0.0)
-        if lse2 != neg_inf:
-            lse_out = lse2 * LN_2
-            scale = Float32(1.0)
+    lse_out = Float32.inf
+    scale = Float32(0.0)
+    if lse2 != neg_inf:
+        lse_out = lse2 * LN_2
+        scale = Float32(1.0)
+        if cutlass.const_expr(mSink is not None):
             if has_sink != 0:
                 scale = 1.0 / sink_denominator(mSink[h], lse2, fastmath=True)
-        res = cute.make_rmem_tensor_like(acc, self.out_dtype)
-        for k in cutlass.range_constexpr(4 * self.chunks):
-            res[k] = (acc[k] * scale).to(self.out_dtype)
-        gOutRow = cute.make_tensor(mOut[ib, iq, h, None].iterator, row_layout)
-        cute.autovec_copy(res, gOutRow[None, lane, None])
-        if lane == 0:
-            mLse[ib, h, iq] = lse_out
+    res = cute.make_rmem_tensor_like(acc, mOut.element_type)
+    for k in cutlass.range_constexpr(4 * CHUNKS):
+        res[k] = (acc[k] * scale).to(mOut.element_type)
+    gOutRow = cute.make_tensor(mOut[ib, iq, h, None].iterator, row_layout)
+    cute.autovec_copy(res, gOutRow[None, lane, None])
+    if lane == 0:
+        mLse[ib, h, iq] = lse_out
 
-    @cute.jit
-    def accumulate_serial(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, acc: cute.Tensor, row_layout,
-                          lse2: Float32, start: Int32, n: Int32, iq: Int32, h: Int32, lane: Int32):
-        """acc += exp2(lse2_i - lse2) * O_i split after split (each row load waits on its lse):
-        the fewest instructions, for rows of few splits."""
-        for i in cutlass.range(n):
-            lse_i = mLseAccum[start + i, iq, h]
-            if lse_i != -Float32.inf:  # an empty split's row (whatever it holds) is never read
-                w = cute.math.exp2(lse_i - lse2, fastmath=True)
-                gRow = cute.make_tensor(mOAccum[start + i, iq, h, None].iterator, row_layout)
+
+@cute.jit
+def accumulate_serial(mOAccum: cute.Tensor, mLseAccum: cute.Tensor, acc: cute.Tensor, row_layout,
+                      lse2: Float32, start: Int32, n: Int32, iq: Int32, h: Int32, lane: Int32):
+    """acc += exp2(lse2_i - lse2) * O_i split after split (each row load waits on its lse):
+    the fewest instructions, for rows of few splits."""
+    for i in cutlass.range(n):
+        lse_i = mLseAccum[start + i, iq, h]
+        if lse_i != -Float32.inf:  # an empty split's row (whatever it holds) is never read
+            w = cute.math.exp2(lse_i - lse2, fastmath=True)
+            gRow = cute.make_tensor(mOAccum[start + i, iq, h, None].iterator, row_layout)
+            part = cute.make_rmem_tensor_like(acc)
+            cute.autovec_copy(gRow[None, lane, None], part)
+            for k in cutlass.range_constexpr(4 * CHUNKS):
+                acc[k] += w * part[k]
+
+
+@cute.jit
+def accumulate_broadcast(mOAccum: cute.Tensor, mLseAccum: cute.Tensor, acc: cute.Tensor, row_layout,
+                         lse2: Float32, start: Int32, n: Int32, iq: Int32, h: Int32, lane: Int32):
+    """The same sum, 32 splits at a time: each lane weighs one of them (0 for an empty
+    split), then the warp walks them with the weight broadcast by a shuffle, so no row load
+    waits on a loaded lse and consecutive splits' rows are in flight together (the serial
+    walk made a 66-split row latency-bound: 12.7 us against FlashMLA's 9.5 at V32 b2 s_q2,
+    ncu, session 12)."""
+    for c0 in cutlass.range(0, n, 32, unroll=1):
+        w_lane = Float32(0.0)
+        if c0 + lane < n:
+            lse_i = mLseAccum[start + c0 + lane, iq, h]
+            if lse_i != -Float32.inf:
+                w_lane = cute.math.exp2(lse_i - lse2, fastmath=True)
+        for j in cutlass.range(cutlass.min(n - c0, 32), unroll=4):
+            w = cute.arch.shuffle_sync(w_lane, j)
+            if w != 0.0:  # an empty split's row (whatever it holds) is never read
+                gRow = cute.make_tensor(mOAccum[start + c0 + j, iq, h, None].iterator, row_layout)
                 part = cute.make_rmem_tensor_like(acc)
                 cute.autovec_copy(gRow[None, lane, None], part)
-                for k in cutlass.range_constexpr(4 * self.chunks):
+                for k in cutlass.range_constexpr(4 * CHUNKS):
                     acc[k] += w * part[k]
-
-    @cute.jit
-    def accumulate_broadcast(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, acc: cute.Tensor, row_layout,
-                             lse2: Float32, start: Int32, n: Int32, iq: Int32, h: Int32, lane: Int32):
-        """The same sum, 32 splits at a time: each lane weighs one of them (0 for an empty
-        split), then the warp walks them with the weight broadcast by a shuffle, so no row load
-        waits on a loaded lse and consecutive splits' rows are in flight together (the serial
-        walk made a 66-split row latency-bound: 12.7 us against FlashMLA's 9.5 at V32 b2 s_q2,
-        ncu, session 12)."""
-        for c0 in cutlass.range(0, n, 32, unroll=1):
-            w_lane = Float32(0.0)
-            if c0 + lane < n:
-                lse_i = mLseAccum[start + c0 + lane, iq, h]
-                if lse_i != -Float32.inf:
-                    w_lane = cute.math.exp2(lse_i - lse2, fastmath=True)
-            for j in cutlass.range(cutlass.min(n - c0, 32), unroll=4):
-                w = cute.arch.shuffle_sync(w_lane, j)
-                if w != 0.0:  # an empty split's row (whatever it holds) is never read
-                    gRow = cute.make_tensor(mOAccum[start + c0 + j, iq, h, None].iterator, row_layout)
-                    part = cute.make_rmem_tensor_like(acc)
-                    cute.autovec_copy(gRow[None, lane, None], part)
-                    for k in cutlass.range_constexpr(4 * self.chunks):
-                        acc[k] += w * part[k]

@@ -40,6 +40,10 @@ class NamedBarrier(enum.IntEnum):
     # small-head sparse decode (``kernels.sm90.sparse_decode_heads``), 128 threads each
     HEAD_STAT_0 = 13  # warpgroup 0's per-warp head maxima (or sums) are in shared memory
     HEAD_STAT_1 = 14  # the same for warpgroup 1
+    # dense decode's tickets (``kernels.sm90.split_tickets``), every thread in the same order:
+    # a ticket is in shared memory / a split's partials are stored and fenced / a merge
+    # chunk's splits have all counted
+    SPLIT_WORK = 15
 
 
 @dsl_user_op

@@ -19,6 +19,7 @@ from cute_mla.kernels.common.softmax import LOG2_E
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M
 from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
 from cute_mla.kernels.sm90.split_kv_decode import QTile, SplitKvDecodeSm90
+from cute_mla.kernels.sm90.split_tickets import SplitTickets
 from cute_mla.layouts.operands import D_V
 
 TILES = 9  # 64-column tiles of a 576-wide page
@@ -52,9 +53,11 @@ class BlockCtx(NamedTuple):
 class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
     """Dense MLA decode: O = softmax(Q K^T * scale) V with V = K[:, :512], one kv head at a time.
 
-    Grid: (num_sm_parts, h_kv, ceil(s_q * h_q / h_kv / 64)).  A CTA owns 64 query rows
-    (row m = query token m // h_r, head m % h_r of the kv head's h_r = h_q / h_kv) and
-    walks the (request, KV block range, split) pieces its part of ``sched_meta`` lists.
+    Grid: (num_sm_parts, h_kv, ceil(s_q * h_q / h_kv / 64)) split tiles, taken by ticket
+    (``kernels.sm90.split_tickets``): a tile owns 64 query rows (row m = query token
+    m // h_r, head m % h_r of the kv head's h_r = h_q / h_kv) and walks the (request, KV
+    block range, split) pieces its part of ``sched_meta`` lists.  Once every tile is taken,
+    the CTAs' later tickets merge the split requests' rows, so a call is one launch.
 
     Two warpgroups and no producer warpgroup: the seesaw consumers of
     ``kernels.sm90.seesaw`` (the per-pair schedule is described there), with the pages
@@ -75,7 +78,8 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
 
     Output: a request computed in one split is finalised here (O / sum, natural-log
     lse; no valid key gives O = 0, lse = +inf); otherwise each split writes fp32 O and
-    its base-2 lse to the partial buffers for the combine kernel.
+    its base-2 lse to the partial buffers, counts itself, and a merge chunk later
+    finalises the rows (``combine.merge_row``).
     """
 
     threads = 256
@@ -88,7 +92,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         assert d_qk == TILES * COLUMN_TILE and D_V == 2 * len(V_LEFT) * COLUMN_TILE
         self.tile_elems = PAGE * COLUMN_TILE
         self.tile_bytes = self.tile_elems * self.dtype.width // 8
-        # sQ + two pages + (row statistics, maxima, 18 mbarriers); no separate P buffer.
+        # sQ + two pages + (row statistics, maxima, 18 mbarriers, 2 ticket slots); no P buffer.
         self.smem_bytes = self.q_bytes + 2 * self.kv_bytes + 2048
         # Tiles each warpgroup reloads in each buffer (see the class docstring).
         self.reload_tiles = ((V_LEFT, V_RIGHT + (P_TILE,)), (V_LEFT + (P_TILE,), V_RIGHT))  # [buffer][warpgroup]
@@ -96,14 +100,14 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
     @cute.jit
     def __call__(self, q: cute.Tensor, k_cache: cute.Tensor, block_table: cute.Tensor, cache_seqlens: cute.Tensor,
                  sched_meta: cute.Tensor, split_offsets: cute.Tensor, out: cute.Tensor, lse: cute.Tensor,
-                 o_accum: cute.Tensor, lse_accum: cute.Tensor, softmax_scale: Float32, causal: Int32,
-                 heads_per_kv: Int32, stream: cuda.CUstream):
+                 o_accum: cute.Tensor, lse_accum: cute.Tensor, split_counters: cute.Tensor, softmax_scale: Float32,
+                 causal: Int32, heads_per_kv: Int32, stream: cuda.CUstream):
         # q (b, s_q, h_q, d); k_cache (num_blocks, PAGE, h_kv, d); out (b, s_q, h_q, 512); lse (b, h_q, s_q)
         kv_atom, mKTma = make_kv_column_tma(k_cache, self.dtype)
         rows = q.shape[1] * heads_per_kv
         grid = [sched_meta.shape[0], k_cache.shape[2], cute.ceil_div(rows, BLOCK_M)]
         self.kernel(q, kv_atom, mKTma, block_table, cache_seqlens, sched_meta, split_offsets,
-                    out, lse, o_accum, lse_accum, softmax_scale, causal, heads_per_kv,
+                    out, lse, o_accum, lse_accum, split_counters, softmax_scale, causal, heads_per_kv,
                     self.q_smem_layout(), kv_smem_layout(self.dtype, self.d, 2), self.v_smem_layout(),
                     self.p_smem_layout()).launch(
             grid=grid, block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream, min_blocks_per_mp=1)
@@ -111,8 +115,8 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, kv_atom: cute.CopyAtom, mKTma: cute.Tensor, mBlockTable: cute.Tensor,
                mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor,
-               mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, softmax_scale: Float32,
-               causal: Int32, heads_per_kv: Int32,
+               mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mCounters: cute.Tensor,
+               softmax_scale: Float32, causal: Int32, heads_per_kv: Int32,
                sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout,
                sP_layout: cute.ComposedLayout):
         # Parameters in layouts.operands.dense_decode_args order; static objects (no parameter) last.
@@ -123,6 +127,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         sQ, sK, _, sStat = self.allocate_operands(smem, sQ_layout, sK_layout)  # P lives in the pages' RoPE tiles
         sMax = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
         bars = smem.allocate_array(cutlass.Int64, 2 * TILES, byte_alignment=8)  # [buffer * TILES + tile]
+        sTicket = smem.allocate_tensor(Int32, cute.make_layout(2), byte_alignment=8)
         if tidx == 0:
             for i in cutlass.range_constexpr(2 * TILES):
                 cute.arch.mbarrier_init(bars + i, 1)
@@ -132,12 +137,13 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
             cpasync.prefetch_descriptor(kv_atom)
 
         loads = KvLoads(kv_atom, mKTma, mBlockTable, sK, bars)
+        tickets = SplitTickets.create(mCounters, sTicket, mOut.shape[0], self.consumer_threads)
         if warp < 4:
-            self.consume(sQ, sK, sStat, sMax, sV_layout, sP_layout, loads, mQ, mSeqlens, mSchedMeta, mSplitOffsets,
-                         mOut, mLse, mOAccum, mLseAccum, softmax_scale, causal, heads_per_kv, tidx, 0)
+            self.consume(sQ, sK, sStat, sMax, sV_layout, sP_layout, loads, tickets, mQ, mSeqlens, mSchedMeta,
+                         mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, softmax_scale, causal, heads_per_kv, tidx, 0)
         else:
-            self.consume(sQ, sK, sStat, sMax, sV_layout, sP_layout, loads, mQ, mSeqlens, mSchedMeta, mSplitOffsets,
-                         mOut, mLse, mOAccum, mLseAccum, softmax_scale, causal, heads_per_kv, tidx, 1)
+            self.consume(sQ, sK, sStat, sMax, sV_layout, sP_layout, loads, tickets, mQ, mSeqlens, mSchedMeta,
+                         mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, softmax_scale, causal, heads_per_kv, tidx, 1)
 
     # ------------------------------------------------------------------ loads
     @cute.jit
@@ -266,23 +272,49 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
 
     @cute.jit
     def consume(self, sQ: cute.Tensor, sK: cute.Tensor, sStat: cute.Tensor, sMax: cute.Tensor,
-                sV_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout, loads, mQ: cute.Tensor,
-                mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor,
-                mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, softmax_scale: Float32,
-                causal: Int32, heads_per_kv: Int32, tidx: Int32, wg: cutlass.Constexpr[int]):
-        """Warpgroup ``wg``: S of buffer ``wg``'s blocks, O columns [256 wg, 256 wg + 256)."""
-        mBlockTable = loads.block_table
+                sV_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout, loads, tickets: SplitTickets,
+                mQ: cute.Tensor, mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor,
+                mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor,
+                softmax_scale: Float32, causal: Int32, heads_per_kv: Int32, tidx: Int32, wg: cutlass.Constexpr[int]):
+        """Warpgroup ``wg``: the CTA's tickets (``split_tickets``) in turn.  A split tile runs S of
+        buffer ``wg``'s blocks and O columns [256 wg, 256 wg + 256) (``split_tile``); a merge
+        chunk merges rows a warp at a time."""
         wtid = tidx % 128
-        part, hk, mblk = cute.arch.block_idx()
         p_tiles = (self.p_tile(sK, sP_layout, 0), self.p_tile(sK, sP_layout, 1))
         frags, rows, tOcO = self.seesaw_fragments(sQ, sK, sMax, sV_layout, p_tiles, wg, wtid)
+        phase = Int32(0)  # of this warpgroup's buffer's tile barriers
+        draw = Int32(0)
+        work, splits = tickets.work, tickets.splits  # (the DSL carries no object through a loop condition)
+        t = tickets.take(draw, tidx)
+        while t < work:
+            if t < splits:
+                part, hk, mblk = tickets.split_tile(t)
+                phase = self.split_tile(frags, rows, tOcO, sQ, sK, sStat, loads, tickets, mQ, mSeqlens, mSchedMeta,
+                                        mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, softmax_scale, causal,
+                                        heads_per_kv, part, hk, mblk, phase, tidx, wg)
+            else:
+                tickets.merge_chunk(t, mSplitOffsets, mOAccum, mLseAccum, mOut, mLse, heads_per_kv, tidx)
+            draw += 1
+            t = tickets.take(draw, tidx)
+        tickets.finish(t, tidx)
+
+    @cute.jit
+    def split_tile(self, frags, rows, tOcO: cute.Tensor, sQ: cute.Tensor, sK: cute.Tensor, sStat: cute.Tensor,
+                   loads, tickets: SplitTickets, mQ: cute.Tensor, mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor,
+                   mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor,
+                   mLseAccum: cute.Tensor, softmax_scale: Float32, causal: Int32, heads_per_kv: Int32, part: Int32,
+                   hk: Int32, mblk: Int32, phase: Int32, tidx: Int32, wg: cutlass.Constexpr[int]) -> Int32:
+        """Warpgroup ``wg``'s share of split tile (part, kv head hk, row block mblk): every
+        piece of the part, each finalised or written as a counted partial (``epilogue``).
+        Returns its buffer's next tile-barrier phase."""
+        mBlockTable = loads.block_table
+        wtid = tidx % 128
         fields = SeesawFragments(*frags)
         tScS = fields.tScS
         row_limit = cute.make_rmem_tensor(cute.make_layout(2), Int32)
         scale_log2 = softmax_scale * LOG2_E
         s_q = mQ.shape[1]
         max_blocks = mBlockTable.shape[1]
-        phase = Int32(0)  # of this warpgroup's buffer's tile barriers
 
         begin_req = mSchedMeta[part, 0]
         end_req = mSchedMeta[part, 2]
@@ -322,5 +354,5 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
 
             nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
             self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mOut, mLse, mOAccum, mLseAccum, r, hk, mblk,
-                          heads_per_kv, wg, scale_log2, nsplits, mSplitOffsets[r] + split, wtid)
-
+                          heads_per_kv, wg, scale_log2, nsplits, mSplitOffsets[r] + split, wtid, tickets=tickets)
+        return phase

@@ -6,7 +6,8 @@ of ``sched_meta`` lists (``schedules.decode_plan``): (request, KV blocks [lo, hi
 split).  For each piece it loads Q, runs its consumer loop over the blocks (dense: the
 seesaw of ``kernels.sm90.seesaw``; sparse: the split-S core of
 ``kernels.sm90.mla_consumers``), and either finalises the request (one split) or writes
-the split's partial O and base-2 lse for the combine kernel.
+the split's partial O and base-2 lse for the merge (dense decode: its own CTAs,
+``kernels.sm90.split_tickets``; sparse decode: the combine kernel).
 """
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ from cutlass import Float32, Int32
 
 from cute_mla.kernels.common.softmax import LN_2, sink_denominator
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
+
+
+@cute.jit
+def query_of_row(m: Int32, hk: Int32, heads_per_kv: Int32):
+    """Query row m of kv head hk -> (query token, q head): rows run over the kv head's h_r
+    query heads fastest, then over the query tokens.  h_r is h_q / h_kv, except that sparse
+    decode gives each query token whole row blocks (h_r = max(h_q, 64)), since its tokens
+    gather different keys: with h_q < 64 rows h_q .. 63 of a block are no head
+    (``SplitKvDecodeSm90.row_exists``)."""
+    iq = m // heads_per_kv
+    return iq, hk * heads_per_kv + (m - iq * heads_per_kv)
 
 
 class QTile(NamedTuple):
@@ -35,13 +47,8 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
 
     @cute.jit
     def query_of_row(self, m: Int32, hk: Int32, heads_per_kv: Int32):
-        """Query row m of kv head hk -> (query token, q head): rows run over the kv head's
-        h_r query heads fastest, then over the query tokens.  h_r is h_q / h_kv, except that
-        sparse decode gives each query token whole row blocks (h_r = max(h_q, 64)), since
-        its tokens gather different keys: with h_q < 64 rows h_q .. 63 of a block are no
-        head (``row_exists``)."""
-        iq = m // heads_per_kv
-        return iq, hk * heads_per_kv + (m - iq * heads_per_kv)
+        """``query_of_row`` (the module's function)."""
+        return query_of_row(m, hk, heads_per_kv)
 
 
     @cute.jit
@@ -75,10 +82,11 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
     def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
                  sStat: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, r: Int32,
                  hk: Int32, mblk: Int32, heads_per_kv: Int32, half: Int32, scale_log2: Float32, nsplits: Int32,
-                 split_row: Int32, wtid: Int32, mSink: cute.Tensor = None, has_sink: Int32 = 0):
-        """Finalise (one split) or write this split's partials.  With ``mSink`` a finalised
-        row is scaled by exp(lse) / (exp(lse) + exp(sink)); split partials are left
-        unscaled, the combine applies the sink once."""
+                 split_row: Int32, wtid: Int32, mSink: cute.Tensor = None, has_sink: Int32 = 0, tickets=None):
+        """Finalise (one split) or write this split's partials (and, with ``tickets``, count
+        them for the merge: ``kernels.sm90.split_tickets``).  With ``mSink`` a finalised row
+        is scaled by exp(lse) / (exp(lse) + exp(sink)); split partials are left unscaled, the
+        combine applies the sink once."""
         neg_inf = -Float32.inf
         lse2, inv = self.finish_rows(row_max, row_sum, tOcO, sStat, scale_log2, half, wtid)
         if cutlass.const_expr(mSink is not None):
@@ -126,3 +134,6 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
                         mLse[r, hq, iq] = out_lse
                     else:
                         mLseAccum[split_row, iq, hq] = lse2[h]
+        if cutlass.const_expr(tickets is not None):
+            if nsplits > 1:
+                tickets.count_split(r, hk, mblk, half * 128 + wtid)

@@ -1,0 +1,163 @@
+"""One launch per decode call: split-KV CTAs that also merge the splits (dense decode).
+
+A dense decode call was two launches, the split kernel then the combine; on the H200 hosts a
+launch costs 3.5-5.8 us of the call's ~21 (perf/results/NOTES.md, session 12).  Here the
+split kernel's CTAs take their work from a ticket counter instead of their block index:
+
+- ticket t < S, where S is the grid's size, is split tile t: (part, kv head, row block) with
+  the part fastest, as the block index was;
+- tickets S .. S + C - 1 are merge chunks.  Chunk c covers ``chunk_rows`` consecutive rows of
+  the (request, kv head, row block, row) space; a row whose request has more than one split is
+  merged there (``combine.merge_row``, one warp per row);
+- every later ticket means "no work left": each CTA takes exactly one of those, and stops.
+
+No CTA waits for a CTA that may never run, so this cannot deadlock even when the grid is not
+all resident (other kernels, MPS): a merge chunk waits (spinning) until every split of its row
+block has counted itself in ``split_counts``, but chunks are ticketed after every split tile,
+so each split it waits for belongs to a CTA that is already running, and a split tile waits on
+nothing.  Session 11's in-kernel merge, where the CTA that wrote a request's last split merged
+all its rows alone, lost up to 2x at small batches (NOTES); chunks keep the merge as parallel
+as the combine kernel's grid was.
+
+The counters (``layouts.operands.split_counters``: the ticket, then one count per (request, kv
+head, row block)) live in the decode workspace, zeroed when it is made.  The CTA that takes the
+launch's last ticket (2 S + C - 1: every CTA has taken its final ticket, so all work is over)
+sets them back to zero, ready for the next launch on the stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Int32
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import dsl_user_op
+
+from cute_mla.kernels.common import named_barrier
+from cute_mla.kernels.common.combine import merge_row, split_rows
+from cute_mla.kernels.common.named_barrier import NamedBarrier
+from cute_mla.kernels.sm90.mla_consumers import BLOCK_M
+from cute_mla.kernels.sm90.split_kv_decode import query_of_row
+
+# A merge wait gives up after this many polls of about SPIN_SLEEP_NS each (over a second): only
+# a schedule that is not the scheduler's own can leave a count short, and then the rows it
+# merges are wrong but the kernel ends, rather than hanging the GPU.
+SPIN_SLEEP_NS = 256
+MAX_SPINS = 1 << 22
+
+
+@dsl_user_op
+def nanosleep(ns, *, loc=None, ip=None) -> None:
+    """Suspend the calling thread for about ``ns`` nanoseconds (``nanosleep.u32``)."""
+    llvm.inline_asm(None, [Int32(ns).ir_value(loc=loc, ip=ip)], "nanosleep.u32 $0;", "r",
+                    has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+
+
+@dataclass(frozen=True)  # frozen: the DSL then passes it through loops and branches as a constant
+class SplitTickets:
+    """The ticket schedule of one launch, as every CTA sees it (module docstring)."""
+
+    counters: Any  # (1 + b * h_kv * row_blocks,) int32: the ticket, then the split counts
+    slots: Any  # (2,) int32 shared: where a taken ticket is handed to every thread
+    gx: Any  # the grid: parts, kv heads, row blocks
+    gy: Any
+    gz: Any
+    threads: int  # the CTA's threads, all of which take part
+    splits: Any  # split tiles: tickets [0, splits)
+    total_rows: Any  # rows of the (request, kv head, row block, row) space the chunks cover
+    chunk_rows: Any  # rows a merge chunk covers: tickets [splits, work) are chunks
+    work: Any
+    last: Any  # the launch's last ticket
+
+    @staticmethod
+    def create(counters: cute.Tensor, slots: cute.Tensor, batch, threads: int) -> "SplitTickets":
+        """The schedule of a launch of ``cute.arch.grid_dim()`` CTAs over ``batch`` requests."""
+        gx, gy, gz = cute.arch.grid_dim()
+        splits = gx * gy * gz
+        total_rows = batch * gy * gz * BLOCK_M
+        warps = threads // 32
+        # one chunk a CTA: as many merging warps as the combine kernel had (b 5: 8-row chunks)
+        per_cta = warps * splits
+        chunk_rows = warps * ((total_rows + per_cta - 1) // per_cta)
+        work = splits + (total_rows + chunk_rows - 1) // chunk_rows
+        return SplitTickets(counters, slots, gx, gy, gz, threads, splits, total_rows, chunk_rows, work,
+                            work + splits - 1)
+
+    @cute.jit
+    def take(self, draw: Int32, tidx: Int32) -> Int32:
+        """The CTA's next ticket (its ``draw``-th), the same in every thread."""
+        slots, counter = self.slots, self.counters.iterator  # (the DSL carries no object through an if)
+        if tidx == 0:
+            slots[draw % 2] = cute.arch.atomic_add(counter, Int32(1), sem="relaxed", scope="gpu")
+        # one barrier a draw: a slot is rewritten two draws later, after everyone read it
+        named_barrier.sync(NamedBarrier.SPLIT_WORK, self.threads)
+        return slots[draw % 2]
+
+    def split_tile(self, t: Int32):
+        """(part, kv head, row block) of split ticket t."""
+        rest = t // self.gx
+        return t - rest * self.gx, rest % self.gy, rest // self.gy
+
+    def count_of(self, r: Int32, hk: Int32, mblk: Int32):
+        """Pointer to the split count of (request r, kv head hk, row block mblk)."""
+        return self.counters.iterator + (1 + (r * self.gy + hk) * self.gz + mblk)
+
+    @cute.jit
+    def count_split(self, r: Int32, hk: Int32, mblk: Int32, ctid: Int32):
+        """Every consumer thread: this CTA's split of (r, hk, mblk) is stored; count it.  Each
+        thread fences its partial stores at GPU scope before one thread adds the count
+        (release), so a merge that sees the count sees the rows."""
+        ptr = self.count_of(r, hk, mblk)
+        cute.arch.fence_acq_rel_gpu()
+        named_barrier.sync(NamedBarrier.SPLIT_WORK, self.threads)
+        if ctid == 0:
+            cute.arch.red(ptr, Int32(1), op="add", dtype="s32", sem="release", scope="gpu")
+
+    @cute.jit
+    def wait_counted(self, r: Int32, hk: Int32, mblk: Int32, n: Int32, tidx: Int32):
+        """Every thread: return once the n splits of (r, hk, mblk) have counted themselves."""
+        ptr = self.count_of(r, hk, mblk)
+        if tidx == 0:
+            spins = Int32(0)
+            count = cute.arch.load(ptr, Int32, sem="acquire", scope="gpu")
+            while (count < n) & (spins < MAX_SPINS):
+                nanosleep(SPIN_SLEEP_NS)
+                spins += 1
+                count = cute.arch.load(ptr, Int32, sem="acquire", scope="gpu")
+        named_barrier.sync(NamedBarrier.SPLIT_WORK, self.threads)
+        cute.arch.fence_acq_rel_gpu()  # the other splits' rows, not this SM's stale L1 lines
+
+    @cute.jit
+    def merge_chunk(self, t: Int32, mSplitOffsets: cute.Tensor, mOAccum: cute.Tensor,
+                    mLseAccum: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, heads_per_kv: Int32, tidx: Int32):
+        """Merge the split rows of chunk ticket t, a warp per row."""
+        g0 = (t - self.splits) * self.chunk_rows
+        g1 = cutlass.min(g0 + self.chunk_rows, self.total_rows)
+        warp = tidx // 32
+        lane = tidx % 32
+        rows = mOut.shape[1] * heads_per_kv
+        for blk in cutlass.range(g0 // BLOCK_M, (g1 - 1) // BLOCK_M + 1, unroll=1):
+            rest = blk // self.gz
+            mblk = blk - rest * self.gz
+            r = rest // self.gy
+            hk = rest - r * self.gy
+            start, n = split_rows(mSplitOffsets, mOAccum, r)
+            if n > 1:  # the same in every thread: the barrier inside is reached by all
+                self.wait_counted(r, hk, mblk, n, tidx)
+                first = cutlass.max(g0, blk * BLOCK_M)
+                for g in cutlass.range(first + warp, cutlass.min(g1, blk * BLOCK_M + BLOCK_M), self.threads // 32,
+                                       unroll=1):
+                    m = g - (blk - mblk) * BLOCK_M
+                    if m < rows:
+                        iq, hq = query_of_row(m, hk, heads_per_kv)
+                        merge_row(mOAccum, mLseAccum, None, mOut, mLse, Int32(0), start, n, r, iq, hq, lane)
+
+    @cute.jit
+    def finish(self, t: Int32, tidx: Int32):
+        """After the CTA's final ticket t: the CTA holding the launch's last one zeroes the counters."""
+        counters = self.counters
+        if t == self.last:
+            for i in cutlass.range(tidx, cute.size(counters), self.threads, unroll=1):
+                counters[i] = 0
