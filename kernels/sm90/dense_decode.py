@@ -287,15 +287,19 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         work, splits = tickets.work, tickets.splits  # (the DSL carries no object through a loop condition)
         t = tickets.take(draw, tidx)
         while t < work:
+            draw += 1
             if t < splits:
                 part, hk, mblk = tickets.split_tile(t)
                 phase = self.split_tile(frags, rows, tOcO, sQ, sK, sStat, loads, tickets, mQ, mSeqlens, mSchedMeta,
                                         mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, softmax_scale, causal,
                                         heads_per_kv, part, hk, mblk, phase, tidx, wg)
+                t = tickets.take(draw, tidx)
             else:
+                # every split tile is taken, so the next ticket can be taken now (it is no split
+                # tile this CTA would hold while others idle) and arrive during the merge
+                nxt = tickets.reserve(tidx)
                 tickets.merge_chunk(t, mSplitOffsets, mOAccum, mLseAccum, mOut, mLse, heads_per_kv, tidx)
-            draw += 1
-            t = tickets.take(draw, tidx)
+                t = tickets.hand_out(nxt, draw, tidx)
         tickets.finish(t, tidx)
 
     @cute.jit

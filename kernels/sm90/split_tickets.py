@@ -46,6 +46,9 @@ from cute_mla.kernels.sm90.split_kv_decode import query_of_row
 # merges are wrong but the kernel ends, rather than hanging the GPU.
 SPIN_SLEEP_NS = 256
 MAX_SPINS = 1 << 22
+# A merge chunk's rows per warp at most (8 warps: 32 rows).  A merge ends about 2 us a row after
+# its splits (three dependent L2 round trips); 128-row chunks added 15-20 us at b 128 h_q 128.
+MAX_CHUNK_WARP_ROWS = 4
 
 
 @dsl_user_op
@@ -78,22 +81,38 @@ class SplitTickets:
         splits = gx * gy * gz
         total_rows = batch * gy * gz * BLOCK_M
         warps = threads // 32
-        # one chunk a CTA: as many merging warps as the combine kernel had (b 5: 8-row chunks)
+        # About one chunk a CTA, but at most MAX_CHUNK_WARP_ROWS rows a warp: the chunk of the
+        # split that ends last is merged after everything else, by one CTA (b 5: 8-row chunks)
         per_cta = warps * splits
-        chunk_rows = warps * ((total_rows + per_cta - 1) // per_cta)
+        chunk_rows = warps * cutlass.min((total_rows + per_cta - 1) // per_cta, MAX_CHUNK_WARP_ROWS)
         work = splits + (total_rows + chunk_rows - 1) // chunk_rows
         return SplitTickets(counters, slots, gx, gy, gz, threads, splits, total_rows, chunk_rows, work,
                             work + splits - 1)
 
     @cute.jit
-    def take(self, draw: Int32, tidx: Int32) -> Int32:
-        """The CTA's next ticket (its ``draw``-th), the same in every thread."""
-        slots, counter = self.slots, self.counters.iterator  # (the DSL carries no object through an if)
+    def reserve(self, tidx: Int32) -> Int32:
+        """Thread 0 takes a ticket (the others get 0); ``hand_out`` gives it to every thread.
+        Between the two the CTA may work: the atomic's round trip then costs nothing."""
+        counter = self.counters.iterator  # (the DSL carries no object through an if)
+        ticket = Int32(0)
         if tidx == 0:
-            slots[draw % 2] = cute.arch.atomic_add(counter, Int32(1), sem="relaxed", scope="gpu")
+            ticket = cute.arch.atomic_add(counter, Int32(1), sem="relaxed", scope="gpu")
+        return ticket
+
+    @cute.jit
+    def hand_out(self, ticket: Int32, draw: Int32, tidx: Int32) -> Int32:
+        """Thread 0's ``reserve``d ticket, the CTA's ``draw``-th, in every thread."""
+        slots = self.slots
+        if tidx == 0:
+            slots[draw % 2] = ticket
         # one barrier a draw: a slot is rewritten two draws later, after everyone read it
         named_barrier.sync(NamedBarrier.SPLIT_WORK, self.threads)
         return slots[draw % 2]
+
+    @cute.jit
+    def take(self, draw: Int32, tidx: Int32) -> Int32:
+        """The CTA's next ticket (its ``draw``-th), the same in every thread."""
+        return self.hand_out(self.reserve(tidx), draw, tidx)
 
     def split_tile(self, t: Int32):
         """(part, kv head, row block) of split ticket t."""
@@ -106,11 +125,12 @@ class SplitTickets:
 
     @cute.jit
     def count_split(self, r: Int32, hk: Int32, mblk: Int32, ctid: Int32):
-        """Every consumer thread: this CTA's split of (r, hk, mblk) is stored; count it.  Each
-        thread fences its partial stores at GPU scope before one thread adds the count
-        (release), so a merge that sees the count sees the rows."""
+        """Every consumer thread: this CTA's split of (r, hk, mblk) is stored; count it.  Once
+        every thread has stored its rows (the barrier), one thread adds the count with release
+        semantics at GPU scope, which orders the whole CTA's stores before it (PTX's
+        cumulativity: CUTLASS's split-K semaphore releases the same way), so a merge that sees
+        the count sees the rows."""
         ptr = self.count_of(r, hk, mblk)
-        cute.arch.fence_acq_rel_gpu()
         named_barrier.sync(NamedBarrier.SPLIT_WORK, self.threads)
         if ctid == 0:
             cute.arch.red(ptr, Int32(1), op="add", dtype="s32", sem="release", scope="gpu")
@@ -126,8 +146,8 @@ class SplitTickets:
                 nanosleep(SPIN_SLEEP_NS)
                 spins += 1
                 count = cute.arch.load(ptr, Int32, sem="acquire", scope="gpu")
+        # thread 0's acquire, then the barrier, orders every thread's reads of the rows after it
         named_barrier.sync(NamedBarrier.SPLIT_WORK, self.threads)
-        cute.arch.fence_acq_rel_gpu()  # the other splits' rows, not this SM's stale L1 lines
 
     @cute.jit
     def merge_chunk(self, t: Int32, mSplitOffsets: cute.Tensor, mOAccum: cute.Tensor,
