@@ -128,6 +128,8 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         sMax = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
         bars = smem.allocate_array(cutlass.Int64, 2 * TILES, byte_alignment=8)  # [buffer * TILES + tile]
         sTicket = smem.allocate_tensor(Int32, cute.make_layout(2), byte_alignment=8)
+        tickets = SplitTickets.create(mCounters, sTicket, mOut.shape[0], self.consumer_threads)
+        first = tickets.reserve(tidx)  # its round trip overlaps the set-up below
         if tidx == 0:
             for i in cutlass.range_constexpr(2 * TILES):
                 cute.arch.mbarrier_init(bars + i, 1)
@@ -137,12 +139,11 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
             cpasync.prefetch_descriptor(kv_atom)
 
         loads = KvLoads(kv_atom, mKTma, mBlockTable, sK, bars)
-        tickets = SplitTickets.create(mCounters, sTicket, mOut.shape[0], self.consumer_threads)
         if warp < 4:
-            self.consume(sQ, sK, sStat, sMax, sV_layout, sP_layout, loads, tickets, mQ, mSeqlens, mSchedMeta,
+            self.consume(sQ, sK, sStat, sMax, sV_layout, sP_layout, loads, tickets, first, mQ, mSeqlens, mSchedMeta,
                          mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, softmax_scale, causal, heads_per_kv, tidx, 0)
         else:
-            self.consume(sQ, sK, sStat, sMax, sV_layout, sP_layout, loads, tickets, mQ, mSeqlens, mSchedMeta,
+            self.consume(sQ, sK, sStat, sMax, sV_layout, sP_layout, loads, tickets, first, mQ, mSeqlens, mSchedMeta,
                          mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, softmax_scale, causal, heads_per_kv, tidx, 1)
 
     # ------------------------------------------------------------------ loads
@@ -273,33 +274,34 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
     @cute.jit
     def consume(self, sQ: cute.Tensor, sK: cute.Tensor, sStat: cute.Tensor, sMax: cute.Tensor,
                 sV_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout, loads, tickets: SplitTickets,
-                mQ: cute.Tensor, mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor,
+                first: Int32, mQ: cute.Tensor, mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor,
                 mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor,
                 softmax_scale: Float32, causal: Int32, heads_per_kv: Int32, tidx: Int32, wg: cutlass.Constexpr[int]):
-        """Warpgroup ``wg``: the CTA's tickets (``split_tickets``) in turn.  A split tile runs S of
-        buffer ``wg``'s blocks and O columns [256 wg, 256 wg + 256) (``split_tile``); a merge
-        chunk merges rows a warp at a time."""
+        """Warpgroup ``wg``: the CTA's tickets (``split_tickets``; ``first`` reserved) in turn.  A
+        split tile runs S of buffer ``wg``'s blocks and O columns [256 wg, 256 wg + 256)
+        (``split_tile``); a merge chunk merges rows a warp at a time.  Each next ticket is
+        reserved while the current one's work runs, so its round trip is hidden: during a
+        split tile's last piece (by then every CTA has taken its first ticket, so no CTA holds
+        two tiles while another has none), during a merge chunk at once."""
         wtid = tidx % 128
         p_tiles = (self.p_tile(sK, sP_layout, 0), self.p_tile(sK, sP_layout, 1))
         frags, rows, tOcO = self.seesaw_fragments(sQ, sK, sMax, sV_layout, p_tiles, wg, wtid)
         phase = Int32(0)  # of this warpgroup's buffer's tile barriers
         draw = Int32(0)
         work, splits = tickets.work, tickets.splits  # (the DSL carries no object through a loop condition)
-        t = tickets.take(draw, tidx)
+        t = tickets.hand_out(first, draw, tidx)
         while t < work:
             draw += 1
             if t < splits:
                 part, hk, mblk = tickets.split_tile(t)
-                phase = self.split_tile(frags, rows, tOcO, sQ, sK, sStat, loads, tickets, mQ, mSeqlens, mSchedMeta,
-                                        mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, softmax_scale, causal,
-                                        heads_per_kv, part, hk, mblk, phase, tidx, wg)
-                t = tickets.take(draw, tidx)
+                phase, next_ticket = self.split_tile(frags, rows, tOcO, sQ, sK, sStat, loads, tickets, mQ, mSeqlens,
+                                             mSchedMeta, mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, softmax_scale,
+                                             causal, heads_per_kv, part, hk, mblk, phase, tidx, wg)
+                t = tickets.hand_out(next_ticket, draw, tidx)
             else:
-                # every split tile is taken, so the next ticket can be taken now (it is no split
-                # tile this CTA would hold while others idle) and arrive during the merge
-                nxt = tickets.reserve(tidx)
+                next_ticket = tickets.reserve(tidx)  # no split tile is left: nothing to hold from others
                 tickets.merge_chunk(t, mSplitOffsets, mOAccum, mLseAccum, mOut, mLse, heads_per_kv, tidx)
-                t = tickets.hand_out(nxt, draw, tidx)
+                t = tickets.hand_out(next_ticket, draw, tidx)
         tickets.finish(t, tidx)
 
     @cute.jit
@@ -307,10 +309,11 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
                    loads, tickets: SplitTickets, mQ: cute.Tensor, mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor,
                    mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor,
                    mLseAccum: cute.Tensor, softmax_scale: Float32, causal: Int32, heads_per_kv: Int32, part: Int32,
-                   hk: Int32, mblk: Int32, phase: Int32, tidx: Int32, wg: cutlass.Constexpr[int]) -> Int32:
+                   hk: Int32, mblk: Int32, phase: Int32, tidx: Int32, wg: cutlass.Constexpr[int]):
         """Warpgroup ``wg``'s share of split tile (part, kv head hk, row block mblk): every
         piece of the part, each finalised or written as a counted partial (``epilogue``).
-        Returns its buffer's next tile-barrier phase."""
+        Returns its buffer's next tile-barrier phase and the next ticket, reserved as the last
+        piece starts (``SplitTickets.reserve``)."""
         mBlockTable = loads.block_table
         wtid = tidx % 128
         fields = SeesawFragments(*frags)
@@ -323,7 +326,10 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         begin_req = mSchedMeta[part, 0]
         end_req = mSchedMeta[part, 2]
         prev_blocks = Int32(0)
+        next_ticket = Int32(-1)
         for r in cutlass.range(begin_req, end_req + 1, unroll=1):
+            if r == end_req:
+                next_ticket = tickets.reserve(tidx)
             seqlen = self.seqlen_of(mSeqlens, max_blocks, r)
             lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
             split = Int32(0)
@@ -359,4 +365,6 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
             nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
             self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mOut, mLse, mOAccum, mLseAccum, r, hk, mblk,
                           heads_per_kv, wg, scale_log2, nsplits, mSplitOffsets[r] + split, wtid, tickets=tickets)
-        return phase
+        if next_ticket < 0:  # a part without pieces
+            next_ticket = tickets.reserve(tidx)
+        return phase, next_ticket

@@ -11,6 +11,9 @@ split kernel's CTAs take their work from a ticket counter instead of their block
   merged there (``combine.merge_row``, one warp per row);
 - every later ticket means "no work left": each CTA takes exactly one of those, and stops.
 
+A CTA reserves its next ticket while the current one's work runs (``reserve`` / ``hand_out``),
+so the atomic's round trip is hidden.
+
 No CTA waits for a CTA that may never run, so this cannot deadlock even when the grid is not
 all resident (other kernels, MPS): a merge chunk waits (spinning) until every split of its row
 block has counted itself in ``split_counts``, but chunks are ticketed after every split tile,
@@ -41,10 +44,10 @@ from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M
 from cute_mla.kernels.sm90.split_kv_decode import query_of_row
 
-# A merge wait gives up after this many polls of about SPIN_SLEEP_NS each (over a second): only
+# A merge wait gives up after this many polls of about SPIN_SLEEP_NS each (about a second): only
 # a schedule that is not the scheduler's own can leave a count short, and then the rows it
 # merges are wrong but the kernel ends, rather than hanging the GPU.
-SPIN_SLEEP_NS = 256
+SPIN_SLEEP_NS = 64
 MAX_SPINS = 1 << 22
 # A merge chunk's rows per warp at most (8 warps: 32 rows).  A merge ends about 2 us a row after
 # its splits (three dependent L2 round trips); 128-row chunks added 15-20 us at b 128 h_q 128.
