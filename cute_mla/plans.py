@@ -7,9 +7,11 @@ and gets a plan: its kernel variants, grids, output shapes and ``launcher.Launch
 by name.  Every later call with that signature only allocates its outputs, collects data pointers
 into one list (the plan's pointer slots: the call's tensors in ``DECODE_ARGS`` / ``PREFILL_ARGS``
 order, then the plan's ``SLOTS``) and launches.  Measured on the H200 hosts (2026-12-04): a
-launch costs 3.5-5.8 us and a ``torch.empty`` 2.3-2.5 us whatever the binding, and the call's
-signature about 0.7 us a tensor, so a dense decode call (two launches, two buffers, four
-tensors) has 14-18 us of unavoidable work; the plan keeps everything else out of the call.
+launch costs 4.5-6.5 us, an output 2.0 us (``output_proto``) and the call's signature about
+0.7 us a tensor, so a sparse decode call (one launch, two outputs, six tensors) has about 13 us
+of unavoidable work; the plan keeps everything else out of the call.  A call is one launch once
+its scheduling metadata is bound (dense decode merges its own splits), but a sparse decode with
+length tensors, which adds the combine.
 
 Plans hold no tensor of a caller's, and each call's outputs are fresh from torch's allocator on the
 current stream, so one plan serves any number of streams, threads and CUDA graphs at once.  The
@@ -92,6 +94,15 @@ class PlanCache:
 # wrapper's Python frame; both read the same state)
 _capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
 _raw_stream = driver._raw_stream_getter()  # device index -> torch's current raw CUstream (driver.current_stream)
+_empty_like = torch.empty_like
+
+
+def output_proto(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A one-element tensor expanded to ``shape``: ``torch.empty_like`` of it is a fresh contiguous
+    tensor of that shape, dtype and device (an expanded tensor overlaps itself, so its strides are
+    not kept), made in 2.03 us against 2.48 for ``torch.empty(*shape, dtype=, device=)``, which
+    parses three arguments (H200 host, session 13).  It holds one element, not an output's worth."""
+    return torch.empty(1, dtype=dtype, device=device).expand(shape)
 
 _DUMMIES: dict[int, dict[str, torch.Tensor]] = {}
 _DUMMIES_LOCK = threading.Lock()
@@ -171,6 +182,7 @@ class SplitKvPlan:
     ``SLOTS`` (the counters' slot points past the partials even when a plan has none)."""
 
     SLOTS = ("sched_meta", "split_offsets", "out", "lse", "o_accum", "lse_accum", "split_counters")
+    no_lengths = False  # whether the plan's signature has no length tensor (``SparseDecodePlan``)
 
     def __init__(self, q: torch.Tensor, config: FlashMLASchedMeta.Config, h_kv: int, fixed_overhead: int,
                  max_len: int, token_rows: Optional[int] = None, parts: Optional[int] = None,
@@ -179,7 +191,8 @@ class SplitKvPlan:
         h_q / h_kv; sparse decode rounds h_q up to a whole row block); ``parts``: the
         persistent CTAs per row block (default ``decode_plan.num_sm_parts``); ``splits``:
         whether the schedule may split a request (when it never does, no kernel writes a
-        partial, and the workspace is one row, bound for its shape only); ``counters``: int32
+        partial: the launches are bound to a one-row workspace for its shape, and every call passes
+        a stand-in, ``idle_workspace``); ``counters``: int32
         counters after the partials (``layouts.operands.split_counters``), zero in a new
         workspace; every launch leaves them zero."""
         b, s_q, h_q, _ = q.shape
@@ -189,7 +202,12 @@ class SplitKvPlan:
         self.dtype = q.dtype
         self.out_shape = (b, s_q, h_q, D_V)
         self.lse_shape = (b, h_q, s_q)
+        self.out_proto = output_proto(self.out_shape, self.dtype, self.device)
+        self.lse_proto = output_proto(self.lse_shape, torch.float32, self.device)
         self.parts = parts or default_parts(q, h_kv, token_rows)
+        self.splits = splits
+        if not splits:  # workspace slots of a plan that never splits: a stand-in nothing reads
+            self.idle_workspace = (dummies(self.device_index)["f32"].data_ptr(),) * 3
         self.sched_shapes = ((self.parts, decode_plan.SCHED_META_FIELDS), (b + 1,))
         # at most one extra split per part on top of one per request
         self.n_partial = n_partial = b + self.parts if splits else 1
@@ -232,9 +250,7 @@ class SplitKvPlan:
     def outputs(self, out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """out [b, s_q, h_q, 512] in q's dtype (the caller's ``out``, checked by the API, or a
         fresh one) and a fresh lse [b, h_q, s_q] float32."""
-        if out is None:
-            out = torch.empty(*self.out_shape, dtype=self.dtype, device=self.device)
-        return out, torch.empty(*self.lse_shape, dtype=torch.float32, device=self.device)
+        return _empty_like(self.out_proto) if out is None else out, _empty_like(self.lse_proto)
 
     def fresh_workspace(self, meta: FlashMLASchedMeta, stream: int) -> KeptWorkspace:
         """A new partials buffer for a call that cannot use the one ``meta`` holds, kept in
@@ -301,19 +317,23 @@ class SplitKvPlan:
         behind helpers, on hosts where FlashMLA's call takes 37-60 us)."""
         stream = _raw_stream(self.device_index)
         length_tensors = tensors[self.LENGTHS]
-        stamp = tuple(map(lengths_stamp, length_tensors))
+        # a plan without length tensors (its signature says which are absent) has a constant stamp
+        stamp = self.NO_LENGTHS if self.no_lengths else tuple(map(lengths_stamp, length_tensors))
         if meta.config is not self.config:
             self.bind(meta, stream, length_tensors, stamp)
         elif meta.lengths_stamp != stamp:
             meta.check_lengths(stamp)
         if out is None:
-            out = torch.empty(*self.out_shape, dtype=self.dtype, device=self.device)
-        lse = torch.empty(*self.lse_shape, dtype=torch.float32, device=self.device)
-        ws = meta.workspace
-        if ws is None or ws.stream != stream or ws.numel != self.workspace_numel or _capturing():
-            ws = self.fresh_workspace(meta, stream)
-        pointers += (*meta.schedule_pointers, out.data_ptr(), lse.data_ptr(), ws.ptr,
-                     ws.ptr + self.lse_accum_offset, ws.ptr + self.counters_offset)  # SLOTS
+            out = _empty_like(self.out_proto)
+        lse = _empty_like(self.lse_proto)
+        if self.splits:
+            ws = meta.workspace
+            if ws is None or ws.stream != stream or ws.numel != self.workspace_numel or _capturing():
+                ws = self.fresh_workspace(meta, stream)
+            pointers += (*meta.schedule_pointers, out.data_ptr(), lse.data_ptr(), ws.ptr,
+                         ws.ptr + self.lse_accum_offset, ws.ptr + self.counters_offset)  # SLOTS
+        else:  # no request is ever split, so no kernel touches a workspace
+            pointers += (*meta.schedule_pointers, out.data_ptr(), lse.data_ptr(), *self.idle_workspace)
         self.launches.run(stream, pointers)
         return out, lse
 
@@ -381,6 +401,7 @@ class SparseDecodePlan(SplitKvPlan):
     combine on the GPU."""
 
     LENGTHS = slice(8, 10)  # the length arguments among ``DECODE_ARGS``: topk_length, extra_topk_length
+    NO_LENGTHS = (None, None)  # their stamp when both are absent
 
     def __init__(self, q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length,
                  attn_sink, softmax_scale: float, matmul: str, fmt: str, config: FlashMLASchedMeta.Config):
@@ -424,7 +445,8 @@ class SparseDecodePlan(SplitKvPlan):
         else:  # no request is ever split: nothing to combine
             self.bind_launches(self.main)
         self.constant_lengths = None
-        if topk_length is None and extra_topk_length is None:
+        self.no_lengths = topk_length is None and extra_topk_length is None
+        if self.no_lengths:
             self.constant_lengths = constant_lengths(self.device_index, b, self.topk + self.extra_topk)
 
     def plan_lengths(self, topk_length, extra_topk_length) -> torch.Tensor:
@@ -448,6 +470,8 @@ class SparsePrefillPlan:
         self.device = q.device
         self.out_shape = (s_q, h_q, D_V)
         self.stat_shape = (s_q, h_q)
+        self.out_proto = output_proto(self.out_shape, torch.bfloat16, self.device)
+        self.stat_proto = output_proto(self.stat_shape, torch.float32, self.device)
         dm = dummies(self.device_index)
         optional = {"topk_length": (topk_length, dm["i32"]), "attn_sink": (attn_sink, dm["f32"])}
         out, max_logits, lse = self.outputs()
@@ -464,9 +488,8 @@ class SparsePrefillPlan:
     def outputs(self, out: Optional[torch.Tensor] = None):
         """out [s_q, h_q, 512] bf16 (the caller's, checked by the API, or fresh), fresh
         max_logits and lse [s_q, h_q] float32."""
-        return (torch.empty(*self.out_shape, dtype=torch.bfloat16, device=self.device) if out is None else out,
-                torch.empty(*self.stat_shape, dtype=torch.float32, device=self.device),
-                torch.empty(*self.stat_shape, dtype=torch.float32, device=self.device))
+        return (_empty_like(self.out_proto) if out is None else out, _empty_like(self.stat_proto),
+                _empty_like(self.stat_proto))
 
     def __call__(self, pointers: list, out: Optional[torch.Tensor] = None) -> tuple[Any, Any, Any]:
         """One call; ``pointers``: its ``PREFILL_ARGS`` pointers (a list, extended here)."""
