@@ -24,8 +24,10 @@ as the combine kernel's grid was.
 
 The counters (``layouts.operands.split_counters``: the ticket, then one count per (request, kv
 head, row block)) live in the decode workspace, zeroed when it is made.  The CTA that takes the
-launch's last ticket (2 S + C - 1: every CTA has taken its final ticket, so all work is over)
-sets them back to zero, ready for the next launch on the stream.
+launch's last ticket (2 S + C - 1) sets them back to zero, ready for the next launch on the
+stream: every CTA has then taken its final ticket, so none takes another, and every merge chunk
+is done, so every split it counted was counted before (a CTA may still be finishing a split
+tile, but one whose request has no other split, which counts nothing).
 """
 from __future__ import annotations
 
