@@ -191,10 +191,10 @@ class SplitKvPlan:
         h_q / h_kv; sparse decode rounds h_q up to a whole row block); ``parts``: the
         persistent CTAs per row block (default ``decode_plan.num_sm_parts``); ``splits``:
         whether the schedule may split a request (when it never does, no kernel writes a
-        partial: the launches are bound to a one-row workspace for its shape, and every call passes
-        a stand-in, ``idle_workspace``); ``counters``: int32
-        counters after the partials (``layouts.operands.split_counters``), zero in a new
-        workspace; every launch leaves them zero."""
+        partial: the launches are bound to a one-row workspace for its shape, and every call
+        passes a stand-in, ``idle_workspace``); ``counters``: int32 counters after the partials
+        (``layouts.operands.split_counters``), zero in a new workspace; every launch leaves them
+        zero."""
         b, s_q, h_q, _ = q.shape
         self.device_index = q.get_device()
         self.device = q.device
@@ -256,11 +256,12 @@ class SplitKvPlan:
         """A new partials buffer for a call that cannot use the one ``meta`` holds, kept in
         ``meta`` for the next layer.  A call uses the kept one when it was made on its stream and
         has its size (the layers of a step run in stream order, so one layer's merge has read it,
-        and its counters are back to zero, before the next layer's split kernel writes it) and no CUDA graph is being captured: under
-        capture every call gets a fresh one from the graph's pool, never kept, because a buffer
-        made outside the capture must not be baked into the graph (it could be freed while the
-        graph lives).  The caller holds the result until its launches are enqueued.  Its counters
-        are zeroed (enqueued on the stream; under capture, part of the graph)."""
+        and its counters are back to zero, before the next layer's split kernel writes it) and no
+        CUDA graph is being captured: under capture every call gets a fresh one from the graph's
+        pool, never kept, because a buffer made outside the capture must not be baked into the
+        graph (it could be freed while the graph lives).  The caller holds the result until its
+        launches are enqueued.  Its counters are zeroed (enqueued on the stream; under capture,
+        part of the graph)."""
         ws = self.workspace()
         if self.workspace_numel > self.counters_start:
             ws[self.counters_start:].zero_()

@@ -274,15 +274,16 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
     @cute.jit
     def consume(self, sQ: cute.Tensor, sK: cute.Tensor, sStat: cute.Tensor, sMax: cute.Tensor,
                 sV_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout, loads, tickets: SplitTickets,
-                first: Int32, mQ: cute.Tensor, mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor,
-                mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor,
+                first: Int32, mQ: cute.Tensor, mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor,
+                mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor,
                 softmax_scale: Float32, causal: Int32, heads_per_kv: Int32, tidx: Int32, wg: cutlass.Constexpr[int]):
         """Warpgroup ``wg``: the CTA's tickets (``split_tickets``; ``first`` reserved) in turn.  A
         split tile runs S of buffer ``wg``'s blocks and O columns [256 wg, 256 wg + 256)
         (``split_tile``); a merge chunk merges rows a warp at a time.  Each next ticket is
         reserved while the current one's work runs, so its round trip is hidden: during a
-        split tile's last piece (by then every CTA has taken its first ticket, so no CTA holds
-        two tiles while another has none), during a merge chunk at once."""
+        split tile's last piece (not earlier: at the start a CTA could take a second tile
+        before a late CTA took its first, and the two would run one after the other), during
+        a merge chunk at once."""
         wtid = tidx % 128
         p_tiles = (self.p_tile(sK, sP_layout, 0), self.p_tile(sK, sP_layout, 1))
         frags, rows, tOcO = self.seesaw_fragments(sQ, sK, sMax, sV_layout, p_tiles, wg, wtid)
@@ -295,8 +296,9 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
             if t < splits:
                 part, hk, mblk = tickets.split_tile(t)
                 phase, next_ticket = self.split_tile(frags, rows, tOcO, sQ, sK, sStat, loads, tickets, mQ, mSeqlens,
-                                             mSchedMeta, mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, softmax_scale,
-                                             causal, heads_per_kv, part, hk, mblk, phase, tidx, wg)
+                                                     mSchedMeta, mSplitOffsets, mOut, mLse, mOAccum, mLseAccum,
+                                                     softmax_scale, causal, heads_per_kv, part, hk, mblk, phase, tidx,
+                                                     wg)
                 t = tickets.hand_out(next_ticket, draw, tidx)
             else:
                 next_ticket = tickets.reserve(tidx)  # no split tile is left: nothing to hold from others

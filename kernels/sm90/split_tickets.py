@@ -114,11 +114,6 @@ class SplitTickets:
         named_barrier.sync(NamedBarrier.SPLIT_WORK, self.threads)
         return slots[draw % 2]
 
-    @cute.jit
-    def take(self, draw: Int32, tidx: Int32) -> Int32:
-        """The CTA's next ticket (its ``draw``-th), the same in every thread."""
-        return self.hand_out(self.reserve(tidx), draw, tidx)
-
     def split_tile(self, t: Int32):
         """(part, kv head, row block) of split ticket t."""
         rest = t // self.gx
