@@ -7,8 +7,8 @@ public functions switch to them by themselves while ``torch.compile`` traces, so
 calls ``cute_mla.flash_mla_with_kvcache`` compiles with ``fullgraph=True`` unchanged.
 
 A custom op cannot take a ``FlashMLASchedMeta`` (a Python object), so the decode op plans its
-own schedule on every call: one scheduler launch and two small buffers more than an eager call
-that reuses a metadata.  The plain functions stay the fast path for eager code; the op path's
+own schedule on every call: one scheduler launch, its two small buffers and (dense decode) a
+fresh workspace with zeroed counters more than an eager call that reuses a metadata.  The plain functions stay the fast path for eager code; the op path's
 host cost is measured by ``perf.host_overhead`` (``meta=op``).
 """
 from __future__ import annotations
