@@ -47,10 +47,10 @@ from cute_mla.kernels.sm90.mla_consumers import BLOCK_M
 from cute_mla.kernels.sm90.split_kv_decode import query_of_row
 
 # A merge wait gives up after MAX_SPINS polls, each a SPIN_SLEEP_NS sleep and an L2 round trip
-# (0.5-1 us): 2-4 minutes, far past the longest split tile a plan allows (2^31 tokens, which a
-# block table can give with repeated pages, over 132 parts: 16M tokens, about 2 s at the 1M-token
-# request's 9 tokens per us per SM).  Only a schedule that is not the scheduler's own can leave a
-# count short, and then the rows it merges are wrong but the kernel ends, rather than hanging.
+# (0.5-1 us): 2-4 minutes, far past the longest split tile a plan allows (one request of 2^31
+# tokens, which a block table can give with repeated pages: about 2 s a part at the rate of the
+# 1M-token case, 0.85 ms).  Only a schedule that is not the scheduler's own can leave a count
+# short, and then the rows it merges are wrong but the kernel ends, rather than hanging.
 SPIN_SLEEP_NS = 64
 MAX_SPINS = 1 << 28
 # A merge chunk's rows per warp at most (8 warps: 32 rows).  A merge ends about 2 us a row after
