@@ -6,10 +6,11 @@ that give the output shapes, so a compiled graph holds each call as one opaque n
 public functions switch to them by themselves while ``torch.compile`` traces, so a model that
 calls ``cute_mla.flash_mla_with_kvcache`` compiles with ``fullgraph=True`` unchanged.
 
-A custom op cannot take a ``FlashMLASchedMeta`` (a Python object), so the decode op plans its
-own schedule on every call: one scheduler launch, its two small buffers and (dense decode) a
-fresh workspace with zeroed counters more than an eager call that reuses a metadata.  The plain functions stay the fast path for eager code; the op path's
-host cost is measured by ``perf.host_overhead`` (``meta=op``).
+An op cannot take a ``FlashMLASchedMeta`` (a Python object), so the decode op plans its own
+schedule on every call: one scheduler launch, its two small buffers and (dense decode) a fresh
+workspace with zeroed counters more than an eager call that reuses a metadata.  The plain
+functions stay the fast path for eager code; the op path's host cost is measured by
+``perf.host_overhead`` (``meta=op``).
 """
 from __future__ import annotations
 
