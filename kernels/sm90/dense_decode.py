@@ -275,8 +275,8 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
     def consume(self, sQ: cute.Tensor, sK: cute.Tensor, sStat: cute.Tensor, sMax: cute.Tensor,
                 sV_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout, loads, tickets: SplitTickets,
                 first: Int32, mQ: cute.Tensor, mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor,
-                mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor,
-                softmax_scale: Float32, causal: Int32, heads_per_kv: Int32, tidx: Int32, wg: cutlass.Constexpr[int]):
+                mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor,
+                mLseAccum: cute.Tensor, softmax_scale: Float32, causal: Int32, heads_per_kv: Int32, tidx: Int32, wg: cutlass.Constexpr[int]):
         """Warpgroup ``wg``: the CTA's tickets (``split_tickets``; ``first`` reserved) in turn.  A
         split tile runs S of buffer ``wg``'s blocks and O columns [256 wg, 256 wg + 256)
         (``split_tile``); a merge chunk merges rows a warp at a time.  Each next ticket is
