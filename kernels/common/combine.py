@@ -45,7 +45,8 @@ class CombineKernel:
     threads = 32 * warps_per_cta
 
     def __init__(self, dtype: str):
-        self.dtype = dtype
+        # ``dtype`` (the variant) types the ``out`` operand of the ABI; the kernel reads it there
+        # (``merge_row`` converts to ``mOut.element_type``), so nothing here keeps it
         self.smem_bytes = 0
 
     @cute.jit
