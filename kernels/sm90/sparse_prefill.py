@@ -12,6 +12,7 @@ from cutlass.cute.nvgpu import warpgroup
 
 from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.named_barrier import NamedBarrier
+from cute_mla.kernels.common.fragment_store import store_row
 from cute_mla.kernels.common.gmem import copy_16B_async, copy_16B_async_zfill
 from cute_mla.kernels.common.paged_kv import COLUMN_TILE, kv_smem_layout
 from cute_mla.kernels.common.softmax import LN_2, LOG2_E, sink_denominator
@@ -370,13 +371,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
             # a row without keys already has factor 0
             if has_sink != 0 and lse2[h] != neg_inf:
                 inv[h] = inv[h] / sink_denominator(mSink[hq], lse2[h], fastmath=False)
-            for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
-                k = 4 * j + 2 * h
-                _, col = tOcO[k]
-                pair = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
-                pair[0] = (acc_o[k] * inv[h]).to(self.dtype)
-                pair[1] = (acc_o[k + 1] * inv[h]).to(self.dtype)
-                cute.autovec_copy(pair, cute.local_tile(mOut[token, hq, None], (2,), ((half * self.v_half + col) // 2,)))
+            store_row(acc_o, h, inv[h], mOut[token, hq, None], half * self.v_half, wtid)
         # one lane per row writes its statistics (rows of a quad are shared by 4 lanes)
         if half == 0 and wtid % 4 == 0:
             for h in cutlass.range_constexpr(2):
