@@ -17,7 +17,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
-from cute_mla.kernels.common.fragment_store import store_row
+from cute_mla.kernels.common.fragment_store import store_row, store_row_pairs
 from cute_mla.kernels.common.softmax import LN_2, sink_denominator
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
 
@@ -101,8 +101,8 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
                         sink = mSink[cutlass.min(hq, mOut.shape[2] - 1)]
                         inv[h] = inv[h] / sink_denominator(sink, lse2[h], fastmath=False)
         # This thread's O values lie in 2 rows.  A finalised row goes out 16 bytes a lane
-        # (``fragment_store``; every lane shuffles, rows that do not exist store nothing); a
-        # split's partial as fragment elements 2j, 2j+1, adjacent columns (8 bytes of fp32).
+        # (``fragment_store``: every lane shuffles, rows that do not exist store nothing), a
+        # split's partial 8 bytes a lane.
         for h in cutlass.range_constexpr(2):
             row, _ = tOcO[2 * h]
             m = mblk * BLOCK_M + row
@@ -111,14 +111,7 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
             if nsplits == 1:
                 store_row(acc_o, h, inv[h], mOut[r, iq, hq, None], half * self.v_half, wtid, exists)
             elif exists:
-                for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
-                    k = 4 * j + 2 * h
-                    _, col = tOcO[k]
-                    c2 = (half * self.v_half + col) // 2
-                    pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-                    pair[0] = acc_o[k] * inv[h]
-                    pair[1] = acc_o[k + 1] * inv[h]
-                    cute.autovec_copy(pair, cute.local_tile(mOAccum[split_row, iq, hq, None], (2,), (c2,)))
+                store_row_pairs(acc_o, h, inv[h], mOAccum[split_row, iq, hq, None], half * self.v_half, wtid)
         # one lane per row writes its lse (rows of a quad are shared by 4 lanes)
         if half == 0 and wtid % 4 == 0:
             for h in cutlass.range_constexpr(2):
