@@ -352,7 +352,7 @@ class DenseDecodePlan(SplitKvPlan):
         b, s_q, h_q, _ = q.shape
         row_blocks = -(-(s_q * (h_q // h_kv)) // decode_plan.BLOCK_M)
         super().__init__(q, config, h_kv, decode_plan.FIXED_OVERHEAD_BLOCKS, block_table.shape[1] * PAGE_BLOCK_SIZE,
-                         counters=1 + b * h_kv * row_blocks)
+                         counters=2 + b * h_kv * row_blocks)
         templates = self.templates(cache_seqlens)
         out, lse = self.outputs()
         self.main = launcher.prepare(

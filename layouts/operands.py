@@ -27,9 +27,9 @@ def split_kv_partials(dtype_out: str = "bf16"):
 
 def split_counters():
     """Dense decode's ticket schedule (``kernels.sm90.split_tickets``), int32
-    (1 + b * h_kv * row_blocks,): [0] the ticket counter, then the count of written splits of
-    each (request, kv head, row block) at 1 + (request * h_kv + kv head) * row_blocks + row
-    block.  All zero before a launch, and the launch leaves them zero."""
+    (2 + b * h_kv * row_blocks,): [0] the ticket counter, [1] the finished CTAs, then the count
+    of written splits of each (request, kv head, row block) at 2 + (request * h_kv + kv head) *
+    row_blocks + row block.  All zero before a launch, and the launch leaves them zero."""
     return TensorArg("split_counters", "i32", ("n_counters",), (1,), align=4)
 
 

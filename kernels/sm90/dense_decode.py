@@ -304,7 +304,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
                 next_ticket = tickets.reserve(tidx)  # no split tile is left: nothing to hold from others
                 tickets.merge_chunk(t, mSplitOffsets, mOAccum, mLseAccum, mOut, mLse, heads_per_kv, tidx)
                 t = tickets.hand_out(next_ticket, draw, tidx)
-        tickets.finish(t, tidx)
+        tickets.finish(draw, tidx)
 
     @cute.jit
     def split_tile(self, frags, rows, tOcO: cute.Tensor, sQ: cute.Tensor, sK: cute.Tensor, sStat: cute.Tensor,

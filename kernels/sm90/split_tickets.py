@@ -22,12 +22,15 @@ nothing.  Session 11's in-kernel merge, where the CTA that wrote a request's las
 all its rows alone, lost up to 2x at small batches (NOTES); chunks keep the merge as parallel
 as the combine kernel's grid was.
 
-The counters (``layouts.operands.split_counters``: the ticket, then one count per (request, kv
-head, row block)) live in the decode workspace, zeroed when it is made.  The CTA that takes the
-launch's last ticket (2 S + C - 1) sets them back to zero, ready for the next launch on the
-stream: every CTA has then taken its final ticket, so none takes another, and every merge chunk
-is done, so every split it counted was counted before (a CTA may still be finishing a split
-tile, but one whose request has no other split, which counts nothing).
+The counters (``layouts.operands.split_counters``: the ticket, the finished CTAs, then one
+count per (request, kv head, row block)) live in the decode workspace, zeroed when it is made.
+The CTA that finishes last sets them back to zero, ready for the next launch on the stream:
+each CTA, once its final ticket is drawn and all its work is done, adds itself to the finished
+count (acquire-release at GPU scope), and the one that brings it to the grid's size knows that
+no CTA still counts a split, waits on a count or draws a ticket.  (Session 13 let the CTA that
+drew the launch's last ticket zero them; but tickets are reserved while work runs, so another
+CTA could still be merging, waiting on counts that the zeroing took away; a wait bound of 2^22
+polls hid it as a few seconds' delay, 2^28 made it a hang in the full test grid.)
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ from cute_mla.kernels.sm90.split_kv_decode import query_of_row
 # 1M-token case, 0.85 ms).  Only a schedule that is not the scheduler's own can leave a count
 # short, and then the rows it merges are wrong but the kernel ends, rather than hanging.
 SPIN_SLEEP_NS = 64
+TICKET, FINISHED, COUNTS = 0, 1, 2  # counter slots: the ticket, finished CTAs, the first split count
 MAX_SPINS = 1 << 28
 # A merge chunk's rows per warp at most (8 warps: 32 rows).  A merge ends about 2 us a row after
 # its splits (three dependent L2 round trips); 128-row chunks added 15-20 us at b 128 h_q 128.
@@ -69,7 +73,7 @@ def nanosleep(ns, *, loc=None, ip=None) -> None:
 class SplitTickets:
     """The ticket schedule of one launch, as every CTA sees it (module docstring)."""
 
-    counters: Any  # (1 + b * h_kv * row_blocks,) int32: the ticket, then the split counts
+    counters: Any  # (2 + b * h_kv * row_blocks,) int32: the ticket, finished CTAs, then the split counts
     slots: Any  # (2,) int32 shared: where a taken ticket is handed to every thread
     gx: Any  # the grid: parts, kv heads, row blocks
     gy: Any
@@ -79,7 +83,6 @@ class SplitTickets:
     total_rows: Any  # rows of the (request, kv head, row block, row) space the chunks cover
     chunk_rows: Any  # rows a merge chunk covers: tickets [splits, work) are chunks
     work: Any
-    last: Any  # the launch's last ticket
 
     @staticmethod
     def create(counters: cute.Tensor, slots: cute.Tensor, batch, threads: int) -> "SplitTickets":
@@ -93,14 +96,13 @@ class SplitTickets:
         per_cta = warps * splits
         chunk_rows = warps * cutlass.min((total_rows + per_cta - 1) // per_cta, MAX_CHUNK_WARP_ROWS)
         work = splits + (total_rows + chunk_rows - 1) // chunk_rows
-        return SplitTickets(counters, slots, gx, gy, gz, threads, splits, total_rows, chunk_rows, work,
-                            work + splits - 1)
+        return SplitTickets(counters, slots, gx, gy, gz, threads, splits, total_rows, chunk_rows, work)
 
     @cute.jit
     def reserve(self, tidx: Int32) -> Int32:
         """Thread 0 takes a ticket (the others get 0); ``hand_out`` gives it to every thread.
         Between the two the CTA may work: the atomic's round trip then costs nothing."""
-        counter = self.counters.iterator  # (the DSL carries no object through an if)
+        counter = self.counters.iterator + TICKET  # (the DSL carries no object through an if)
         ticket = Int32(0)
         if tidx == 0:
             ticket = cute.arch.atomic_add(counter, Int32(1), sem="relaxed", scope="gpu")
@@ -123,7 +125,7 @@ class SplitTickets:
 
     def count_of(self, r: Int32, hk: Int32, mblk: Int32):
         """Pointer to the split count of (request r, kv head hk, row block mblk)."""
-        return self.counters.iterator + (1 + (r * self.gy + hk) * self.gz + mblk)
+        return self.counters.iterator + (COUNTS + (r * self.gy + hk) * self.gz + mblk)
 
     @cute.jit
     def count_split(self, r: Int32, hk: Int32, mblk: Int32, ctid: Int32):
@@ -177,9 +179,16 @@ class SplitTickets:
                         merge_row(mOAccum, mLseAccum, None, mOut, mLse, Int32(0), start, n, r, iq, hq, lane)
 
     @cute.jit
-    def finish(self, t: Int32, tidx: Int32):
-        """After the CTA's final ticket t: the CTA holding the launch's last one zeroes the counters."""
-        counters = self.counters
-        if t == self.last:
+    def finish(self, draw: Int32, tidx: Int32):
+        """Every thread, after the CTA's final ticket (its ``draw``-th) with all its work done:
+        count the CTA finished; the CTA that finishes last zeroes the counters (module
+        docstring).  Thread 0 made every counter access of the CTA, so its acquire-release add
+        orders them before the count, and the last CTA's zeroing after everyone's."""
+        done = Int32(0)
+        if tidx == 0:
+            done = cute.arch.atomic_add(self.counters.iterator + FINISHED, Int32(1), sem="acq_rel", scope="gpu")
+        done = self.hand_out(done, draw + 1, tidx)
+        if done == self.splits - 1:
+            counters = self.counters
             for i in cutlass.range(tidx, cute.size(counters), self.threads, unroll=1):
                 counters[i] = 0
