@@ -28,7 +28,7 @@ import torch
 from cute_mla import driver, launcher
 from cute_mla.ops import DTYPE_NAMES
 from cute_mla.sched_meta import FlashMLASchedMeta, KeptWorkspace, require_sched_meta
-from cute_mla.layouts.operands import D_V, PAGE_BLOCK_SIZE, SPARSE_DECODE_SMALL_HEADS
+from cute_mla.layouts.operands import D_V, PAGE_BLOCK_SIZE, SPARSE_DECODE_SMALL_HEADS, SPLIT_COUNTS
 from cute_mla.schedules import decode_plan
 
 
@@ -352,7 +352,7 @@ class DenseDecodePlan(SplitKvPlan):
         b, s_q, h_q, _ = q.shape
         row_blocks = -(-(s_q * (h_q // h_kv)) // decode_plan.BLOCK_M)
         super().__init__(q, config, h_kv, decode_plan.FIXED_OVERHEAD_BLOCKS, block_table.shape[1] * PAGE_BLOCK_SIZE,
-                         counters=2 + b * h_kv * row_blocks)
+                         counters=SPLIT_COUNTS + b * h_kv * row_blocks)
         templates = self.templates(cache_seqlens)
         out, lse = self.outputs()
         self.main = launcher.prepare(

@@ -25,11 +25,16 @@ def split_kv_partials(dtype_out: str = "bf16"):
     )
 
 
+# The slots of ``split_counters``: the ticket, the finished CTAs, and the first split count.
+SPLIT_TICKET, SPLIT_FINISHED, SPLIT_COUNTS = 0, 1, 2
+
+
 def split_counters():
     """Dense decode's ticket schedule (``kernels.sm90.split_tickets``), int32
-    (2 + b * h_kv * row_blocks,): [0] the ticket counter, [1] the finished CTAs, then the count
-    of written splits of each (request, kv head, row block) at 2 + (request * h_kv + kv head) *
-    row_blocks + row block.  All zero before a launch, and the launch leaves them zero."""
+    (SPLIT_COUNTS + b * h_kv * row_blocks,): the ticket counter, the finished CTAs, then the
+    count of written splits of each (request, kv head, row block) at SPLIT_COUNTS + (request *
+    h_kv + kv head) * row_blocks + row block.  All zero before a launch, and the launch leaves
+    them zero."""
     return TensorArg("split_counters", "i32", ("n_counters",), (1,), align=4)
 
 

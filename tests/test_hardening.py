@@ -14,6 +14,7 @@ import torch
 
 import cute_mla
 from cute_mla import launcher, ops
+from cute_mla.layouts.operands import SPLIT_COUNTS
 from cute_mla.reference import ref_dense_decode
 from cute_mla.testing import assert_close_named, make_paged_kv, randn_clipped
 from cute_mla.schedules.decode_plan import (BLOCK_N, FIXED_OVERHEAD_BLOCKS, MAX_PLAN_LEN, check_plan_fits, max_plan_len,
@@ -221,7 +222,7 @@ def test_layers_sharing_a_metadata_match_the_reference_with_many_splits():
         check_dense(x, out, lse)
         # each launch leaves its ticket and split counters at zero for the next (split_tickets)
         b, s_q, h_q, _ = x["q"].shape
-        counters = meta.workspace.tensor[-(2 + b * -(-s_q * h_q // 64)):].view(torch.int32)
+        counters = meta.workspace.tensor[-(SPLIT_COUNTS + b * -(-s_q * h_q // 64)):].view(torch.int32)
         assert int(counters.abs().sum()) == 0, counters
     assert int(meta.num_splits.diff().max()) > 8
 

@@ -46,6 +46,7 @@ from cutlass.cutlass_dsl import dsl_user_op
 from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.combine import merge_row, split_rows
 from cute_mla.kernels.common.named_barrier import NamedBarrier
+from cute_mla.layouts.operands import SPLIT_COUNTS, SPLIT_FINISHED, SPLIT_TICKET
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M
 from cute_mla.kernels.sm90.split_kv_decode import query_of_row
 
@@ -55,7 +56,6 @@ from cute_mla.kernels.sm90.split_kv_decode import query_of_row
 # 1M-token case, 0.85 ms).  Only a schedule that is not the scheduler's own can leave a count
 # short, and then the rows it merges are wrong but the kernel ends, rather than hanging.
 SPIN_SLEEP_NS = 64
-TICKET, FINISHED, COUNTS = 0, 1, 2  # counter slots: the ticket, finished CTAs, the first split count
 MAX_SPINS = 1 << 28
 # A merge chunk's rows per warp at most (8 warps: 32 rows).  A merge ends about 2 us a row after
 # its splits (three dependent L2 round trips); 128-row chunks added 15-20 us at b 128 h_q 128.
@@ -73,7 +73,7 @@ def nanosleep(ns, *, loc=None, ip=None) -> None:
 class SplitTickets:
     """The ticket schedule of one launch, as every CTA sees it (module docstring)."""
 
-    counters: Any  # (2 + b * h_kv * row_blocks,) int32: the ticket, finished CTAs, then the split counts
+    counters: Any  # (SPLIT_COUNTS + b * h_kv * row_blocks,) int32 (``layouts.operands.split_counters``)
     slots: Any  # (2,) int32 shared: where a taken ticket is handed to every thread
     gx: Any  # the grid: parts, kv heads, row blocks
     gy: Any
@@ -102,7 +102,7 @@ class SplitTickets:
     def reserve(self, tidx: Int32) -> Int32:
         """Thread 0 takes a ticket (the others get 0); ``hand_out`` gives it to every thread.
         Between the two the CTA may work: the atomic's round trip then costs nothing."""
-        counter = self.counters.iterator + TICKET  # (the DSL carries no object through an if)
+        counter = self.counters.iterator + SPLIT_TICKET  # (the DSL carries no object through an if)
         ticket = Int32(0)
         if tidx == 0:
             ticket = cute.arch.atomic_add(counter, Int32(1), sem="relaxed", scope="gpu")
@@ -125,7 +125,7 @@ class SplitTickets:
 
     def count_of(self, r: Int32, hk: Int32, mblk: Int32):
         """Pointer to the split count of (request r, kv head hk, row block mblk)."""
-        return self.counters.iterator + (COUNTS + (r * self.gy + hk) * self.gz + mblk)
+        return self.counters.iterator + (SPLIT_COUNTS + (r * self.gy + hk) * self.gz + mblk)
 
     @cute.jit
     def count_split(self, r: Int32, hk: Int32, mblk: Int32, ctid: Int32):
@@ -186,7 +186,7 @@ class SplitTickets:
         orders them before the count, and the last CTA's zeroing after everyone's."""
         done = Int32(0)
         if tidx == 0:
-            done = cute.arch.atomic_add(self.counters.iterator + FINISHED, Int32(1), sem="acq_rel", scope="gpu")
+            done = cute.arch.atomic_add(self.counters.iterator + SPLIT_FINISHED, Int32(1), sem="acq_rel", scope="gpu")
         done = self.hand_out(done, draw + 1, tidx)
         if done == self.splits - 1:
             counters = self.counters
