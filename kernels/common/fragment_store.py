@@ -79,7 +79,8 @@ def store_row_pairs(acc: cute.Tensor, h: cutlass.Constexpr[int], scale: Float32,
                     lane: Int32):
     """As ``store_row`` for fp32 rows, without the exchange: each lane stores its column
     pairs (8 bytes; a quad fills whole 32-byte sectors).  The exchanged 16-byte form made
-    dense decode spill (255 registers, 7 local words, against 233 and none)."""
+    dense decode spill (255 registers, 7 local words, against 233 and none) and left sparse
+    decode's split plans as fast as before (branch ``wide-partials``, run 20261204-190941)."""
     q = lane % QUAD
     for j in cutlass.range_constexpr(cute.size(acc) // 4):
         k = 4 * j + 2 * h
