@@ -5,9 +5,9 @@ share a row (h picks one of the lane's two rows) and lane q holds columns 8 j + 
 8 j + 2 q + 1 of every 8-column chunk j.  Stored as it lies that is 4 bytes a lane for a
 16-bit output (a warp-wide store touches 8 rows with 16 bytes each, half sectors) and 8
 for fp32.  ``store_row`` first moves words across the quad with butterfly shuffles
-(``exchange``) so that lane q holds all 8 columns of chunk 4 G + q of its row, and the quad
-writes 64 contiguous bytes with one 16-byte store a lane.  fp32 rows (split partials) keep
-8-byte stores (``store_row_pairs``).
+(``exchange``) so that, in each group g of 4 chunks, lane q holds all 8 columns of chunk
+4 g + q of its row, and the quad writes 64 contiguous bytes with one 16-byte store a lane.
+fp32 rows (split partials) keep 8-byte stores (``store_row_pairs``).
 
 Measured on an H200 (run 20261204-183209 against -183224, same device call): sparse
 prefill 1.02-1.19x faster (s_q 70000 topk 128: 5195 -> 4372 us), sparse decode up to 1.15x.
