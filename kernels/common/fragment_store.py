@@ -33,15 +33,15 @@ def exchange(w: list, q: Int32, lane_bit: cutlass.Constexpr[int], word_bit: cutl
     with bit ``lane_bit`` set to u's bit ``word_bit`` and u' is u with bit ``word_bit`` set
     to q's bit ``lane_bit``.  ``w`` is 4 Int32 words; two shuffles (every lane of the warp
     must take part)."""
-    mine = ((q >> lane_bit) & 1) == 0  # this lane's bit is 0
+    bit_clear = ((q >> lane_bit) & 1) == 0  # bit lane_bit of this lane's index is 0
     out = list(w)
     for p in cutlass.range_constexpr(4):
         if cutlass.const_expr((p >> word_bit) & 1 == 0):
-            x, y = w[p], w[p | (1 << word_bit)]
+            x, y = w[p], w[p | (1 << word_bit)]  # the pair's words with bit word_bit 0 and 1
             # keep the word whose bit equals the lane's, send the other to the partner lane
-            got = cute.arch.shuffle_sync_bfly(_pick(mine, y, x), offset=1 << lane_bit)
-            out[p] = _pick(mine, x, got)
-            out[p | (1 << word_bit)] = _pick(mine, got, y)
+            got = cute.arch.shuffle_sync_bfly(_pick(bit_clear, y, x), offset=1 << lane_bit)
+            out[p] = _pick(bit_clear, x, got)
+            out[p | (1 << word_bit)] = _pick(bit_clear, got, y)
     return out
 
 
