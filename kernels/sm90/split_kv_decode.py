@@ -90,24 +90,25 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
         combine applies the sink once."""
         neg_inf = -Float32.inf
         lse2, inv = self.finish_rows(row_max, row_sum, tOcO, sStat, scale_log2, half, wtid)
-        if cutlass.const_expr(mSink is not None):
-            if nsplits == 1 and has_sink != 0:
-                for h in cutlass.range_constexpr(2):
-                    row, _ = tOcO[2 * h]
-                    _, hq = self.query_of_row(mblk * BLOCK_M + row, hk, heads_per_kv)
-                    # a row without keys (lse2 = -inf) already has factor 0; a row past
-                    # h_q reads the last head's sink and is never stored
-                    if lse2[h] != neg_inf:
-                        sink = mSink[cutlass.min(hq, mOut.shape[2] - 1)]
-                        inv[h] = inv[h] / sink_denominator(sink, lse2[h], fastmath=False)
-        # This thread's O values lie in 2 rows.  A finalised row goes out 16 bytes a lane
-        # (``fragment_store``: every lane shuffles, rows that do not exist store nothing), a
-        # split's partial 8 bytes a lane.
+        # This thread's O values lie in 2 rows: (query token, q head, whether it exists) of each
+        rows = []
         for h in cutlass.range_constexpr(2):
             row, _ = tOcO[2 * h]
             m = mblk * BLOCK_M + row
             iq, hq = self.query_of_row(m, hk, heads_per_kv)
-            exists = self.row_exists(m, hq, mOut, heads_per_kv)
+            rows.append((iq, hq, self.row_exists(m, hq, mOut, heads_per_kv)))
+        if cutlass.const_expr(mSink is not None):
+            if nsplits == 1 and has_sink != 0:
+                for h in cutlass.range_constexpr(2):
+                    # a row without keys (lse2 = -inf) already has factor 0; a row past
+                    # h_q reads the last head's sink and is never stored
+                    if lse2[h] != neg_inf:
+                        sink = mSink[cutlass.min(rows[h][1], mOut.shape[2] - 1)]
+                        inv[h] = inv[h] / sink_denominator(sink, lse2[h], fastmath=False)
+        # A finalised row goes out 16 bytes a lane (``fragment_store``: every lane shuffles,
+        # rows that do not exist store nothing), a split's partial 8 bytes a lane.
+        for h in cutlass.range_constexpr(2):
+            iq, hq, exists = rows[h]
             if nsplits == 1:
                 store_row(acc_o, h, inv[h], mOut[r, iq, hq, None], half * self.v_half, wtid, exists)
             elif exists:
@@ -115,10 +116,8 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
         # one lane per row writes its lse (rows of a quad are shared by 4 lanes)
         if half == 0 and wtid % 4 == 0:
             for h in cutlass.range_constexpr(2):
-                row, _ = tOcO[2 * h]
-                m = mblk * BLOCK_M + row
-                iq, hq = self.query_of_row(m, hk, heads_per_kv)
-                if self.row_exists(m, hq, mOut, heads_per_kv):
+                iq, hq, exists = rows[h]
+                if exists:
                     if nsplits == 1:
                         out_lse = Float32.inf
                         if lse2[h] != neg_inf:
