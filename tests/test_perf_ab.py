@@ -1,0 +1,100 @@
+"""CPU tests of ``python -m perf.ab``: run order, per-case comparison, and the orchestration of two trees
+(stand-in trees whose ``python -m perf`` writes a fixed report, so no GPU is needed)."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from perf import ab
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _case(kernel, us, agree=None, **params):
+    return {"kernel": kernel, "params": params, "us": us, "agree": agree}
+
+
+def _round(*cases):
+    return {ab.case_key(c): c for c in cases}
+
+
+def test_order_alternates_which_tree_runs_first():
+    assert ab.order(3) == [(0, "new"), (0, "old"), (1, "old"), (1, "new"), (2, "new"), (2, "old")]
+    assert ab.order(1) == [(0, "new"), (0, "old")]
+
+
+def test_compare_ratios_medians_and_agreement():
+    new = [_round(_case("dense_decode", 100.0, True, b=1), _case("dense_decode", 50.0, True, b=2),
+                  _case("sparse_decode", 10.0, None, b=3)),
+           _round(_case("dense_decode", 110.0, True, b=1), _case("dense_decode", 40.0, False, b=2),
+                  _case("sparse_decode", None, None, b=3))]
+    old = [_round(_case("dense_decode", 120.0, True, b=1), _case("dense_decode", 45.0, True, b=2),
+                  _case("sparse_decode", 10.0, None, b=3)),
+           _round(_case("dense_decode", 121.0, True, b=1), _case("dense_decode", 44.0, True, b=2),
+                  _case("sparse_decode", 12.0, None, b=3))]
+    result = ab.compare(new, old)
+    # the case without a time in one round is left out
+    assert result["summary"]["cases"] == 2 and result["summary"]["rounds"] == 2
+    by_b = {c["params"]["b"]: c for c in result["cases"]}
+    assert by_b[1]["ratios"] == pytest.approx([1.2, 1.1])
+    assert by_b[1]["median"] == pytest.approx(1.15)
+    assert (by_b[1]["min"], by_b[1]["max"]) == pytest.approx((1.1, 1.2))
+    assert by_b[1]["agree"] is True
+    assert by_b[2]["ratios"] == pytest.approx([0.9, 1.1])
+    assert by_b[2]["agree"] is False  # one round disagreed with the peer
+    assert by_b[2]["new_us"] == pytest.approx(45.0) and by_b[2]["old_us"] == pytest.approx(44.5)
+    s = result["summary"]
+    assert s["median"] == pytest.approx((1.15 + 1.0) / 2)
+    assert s["geomean"] == pytest.approx((1.15 * 1.0) ** 0.5)
+    assert (s["faster_every_round"], s["slower_every_round"]) == (1, 0)
+    # slowest case first
+    assert [c["params"]["b"] for c in result["cases"]] == [2, 1]
+    md = ab.markdown(result)
+    assert "| 1.150 | 1.200 1.100 | 105.0 | 120.5 | True | dense_decode b=1 |" in md
+
+
+def _stand_in_tree(root: Path, name: str, us: float, log: Path) -> Path:
+    """A tree whose ``python -m perf`` logs its call and writes one report with time ``us``."""
+    tree = root / name
+    (tree / "cute_mla").mkdir(parents=True)
+    (tree / "perf").mkdir()
+    (tree / "perf" / "__init__.py").write_text("")
+    (tree / "perf" / "__main__.py").write_text(textwrap.dedent(f"""
+        import json, os, sys
+        from pathlib import Path
+        args = sys.argv[1:]
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        with open({str(log)!r}, "a") as f:
+            f.write({name!r} + " " + args[args.index("--commit") + 1] + " " + os.environ["PYTHONPATH"] + "\\n")
+        case = {{"kernel": "k", "params": {{"n": 1}}, "us": {us}, "agree": True}}
+        (out / "r.json").write_text(json.dumps({{"cases": [case]}}))
+    """))
+    return tree
+
+
+def test_main_runs_both_trees_in_alternating_order(tmp_path):
+    log = tmp_path / "calls.log"
+    new = _stand_in_tree(tmp_path, "newtree", 80.0, log)
+    old = _stand_in_tree(tmp_path, "oldtree", 100.0, log)
+    out = tmp_path / "ab"
+    proc = subprocess.run([sys.executable, "-m", "perf.ab", str(new), str(old), "--rounds", "2", "--out", str(out),
+                           "--filter", "k"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    calls = [line.split() for line in log.read_text().splitlines()]
+    assert [c[:2] for c in calls] == [["newtree", "new-0"], ["oldtree", "old-0"], ["oldtree", "old-1"],
+                                       ["newtree", "new-1"]]
+    assert all(c[2] == str(tmp_path / c[0]) for c in calls)  # each run sees only its own tree
+    result = json.loads((out / "ab.json").read_text())
+    assert result["summary"]["cases"] == 1
+    assert result["cases"][0]["ratios"] == pytest.approx([1.25, 1.25])
+    assert "median 1.250" in proc.stdout
+
+
+def test_main_rejects_a_folder_that_is_not_a_tree(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "perf.ab", str(tmp_path), str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "has no cute_mla package" in proc.stderr
