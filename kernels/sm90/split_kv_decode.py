@@ -102,8 +102,9 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
                 for h in cutlass.range_constexpr(2):
                     # a row without keys (lse2 = -inf) already has factor 0; a row past
                     # h_q reads the last head's sink and is never stored
+                    _, hq, _ = rows[h]
                     if lse2[h] != neg_inf:
-                        sink = mSink[cutlass.min(rows[h][1], mOut.shape[2] - 1)]
+                        sink = mSink[cutlass.min(hq, mOut.shape[2] - 1)]
                         inv[h] = inv[h] / sink_denominator(sink, lse2[h], fastmath=False)
         # A finalised row goes out 16 bytes a lane (``fragment_store``: every lane shuffles,
         # rows that do not exist store nothing), a split's partial 8 bytes a lane.
