@@ -96,7 +96,7 @@ def merge_row(mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSink, mOut: cute.Te
     """One warp: merge the n partial rows ``start ..`` of (query token iq, head h) into row
     (ib, iq, h) of out and lse, by the formulas of ``CombineKernel`` (the sink only when
     ``mSink`` is a tensor and ``has_sink`` is set).  The combine kernel and the dense decode
-    kernel's own merge (``kernels.sm90.split_kv_decode.SplitMerge``) both run it."""
+    kernel's own merge chunks (``kernels.sm90.split_tickets.SplitTickets.merge_chunk``) both run it."""
     neg_inf = -Float32.inf
     # Row max and sum of the partial lse values, lanes striding over splits.
     m = neg_inf
