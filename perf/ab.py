@@ -9,7 +9,10 @@ few percent: session 15's dense grid A/B ran the new tree first three times, and
 could not affect read 0.94-0.99 each time (perf/results/NOTES.md).  Then, per case, the ratio
 old_us / new_us of every round, its median and range: above 1 the new tree is faster.
 
-The rounds' reports stay in OUT/new-<i> and OUT/old-<i>; OUT/ab.json holds the comparison.
+The rounds' reports stay in OUT/new-<i> and OUT/old-<i>, each run's output in OUT/new-<i>.log
+and OUT/old-<i>.log; OUT/ab.json holds the comparison.  (The runs write to their logs, not to
+this process's stdout: session 16 piped ``perf.ab`` into ``head``, and the first run died of the
+closed pipe.)
 """
 from __future__ import annotations
 
@@ -86,14 +89,22 @@ def markdown(result: dict) -> str:
 
 
 def _run(tree: Path, out: Path, args, tag: str) -> None:
+    """One ``python -m perf`` run in ``tree``, its output in ``out``.log; exits naming the log
+    (and showing its end) if the run fails."""
     cmd = [sys.executable, "-m", "perf", "--no-png", "--out", str(out), "--commit", tag, "--iters", str(args.iters)]
     if args.filter:
         cmd += ["--filter", *args.filter]
     if args.peer:
         cmd += ["--peer", args.peer]
     env = dict(os.environ, PYTHONPATH=str(tree))
-    print(f"perf.ab: {tag} in {tree}", flush=True)
-    subprocess.run(cmd, cwd=tree, env=env, check=True)
+    log = out.with_name(out.name + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"perf.ab: {tag} in {tree} (log {log})", flush=True)
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, cwd=tree, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = log.read_text(errors="replace").splitlines()[-20:]
+        raise SystemExit(f"perf.ab: {tag} failed (exit {code}); the end of {log}:\n" + "\n".join(tail))
 
 
 def main(argv=None) -> int:

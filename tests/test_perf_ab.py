@@ -56,8 +56,9 @@ def test_compare_ratios_medians_and_agreement():
     assert "| 1.150 | 1.200 1.100 | 105.0 | 120.5 | True | dense_decode b=1 |" in md
 
 
-def _stand_in_tree(root: Path, name: str, us: float, log: Path) -> Path:
-    """A tree whose ``python -m perf`` logs its call and writes one report with time ``us``."""
+def _stand_in_tree(root: Path, name: str, us: float, log: Path, fail: bool = False) -> Path:
+    """A tree whose ``python -m perf`` logs its call, prints a line and writes one report with
+    time ``us`` (or, with ``fail``, prints a line and exits 3)."""
     tree = root / name
     (tree / "cute_mla").mkdir(parents=True)
     (tree / "perf").mkdir()
@@ -70,6 +71,9 @@ def _stand_in_tree(root: Path, name: str, us: float, log: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         with open({str(log)!r}, "a") as f:
             f.write({name!r} + " " + args[args.index("--commit") + 1] + " " + os.environ["PYTHONPATH"] + "\\n")
+        print("measuring in", {name!r})
+        if {fail!r}:
+            sys.exit(3)
         case = {{"kernel": "k", "params": {{"n": 1}}, "us": {us}, "agree": True}}
         (out / "r.json").write_text(json.dumps({{"cases": [case]}}))
     """))
@@ -92,6 +96,23 @@ def test_main_runs_both_trees_in_alternating_order(tmp_path):
     assert result["summary"]["cases"] == 1
     assert result["cases"][0]["ratios"] == pytest.approx([1.25, 1.25])
     assert "median 1.250" in proc.stdout
+    # each run's output went to its own log, not to perf.ab's stdout
+    assert (out / "new-1.log").read_text() == "measuring in newtree\n"
+    assert (out / "old-0.log").read_text() == "measuring in oldtree\n"
+    assert "measuring in" not in proc.stdout
+
+
+def test_main_stops_naming_the_log_of_a_failed_run(tmp_path):
+    log = tmp_path / "calls.log"
+    new = _stand_in_tree(tmp_path, "newtree", 80.0, log, fail=True)
+    old = _stand_in_tree(tmp_path, "oldtree", 100.0, log)
+    out = tmp_path / "ab"
+    proc = subprocess.run([sys.executable, "-m", "perf.ab", str(new), str(old), "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert f"new-0 failed (exit 3); the end of {out / 'new-0.log'}" in proc.stderr
+    assert "measuring in newtree" in proc.stderr
+    assert not (out / "ab.json").exists()
 
 
 def test_main_rejects_a_folder_that_is_not_a_tree(tmp_path):
