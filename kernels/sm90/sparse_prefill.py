@@ -2,6 +2,7 @@
 top-k rows of a flat bf16 KV tensor."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import cuda.bindings.driver as cuda
@@ -23,6 +24,43 @@ V_L_TILES = 4  # column tiles 0-3 of a block: V_L, read by warpgroup 0's P V
 GROUP = 8  # producer threads per 128-byte line (one 64-column tile row of a kv row)
 
 
+@dataclass(frozen=True)  # frozen: the DSL passes it through loops and branches as a constant
+class RingBarriers:
+    """The kernel's mbarriers (class docstring of ``SparsePrefillSm90``, "Ring"): for each
+    (buffer, half), half 0 = L and 1 = R, a ``full`` one (the producer's copies of the half
+    have landed) and an ``empty`` one (its last reader released it); then the ``q`` one (the
+    consumers' copies of the next tile's Q have landed)."""
+
+    base: Any  # 9 Int64 in shared memory: full (buffer, half), empty (buffer, half), q
+
+    @staticmethod
+    def create(smem) -> "RingBarriers":
+        return RingBarriers(smem.allocate_array(Int64, 9, byte_alignment=8))
+
+    def full(self, buf, half):
+        return self.base + (2 * buf + half)
+
+    def empty(self, buf, half):
+        """Half ``half`` of buffer ``buf``; each half has one last reader, warpgroup ``half``."""
+        return self.base + (4 + 2 * buf + half)
+
+    def q(self):
+        return self.base + 8
+
+    @cute.jit
+    def init(self, producer_threads: cutlass.Constexpr[int], consumer_threads: cutlass.Constexpr[int]):
+        """One thread: each L half's ``full`` counts the producer's cp.async arrivals and its
+        bias writes, an R half's the cp.asyncs; ``empty`` one consumer warpgroup; ``q`` every
+        consumer thread's copies."""
+        for b in cutlass.range_constexpr(2):
+            cute.arch.mbarrier_init(self.full(b, 0), 2 * producer_threads)
+            cute.arch.mbarrier_init(self.full(b, 1), producer_threads)
+        for b in cutlass.range_constexpr(2):
+            for half in cutlass.range_constexpr(2):
+                cute.arch.mbarrier_init(self.empty(b, half), 128)
+        cute.arch.mbarrier_init(self.q(), consumer_threads)
+
+
 class NextQ(NamedTuple):
     """The next tile's Q copy, which the last pair of a tile starts (``start``)."""
 
@@ -37,7 +75,7 @@ class NextQ(NamedTuple):
 class PairCtx(NamedTuple):
     """The seesaw hooks' context for one pair of gathered blocks."""
 
-    bars: Any  # the kernel's mbarriers (halves, releases, Q)
+    bars: RingBarriers
     phase: Any  # phase of this pair's half-block barriers
     sBias: Any  # (slot, buffer) logit bias: 0, or -inf for a slot that gathered nothing
     next_q: NextQ
@@ -71,7 +109,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
                    (d 512), the odd block's to a P buffer.
 
     Ring: each buffer is two halves, L = column tiles 0-3 (V_L) and R = tiles 4.. (V_R and,
-    at d 576, RoPE), each with a ``full`` and an ``empty`` mbarrier, so the producer refills a
+    at d 576, RoPE), each with a ``full`` and an ``empty`` mbarrier (``RingBarriers``), so the producer refills a
     half as soon as its last reader is done with it instead of waiting for the whole block:
       L0: warpgroup 0 (S0, P0 V0_L)     R0: warpgroup 1 last (P0 V0_R, P0 in its RoPE tile)
       R1: warpgroup 1 (S1, P1 V1_R)     L1: warpgroup 0 last (P1 V1_L)
@@ -138,15 +176,9 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
             p_tiles = (self.p_view(sP0.iterator, sP_layout), self.p_view(sP.iterator, sP_layout))
         sMax = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
         sBias = smem.allocate_tensor(Float32, cute.make_layout((BLOCK_N, self.stages)), byte_alignment=16)
-        # [full | empty] x [buffer * 2 + half], half 0 = L, 1 = R; then q
-        bars = smem.allocate_array(Int64, 9, byte_alignment=8)
+        bars = RingBarriers.create(smem)
         if tidx == 0:
-            for b in cutlass.range_constexpr(2):
-                cute.arch.mbarrier_init(bars + 2 * b, 2 * self.producer_threads)  # cp.asyncs + bias writes
-                cute.arch.mbarrier_init(bars + 2 * b + 1, self.producer_threads)
-            for i in cutlass.range_constexpr(4):
-                cute.arch.mbarrier_init(bars + 4 + i, 128)  # one consumer warpgroup
-            cute.arch.mbarrier_init(bars + 8, self.consumer_threads)
+            bars.init(self.producer_threads, self.consumer_threads)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
@@ -179,7 +211,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
     # ------------------------------------------------------------------ producer
     @cute.jit
     def load(self, mKV: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor, has_topk_length: Int32,
-             sK: cute.Tensor, sK_outer: cute.Layout, sBias: cute.Tensor, bars, head_blocks: Int32, s_q: Int32,
+             sK: cute.Tensor, sK_outer: cute.Layout, sBias: cute.Tensor, bars: RingBarriers, head_blocks: Int32, s_q: Int32,
              ptid: Int32):
         g = ptid // GROUP  # rows 16 j + g of every block
         c = ptid % GROUP  # 16-byte piece c of each of their 128-byte lines
@@ -207,12 +239,12 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
                 phase = phase ^ 1
 
     @cute.jit
-    def fill_half(self, rows: cute.Tensor, sBias: cute.Tensor, bars, dst_base: Int32, kv_base: Int64,
+    def fill_half(self, rows: cute.Tensor, sBias: cute.Tensor, bars: RingBarriers, dst_base: Int32, kv_base: Int64,
                   row_bytes: Int64, sK_outer: cute.Layout, phase: Int32, buf: cutlass.Constexpr[int],
                   half: cutlass.Constexpr[int], g: Int32, c: Int32):
         """Once its last reader is done, start this thread's copies of half ``half`` of
         buffer ``buf``; ``full`` fires when they have landed."""
-        cute.arch.mbarrier_wait(bars + (4 + 2 * buf + half), phase ^ 1)
+        cute.arch.mbarrier_wait(bars.empty(buf, half), phase ^ 1)
         t0 = 0 if half == 0 else V_L_TILES
         t1 = V_L_TILES if half == 0 else self.tiles
         for j in cutlass.range_constexpr(4):
@@ -225,7 +257,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
                 # (row 16 j, column 64 t, buffer) relative to this thread's (g, 8 c, 0): a constant.
                 dst = dst_base + cute.crd2idx((16 * j, COLUMN_TILE * t, buf), sK_outer) * 2
                 copy_16B_async_zfill(dst, src + 2 * COLUMN_TILE * t, size)
-        cute.arch.cp_async_mbarrier_arrive_noinc(bars + (2 * buf + half))
+        cute.arch.cp_async_mbarrier_arrive_noinc(bars.full(buf, half))
         if cutlass.const_expr(half == 0):
             if c == 0:
                 for j in cutlass.range_constexpr(4):
@@ -233,7 +265,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
                     if rows[j, buf] < 0:
                         bias = -Float32.inf
                     sBias[16 * j + g, buf] = bias
-            cute.arch.mbarrier_arrive(bars + 2 * buf)
+            cute.arch.mbarrier_arrive(bars.full(buf, 0))
 
     @cute.jit
     def slot_row(self, mKV: cute.Tensor, mIndices: cute.Tensor, token: Int32, n: Int32, slot: Int32) -> Int32:
@@ -249,7 +281,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
     # ------------------------------------------------------------------ consumers
     @cute.jit
     def consume(self, sQ: cute.Tensor, sK: cute.Tensor, sStat: cute.Tensor, sMax: cute.Tensor, sBias: cute.Tensor,
-                sV_layout: cute.ComposedLayout, p_tiles, bars, mQ: cute.Tensor, mIndices: cute.Tensor,
+                sV_layout: cute.ComposedLayout, p_tiles, bars: RingBarriers, mQ: cute.Tensor, mIndices: cute.Tensor,
                 mTopkLength: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mMaxLogits: cute.Tensor,
                 mLse: cute.Tensor, sm_scale: Float32, has_topk_length: Int32, has_sink: Int32, ctid: Int32,
                 wg: cutlass.Constexpr[int]):
@@ -270,7 +302,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
             token, hblk, _, pairs = self.tile_work(tile, head_blocks, mIndices, mTopkLength, has_topk_length)
             # Both warpgroups are past the previous tile's epilogue (its sStat exchange).
             named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
-            cute.arch.mbarrier_wait(bars + 8, q_phase)
+            cute.arch.mbarrier_wait(bars.q(), q_phase)
             cute.arch.fence_proxy("async.shared", space="cta")  # cp.async wrote sQ; WGMMA reads it
             q_phase = q_phase ^ 1
             acc_o, row_max, row_sum = self.fresh_rows(pv_reg.get_slice(wtid))
@@ -287,7 +319,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
                           has_sink, token, hblk, wg, wtid)
 
     @cute.jit
-    def start_q_copy(self, mQ: cute.Tensor, sQ: cute.Tensor, bars, tile: Int32, head_blocks: Int32, ctid: Int32):
+    def start_q_copy(self, mQ: cute.Tensor, sQ: cute.Tensor, bars: RingBarriers, tile: Int32, head_blocks: Int32, ctid: Int32):
         """Start copying tile ``tile``'s 64 query rows into sQ (this thread's share); the
         ``q`` mbarrier completes when all 256 consumer threads' copies have landed.  The
         caller guarantees no MMA still reads sQ.  Same thread-to-chunk map as ``load_q``:
@@ -298,11 +330,11 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         src = mQ[token, hblk * BLOCK_M + row, None].iterator.toint() + q_off
         for j in cutlass.range_constexpr(n_chunks):
             copy_16B_async(self.q_chunk_src(src, j), self.q_chunk_dst(dst, j))
-        cute.arch.cp_async_mbarrier_arrive_noinc(bars + 8)
+        cute.arch.cp_async_mbarrier_arrive_noinc(bars.q())
 
     @cute.jit
     def pair(self, frags, acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, rows, sK: cute.Tensor,
-             bars, phase: Int32, sBias: cute.Tensor, next_q, pair: Int32, pairs: Int32, scale_log2: Float32,
+             bars: RingBarriers, phase: Int32, sBias: cute.Tensor, next_q, pair: Int32, pairs: Int32, scale_log2: Float32,
              wtid: Int32, wg: cutlass.Constexpr[int]):
         """This warpgroup's part of pair ``pair`` of the tile (the context is built here, not in
         the caller's staged loop: the DSL carries plain tuples across a loop body, not
@@ -322,7 +354,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         first = True
         for i in cutlass.range_constexpr(2):
             half = i if buf == 0 else 1 - i
-            cute.arch.mbarrier_wait(bars + (2 * buf + half), phase)
+            cute.arch.mbarrier_wait(bars.full(buf, half), phase)
             # The half was written by cp.async (generic proxy); WGMMA reads through the async proxy.
             cute.arch.fence_proxy("async.shared", space="cta")
             warpgroup.fence()
@@ -352,7 +384,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         """Warpgroup 0 is the last reader of both L halves, warpgroup 1 of both R halves.
         Buffer 1 is each warpgroup's last release of a pair, after both S GEMMs (the only
         readers of sQ) have completed: in a tile's last pair it starts the next Q copy."""
-        cute.arch.mbarrier_arrive(ctx.bars + (4 + 2 * buf + wg))
+        cute.arch.mbarrier_arrive(ctx.bars.empty(buf, wg))
         if cutlass.const_expr(buf == 1):
             q = ctx.next_q
             if q.start:
