@@ -1,6 +1,7 @@
 """SM90 dense MLA decode over a paged bf16/fp16 KV cache (split-KV, persistent grid)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import cuda.bindings.driver as cuda
@@ -28,6 +29,27 @@ V_LEFT = (0, 1, 2, 3)  # V columns 0..255 (O_L, warpgroup 0)
 V_RIGHT = (4, 5, 6, 7)  # V columns 256..511 (O_R, warpgroup 1)
 
 
+@dataclass(frozen=True)  # frozen: the DSL passes it through loops and branches as a constant
+class TileBarriers:
+    """One mbarrier per (page buffer, column tile): it completes when that tile's TMA bytes
+    have landed (``DenseDecodeSm90.load_tiles`` arms it, ``s_block`` waits on it)."""
+
+    base: Any  # 2 * TILES Int64 in shared memory, [buffer * TILES + tile]
+
+    @staticmethod
+    def create(smem) -> "TileBarriers":
+        return TileBarriers(smem.allocate_array(cutlass.Int64, 2 * TILES, byte_alignment=8))
+
+    def of(self, buf, tile):
+        return self.base + (buf * TILES + tile)
+
+    @cute.jit
+    def init(self):
+        """One thread: each barrier completes on one arrival (its expect_tx) plus the bytes."""
+        for i in cutlass.range_constexpr(2 * TILES):
+            cute.arch.mbarrier_init(self.base + i, 1)
+
+
 class KvLoads(NamedTuple):
     """What a warp needs to TMA a page's tiles into a buffer (``load_tiles``)."""
 
@@ -35,7 +57,7 @@ class KvLoads(NamedTuple):
     tma: Any  # k_cache as the TMA's coordinate tensor
     block_table: Any  # (b, max_blocks) page ids
     sK: Any  # the two page buffers
-    bars: Any  # one mbarrier per (buffer, tile): bars + buffer * TILES + tile
+    bars: TileBarriers
 
 
 class BlockCtx(NamedTuple):
@@ -126,13 +148,12 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         smem = cutlass.memory.SmemAllocator()
         sQ, sK, _, sStat = self.allocate_operands(smem, sQ_layout, sK_layout)  # P lives in the pages' RoPE tiles
         sMax = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
-        bars = smem.allocate_array(cutlass.Int64, 2 * TILES, byte_alignment=8)  # [buffer * TILES + tile]
+        bars = TileBarriers.create(smem)
         sTicket = smem.allocate_tensor(Int32, cute.make_layout(2), byte_alignment=8)
         tickets = SplitTickets.create(mCounters, sTicket, mOut.shape[0], self.consumer_threads)
         first = tickets.reserve(tidx)  # its round trip overlaps the set-up below
         if tidx == 0:
-            for i in cutlass.range_constexpr(2 * TILES):
-                cute.arch.mbarrier_init(bars + i, 1)
+            bars.init()
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
         if warp == 0:
@@ -168,7 +189,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
             gT = page_column_tile(mKTma, hk, page, tile)
             tKs, tKg = cpasync.tma_partition(kv_atom, 0, cute.make_layout(1), cute.group_modes(sT, 0, 2),
                                              cute.group_modes(gT, 0, 2))
-            bar = bars + (buf * TILES + tile)
+            bar = bars.of(buf, tile)
             with cute.arch.elect_one():
                 cute.arch.mbarrier_arrive_and_expect_tx(bar, self.tile_bytes)
             cute.copy(kv_atom, tKg, tKs, tma_bar_ptr=bar)
@@ -200,7 +221,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
                 tScS: cute.Tensor, ctx, buf: cutlass.Constexpr[int], blk: Int32):
         """S = Q K^T of the block in ``buf``, issued tile by tile as the tiles land, then masked."""
         for t in cutlass.range_constexpr(TILES):
-            cute.arch.mbarrier_wait(ctx.loads.bars + (buf * TILES + t), ctx.phase)
+            cute.arch.mbarrier_wait(ctx.loads.bars.of(buf, t), ctx.phase)
             warpgroup.fence()
             for kk in cutlass.range_constexpr(COLUMN_TILE // 16):
                 k = t * (COLUMN_TILE // 16) + kk
