@@ -109,8 +109,9 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
                    (d 512), the odd block's to a P buffer.
 
     Ring: each buffer is two halves, L = column tiles 0-3 (V_L) and R = tiles 4.. (V_R and,
-    at d 576, RoPE), each with a ``full`` and an ``empty`` mbarrier (``RingBarriers``), so the producer refills a
-    half as soon as its last reader is done with it instead of waiting for the whole block:
+    at d 576, RoPE), each with a ``full`` and an ``empty`` mbarrier (``RingBarriers``), so the
+    producer refills a half as soon as its last reader is done with it instead of waiting for
+    the whole block:
       L0: warpgroup 0 (S0, P0 V0_L)     R0: warpgroup 1 last (P0 V0_R, P0 in its RoPE tile)
       R1: warpgroup 1 (S1, P1 V1_R)     L1: warpgroup 0 last (P1 V1_L)
     so each half is released by one warpgroup (128 arrivals) and refilled in that order.
@@ -211,8 +212,8 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
     # ------------------------------------------------------------------ producer
     @cute.jit
     def load(self, mKV: cute.Tensor, mIndices: cute.Tensor, mTopkLength: cute.Tensor, has_topk_length: Int32,
-             sK: cute.Tensor, sK_outer: cute.Layout, sBias: cute.Tensor, bars: RingBarriers, head_blocks: Int32, s_q: Int32,
-             ptid: Int32):
+             sK: cute.Tensor, sK_outer: cute.Layout, sBias: cute.Tensor, bars: RingBarriers, head_blocks: Int32,
+             s_q: Int32, ptid: Int32):
         g = ptid // GROUP  # rows 16 j + g of every block
         c = ptid % GROUP  # 16-byte piece c of each of their 128-byte lines
         # 128B swizzle: address bits 4-6 ^= bits 7-9 = row % 8 = g % 8 for all of this thread's
@@ -319,7 +320,8 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
                           has_sink, token, hblk, wg, wtid)
 
     @cute.jit
-    def start_q_copy(self, mQ: cute.Tensor, sQ: cute.Tensor, bars: RingBarriers, tile: Int32, head_blocks: Int32, ctid: Int32):
+    def start_q_copy(self, mQ: cute.Tensor, sQ: cute.Tensor, bars: RingBarriers, tile: Int32, head_blocks: Int32,
+                     ctid: Int32):
         """Start copying tile ``tile``'s 64 query rows into sQ (this thread's share); the
         ``q`` mbarrier completes when all 256 consumer threads' copies have landed.  The
         caller guarantees no MMA still reads sQ.  Same thread-to-chunk map as ``load_q``:
@@ -334,8 +336,8 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
 
     @cute.jit
     def pair(self, frags, acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, rows, sK: cute.Tensor,
-             bars: RingBarriers, phase: Int32, sBias: cute.Tensor, next_q, pair: Int32, pairs: Int32, scale_log2: Float32,
-             wtid: Int32, wg: cutlass.Constexpr[int]):
+             bars: RingBarriers, phase: Int32, sBias: cute.Tensor, next_q, pair: Int32, pairs: Int32,
+             scale_log2: Float32, wtid: Int32, wg: cutlass.Constexpr[int]):
         """This warpgroup's part of pair ``pair`` of the tile (the context is built here, not in
         the caller's staged loop: the DSL carries plain tuples across a loop body, not
         NamedTuples).  hi = 2 * pairs: the seesaw's lone-last-block path is never taken."""
