@@ -27,7 +27,7 @@ class NamedBarrier(enum.IntEnum):
 
     Q_RELOAD = 1  # nobody still reads the previous piece's Q / the new Q is in shared memory
     ST_PARTIAL = 2  # small-head sparse decode: both warpgroups' partial S^T are in shared memory
-    ROW_MAX = 4  # the consumers' row maxima of a block are exchanged (``online_softmax``)
+    ROW_MAX = 4  # the consumers' row maxima of a block are exchanged (``block_softmax``)
     P_READY = 5  # both halves of a block's P are in shared memory
     ROW_SUM = 6  # the consumers' row sums are exchanged (``finish_rows``)
     # the seesaw (``kernels.sm90.seesaw``)

@@ -16,7 +16,7 @@ from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.dtypes import dsl_dtype
 from cute_mla.kernels.common.paged_kv import (COLUMN_TILE, PAGE, kv_smem_layout, make_kv_column_tma,
                                               page_column_tile)
-from cute_mla.kernels.common.softmax import LOG2_E
+from cute_mla.kernels.common.softmax import LOG2_E, Softmax
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M
 from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
 from cute_mla.kernels.sm90.split_kv_decode import QTile, SplitKvDecodeSm90
@@ -277,14 +277,14 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
 
     # ------------------------------------------------------------------ a warpgroup's work
     @cute.jit
-    def pair(self, frags, acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, rows, sK: cute.Tensor,
-             loads: KvLoads, hk: Int32, next_blocks, phase: Int32, row_limit: cute.Tensor, min_limit: Int32,
-             seqlen: Int32, a: Int32, hi: Int32, scale_log2: Float32, wtid: Int32, wg: cutlass.Constexpr[int]):
+    def pair(self, frags, acc_o: cute.Tensor, softmax: Softmax, rows, sK: cute.Tensor, loads: KvLoads, hk: Int32,
+             next_blocks, phase: Int32, row_limit: cute.Tensor, min_limit: Int32, seqlen: Int32, a: Int32, hi: Int32,
+             wtid: Int32, wg: cutlass.Constexpr[int]):
         """This warpgroup's part of the pair of blocks (a, a + 1); returns its buffer's next
         tile-barrier phase.  (The context is built here, not in the caller's staged loop: the
         DSL carries plain tuples across a loop body, not NamedTuples.)"""
         ctx = BlockCtx(loads, hk, next_blocks, phase, row_limit, min_limit, seqlen)
-        self.step(frags, acc_o, row_max, row_sum, rows, sK, ctx, a, hi, scale_log2, wtid, wg)
+        self.step(frags, acc_o, softmax, rows, sK, ctx, a, hi, wtid, wg)
         # buffer 1 holds no block when the pair is a lone last block
         if cutlass.const_expr(wg == 0):
             phase = phase ^ 1
@@ -378,16 +378,15 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
                     iq, _ = self.query_of_row(mblk * BLOCK_M + row, hk, heads_per_kv)
                     row_limit[h] = seqlen - (s_q - 1 - iq)
             min_limit = cutlass.min(row_limit[0], row_limit[1])
-            acc_o, row_max, row_sum = self.fresh_rows(fields.pv_reg.get_slice(wtid))
+            acc_o, softmax = self.fresh_rows(fields.pv_reg.get_slice(wtid), scale_log2)
             for a in cutlass.range(lo, hi, 2, unroll=1):
-                phase = self.pair(frags, acc_o, row_max, row_sum, rows, sK, loads, hk,
-                                  self.next_blocks(r, a, hi, nxt), phase, row_limit, min_limit, seqlen, a, hi,
-                                  scale_log2, wtid, wg)
+                phase = self.pair(frags, acc_o, softmax, rows, sK, loads, hk, self.next_blocks(r, a, hi, nxt), phase,
+                                  row_limit, min_limit, seqlen, a, hi, wtid, wg)
             prev_blocks = hi - lo
 
             nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
-            self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mOut, mLse, mOAccum, mLseAccum, r, hk, mblk,
-                          heads_per_kv, wg, scale_log2, nsplits, mSplitOffsets[r] + split, wtid, tickets=tickets)
+            self.epilogue(acc_o, tOcO, softmax, sStat, mOut, mLse, mOAccum, mLseAccum, r, hk, mblk, heads_per_kv, wg,
+                          nsplits, mSplitOffsets[r] + split, wtid, tickets=tickets)
         if next_ticket < 0:  # a part without pieces
             next_ticket = tickets.reserve(tidx)
         return phase, next_ticket

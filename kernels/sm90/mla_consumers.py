@@ -12,8 +12,9 @@ matmul type) to ``sP``, and then consumer ``half`` accumulates O[:, 256*half :
 256-thread named barriers per block.
 
 Subclasses supply how blocks arrive (the producer role), which logits are masked and
-what the epilogue writes; the helpers here are the online softmax in base 2, the
-row-statistic exchange, the P store and the V view.
+what the epilogue writes; the helpers here are the block's online softmax (the row
+statistics are a ``kernels.common.softmax.Softmax``), the row-statistic exchange between
+the consumers, the P store and the V view.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
 from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
 from cute_mla.kernels.common.mma_sm90 import gemm, swizzle_128b
-from cute_mla.kernels.common.softmax import rescale as softmax_rescale
+from cute_mla.kernels.common.softmax import Softmax
 
 from cute_mla.layouts.operands import D_V
 
@@ -208,60 +209,36 @@ class TwoConsumerMlaSm90:
         return thr_qk, thr_pv, tSrQ, tSrK, tScS, tOrP, tOcO
 
     @cute.jit
-    def fresh_rows(self, thr_pv):
+    def fresh_rows(self, thr_pv, scale_log2: Float32):
         """A tile's running state before its first block: O = 0 (this consumer's 64 x 256
-        accumulator), and for this thread's 2 rows max = -inf, sum = 0."""
+        accumulator) and the ``Softmax`` of this thread's 2 rows."""
         acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.v_half)))
         acc_o.fill(0.0)
-        row_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        row_sum = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        row_max.fill(-Float32.inf)
-        row_sum.fill(0.0)
-        return acc_o, row_max, row_sum
+        return acc_o, Softmax.create(2, scale_log2)
 
     # ------------------------------------------------------------------ per-block steps
     @cute.jit
-    def online_softmax(self, acc_s: cute.Tensor, tScS: cute.Tensor, acc_o: cute.Tensor, row_max: cute.Tensor,
-                       row_sum: cute.Tensor, sStat: cute.Tensor, scale_log2: Float32, half: Int32, wtid: Int32):
-        """Online softmax over this consumer's 32 (already masked) logits of a block, for the
-        2 rows this thread owns; the row maximum is taken over both consumers' halves, so
-        both rescale O identically.  Row sums stay per consumer until the epilogue.
-
-        On return ``acc_s`` holds exp2(s * scale_log2 - max'), row_max is raw (unscaled)."""
-        neg_inf = -Float32.inf
-        n = cute.size(acc_s)
-        # acc fragment order (2 cols, 2 rows, N/8 col groups): element k is in row-half (k // 2) % 2
+    def block_softmax(self, acc_s: cute.Tensor, tScS: cute.Tensor, acc_o: cute.Tensor, softmax: Softmax,
+                      sStat: cute.Tensor, half: Int32, wtid: Int32):
+        """The online softmax of this consumer's 32 (already masked) logits of a block, for the
+        2 rows this thread owns: the row maximum is taken over both consumers' halves, so both
+        rescale O identically.  Row sums stay per consumer until the epilogue.  On return
+        ``acc_s`` holds P."""
         new_max = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        new_max.fill(neg_inf)
-        for k in cutlass.range_constexpr(n):
-            h = (k // 2) % 2
-            new_max[h] = cute.arch.fmax(new_max[h], acc_s[k])
+        new_max.fill(-Float32.inf)
+        softmax.block_max(acc_s, new_max)
         self.exchange_rows(new_max, tScS, sStat, half, wtid, NamedBarrier.ROW_MAX, True)
-        rescale = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        base = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        for h in cutlass.range_constexpr(2):
-            m = cute.arch.fmax(new_max[h], row_max[h])
-            base[h], rescale[h] = softmax_rescale(row_max[h], m, scale_log2)
-            row_max[h] = m
-            row_sum[h] = row_sum[h] * rescale[h]
-        for k in cutlass.range_constexpr(n):
-            h = (k // 2) % 2
-            p = cute.math.exp2(acc_s[k] * scale_log2 - base[h], fastmath=True)
-            acc_s[k] = p
-            row_sum[h] += p
-        # Once a row's maximum has settled the factor is exactly 1: skip the 128 multiplies
-        # that sit between the max exchange and the P V issue.
-        if rescale[0] != 1.0 or rescale[1] != 1.0:
-            for k in cutlass.range_constexpr(cute.size(acc_o)):
-                acc_o[k] = acc_o[k] * rescale[(k // 2) % 2]
+        factor = softmax.online_softmax(acc_s, new_max)
+        # Once a row's maximum has settled the factor is exactly 1: ``rescale_o`` skips the 128
+        # multiplies that sit between the max exchange and the P V issue.
+        softmax.rescale_o(acc_o, factor)
 
     @cute.jit
     def attend_gathered_block(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, qk_tail_mma: cute.TiledMma,
                               tSrQ: cute.Tensor, tSrK: cute.Tensor, tScS: cute.Tensor, tOrP: cute.Tensor,
-                              acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, sK: cute.Tensor,
-                              sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor,
-                              sV_layout: cute.ComposedLayout, kv_pipe, state, scale_log2: Float32, half: Int32,
-                              wtid: Int32):
+                              acc_o: cute.Tensor, softmax: Softmax, sK: cute.Tensor, sP: cute.Tensor,
+                              sStat: cute.Tensor, sBias: cute.Tensor, sV_layout: cute.ComposedLayout, kv_pipe, state,
+                              half: Int32, wtid: Int32):
         """One block of gathered tokens (the sparse kernels): S (its columns past
         ``tail_start`` with ``qk_tail_mma``), + the block's logit bias, online softmax, P,
         O += P V, then the stage is released.  (Issuing the next block's S right behind this
@@ -286,7 +263,7 @@ class TwoConsumerMlaSm90:
         for k in cutlass.range_constexpr(cute.size(acc_s)):
             _, slot = tScS[k]
             acc_s[k] = acc_s[k] + sBias[half * (BLOCK_N // 2) + slot, stage]
-        self.online_softmax(acc_s, tScS, acc_o, row_max, row_sum, sStat, scale_log2, half, wtid)
+        self.block_softmax(acc_s, tScS, acc_o, softmax, sStat, half, wtid)
         self.store_p(acc_s, tScS, sP, half)
         cute.arch.fence_proxy("async.shared", space="cta")
         named_barrier.sync(NamedBarrier.P_READY, self.consumer_threads)
@@ -340,21 +317,10 @@ class TwoConsumerMlaSm90:
         return cute.local_tile(sV, (self.v_half, BLOCK_N), (half, 0))
 
     @cute.jit
-    def finish_rows(self, row_max: cute.Tensor, row_sum: cute.Tensor, tOcO: cute.Tensor, sStat: cute.Tensor,
-                    scale_log2: Float32, half: Int32, wtid: Int32):
-        """Row sums over both consumers -> (base-2 lse, 1 / sum) of this thread's 2 rows;
-        a row without a valid key gets lse -inf and factor 0 (so O = 0, never NaN)."""
-        neg_inf = -Float32.inf
-        lse2 = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-        inv = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+    def finish_rows(self, softmax: Softmax, tOcO: cute.Tensor, sStat: cute.Tensor, half: Int32, wtid: Int32):
+        """Row sums over both consumers -> (base-2 lse, 1 / sum) of this thread's 2 rows
+        (``Softmax.finalize``)."""
         # Both consumers have read the last block's maxima (before the P barrier), so
         # sStat is free to carry the row sums.
-        self.exchange_rows(row_sum, tOcO, sStat, half, wtid, NamedBarrier.ROW_SUM, False)
-        for h in cutlass.range_constexpr(2):
-            s = row_sum[h]
-            lse2[h] = neg_inf
-            inv[h] = Float32(0.0)
-            if s > 0.0:
-                lse2[h] = row_max[h] * scale_log2 + cute.math.log2(s, fastmath=False)
-                inv[h] = 1.0 / s
-        return lse2, inv
+        self.exchange_rows(softmax.row_sum, tOcO, sStat, half, wtid, NamedBarrier.ROW_SUM, False)
+        return softmax.finalize()

@@ -37,7 +37,7 @@ from cutlass.cute.nvgpu import warpgroup
 from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.mma_sm90 import gemm
-from cute_mla.kernels.common.softmax import rescale
+from cute_mla.kernels.common.softmax import Softmax
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
 
 
@@ -114,13 +114,11 @@ class SeesawConsumers:
 
     # ------------------------------------------------------------------ softmax helpers
     @cute.jit
-    def max_into(self, acc_s: cute.Tensor, m_in: cute.Tensor, m_out: cute.Tensor):
+    def max_into(self, softmax: Softmax, acc_s: cute.Tensor, m_in: cute.Tensor, m_out: cute.Tensor):
         """m_out = max(m_in, max of S over each of this thread's 2 rows, whole row)."""
         for h in cutlass.range_constexpr(2):
             m_out[h] = m_in[h]
-        for k in cutlass.range_constexpr(cute.size(acc_s)):
-            h = (k // 2) % 2  # acc fragment order (2 cols, 2 rows, N/8 col groups)
-            m_out[h] = cute.arch.fmax(m_out[h], acc_s[k])
+        softmax.block_max(acc_s, m_out)
         for h in cutlass.range_constexpr(2):
             m_out[h] = cute.arch.warp_reduction_max(m_out[h], threads_in_group=4)
 
@@ -140,32 +138,6 @@ class SeesawConsumers:
         for h in cutlass.range_constexpr(2):
             row, _ = tScS[2 * h]
             m[h] = sMax[wg, row]
-
-    @cute.jit
-    def rescale(self, m_old: cute.Tensor, m_new: cute.Tensor, base: cute.Tensor, factor: cute.Tensor,
-                scale_log2: Float32):
-        """``softmax.rescale`` of this thread's 2 rows into ``base`` and ``factor``."""
-        for h in cutlass.range_constexpr(2):
-            base[h], factor[h] = rescale(m_old[h], m_new[h], scale_log2)
-
-    @cute.jit
-    def exponentiate(self, acc_s: cute.Tensor, base: cute.Tensor, row_sum: cute.Tensor, factor: cute.Tensor,
-                     scale_log2: Float32):
-        """S -> P = exp2(S * scale - base) in place; row_sum = row_sum * factor + sum(P)."""
-        for h in cutlass.range_constexpr(2):
-            row_sum[h] = row_sum[h] * factor[h]
-        for k in cutlass.range_constexpr(cute.size(acc_s)):
-            h = (k // 2) % 2
-            p = cute.math.exp2(acc_s[k] * scale_log2 - base[h], fastmath=True)
-            acc_s[k] = p
-            row_sum[h] += p
-
-    @cute.jit
-    def scale_o(self, acc_o: cute.Tensor, factor: cute.Tensor):
-        # Once a row's maximum has settled the factor is exactly 1: skip the 128 multiplies.
-        if factor[0] != 1.0 or factor[1] != 1.0:
-            for k in cutlass.range_constexpr(cute.size(acc_o)):
-                acc_o[k] = acc_o[k] * factor[(k // 2) % 2]
 
     @cute.jit
     def store_p(self, rP: cute.Tensor, factor, tScS: cute.Tensor, sP: cute.Tensor):
@@ -200,28 +172,28 @@ class SeesawConsumers:
 
     # ------------------------------------------------------------------ a pair of blocks
     @cute.jit
-    def step(self, frags, acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, rows, sK: cute.Tensor,
-             ctx, a: Int32, hi: Int32, scale_log2: Float32, wtid: Int32, wg: cutlass.Constexpr[int]):
+    def step(self, frags, acc_o: cute.Tensor, softmax: Softmax, rows, sK: cute.Tensor, ctx, a: Int32, hi: Int32,
+             wtid: Int32, wg: cutlass.Constexpr[int]):
         """Warpgroup ``wg``'s part of the pair (a, a + 1): ``even_step`` or ``odd_step``."""
         if cutlass.const_expr(wg == 0):
-            self.even_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, a, hi, scale_log2, wtid)
+            self.even_step(frags, acc_o, softmax, rows, sK, ctx, a, hi, wtid)
         else:
-            self.odd_step(frags, acc_o, row_max, row_sum, rows, sK, ctx, a, hi, scale_log2, wtid)
+            self.odd_step(frags, acc_o, softmax, rows, sK, ctx, a, hi, wtid)
 
     @cute.jit
-    def even_step(self, frags, acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, rows, sK: cute.Tensor,
-                  ctx, a: Int32, hi: Int32, scale_log2: Float32, wtid: Int32):
+    def even_step(self, frags, acc_o: cute.Tensor, softmax: Softmax, rows, sK: cute.Tensor, ctx, a: Int32, hi: Int32,
+                  wtid: Int32):
         """Warpgroup 0's part of the pair (a in buffer 0, a + 1 in buffer 1 if a + 1 < hi);
-        on return row_max holds the pair's maxima."""
+        on return the softmax's maxima are the pair's."""
         (qk_mma, pv_reg, pv_smem, acc_s, rP, tSrQ, tSrK, tScS, tOrV_own, tOrV_other, tOrP_other, sP_own,
          sMax) = SeesawFragments(*frags)
         m_even, m_pair, base, factor, factor2 = rows
         self.s_block(qk_mma, acc_s, tSrQ, tSrK, tScS, ctx, 0, a)
-        self.max_into(acc_s, row_max, m_even)
+        self.max_into(softmax, acc_s, softmax.row_max, m_even)
         self.publish_max(m_even, sMax, tScS, 0, wtid, NamedBarrier.MAX_0)
-        self.rescale(row_max, m_even, base, factor, scale_log2)
-        self.exponentiate(acc_s, base, row_sum, factor, scale_log2)
-        self.scale_o(acc_o, factor)
+        softmax.rescale_to(m_even, base, factor)
+        softmax.exponentiate(acc_s, base, factor)
+        softmax.rescale_o(acc_o, factor)
         self.to_operand(acc_s, rP)
         self.prepare_v(sK, ctx, 0, a, 0, wtid)
         warpgroup.fence()
@@ -229,17 +201,15 @@ class SeesawConsumers:
         warpgroup.commit_group()
         # The pair's maxima: the even block's P handed to warpgroup 1 is rescaled to them.
         self.read_max(m_pair, sMax, tScS, 1, NamedBarrier.MAX_1)
-        self.rescale(m_even, m_pair, base, factor2, scale_log2)
+        softmax.rescale_to(m_pair, base, factor2)
         self.store_p(rP, factor2, tScS, sP_own)
         named_barrier.arrive(NamedBarrier.P_0, self.consumer_threads)
         warpgroup.wait_group(0)
         self.release(ctx, 0, 0, wtid)
         if a + 1 >= hi:  # a lone last block: nothing of buffer 1 to read this pair
             self.release(ctx, 1, 0, wtid)
-        self.scale_o(acc_o, factor2)
-        for h in cutlass.range_constexpr(2):
-            row_sum[h] = row_sum[h] * factor2[h]
-            row_max[h] = m_pair[h]
+        softmax.rescale_o(acc_o, factor2)
+        softmax.scale_sums(factor2)
         named_barrier.sync(NamedBarrier.P_1, self.consumer_threads)
         if a + 1 < hi:
             self.prepare_v(sK, ctx, 1, a + 1, 0, wtid)
@@ -250,10 +220,10 @@ class SeesawConsumers:
             self.release(ctx, 1, 0, wtid)
 
     @cute.jit
-    def odd_step(self, frags, acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, rows, sK: cute.Tensor,
-                 ctx, a: Int32, hi: Int32, scale_log2: Float32, wtid: Int32):
+    def odd_step(self, frags, acc_o: cute.Tensor, softmax: Softmax, rows, sK: cute.Tensor, ctx, a: Int32, hi: Int32,
+                 wtid: Int32):
         """Warpgroup 1's part of the pair (a in buffer 0, a + 1 in buffer 1 if a + 1 < hi);
-        on return row_max holds the pair's maxima."""
+        on return the softmax's maxima are the pair's."""
         (qk_mma, pv_reg, pv_smem, acc_s, rP, tSrQ, tSrK, tScS, tOrV_own, tOrV_other, tOrP_other, sP_own,
          sMax) = SeesawFragments(*frags)
         m_even, m_pair, base, factor, factor2 = rows
@@ -265,20 +235,17 @@ class SeesawConsumers:
         for h in cutlass.range_constexpr(2):
             m_pair[h] = m_even[h]
         if a + 1 < hi:
-            self.max_into(acc_s, m_even, m_pair)
+            self.max_into(softmax, acc_s, m_even, m_pair)
         self.publish_max(m_pair, sMax, tScS, 1, wtid, NamedBarrier.MAX_1)
-        self.rescale(row_max, m_pair, base, factor, scale_log2)
+        softmax.rescale_to(m_pair, base, factor)
         if a + 1 < hi:
-            self.exponentiate(acc_s, base, row_sum, factor, scale_log2)
+            softmax.exponentiate(acc_s, base, factor)
             self.to_operand(acc_s, rP)
             self.store_p(rP, None, tScS, sP_own)
         else:
-            for h in cutlass.range_constexpr(2):
-                row_sum[h] = row_sum[h] * factor[h]
+            softmax.scale_sums(factor)
         named_barrier.arrive(NamedBarrier.P_1, self.consumer_threads)
-        self.scale_o(acc_o, factor)
-        for h in cutlass.range_constexpr(2):
-            row_max[h] = m_pair[h]
+        softmax.rescale_o(acc_o, factor)
         if a + 1 < hi:
             self.prepare_v(sK, ctx, 1, a + 1, 1, wtid)
         named_barrier.sync(NamedBarrier.P_0, self.consumer_threads)

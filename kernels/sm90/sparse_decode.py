@@ -433,12 +433,11 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             lo, hi, split = self.piece(lengths, mSchedMeta, part, r, begin_req)
             # the row block's heads of one query token: (request r, "kv head" 0, h_p rows per token)
             self.load_q(mQ, sQ, QTile(r, 0, mblk, token_rows), ctid)
-            acc_o, row_max, row_sum = self.fresh_rows(thr_pv)
+            acc_o, softmax = self.fresh_rows(thr_pv, scale_log2)
             for blk in cutlass.range(lo, hi, unroll=1):
-                self.attend_gathered_block(qk_mma, pv_mma, qk_tail_mma, tSrQ, tSrK, tScS, tOrP, acc_o, row_max,
-                                           row_sum, sK, sP, sStat, sBias, sV_layout, kv_pipe, state, scale_log2,
-                                           half, wtid)
+                self.attend_gathered_block(qk_mma, pv_mma, qk_tail_mma, tSrQ, tSrK, tScS, tOrP, acc_o, softmax, sK, sP,
+                                           sStat, sBias, sV_layout, kv_pipe, state, half, wtid)
                 state.advance()
             nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
-            self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mOut, mLse, mOAccum, mLseAccum, r, 0, mblk, token_rows,
-                          half, scale_log2, nsplits, mSplitOffsets[r] + split, wtid, mSink, has_sink)
+            self.epilogue(acc_o, tOcO, softmax, sStat, mOut, mLse, mOAccum, mLseAccum, r, 0, mblk, token_rows, half,
+                          nsplits, mSplitOffsets[r] + split, wtid, mSink, has_sink)

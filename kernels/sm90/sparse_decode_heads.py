@@ -21,6 +21,8 @@ session 11).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cutlass
 import cutlass.cute as cute
 import cutlass.pipeline as pipeline
@@ -34,11 +36,22 @@ from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
 from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
 from cute_mla.kernels.common.mma_sm90 import gemm, swizzle_128b
 from cute_mla.kernels.common.named_barrier import NamedBarrier
-from cute_mla.kernels.common.softmax import LN_2, LOG2_E, rescale, sink_denominator
+from cute_mla.kernels.common.softmax import LN_2, LOG2_E, Softmax
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_N
 from cute_mla.kernels.sm90.sparse_decode import SparseDecodeSm90
 from cute_mla.layouts.operands import D_V, SPARSE_DECODE_SMALL_HEADS
 
+
+@dataclass(frozen=True)
+class HeadSoftmax(Softmax):
+    """The online softmax of every head: the heads are S^T's columns, so a thread keeps one
+    statistic per column slot it holds, N/4 of them."""
+
+    @staticmethod
+    def slot(k: int) -> int:
+        """The column slot (0 .. N/4) of accumulator element k: fragments hold (2 columns,
+        2 rows, N/8 column groups); slot 2 g + c is column 8 g + 2 (lane % 4) + c."""
+        return (k // 4) * 2 + k % 2
 
 
 class SparseDecodeHeadsSm90(SparseDecodeSm90):
@@ -98,14 +111,8 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def slot(k: int) -> int:
-        """The column slot (0 .. N/4) of accumulator element k: fragments hold (2 columns,
-        2 rows, N/8 column groups); slot 2 g + c is column 8 g + 2 (lane % 4) + c."""
-        return (k // 4) * 2 + k % 2
-
-    @staticmethod
     def column_of(cs: int, lane: Int32) -> Int32:
-        """The head of this thread's column slot ``cs`` (see ``slot``)."""
+        """The head of this thread's column slot ``cs`` (``HeadSoftmax.slot``)."""
         return 8 * (cs // 2) + 2 * (lane % 4) + cs % 2
 
     @cute.jit
@@ -204,22 +211,19 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
             self.load_qt(mQ, sQ, r, iq, ctid)
             acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((self.v_half, N)))
             acc_o.fill(0.0)
-            col_max = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
-            col_sum = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
-            col_max.fill(-Float32.inf)
-            col_sum.fill(0.0)
+            softmax = HeadSoftmax.create(N // 4, scale_log2)
             for blk in cutlass.range(lo, hi, unroll=1):
-                self.attend_block(qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, col_max, col_sum, sK,
-                                  sP, sX, sRed, sBias, sV_layout, kv_pipe, state, scale_log2, half, warp, lane, wtid)
+                self.attend_block(qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax, sK, sP, sX,
+                                  sRed, sBias, sV_layout, kv_pipe, state, half, warp, lane, wtid)
                 state.advance()
             nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
-            self.epilogue_t(acc_o, tOcO, col_max, col_sum, sRed, mOut, mLse, mOAccum, mLseAccum, r, iq, half, warp,
-                            lane, scale_log2, nsplits, mSplitOffsets[r] + split, mSink, has_sink)
+            self.epilogue_t(acc_o, tOcO, softmax, sRed, mOut, mLse, mOAccum, mLseAccum, r, iq, half, warp, lane,
+                            nsplits, mSplitOffsets[r] + split, mSink, has_sink)
 
     @cute.jit
-    def attend_block(self, qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, col_max, col_sum, sK, sP,
-                     sX, sRed, sBias, sV_layout, kv_pipe, state, scale_log2: Float32,
-                     half: cutlass.Constexpr[int], warp: Int32, lane: Int32, wtid: Int32):
+    def attend_block(self, qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK, sP,
+                     sX, sRed, sBias, sV_layout, kv_pipe, state, half: cutlass.Constexpr[int], warp: Int32,
+                     lane: Int32, wtid: Int32):
         N = self.heads
         thr_qk = qk_mma.get_slice(wtid)
         thr_pv = pv_mma.get_slice(wtid)
@@ -251,29 +255,15 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         # online softmax of every head (column), in base 2
         blk_max = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
         blk_max.fill(-Float32.inf)
-        for k in cutlass.range_constexpr(cute.size(acc_s)):
-            blk_max[self.slot(k)] = cute.arch.fmax(blk_max[self.slot(k)], acc_s[k])
+        softmax.block_max(acc_s, blk_max)
         self.head_reduce(blk_max, sRed, half, warp, lane, True)
-        base = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
-        alpha = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
-        for cs in cutlass.range_constexpr(N // 4):
-            m = cute.arch.fmax(col_max[cs], blk_max[cs])
-            base[cs], alpha[cs] = rescale(col_max[cs], m, scale_log2)
-            col_max[cs] = m
-            col_sum[cs] = col_sum[cs] * alpha[cs]
-        for k in cutlass.range_constexpr(cute.size(acc_s)):
-            p = cute.math.exp2(acc_s[k] * scale_log2 - base[self.slot(k)], fastmath=True)
-            acc_s[k] = p
-            col_sum[self.slot(k)] += p
+        alpha = softmax.online_softmax(acc_s, blk_max)
         if cutlass.const_expr(half == 0):
             for k in cutlass.range_constexpr(cute.size(acc_s)):
                 t, n = tScS[k]
                 sP[n, t, 0] = acc_s[k].to(self.dtype)
             cute.arch.fence_proxy("async.shared", space="cta")
-        n_o = cute.size(acc_o, mode=[0])
-        for mi in cutlass.range_constexpr(cute.size(acc_o) // n_o):
-            for e in cutlass.range_constexpr(n_o):
-                acc_o[e + n_o * mi] = acc_o[e + n_o * mi] * alpha[self.slot(e)]
+        softmax.rescale_o(acc_o, alpha, skip_settled=False)
         named_barrier.sync(NamedBarrier.P_READY, self.consumer_threads)
         tOrV = thr_pv.make_fragment_A(thr_pv.partition_A(self.vt_view(sK, sV_layout, stage, half)))
         warpgroup.fence()
@@ -283,31 +273,22 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         kv_pipe.consumer_release(state)
 
     @cute.jit
-    def epilogue_t(self, acc_o, tOcO, col_max, col_sum, sRed, mOut, mLse, mOAccum, mLseAccum, r: Int32, iq: Int32,
-                   half: cutlass.Constexpr[int], warp: Int32, lane: Int32, scale_log2: Float32, nsplits: Int32,
-                   split_row: Int32,
-                   mSink: cute.Tensor, has_sink: Int32):
+    def epilogue_t(self, acc_o, tOcO, softmax: HeadSoftmax, sRed, mOut, mLse, mOAccum, mLseAccum, r: Int32,
+                   iq: Int32, half: cutlass.Constexpr[int], warp: Int32, lane: Int32, nsplits: Int32,
+                   split_row: Int32, mSink: cute.Tensor, has_sink: Int32):
         """As ``SplitKvDecodeSm90.epilogue``, from O^T: finalise (one split: O / sum, the
         sink, natural-log lse) or write the split's partial O and base-2 lse."""
         N = self.heads
         h_q = mOut.shape[2]
-        self.head_reduce(col_sum, sRed, half, warp, lane, False)
-        lse2 = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
-        inv = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
-        for cs in cutlass.range_constexpr(N // 4):
-            n = cutlass.min(self.column_of(cs, lane), h_q - 1)
-            lse2[cs] = -Float32.inf
-            inv[cs] = Float32(0.0)
-            if col_sum[cs] > 0.0:
-                lse2[cs] = col_max[cs] * scale_log2 + cute.math.log2(col_sum[cs], fastmath=False)
-                inv[cs] = 1.0 / col_sum[cs]
-                if nsplits == 1 and has_sink != 0:
-                    inv[cs] = inv[cs] / sink_denominator(mSink[n], lse2[cs], fastmath=False)
+        self.head_reduce(softmax.row_sum, sRed, half, warp, lane, False)
+        # a finalised column is scaled by its head's sink (a column past h_q reads the last head's)
+        heads = [cutlass.min(self.column_of(cs, lane), h_q - 1) for cs in range(N // 4)]
+        lse2, inv = softmax.finalize(lambda cs: mSink[heads[cs]], lambda: (nsplits == 1) & (has_sink != 0))
         n_o = cute.size(acc_o, mode=[0])
         for k in cutlass.range_constexpr(cute.size(acc_o)):
             dl, n = tOcO[k]
             if n < h_q:
-                v = acc_o[k] * inv[self.slot(k % n_o)]
+                v = acc_o[k] * inv[softmax.slot(k % n_o)]
                 d = half * self.v_half + dl
                 if nsplits == 1:
                     mOut[r, iq, n, d] = v.to(mOut.element_type)

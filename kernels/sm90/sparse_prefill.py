@@ -16,7 +16,7 @@ from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.fragment_store import store_row
 from cute_mla.kernels.common.gmem import copy_16B_async, copy_16B_async_zfill
 from cute_mla.kernels.common.paged_kv import COLUMN_TILE, kv_smem_layout
-from cute_mla.kernels.common.softmax import LN_2, LOG2_E, sink_denominator
+from cute_mla.kernels.common.softmax import LN_2, LOG2_E, Softmax, sink_denominator
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
 from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
 
@@ -306,18 +306,17 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
             cute.arch.mbarrier_wait(bars.q(), q_phase)
             cute.arch.fence_proxy("async.shared", space="cta")  # cp.async wrote sQ; WGMMA reads it
             q_phase = q_phase ^ 1
-            acc_o, row_max, row_sum = self.fresh_rows(pv_reg.get_slice(wtid))
+            acc_o, softmax = self.fresh_rows(pv_reg.get_slice(wtid), scale_log2)
             nxt = tile + grid
             for pair in cutlass.range(pairs, unroll=1):
                 # The last pair's final release starts the next tile's Q copy.
                 next_q = (mQ, sQ, nxt, head_blocks, ctid, (pair == pairs - 1) & (nxt < tiles))
-                self.pair(frags, acc_o, row_max, row_sum, rows, sK, bars, phase, sBias, next_q, pair, pairs,
-                          scale_log2, wtid, wg)
+                self.pair(frags, acc_o, softmax, rows, sK, bars, phase, sBias, next_q, pair, pairs, wtid, wg)
                 phase = phase ^ 1
             if pairs == 0 and nxt < tiles:
                 self.start_q_copy(mQ, sQ, bars, nxt, head_blocks, ctid)
-            self.epilogue(acc_o, tOcO, row_max, row_sum, sStat, mSink, mOut, mMaxLogits, mLse, sm_scale, scale_log2,
-                          has_sink, token, hblk, wg, wtid)
+            self.epilogue(acc_o, tOcO, softmax, sStat, mSink, mOut, mMaxLogits, mLse, sm_scale, has_sink, token, hblk,
+                          wg, wtid)
 
     @cute.jit
     def start_q_copy(self, mQ: cute.Tensor, sQ: cute.Tensor, bars: RingBarriers, tile: Int32, head_blocks: Int32,
@@ -335,14 +334,14 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         cute.arch.cp_async_mbarrier_arrive_noinc(bars.q())
 
     @cute.jit
-    def pair(self, frags, acc_o: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, rows, sK: cute.Tensor,
-             bars: RingBarriers, phase: Int32, sBias: cute.Tensor, next_q, pair: Int32, pairs: Int32,
-             scale_log2: Float32, wtid: Int32, wg: cutlass.Constexpr[int]):
+    def pair(self, frags, acc_o: cute.Tensor, softmax: Softmax, rows, sK: cute.Tensor, bars: RingBarriers,
+             phase: Int32, sBias: cute.Tensor, next_q, pair: Int32, pairs: Int32, wtid: Int32,
+             wg: cutlass.Constexpr[int]):
         """This warpgroup's part of pair ``pair`` of the tile (the context is built here, not in
         the caller's staged loop: the DSL carries plain tuples across a loop body, not
         NamedTuples).  hi = 2 * pairs: the seesaw's lone-last-block path is never taken."""
         ctx = PairCtx(bars, phase, sBias, NextQ(*next_q))
-        self.step(frags, acc_o, row_max, row_sum, rows, sK, ctx, 2 * pair, 2 * pairs, scale_log2, wtid, wg)
+        self.step(frags, acc_o, softmax, rows, sK, ctx, 2 * pair, 2 * pairs, wtid, wg)
 
     # ------------------------------------------------------------------ seesaw hooks (ctx: a PairCtx)
     @cute.jit
@@ -393,12 +392,11 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
                 self.start_q_copy(q.mQ, q.sQ, ctx.bars, q.tile, q.head_blocks, q.ctid)
 
     @cute.jit
-    def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
-                 sStat: cute.Tensor, mSink: cute.Tensor, mOut: cute.Tensor, mMaxLogits: cute.Tensor,
-                 mLse: cute.Tensor, sm_scale: Float32, scale_log2: Float32, has_sink: Int32, token: Int32,
-                 hblk: Int32, half: Int32, wtid: Int32):
+    def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, softmax: Softmax, sStat: cute.Tensor,
+                 mSink: cute.Tensor, mOut: cute.Tensor, mMaxLogits: cute.Tensor, mLse: cute.Tensor, sm_scale: Float32,
+                 has_sink: Int32, token: Int32, hblk: Int32, half: Int32, wtid: Int32):
         neg_inf = -Float32.inf
-        lse2, inv = self.finish_rows(row_max, row_sum, tOcO, sStat, scale_log2, half, wtid)
+        lse2, inv = self.finish_rows(softmax, tOcO, sStat, half, wtid)
         for h in cutlass.range_constexpr(2):
             row, _ = tOcO[2 * h]
             hq = hblk * BLOCK_M + row
@@ -415,4 +413,4 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
                 if lse2[h] != neg_inf:
                     out_lse = lse2[h] * LN_2
                 mLse[token, hq] = out_lse
-                mMaxLogits[token, hq] = row_max[h] * sm_scale
+                mMaxLogits[token, hq] = softmax.row_max[h] * sm_scale

@@ -18,7 +18,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32
 
 from cute_mla.kernels.common.fragment_store import store_row, store_row_pairs
-from cute_mla.kernels.common.softmax import LN_2, sink_denominator
+from cute_mla.kernels.common.softmax import LN_2, Softmax, sink_denominator
 from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
 
 
@@ -80,16 +80,16 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
         return mQ[r, iq, hq, None], self.row_exists(m, hq, mQ, heads_per_kv)
 
     @cute.jit
-    def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
-                 sStat: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, r: Int32,
-                 hk: Int32, mblk: Int32, heads_per_kv: Int32, half: Int32, scale_log2: Float32, nsplits: Int32,
-                 split_row: Int32, wtid: Int32, mSink: cute.Tensor = None, has_sink: Int32 = 0, tickets=None):
+    def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, softmax: Softmax, sStat: cute.Tensor, mOut: cute.Tensor,
+                 mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, r: Int32, hk: Int32, mblk: Int32,
+                 heads_per_kv: Int32, half: Int32, nsplits: Int32, split_row: Int32, wtid: Int32,
+                 mSink: cute.Tensor = None, has_sink: Int32 = 0, tickets=None):
         """Finalise (one split) or write this split's partials (and, with ``tickets``, count
         them for the merge: ``kernels.sm90.split_tickets``).  With ``mSink`` a finalised row
         is scaled by exp(lse) / (exp(lse) + exp(sink)); split partials are left unscaled, the
         combine applies the sink once."""
         neg_inf = -Float32.inf
-        lse2, inv = self.finish_rows(row_max, row_sum, tOcO, sStat, scale_log2, half, wtid)
+        lse2, inv = self.finish_rows(softmax, tOcO, sStat, half, wtid)
         # This thread's O values lie in 2 rows: (query token, q head, whether it exists) of each
         rows = []
         for h in cutlass.range_constexpr(2):
