@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from cute_mla import launcher, registry
+from cute_mla.layouts.constants import BLOCK_N, COMBINE_HEADS_PER_CTA, SCHED_META_FIELDS
 from cute_mla.schedules import decode_plan
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # torch dtype -> kernel variant dtype
@@ -47,7 +48,7 @@ def scale_value(name: str, value) -> float:
     return v
 
 
-def plan_decode(cache_seqlens: torch.Tensor, num_parts: int, block_n: int = decode_plan.BLOCK_N,
+def plan_decode(cache_seqlens: torch.Tensor, num_parts: int, block_n: int = BLOCK_N,
                 fixed_overhead: int = decode_plan.FIXED_OVERHEAD_BLOCKS, max_len: Optional[int] = None):
     """Run the split-KV scheduler on the GPU: returns (sched_meta [parts, 8], split_offsets [b + 1]).
 
@@ -63,7 +64,7 @@ def plan_decode(cache_seqlens: torch.Tensor, num_parts: int, block_n: int = deco
         max_len = decode_plan.max_plan_len(b, num_parts, block_n, fixed_overhead)
     decode_plan.check_plan_fits(b, max_len, num_parts, block_n, fixed_overhead)
     dev = cache_seqlens.device
-    sched_meta = torch.empty(num_parts, decode_plan.SCHED_META_FIELDS, dtype=torch.int32, device=dev)
+    sched_meta = torch.empty(num_parts, SCHED_META_FIELDS, dtype=torch.int32, device=dev)
     split_offsets = torch.empty(b + 1, dtype=torch.int32, device=dev)
     if b == 0:
         return sched_meta.zero_(), split_offsets.zero_()
@@ -100,7 +101,7 @@ def combine(o_accum: torch.Tensor, lse_accum: torch.Tensor, split_offsets: torch
     else:
         sink = torch.empty(1, dtype=torch.float32, device=out.device)
     launcher.launch(
-        "combine", {"dtype": DTYPE_NAMES[out.dtype]}, (-(-h_q // decode_plan.COMBINE_HEADS_PER_CTA), s_q, b),
+        "combine", {"dtype": DTYPE_NAMES[out.dtype]}, (-(-h_q // COMBINE_HEADS_PER_CTA), s_q, b),
         device_index=out.device.index, pdl=pdl, o_accum=o_accum, lse_accum=lse_accum, split_offsets=split_offsets,
         attn_sink=sink, out=out, lse=lse, skip_single_split=int(skip_single_split), has_sink=int(attn_sink is not None))
 

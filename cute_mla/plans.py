@@ -28,7 +28,9 @@ import torch
 from cute_mla import driver, launcher
 from cute_mla.ops import DTYPE_NAMES
 from cute_mla.sched_meta import FlashMLASchedMeta, KeptWorkspace, require_sched_meta
-from cute_mla.layouts.operands import D_V, PAGE_BLOCK_SIZE, SPARSE_DECODE_SMALL_HEADS, SPLIT_COUNTS
+from cute_mla.layouts.constants import (BLOCK_M, BLOCK_N, COMBINE_HEADS_PER_CTA, D_V, PAGE_BLOCK_SIZE,
+                                        SCHED_META_FIELDS, SPARSE_DECODE_SMALL_HEADS, SPARSE_PREFILL_HEAD_BLOCK,
+                                        SPLIT_COUNTS)
 from cute_mla.schedules import decode_plan
 
 
@@ -208,7 +210,7 @@ class SplitKvPlan:
         self.splits = splits
         if not splits:  # workspace slots of a plan that never splits: a stand-in nothing reads
             self.idle_workspace = (dummies(self.device_index)["f32"].data_ptr(),) * 3
-        self.sched_shapes = ((self.parts, decode_plan.SCHED_META_FIELDS), (b + 1,))
+        self.sched_shapes = ((self.parts, SCHED_META_FIELDS), (b + 1,))
         # at most one extra split per part on top of one per request
         self.n_partial = n_partial = b + self.parts if splits else 1
         rows = n_partial * s_q * h_q
@@ -219,7 +221,7 @@ class SplitKvPlan:
         self.fixed_overhead = fixed_overhead
         # the most KV tokens one request can have: the scheduler clamps each length to it
         self.max_len = max_len
-        decode_plan.check_plan_fits(b, max_len, self.parts, decode_plan.BLOCK_N, fixed_overhead)
+        decode_plan.check_plan_fits(b, max_len, self.parts, BLOCK_N, fixed_overhead)
 
     def templates(self, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """Fresh buffers of every shape the split-KV launches take, to bind them by name (a plan
@@ -236,7 +238,7 @@ class SplitKvPlan:
             t["split_counters"] = ws[self.counters_start:].view(torch.int32)
         self.scheduler = launcher.prepare(
             "decode_scheduler", {}, (1, 1, 1), device_index=self.device_index, cache_seqlens=lengths,
-            sched_meta=t["sched_meta"], split_offsets=t["split_offsets"], block_n=decode_plan.BLOCK_N,
+            sched_meta=t["sched_meta"], split_offsets=t["split_offsets"], block_n=BLOCK_N,
             fixed_overhead=self.fixed_overhead, max_len=self.max_len)
         return t
 
@@ -275,7 +277,7 @@ class SplitKvPlan:
         b, s_q, h_q, _ = self.out_shape
         has_sink = attn_sink is not None
         self.combine = launcher.prepare(
-            "combine", {"dtype": DTYPE_NAMES[self.dtype]}, (-(-h_q // decode_plan.COMBINE_HEADS_PER_CTA), s_q, b),
+            "combine", {"dtype": DTYPE_NAMES[self.dtype]}, (-(-h_q // COMBINE_HEADS_PER_CTA), s_q, b),
             device_index=self.device_index, pdl=True, static=() if has_sink else ("attn_sink",), out=out, lse=lse,
             attn_sink=attn_sink if has_sink else dummies(self.device_index)["f32"],
             skip_single_split=1, has_sink=int(has_sink), o_accum=templates["o_accum"],
@@ -350,7 +352,7 @@ class DenseDecodePlan(SplitKvPlan):
                  config: FlashMLASchedMeta.Config):
         h_kv = k_cache.shape[2]
         b, s_q, h_q, _ = q.shape
-        row_blocks = -(-(s_q * (h_q // h_kv)) // decode_plan.BLOCK_M)
+        row_blocks = -(-(s_q * (h_q // h_kv)) // BLOCK_M)
         super().__init__(q, config, h_kv, decode_plan.FIXED_OVERHEAD_BLOCKS, block_table.shape[1] * PAGE_BLOCK_SIZE,
                          counters=SPLIT_COUNTS + b * h_kv * row_blocks)
         templates = self.templates(cache_seqlens)
@@ -371,7 +373,7 @@ class DenseDecodePlan(SplitKvPlan):
 def sparse_decode_max_length(topk: int, extra_topk: int) -> int:
     """The largest length ``sparse_decode_lengths`` gives a request: its topk slots padded to
     whole blocks, then every extra slot."""
-    return -(-topk // decode_plan.BLOCK_N) * decode_plan.BLOCK_N + extra_topk
+    return -(-topk // BLOCK_N) * BLOCK_N + extra_topk
 
 
 def sparse_decode_lengths(b: int, topk: int, topk_length: Optional[torch.Tensor], extra_topk: int,
@@ -380,7 +382,7 @@ def sparse_decode_lengths(b: int, topk: int, topk_length: Optional[torch.Tensor]
     padded to whole 64-slot blocks, then its counted extra slots; a length is clamped into
     [0, topk] as the kernel does (``kernels.sm90.sparse_decode``).  Three int32 ops per given
     length tensor (each costs a few microseconds of host time), none without one."""
-    blk = decode_plan.BLOCK_N
+    blk = BLOCK_N
     if topk_length is None:
         if extra_topk_length is None:
             return torch.full((b,), topk + extra_topk, dtype=torch.int32, device=device)
@@ -409,7 +411,7 @@ class SparseDecodePlan(SplitKvPlan):
         b, s_q, h_q, _ = q.shape
         self.topk = indices.shape[-1]
         self.extra_topk = 0 if extra_indices is None else extra_indices.shape[-1]
-        token_rows = max(h_q, decode_plan.BLOCK_M)  # a row block gathers one query token's keys
+        token_rows = max(h_q, BLOCK_M)  # a row block gathers one query token's keys
         length = sparse_decode_max_length(self.topk, self.extra_topk)
         parts = default_parts(q, 1, token_rows)
         whole = None
@@ -433,7 +435,7 @@ class SparseDecodePlan(SplitKvPlan):
         if h_q in SPARSE_DECODE_SMALL_HEADS:
             kernel, variant = "sparse_decode_heads_sm90", dict(variant, heads=h_q)
         self.main = launcher.prepare(
-            kernel, variant, (self.parts, 1, s_q * token_rows // decode_plan.BLOCK_M),
+            kernel, variant, (self.parts, 1, s_q * token_rows // BLOCK_M),
             device_index=self.device_index, static=static, q=q, k_cache=fp8_cache_bytes(k_cache), indices=indices,
             out=out, lse=lse,
             softmax_scale=float(softmax_scale), page_block_size=k_cache.shape[1],
@@ -478,7 +480,7 @@ class SparsePrefillPlan:
         out, max_logits, lse = self.outputs()
         num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.main = launcher.prepare(
-            "sparse_prefill_sm90", {"d_qk": d_qk}, (min(s_q * (h_q // 64), num_sms), 1, 1),
+            "sparse_prefill_sm90", {"d_qk": d_qk}, (min(s_q * (h_q // SPARSE_PREFILL_HEAD_BLOCK), num_sms), 1, 1),
             device_index=self.device_index, static=tuple(name for name, (t, _) in optional.items() if t is None),
             q=q, kv=kv, indices=indices, out=out, max_logits=max_logits, lse=lse,
             sm_scale=float(sm_scale), has_topk_length=int(topk_length is not None),

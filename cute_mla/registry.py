@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from cute_mla.layouts import operands
+from cute_mla.layouts.constants import SPARSE_DECODE_SMALL_HEADS
 
 ARCHS = ("sm_90a", "sm_100a")
 # compute capability (major, minor) -> cubin architecture
@@ -79,7 +80,7 @@ KERNELS: tuple[KernelDef, ...] = (
         archs=("sm_90a",),
         args=operands.sparse_decode_heads_args,
         variants=tuple({"fmt": f, "matmul": m, "heads": h} for f in ("V32", "MODEL1") for m in SPARSE_DECODE_MATMULS
-                       for h in operands.SPARSE_DECODE_SMALL_HEADS),
+                       for h in SPARSE_DECODE_SMALL_HEADS),
     ),
     KernelDef(
         name="combine",

@@ -8,9 +8,7 @@ SPEC.md's names.
 from __future__ import annotations
 
 from cute_mla.layouts.abi import ScalarArg, TensorArg, TmaArg
-
-D_V = 512  # every MLA kernel here writes 512-wide V rows
-PAGE_BLOCK_SIZE = 64  # tokens per page of the dense (bf16/fp16) KV cache
+from cute_mla.layouts.constants import D_V, PAGE_BLOCK_SIZE
 
 
 def split_kv_partials(dtype_out: str = "bf16"):
@@ -25,13 +23,9 @@ def split_kv_partials(dtype_out: str = "bf16"):
     )
 
 
-# The slots of ``split_counters``: the ticket, the finished CTAs, and the first split count.
-SPLIT_TICKET, SPLIT_FINISHED, SPLIT_COUNTS = 0, 1, 2
-
-
 def split_counters():
     """Dense decode's ticket schedule (``kernels.sm90.split_tickets``), int32
-    (SPLIT_COUNTS + b * h_kv * row_blocks,): the ticket counter, the finished CTAs, then the
+    (SPLIT_COUNTS + b * h_kv * row_blocks,; ``layouts.constants``): the ticket counter, the finished CTAs, then the
     count of written splits of each (request, kv head, row block) at SPLIT_COUNTS + (request *
     h_kv + kv head) * row_blocks + row block.  All zero before a launch, and the launch leaves
     them zero."""
@@ -127,9 +121,6 @@ def dense_decode_args(dtype: str, d_qk: int = 576):
     )
 
 
-SPARSE_PREFILL_HEAD_BLOCK = 64  # query heads per CTA of the sparse prefill kernel
-
-
 def sparse_prefill_args(d_qk: int):
     """SM90 sparse prefill (kernels.sm90.sparse_prefill), host order = kernel parameter order."""
     return (
@@ -199,11 +190,6 @@ def sparse_decode_args(fmt: str, matmul: str = "f16"):
         ScalarArg("has_extra_topk_length"),
         ScalarArg("has_sink"),
     )
-
-
-# h_q the small-head sparse decode kernel is built for (its MMAs' N).  At 32 ptxas spilled a
-# register in every variant (session 11), so h_q 32 runs the 64-row kernel.
-SPARSE_DECODE_SMALL_HEADS = (8, 16)
 
 
 def sparse_decode_heads_args(fmt: str, matmul: str = "f16", heads: int = 16):

@@ -13,13 +13,14 @@ FlashMLA's 5 it took s_k=4096 from 0.476 to 0.495 of the GEMM rate at s_q=1 and 
 A piece may start or end inside a request; such a request is then computed as
 several splits whose partial results the combine kernel merges.
 
-``sched_meta[part]`` (int32, ``SCHED_META_FIELDS`` wide):
-  [0] begin_req     first request of the part
-  [1] begin_block   first KV block (of ``block_n`` tokens) in begin_req
-  [2] end_req       last request of the part (inclusive; < begin_req: empty part)
-  [3] end_block     one past the last KV block in end_req
-  [4] begin_split   split index the part writes for begin_req
-  [5..7] zero       reserved
+``sched_meta[part]`` (int32, ``SCHED_META_FIELDS`` wide; the field indices are named in
+``layouts.constants``):
+  META_BEGIN_REQ    first request of the part
+  META_BEGIN_BLOCK  first KV block (of ``block_n`` tokens) in it
+  META_END_REQ      last request of the part (inclusive; < META_BEGIN_REQ: empty part)
+  META_END_BLOCK    one past the last KV block in it
+  META_BEGIN_SPLIT  split index the part writes for its first request
+  (fields 5..7 are zero, reserved)
 ``split_offsets[i]`` (b + 1 entries): request i owns partial rows
 ``split_offsets[i] .. split_offsets[i + 1]``; a request with one split needs no combine.
 
@@ -30,8 +31,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-SCHED_META_FIELDS = 8
-BLOCK_N = 64
+from cute_mla.layouts.constants import (BLOCK_M, BLOCK_N, META_BEGIN_BLOCK, META_BEGIN_REQ, META_BEGIN_SPLIT,
+                                        META_END_BLOCK, META_END_REQ, SCHED_META_FIELDS)
+
 FIXED_OVERHEAD_BLOCKS = 12
 # The sparse decode path plans with its own value, measured: a sweep of 12 / 2 / 5 / 8 on an
 # H100 (perf/results/NOTES.md, session 4) left the V32 cases unchanged and took 3.5-4% off
@@ -40,8 +42,6 @@ SPARSE_FIXED_OVERHEAD_BLOCKS = 2
 # The longest length a plan counts: its block count (rounded up) still fits int32.  Callers
 # clamp lengths to their requests' capacity, which must not exceed it.
 MAX_PLAN_LEN = 2**31 - BLOCK_N
-BLOCK_M = 64  # query rows (s_q * h_q / h_kv) a decode CTA processes at once
-COMBINE_HEADS_PER_CTA = 4  # the combine kernel runs one warp per head row
 
 
 def num_sm_parts(num_sms: int, s_q: int, h_q: int, h_kv: int, block_m: int = BLOCK_M) -> int:
@@ -109,7 +109,10 @@ def plan_host(cache_seqlens: Sequence[int], parts: int, block_n: int = BLOCK_N,
             end_req, end_blk = req, blk
         else:
             end_req, end_blk = req - 1, nblocks[req - 1] if req > 0 else 0
-        meta.append([begin[0], begin[1], end_req, end_blk, begin[2], 0, 0, 0])
+        row = [0] * SCHED_META_FIELDS
+        row[META_BEGIN_REQ], row[META_BEGIN_BLOCK], row[META_BEGIN_SPLIT] = begin
+        row[META_END_REQ], row[META_END_BLOCK] = end_req, end_blk
+        meta.append(row)
     for r in range(req, b):  # never taken (the parts cover the batch); the GPU has the same guard
         offsets[r + 1] = cum
     return meta, offsets
@@ -144,7 +147,8 @@ def whole_request_parts(b: int, length: int, parts: int, block_n: int = BLOCK_N,
 def part_work(meta_row: Sequence[int], nblocks: Sequence[int]):
     """Expand one part into (request, first block, end block, split index) pieces,
     exactly as a decode kernel walks it."""
-    begin_req, begin_blk, end_req, end_blk, begin_split = meta_row[:5]
+    begin_req, begin_blk, begin_split = (meta_row[f] for f in (META_BEGIN_REQ, META_BEGIN_BLOCK, META_BEGIN_SPLIT))
+    end_req, end_blk = meta_row[META_END_REQ], meta_row[META_END_BLOCK]
     out = []
     for r in range(begin_req, end_req + 1):
         lo = begin_blk if r == begin_req else 0

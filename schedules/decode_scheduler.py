@@ -17,6 +17,9 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Int32
 
+from cute_mla.layouts.constants import (META_BEGIN_BLOCK, META_BEGIN_REQ, META_BEGIN_SPLIT, META_END_BLOCK,
+                                        META_END_REQ, SCHED_META_FIELDS)
+
 STAGED_REQUESTS = 8192  # block counts staged in shared memory (32 KiB, under the 48 KiB default limit)
 
 
@@ -73,9 +76,9 @@ class DecodeSchedulerKernel:
         split = Int32(0)
         cum = Int32(0)
         for p in cutlass.range(parts):
-            mMeta[p, 0] = req
-            mMeta[p, 1] = blk
-            mMeta[p, 4] = split
+            mMeta[p, META_BEGIN_REQ] = req
+            mMeta[p, META_BEGIN_BLOCK] = blk
+            mMeta[p, META_BEGIN_SPLIT] = split
             remain = payload
             done = Int32(0)
             while req < b and done == 0:
@@ -99,11 +102,10 @@ class DecodeSchedulerKernel:
                 end_blk = Int32(0)
                 if req > 0:
                     end_blk = self.num_blocks(sBlocks, mSeqlens, staged, block_n, max_len, req - 1)
-            mMeta[p, 2] = end_req
-            mMeta[p, 3] = end_blk
-            mMeta[p, 5] = 0
-            mMeta[p, 6] = 0
-            mMeta[p, 7] = 0
+            mMeta[p, META_END_REQ] = end_req
+            mMeta[p, META_END_BLOCK] = end_blk
+            for f in cutlass.range_constexpr(META_BEGIN_SPLIT + 1, SCHED_META_FIELDS):
+                mMeta[p, f] = 0
         # The parts always cover the batch (payload * parts >= total); should a request be left
         # over all the same, it gets no splits, so the combine reads no partial row for it.
         for r in cutlass.range(req, b):

@@ -14,7 +14,7 @@ import torch
 
 import cute_mla
 from cute_mla import launcher, ops
-from cute_mla.layouts.operands import SPLIT_COUNTS
+from cute_mla.layouts.constants import SPLIT_COUNTS
 from cute_mla.reference import ref_dense_decode
 from cute_mla.testing import assert_close_named, make_paged_kv, randn_clipped
 from cute_mla.schedules.decode_plan import (BLOCK_N, FIXED_OVERHEAD_BLOCKS, MAX_PLAN_LEN, check_plan_fits, max_plan_len,

@@ -11,8 +11,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32
 
 from cute_mla.kernels.common.softmax import LN_2, sink_denominator
-from cute_mla.layouts.operands import D_V
-from cute_mla.schedules.decode_plan import COMBINE_HEADS_PER_CTA
+from cute_mla.layouts.constants import COMBINE_HEADS_PER_CTA, D_V
 
 CHUNKS = D_V // 128  # float4 chunks of a row per lane
 # Rows of at most this many splits take ``accumulate_serial``, the others

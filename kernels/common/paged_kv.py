@@ -16,7 +16,7 @@ import cutlass.cute.nvgpu.cpasync as cpasync
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass.tensor_utils import LayoutEnum
 
-from cute_mla.layouts.operands import PAGE_BLOCK_SIZE as PAGE
+from cute_mla.layouts.constants import PAGE_BLOCK_SIZE as PAGE
 
 COLUMN_TILE = 64  # columns per TMA box: one 128-byte swizzle row of bf16/fp16
 

@@ -17,11 +17,10 @@ from cute_mla.kernels.common.dtypes import dsl_dtype
 from cute_mla.kernels.common.paged_kv import (COLUMN_TILE, PAGE, kv_smem_layout, make_kv_column_tma,
                                               page_column_tile)
 from cute_mla.kernels.common.softmax import LOG2_E, Softmax
-from cute_mla.kernels.sm90.mla_consumers import BLOCK_M
 from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
 from cute_mla.kernels.sm90.split_kv_decode import QTile, SplitKvDecodeSm90
 from cute_mla.kernels.sm90.split_tickets import SplitTickets
-from cute_mla.layouts.operands import D_V
+from cute_mla.layouts.constants import BLOCK_M, D_V, META_BEGIN_REQ, META_BEGIN_SPLIT, META_END_REQ
 
 TILES = 9  # 64-column tiles of a 576-wide page
 P_TILE = 8  # the RoPE tile: read by S only, so it holds the block's P once S is done
@@ -346,8 +345,8 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         s_q = mQ.shape[1]
         max_blocks = mBlockTable.shape[1]
 
-        begin_req = mSchedMeta[part, 0]
-        end_req = mSchedMeta[part, 2]
+        begin_req = mSchedMeta[part, META_BEGIN_REQ]
+        end_req = mSchedMeta[part, META_END_REQ]
         prev_blocks = Int32(0)
         next_ticket = Int32(-1)
         for r in cutlass.range(begin_req, end_req + 1, unroll=1):
@@ -357,7 +356,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
             lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
             split = Int32(0)
             if r == begin_req:
-                split = mSchedMeta[part, 4]
+                split = mSchedMeta[part, META_BEGIN_SPLIT]
             nr = r + 1
             nlo, nhi = Int32(0), Int32(0)
             if nr <= end_req:

@@ -33,10 +33,7 @@ from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
 from cute_mla.kernels.common.mma_sm90 import gemm, swizzle_128b
 from cute_mla.kernels.common.softmax import Softmax
 
-from cute_mla.layouts.operands import D_V
-
-BLOCK_M = 64  # query rows per CTA
-BLOCK_N = 64  # KV tokens per block
+from cute_mla.layouts.constants import BLOCK_M, BLOCK_N, D_V
 
 
 class TwoConsumerMlaSm90:

@@ -38,7 +38,7 @@ from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.mma_sm90 import gemm
 from cute_mla.kernels.common.softmax import Softmax
-from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
+from cute_mla.layouts.constants import BLOCK_M, BLOCK_N
 
 
 class SeesawFragments(NamedTuple):

@@ -17,10 +17,9 @@ from cute_mla.kernels.common.gmem import (copy_16B_async, load_8B, load_16B, loa
 from cute_mla.kernels.common.mma_sm90 import swizzle_128b
 from cute_mla.kernels.common.paged_kv import kv_smem_layout
 from cute_mla.kernels.common.softmax import LOG2_E
-from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N
 from cute_mla.kernels.sm90.split_kv_decode import QTile, SplitKvDecodeSm90
+from cute_mla.layouts.constants import BLOCK_M, BLOCK_N, D_V, META_BEGIN_REQ, META_BEGIN_SPLIT, META_END_REQ
 from cute_mla.layouts.kv_cache import get_format
-from cute_mla.layouts.operands import D_V
 
 PIECE = 16  # bytes a lane moves at once (one 128-bit load or shared store)
 # the ``matmul`` flag: the type of Q, the dequantised cache, P and the WGMMAs
@@ -191,7 +190,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
         split = Int32(0)
         if r == begin_req:
-            split = mSchedMeta[part, 4]
+            split = mSchedMeta[part, META_BEGIN_SPLIT]
         return lo, hi, split
 
     # ------------------------------------------------------------------ producer
@@ -211,7 +210,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         caches = (mK, mIndices, pbs, mXK, mXIndices, xpbs)
         slot = warp * 16 + lane % 16  # the slot of each block lane l (and l + 16) resolves
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-        for r in cutlass.range(mSchedMeta[part, 0], mSchedMeta[part, 2] + 1, unroll=1):
+        for r in cutlass.range(mSchedMeta[part, META_BEGIN_REQ], mSchedMeta[part, META_END_REQ] + 1, unroll=1):
             n, nb, nx, seqlen = self.request_slots(lengths, r)
             lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
             # Two blocks of look-ahead: block j's tokens are gathered while block j + 1's are
@@ -428,8 +427,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         scale_log2 = softmax_scale * LOG2_E
         token_rows = self.token_rows(mQ)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-        begin_req = mSchedMeta[part, 0]
-        for r in cutlass.range(begin_req, mSchedMeta[part, 2] + 1, unroll=1):
+        begin_req = mSchedMeta[part, META_BEGIN_REQ]
+        for r in cutlass.range(begin_req, mSchedMeta[part, META_END_REQ] + 1, unroll=1):
             lo, hi, split = self.piece(lengths, mSchedMeta, part, r, begin_req)
             # the row block's heads of one query token: (request r, "kv head" 0, h_p rows per token)
             self.load_q(mQ, sQ, QTile(r, 0, mblk, token_rows), ctid)

@@ -37,9 +37,8 @@ from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
 from cute_mla.kernels.common.mma_sm90 import gemm, swizzle_128b
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.softmax import LN_2, LOG2_E, Softmax
-from cute_mla.kernels.sm90.mla_consumers import BLOCK_N
 from cute_mla.kernels.sm90.sparse_decode import SparseDecodeSm90
-from cute_mla.layouts.operands import D_V, SPARSE_DECODE_SMALL_HEADS
+from cute_mla.layouts.constants import BLOCK_N, D_V, META_BEGIN_REQ, META_END_REQ, SPARSE_DECODE_SMALL_HEADS
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class HeadSoftmax(Softmax):
 
 class SparseDecodeHeadsSm90(SparseDecodeSm90):
     """``SparseDecodeSm90`` with the heads on N; ``heads`` = h_q
-    (``layouts.operands.SPARSE_DECODE_SMALL_HEADS``)."""
+    (``layouts.constants.SPARSE_DECODE_SMALL_HEADS``)."""
 
     def __init__(self, fmt: str, matmul: str = "f16", heads: int = 16):
         super().__init__(fmt, matmul)
@@ -205,8 +204,8 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         scale_log2 = softmax_scale * LOG2_E
         iq = mblk  # one row block per query token
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-        begin_req = mSchedMeta[part, 0]
-        for r in cutlass.range(begin_req, mSchedMeta[part, 2] + 1, unroll=1):
+        begin_req = mSchedMeta[part, META_BEGIN_REQ]
+        for r in cutlass.range(begin_req, mSchedMeta[part, META_END_REQ] + 1, unroll=1):
             lo, hi, split = self.piece(lengths, mSchedMeta, part, r, begin_req)
             self.load_qt(mQ, sQ, r, iq, ctid)
             acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((self.v_half, N)))

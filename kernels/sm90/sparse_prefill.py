@@ -17,8 +17,9 @@ from cute_mla.kernels.common.fragment_store import store_row
 from cute_mla.kernels.common.gmem import copy_16B_async, copy_16B_async_zfill
 from cute_mla.kernels.common.paged_kv import COLUMN_TILE, kv_smem_layout
 from cute_mla.kernels.common.softmax import LN_2, LOG2_E, Softmax, sink_denominator
-from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
+from cute_mla.kernels.sm90.mla_consumers import TwoConsumerMlaSm90
 from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
+from cute_mla.layouts.constants import BLOCK_M, BLOCK_N
 
 V_L_TILES = 4  # column tiles 0-3 of a block: V_L, read by warpgroup 0's P V
 GROUP = 8  # producer threads per 128-byte line (one 64-column tile row of a kv row)

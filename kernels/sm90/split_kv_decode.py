@@ -19,7 +19,8 @@ from cutlass import Float32, Int32
 
 from cute_mla.kernels.common.fragment_store import store_row, store_row_pairs
 from cute_mla.kernels.common.softmax import LN_2, Softmax, sink_denominator
-from cute_mla.kernels.sm90.mla_consumers import BLOCK_M, BLOCK_N, TwoConsumerMlaSm90
+from cute_mla.kernels.sm90.mla_consumers import TwoConsumerMlaSm90
+from cute_mla.layouts.constants import BLOCK_M, BLOCK_N, META_BEGIN_BLOCK, META_BEGIN_REQ, META_END_BLOCK, META_END_REQ
 
 
 @cute.jit
@@ -57,10 +58,10 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
         """KV blocks [lo, hi) of request r that this part computes."""
         lo = Int32(0)
         hi = (seqlen + BLOCK_N - 1) // BLOCK_N
-        if r == mSchedMeta[part, 0]:
-            lo = mSchedMeta[part, 1]
-        if r == mSchedMeta[part, 2]:
-            hi = cutlass.min(hi, mSchedMeta[part, 3])
+        if r == mSchedMeta[part, META_BEGIN_REQ]:
+            lo = mSchedMeta[part, META_BEGIN_BLOCK]
+        if r == mSchedMeta[part, META_END_REQ]:
+            hi = cutlass.min(hi, mSchedMeta[part, META_END_BLOCK])
         return lo, hi
 
 

@@ -46,8 +46,7 @@ from cutlass.cutlass_dsl import dsl_user_op
 from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.combine import merge_row, split_rows
 from cute_mla.kernels.common.named_barrier import NamedBarrier
-from cute_mla.layouts.operands import SPLIT_COUNTS, SPLIT_FINISHED, SPLIT_TICKET
-from cute_mla.kernels.sm90.mla_consumers import BLOCK_M
+from cute_mla.layouts.constants import BLOCK_M, SPLIT_COUNTS, SPLIT_FINISHED, SPLIT_TICKET
 from cute_mla.kernels.sm90.split_kv_decode import query_of_row
 
 # A merge wait gives up after MAX_SPINS polls, each a SPIN_SLEEP_NS sleep and an L2 round trip

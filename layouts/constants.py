@@ -1,0 +1,28 @@
+"""The numbers every side of cute-mla shares: the kernels, their ABIs, the plans, the decode
+schedulers and the tests read each one here (a leaf module: it imports nothing, so runtime
+code and DSL code both can).
+"""
+
+D_V = 512  # every MLA kernel here writes 512-wide V rows
+PAGE_BLOCK_SIZE = 64  # tokens per page of the dense (bf16/fp16) KV cache
+
+BLOCK_M = 64  # query rows an SM90 attention CTA works on at once (a row block)
+BLOCK_N = 64  # KV tokens per block: a kernel's main-loop step and the decode schedule's unit
+SPARSE_PREFILL_HEAD_BLOCK = BLOCK_M  # query heads per CTA of the sparse prefill kernel
+# h_q the small-head sparse decode kernel is built for (its MMAs' N).  At 32 ptxas spilled a
+# register in every variant (session 11), so h_q 32 runs the 64-row kernel.
+SPARSE_DECODE_SMALL_HEADS = (8, 16)
+COMBINE_HEADS_PER_CTA = 4  # the combine kernel runs one warp per head row
+
+# ``sched_meta[part]``: SCHED_META_FIELDS int32 fields, named below (``schedules.decode_plan``
+# describes the plan); fields 5..7 are zero.
+SCHED_META_FIELDS = 8
+META_BEGIN_REQ = 0  # first request of the part
+META_BEGIN_BLOCK = 1  # first KV block in it
+META_END_REQ = 2  # last request of the part (inclusive; < META_BEGIN_REQ: an empty part)
+META_END_BLOCK = 3  # one past the last KV block in it
+META_BEGIN_SPLIT = 4  # the split index the part writes for its first request
+
+# The slots of ``split_counters`` (``layouts.operands.split_counters``): the ticket, the
+# finished CTAs, and the first split count.
+SPLIT_TICKET, SPLIT_FINISHED, SPLIT_COUNTS = 0, 1, 2
