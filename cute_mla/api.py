@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from cute_mla import ops, plans, registry
+from cute_mla import library, ops, plans, registry
 from cute_mla.ops import _require as need  # ValueError(msg) unless cond
 from cute_mla.sched_meta import FlashMLASchedMeta, get_mla_metadata
 from cute_mla.layouts.kv_cache import BLOCK_STRIDE_ALIGN, format_for_dqk
@@ -405,4 +405,28 @@ flash_attn_varlen_qkvpacked_func = flash_attn_varlen_func
 flash_attn_varlen_kvpacked_func = flash_attn_varlen_func
 
 
-from cute_mla import library  # noqa: E402,F401  (registers torch.ops.cute_mla.*, which call the functions above)
+# ------------------------------------------------------------------ the torch.library ops' CUDA side
+def _mla_decode_op(q: torch.Tensor, k_cache: torch.Tensor, block_table: Optional[torch.Tensor],
+                   cache_seqlens: Optional[torch.Tensor], head_dim_v: int, softmax_scale: Optional[float],
+                   causal: bool, is_fp8_kvcache: bool, indices: Optional[torch.Tensor],
+                   attn_sink: Optional[torch.Tensor], extra_k_cache: Optional[torch.Tensor],
+                   extra_indices_in_kvcache: Optional[torch.Tensor], topk_length: Optional[torch.Tensor],
+                   extra_topk_length: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.cute_mla.mla_decode``: ``flash_mla_with_kvcache`` with a schedule of its own
+    (an op cannot take a ``FlashMLASchedMeta``; returns out, lse)."""
+    meta, _ = get_mla_metadata()
+    return flash_mla_with_kvcache(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, meta, softmax_scale=softmax_scale, causal=causal,
+        is_fp8_kvcache=is_fp8_kvcache, indices=indices, attn_sink=attn_sink, extra_k_cache=extra_k_cache,
+        extra_indices_in_kvcache=extra_indices_in_kvcache, topk_length=topk_length,
+        extra_topk_length=extra_topk_length)
+
+
+def _sparse_prefill_op(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int,
+                       attn_sink: Optional[torch.Tensor], topk_length: Optional[torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.cute_mla.sparse_prefill``: ``flash_mla_sparse_fwd`` (returns out, max_logits, lse)."""
+    return flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v, attn_sink=attn_sink, topk_length=topk_length)
+
+
+library.implement(mla_decode=_mla_decode_op, sparse_prefill=_sparse_prefill_op)
