@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 
 from cute_mla import launcher, registry
-from cute_mla.layouts.constants import BLOCK_N, COMBINE_HEADS_PER_CTA, SCHED_META_FIELDS
-from cute_mla.schedules import decode_plan
+from cute_mla.layouts.constants import BLOCK_N, SCHED_META_FIELDS
+from cute_mla.schedules import decode_plan, grids
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # torch dtype -> kernel variant dtype
 
@@ -68,7 +68,7 @@ def plan_decode(cache_seqlens: torch.Tensor, num_parts: int, block_n: int = BLOC
     split_offsets = torch.empty(b + 1, dtype=torch.int32, device=dev)
     if b == 0:
         return sched_meta.zero_(), split_offsets.zero_()
-    launcher.launch("decode_scheduler", {}, (1, 1, 1), device_index=dev.index, cache_seqlens=cache_seqlens,
+    launcher.launch("decode_scheduler", {}, grids.SCHEDULER, device_index=dev.index, cache_seqlens=cache_seqlens,
                     sched_meta=sched_meta, split_offsets=split_offsets, block_n=block_n, fixed_overhead=fixed_overhead,
                     max_len=max_len)
     return sched_meta, split_offsets
@@ -101,7 +101,7 @@ def combine(o_accum: torch.Tensor, lse_accum: torch.Tensor, split_offsets: torch
     else:
         sink = torch.empty(1, dtype=torch.float32, device=out.device)
     launcher.launch(
-        "combine", {"dtype": DTYPE_NAMES[out.dtype]}, (-(-h_q // COMBINE_HEADS_PER_CTA), s_q, b),
+        "combine", {"dtype": DTYPE_NAMES[out.dtype]}, grids.combine(b, s_q, h_q),
         device_index=out.device.index, pdl=pdl, o_accum=o_accum, lse_accum=lse_accum, split_offsets=split_offsets,
         attn_sink=sink, out=out, lse=lse, skip_single_split=int(skip_single_split), has_sink=int(attn_sink is not None))
 

@@ -28,10 +28,9 @@ import torch
 from cute_mla import driver, launcher
 from cute_mla.ops import DTYPE_NAMES
 from cute_mla.sched_meta import FlashMLASchedMeta, KeptWorkspace, require_sched_meta
-from cute_mla.layouts.constants import (BLOCK_M, BLOCK_N, COMBINE_HEADS_PER_CTA, D_V, PAGE_BLOCK_SIZE,
-                                        SCHED_META_FIELDS, SPARSE_DECODE_SMALL_HEADS, SPARSE_PREFILL_HEAD_BLOCK,
-                                        SPLIT_COUNTS)
-from cute_mla.schedules import decode_plan
+from cute_mla.layouts.constants import (BLOCK_M, BLOCK_N, D_V, PAGE_BLOCK_SIZE, SCHED_META_FIELDS,
+                                        SPARSE_DECODE_SMALL_HEADS, SPLIT_COUNTS)
+from cute_mla.schedules import decode_plan, grids
 
 
 # The public entry points' tensor arguments in call order, under the kernels' ABI names: the first
@@ -237,7 +236,7 @@ class SplitKvPlan:
         if self.workspace_numel > self.counters_start:
             t["split_counters"] = ws[self.counters_start:].view(torch.int32)
         self.scheduler = launcher.prepare(
-            "decode_scheduler", {}, (1, 1, 1), device_index=self.device_index, cache_seqlens=lengths,
+            "decode_scheduler", {}, grids.SCHEDULER, device_index=self.device_index, cache_seqlens=lengths,
             sched_meta=t["sched_meta"], split_offsets=t["split_offsets"], block_n=BLOCK_N,
             fixed_overhead=self.fixed_overhead, max_len=self.max_len)
         return t
@@ -277,7 +276,7 @@ class SplitKvPlan:
         b, s_q, h_q, _ = self.out_shape
         has_sink = attn_sink is not None
         self.combine = launcher.prepare(
-            "combine", {"dtype": DTYPE_NAMES[self.dtype]}, (-(-h_q // COMBINE_HEADS_PER_CTA), s_q, b),
+            "combine", {"dtype": DTYPE_NAMES[self.dtype]}, grids.combine(b, s_q, h_q),
             device_index=self.device_index, pdl=True, static=() if has_sink else ("attn_sink",), out=out, lse=lse,
             attn_sink=attn_sink if has_sink else dummies(self.device_index)["f32"],
             skip_single_split=1, has_sink=int(has_sink), o_accum=templates["o_accum"],
@@ -352,14 +351,14 @@ class DenseDecodePlan(SplitKvPlan):
                  config: FlashMLASchedMeta.Config):
         h_kv = k_cache.shape[2]
         b, s_q, h_q, _ = q.shape
-        row_blocks = -(-(s_q * (h_q // h_kv)) // BLOCK_M)
+        rows = s_q * (h_q // h_kv)  # under one kv head
         super().__init__(q, config, h_kv, decode_plan.FIXED_OVERHEAD_BLOCKS, block_table.shape[1] * PAGE_BLOCK_SIZE,
-                         counters=SPLIT_COUNTS + b * h_kv * row_blocks)
+                         counters=SPLIT_COUNTS + b * h_kv * grids.row_blocks(rows))
         templates = self.templates(cache_seqlens)
         out, lse = self.outputs()
         self.main = launcher.prepare(
             "dense_decode_sm90", {"dtype": DTYPE_NAMES[q.dtype]},
-            (self.parts, h_kv, row_blocks), device_index=self.device_index,
+            grids.split_kv(self.parts, h_kv, rows), device_index=self.device_index,
             q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse,
             softmax_scale=float(softmax_scale), causal=int(bool(causal) and s_q > 1), heads_per_kv=h_q // h_kv,
             **templates)
@@ -435,7 +434,7 @@ class SparseDecodePlan(SplitKvPlan):
         if h_q in SPARSE_DECODE_SMALL_HEADS:
             kernel, variant = "sparse_decode_heads_sm90", dict(variant, heads=h_q)
         self.main = launcher.prepare(
-            kernel, variant, (self.parts, 1, s_q * token_rows // BLOCK_M),
+            kernel, variant, grids.split_kv(self.parts, 1, s_q * token_rows),
             device_index=self.device_index, static=static, q=q, k_cache=fp8_cache_bytes(k_cache), indices=indices,
             out=out, lse=lse,
             softmax_scale=float(softmax_scale), page_block_size=k_cache.shape[1],
@@ -480,7 +479,7 @@ class SparsePrefillPlan:
         out, max_logits, lse = self.outputs()
         num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.main = launcher.prepare(
-            "sparse_prefill_sm90", {"d_qk": d_qk}, (min(s_q * (h_q // SPARSE_PREFILL_HEAD_BLOCK), num_sms), 1, 1),
+            "sparse_prefill_sm90", {"d_qk": d_qk}, grids.sparse_prefill(s_q, h_q, num_sms),
             device_index=self.device_index, static=tuple(name for name, (t, _) in optional.items() if t is None),
             q=q, kv=kv, indices=indices, out=out, max_logits=max_logits, lse=lse,
             sm_scale=float(sm_scale), has_topk_length=int(topk_length is not None),

@@ -4,6 +4,8 @@ import random
 import pytest
 
 from cute_mla.schedules import decode_plan
+from cute_mla.layouts.constants import BLOCK_M, COMBINE_HEADS_PER_CTA
+from cute_mla.schedules import grids
 from cute_mla.schedules.decode_plan import BLOCK_N, FIXED_OVERHEAD_BLOCKS, num_sm_parts, part_work, plan_host
 
 
@@ -84,3 +86,21 @@ def test_whole_request_parts(b, length, parts, expected):
     if got is not None:  # every request in one split, as the GPU scheduler plans it too
         _, offsets = decode_plan.plan_host([length] * b, got, fixed_overhead=decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS)
         assert offsets == list(range(b + 1))
+
+
+@pytest.mark.parametrize("rows", [1, 63, 64, 65, 128, 1000])
+def test_split_kv_grid_covers_every_row_once(rows):
+    parts, heads, blocks = grids.split_kv(7, 3, rows)
+    assert (parts, heads) == (7, 3)
+    assert (blocks - 1) * BLOCK_M < rows <= blocks * BLOCK_M
+
+
+def test_sparse_prefill_grid_is_persistent():
+    assert grids.sparse_prefill(s_q=3, h_q=128, num_sms=132) == (6, 1, 1)  # fewer tiles than SMs
+    assert grids.sparse_prefill(s_q=4096, h_q=64, num_sms=132) == (132, 1, 1)
+
+
+@pytest.mark.parametrize("h_q", [1, 4, 5, 16, 128])
+def test_combine_grid_covers_every_head(h_q):
+    x, s_q, b = grids.combine(b=9, s_q=2, h_q=h_q)
+    assert (s_q, b) == (2, 9) and (x - 1) * COMBINE_HEADS_PER_CTA < h_q <= x * COMBINE_HEADS_PER_CTA
