@@ -3,9 +3,8 @@ import random
 
 import pytest
 
-from cute_mla.schedules import decode_plan
 from cute_mla.layouts.constants import BLOCK_M, COMBINE_HEADS_PER_CTA
-from cute_mla.schedules import grids
+from cute_mla.schedules import decode_plan, grids
 from cute_mla.schedules.decode_plan import BLOCK_N, FIXED_OVERHEAD_BLOCKS, num_sm_parts, part_work, plan_host
 
 
