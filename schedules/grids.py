@@ -2,9 +2,9 @@
 
 A kernel reads its place in the grid with ``cute.arch.block_idx`` / ``grid_dim``; what each
 coordinate means is its tile scheduler's to say: the split tiles and merge chunks of
-``kernels.sm90.split_tickets`` (dense decode), the part walk of ``schedules.decode_plan``
-(sparse decode), the persistent tile loop of ``kernels.sm90.sparse_prefill``, and the head rows
-of ``kernels.common.combine``.
+``kernels.sm90.split_tickets`` (dense decode), the parts of ``schedules.decode_plan`` as
+``kernels.sm90.split_kv_decode.DecodePart`` walks them (both decode kernels), the persistent tile
+loop of ``kernels.sm90.sparse_prefill``, and the head rows of ``kernels.common.combine``.
 """
 from __future__ import annotations
 

@@ -18,9 +18,9 @@ from cute_mla.kernels.common.paged_kv import (COLUMN_TILE, PAGE, kv_smem_layout,
                                               page_column_tile)
 from cute_mla.kernels.common.softmax import LOG2_E, Softmax
 from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
-from cute_mla.kernels.sm90.split_kv_decode import QTile, SplitKvDecodeSm90
+from cute_mla.kernels.sm90.split_kv_decode import DecodePart, QTile, SplitKvDecodeSm90
 from cute_mla.kernels.sm90.split_tickets import SplitTickets
-from cute_mla.layouts.constants import BLOCK_M, D_V, META_BEGIN_REQ, META_BEGIN_SPLIT, META_END_REQ
+from cute_mla.layouts.constants import BLOCK_M, D_V
 
 TILES = 9  # 64-column tiles of a 576-wide page
 P_TILE = 8  # the RoPE tile: read by S only, so it holds the block's P once S is done
@@ -316,9 +316,9 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
             if t < splits:
                 part, hk, mblk = tickets.split_tile(t)
                 phase, next_ticket = self.split_tile(frags, rows, tOcO, sQ, sK, sStat, loads, tickets, mQ, mSeqlens,
-                                                     mSchedMeta, mSplitOffsets, mOut, mLse, mOAccum, mLseAccum,
-                                                     softmax_scale, causal, heads_per_kv, part, hk, mblk, phase, tidx,
-                                                     wg)
+                                                     DecodePart(mSchedMeta, mSplitOffsets, part), mOut, mLse, mOAccum,
+                                                     mLseAccum, softmax_scale, causal, heads_per_kv, hk, mblk, phase,
+                                                     tidx, wg)
                 t = tickets.hand_out(next_ticket, draw, tidx)
             else:
                 next_ticket = tickets.reserve(tidx)  # no split tile is left: nothing to hold from others
@@ -328,12 +328,12 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
 
     @cute.jit
     def split_tile(self, frags, rows, tOcO: cute.Tensor, sQ: cute.Tensor, sK: cute.Tensor, sStat: cute.Tensor,
-                   loads, tickets: SplitTickets, mQ: cute.Tensor, mSeqlens: cute.Tensor, mSchedMeta: cute.Tensor,
-                   mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor,
-                   mLseAccum: cute.Tensor, softmax_scale: Float32, causal: Int32, heads_per_kv: Int32, part: Int32,
-                   hk: Int32, mblk: Int32, phase: Int32, tidx: Int32, wg: cutlass.Constexpr[int]):
-        """Warpgroup ``wg``'s share of split tile (part, kv head hk, row block mblk): every
-        piece of the part, each finalised or written as a counted partial (``epilogue``).
+                   loads, tickets: SplitTickets, mQ: cute.Tensor, mSeqlens: cute.Tensor, sched: DecodePart,
+                   mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor,
+                   softmax_scale: Float32, causal: Int32, heads_per_kv: Int32, hk: Int32, mblk: Int32, phase: Int32,
+                   tidx: Int32, wg: cutlass.Constexpr[int]):
+        """Warpgroup ``wg``'s share of split tile (part ``sched``, kv head hk, row block mblk):
+        every piece of the part, each finalised or written as a counted partial (``epilogue``).
         Returns its buffer's next tile-barrier phase and the next ticket, reserved as the last
         piece starts (``SplitTickets.reserve``)."""
         mBlockTable = loads.block_table
@@ -345,22 +345,20 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         s_q = mQ.shape[1]
         max_blocks = mBlockTable.shape[1]
 
-        begin_req = mSchedMeta[part, META_BEGIN_REQ]
-        end_req = mSchedMeta[part, META_END_REQ]
+        begin_req = sched.begin_req()
+        end_req = sched.end_req()
         prev_blocks = Int32(0)
         next_ticket = Int32(-1)
         for r in cutlass.range(begin_req, end_req + 1, unroll=1):
             if r == end_req:
                 next_ticket = tickets.reserve(tidx)
             seqlen = self.seqlen_of(mSeqlens, max_blocks, r)
-            lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
-            split = Int32(0)
-            if r == begin_req:
-                split = mSchedMeta[part, META_BEGIN_SPLIT]
+            lo, hi = sched.block_range(seqlen, r)
+            split = sched.split_of(r, begin_req)
             nr = r + 1
             nlo, nhi = Int32(0), Int32(0)
             if nr <= end_req:
-                nlo, nhi = self.block_range(self.seqlen_of(mSeqlens, max_blocks, nr), mSchedMeta, part, nr)
+                nlo, nhi = sched.block_range(self.seqlen_of(mSeqlens, max_blocks, nr), nr)
             nxt = (nr, nlo, nhi, (nr <= end_req) & (nlo < nhi))
             # The previous piece's last pair already loaded this piece's first pair when both have blocks.
             if (prev_blocks <= 0) | (hi <= lo):
@@ -383,9 +381,8 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
                                   row_limit, min_limit, seqlen, a, hi, wtid, wg)
             prev_blocks = hi - lo
 
-            nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
             self.epilogue(acc_o, tOcO, softmax, sStat, mOut, mLse, mOAccum, mLseAccum, r, hk, mblk, heads_per_kv, wg,
-                          nsplits, mSplitOffsets[r] + split, wtid, tickets=tickets)
+                          sched.splits(r), sched.split_row(r, split), wtid, tickets=tickets)
         if next_ticket < 0:  # a part without pieces
             next_ticket = tickets.reserve(tidx)
         return phase, next_ticket

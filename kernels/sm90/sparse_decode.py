@@ -17,8 +17,8 @@ from cute_mla.kernels.common.gmem import (copy_16B_async, load_8B, load_16B, loa
 from cute_mla.kernels.common.mma_sm90 import swizzle_128b
 from cute_mla.kernels.common.paged_kv import kv_smem_layout
 from cute_mla.kernels.common.softmax import LOG2_E
-from cute_mla.kernels.sm90.split_kv_decode import QTile, SplitKvDecodeSm90
-from cute_mla.layouts.constants import BLOCK_M, BLOCK_N, D_V, META_BEGIN_REQ, META_BEGIN_SPLIT, META_END_REQ
+from cute_mla.kernels.sm90.split_kv_decode import DecodePart, QTile, SplitKvDecodeSm90
+from cute_mla.layouts.constants import BLOCK_M, BLOCK_N, D_V
 from cute_mla.layouts.kv_cache import get_format
 
 PIECE = 16  # bytes a lane moves at once (one 128-bit load or shared store)
@@ -143,18 +143,17 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         sBias, kv_pipe = self.make_gathered_kv_pipeline(smem, self.producer_threads)
 
         part, _, mblk = cute.arch.block_idx()
+        sched = DecodePart(mSchedMeta, mSplitOffsets, part)
         lengths = (mIndices.shape[2], mTopkLength, has_topk_length, mXIndices.shape[2], mXTopkLength,
                    has_extra, has_extra_topk_length)
         if wg == 0:
             cute.arch.setmaxregister_decrease(self.regs_producer)
-            self.load(mK, mIndices, mXK, mXIndices, page_block_size, extra_page_block_size, lengths, mSchedMeta,
-                      sK, sK_layout.outer, sBias, kv_pipe, part, (mblk * BLOCK_M) // self.token_rows(mQ), warp,
-                      tidx % 32)
+            self.load(mK, mIndices, mXK, mXIndices, page_block_size, extra_page_block_size, lengths, sched, sK,
+                      sK_layout.outer, sBias, kv_pipe, (mblk * BLOCK_M) // self.token_rows(mQ), warp, tidx % 32)
         else:
             cute.arch.setmaxregister_increase(self.regs_consumer)
-            self.consume(qk_mma, pv_mma, qk_tail_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, lengths, mSink,
-                         mSchedMeta, mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, kv_pipe, softmax_scale, has_sink,
-                         part, mblk, wg - 1, tidx - 128)
+            self.consume(qk_mma, pv_mma, qk_tail_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, lengths, mSink, sched,
+                         mOut, mLse, mOAccum, mLseAccum, kv_pipe, softmax_scale, has_sink, mblk, wg - 1, tidx - 128)
 
     @staticmethod
     def token_rows(mQ: cute.Tensor):
@@ -183,21 +182,18 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         return n, nb, nx, nb * BLOCK_N + nx
 
     @cute.jit
-    def piece(self, lengths, mSchedMeta: cute.Tensor, part: Int32, r: Int32, begin_req: Int32):
-        """The consumers' piece of request r in part ``part``: (first block, end block, split
+    def piece(self, lengths, sched: DecodePart, r: Int32, begin_req: Int32):
+        """The consumers' piece of request r in part ``sched``: (first block, end block, split
         index of the partial row it writes)."""
         _, _, _, seqlen = self.request_slots(lengths, r)
-        lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
-        split = Int32(0)
-        if r == begin_req:
-            split = mSchedMeta[part, META_BEGIN_SPLIT]
-        return lo, hi, split
+        lo, hi = sched.block_range(seqlen, r)
+        return lo, hi, sched.split_of(r, begin_req)
 
     # ------------------------------------------------------------------ producer
     @cute.jit
     def load(self, mK: cute.Tensor, mIndices: cute.Tensor, mXK: cute.Tensor, mXIndices: cute.Tensor,
-             pbs: Int32, xpbs: Int32, lengths, mSchedMeta: cute.Tensor, sK: cute.Tensor, sK_outer: cute.Layout,
-             sBias: cute.Tensor, kv_pipe, part: Int32, iq: Int32, warp: Int32, lane: Int32):
+             pbs: Int32, xpbs: Int32, lengths, sched: DecodePart, sK: cute.Tensor, sK_outer: cute.Layout,
+             sBias: cute.Tensor, kv_pipe, iq: Int32, warp: Int32, lane: Int32):
         # Lane l looks after quarter l % 4 of every 64-column group of tokens l // 4 and
         # 8 + l // 4 of the warp's 16: it stages their codes, converts them, stores them.
         # Byte offsets in a stage: its staging piece of group 0 (raw, unswizzled) and,
@@ -210,9 +206,9 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         caches = (mK, mIndices, pbs, mXK, mXIndices, xpbs)
         slot = warp * 16 + lane % 16  # the slot of each block lane l (and l + 16) resolves
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-        for r in cutlass.range(mSchedMeta[part, META_BEGIN_REQ], mSchedMeta[part, META_END_REQ] + 1, unroll=1):
+        for r in cutlass.range(sched.begin_req(), sched.end_req() + 1, unroll=1):
             n, nb, nx, seqlen = self.request_slots(lengths, r)
-            lo, hi = self.block_range(seqlen, mSchedMeta, part, r)
+            lo, hi = sched.block_range(seqlen, r)
             # Two blocks of look-ahead: block j's tokens are gathered while block j + 1's are
             # prefetched into L2 and block j + 2's indices are in flight.
             rec, sc = self.token_record(self.block_source(caches, lo, r, iq, n, nb, nx),
@@ -419,17 +415,16 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, qk_tail_mma: cute.TiledMma, sQ: cute.Tensor,
                 sK: cute.Tensor, sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor,
                 sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths, mSink: cute.Tensor,
-                mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
-                mOAccum: cute.Tensor, mLseAccum: cute.Tensor, kv_pipe, softmax_scale: Float32, has_sink: Int32,
-                part: Int32, mblk: Int32, half: Int32, ctid: Int32):
+                sched: DecodePart, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor,
+                kv_pipe, softmax_scale: Float32, has_sink: Int32, mblk: Int32, half: Int32, ctid: Int32):
         wtid = ctid % 128
         thr_qk, thr_pv, tSrQ, tSrK, tScS, tOrP, tOcO = self.consumer_fragments(qk_mma, pv_mma, sQ, sK, sP, half, wtid)
         scale_log2 = softmax_scale * LOG2_E
         token_rows = self.token_rows(mQ)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-        begin_req = mSchedMeta[part, META_BEGIN_REQ]
-        for r in cutlass.range(begin_req, mSchedMeta[part, META_END_REQ] + 1, unroll=1):
-            lo, hi, split = self.piece(lengths, mSchedMeta, part, r, begin_req)
+        begin_req = sched.begin_req()
+        for r in cutlass.range(begin_req, sched.end_req() + 1, unroll=1):
+            lo, hi, split = self.piece(lengths, sched, r, begin_req)
             # the row block's heads of one query token: (request r, "kv head" 0, h_p rows per token)
             self.load_q(mQ, sQ, QTile(r, 0, mblk, token_rows), ctid)
             acc_o, softmax = self.fresh_rows(thr_pv, scale_log2)
@@ -437,6 +432,5 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 self.attend_gathered_block(qk_mma, pv_mma, qk_tail_mma, tSrQ, tSrK, tScS, tOrP, acc_o, softmax, sK, sP,
                                            sStat, sBias, sV_layout, kv_pipe, state, half, wtid)
                 state.advance()
-            nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
             self.epilogue(acc_o, tOcO, softmax, sStat, mOut, mLse, mOAccum, mLseAccum, r, 0, mblk, token_rows, half,
-                          nsplits, mSplitOffsets[r] + split, wtid, mSink, has_sink)
+                          sched.splits(r), sched.split_row(r, split), wtid, mSink, has_sink)

@@ -38,7 +38,8 @@ from cute_mla.kernels.common.mma_sm90 import gemm, swizzle_128b
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.softmax import LN_2, LOG2_E, Softmax
 from cute_mla.kernels.sm90.sparse_decode import SparseDecodeSm90
-from cute_mla.layouts.constants import BLOCK_N, D_V, META_BEGIN_REQ, META_END_REQ, SPARSE_DECODE_SMALL_HEADS
+from cute_mla.kernels.sm90.split_kv_decode import DecodePart
+from cute_mla.layouts.constants import BLOCK_N, D_V, SPARSE_DECODE_SMALL_HEADS
 
 
 @dataclass(frozen=True)
@@ -168,14 +169,13 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
     def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, qk_tail_mma: cute.TiledMma, sQ: cute.Tensor,
                 sK: cute.Tensor, sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor,
                 sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths, mSink: cute.Tensor,
-                mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
-                mOAccum: cute.Tensor, mLseAccum: cute.Tensor, kv_pipe, softmax_scale: Float32, has_sink: Int32,
-                part: Int32, mblk: Int32, half: Int32, ctid: Int32):
+                sched: DecodePart, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor,
+                kv_pipe, softmax_scale: Float32, has_sink: Int32, mblk: Int32, half: Int32, ctid: Int32):
         """Each warpgroup runs its own copy of the loop, ``half`` a compile-time constant there,
         with its own MMAs (the kernel's are not used: one set shared by both branches would carry
         the accumulate flag set inside one branch into the other)."""
-        args = (sQ, sK, sP, sStat, sBias, sV_layout, mQ, lengths, mSink, mSchedMeta, mSplitOffsets, mOut, mLse,
-                mOAccum, mLseAccum, kv_pipe, softmax_scale, has_sink, part, mblk, ctid)
+        args = (sQ, sK, sP, sStat, sBias, sV_layout, mQ, lengths, mSink, sched, mOut, mLse, mOAccum, mLseAccum,
+                kv_pipe, softmax_scale, has_sink, mblk, ctid)
         if half == 0:
             self.consume_half(*args, 0)
         else:
@@ -184,9 +184,9 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
     @cute.jit
     def consume_half(self, sQ: cute.Tensor, sK: cute.Tensor, sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor,
                      sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths, mSink: cute.Tensor,
-                     mSchedMeta: cute.Tensor, mSplitOffsets: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor,
-                     mOAccum: cute.Tensor, mLseAccum: cute.Tensor, kv_pipe, softmax_scale: Float32, has_sink: Int32,
-                     part: Int32, mblk: Int32, ctid: Int32, half: cutlass.Constexpr[int]):
+                     sched: DecodePart, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor,
+                     mLseAccum: cute.Tensor, kv_pipe, softmax_scale: Float32, has_sink: Int32, mblk: Int32,
+                     ctid: Int32, half: cutlass.Constexpr[int]):
         N = self.heads
         qk_mma, pv_mma, qk_tail_mma = self.make_mmas()
         wtid = ctid % 128
@@ -204,9 +204,9 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         scale_log2 = softmax_scale * LOG2_E
         iq = mblk  # one row block per query token
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-        begin_req = mSchedMeta[part, META_BEGIN_REQ]
-        for r in cutlass.range(begin_req, mSchedMeta[part, META_END_REQ] + 1, unroll=1):
-            lo, hi, split = self.piece(lengths, mSchedMeta, part, r, begin_req)
+        begin_req = sched.begin_req()
+        for r in cutlass.range(begin_req, sched.end_req() + 1, unroll=1):
+            lo, hi, split = self.piece(lengths, sched, r, begin_req)
             self.load_qt(mQ, sQ, r, iq, ctid)
             acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((self.v_half, N)))
             acc_o.fill(0.0)
@@ -215,9 +215,8 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
                 self.attend_block(qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax, sK, sP, sX,
                                   sRed, sBias, sV_layout, kv_pipe, state, half, warp, lane, wtid)
                 state.advance()
-            nsplits = mSplitOffsets[r + 1] - mSplitOffsets[r]
             self.epilogue_t(acc_o, tOcO, softmax, sRed, mOut, mLse, mOAccum, mLseAccum, r, iq, half, warp, lane,
-                            nsplits, mSplitOffsets[r] + split, mSink, has_sink)
+                            sched.splits(r), sched.split_row(r, split), mSink, has_sink)
 
     @cute.jit
     def attend_block(self, qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK, sP,

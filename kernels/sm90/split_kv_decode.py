@@ -2,8 +2,8 @@
 
 A decode CTA owns 64 query rows of one kv head (row m = query token m // h_r, head
 m % h_r, with h_r = h_q / h_kv query heads per kv head) and walks the pieces its part
-of ``sched_meta`` lists (``schedules.decode_plan``): (request, KV blocks [lo, hi),
-split).  For each piece it loads Q, runs its consumer loop over the blocks (dense: the
+of ``sched_meta`` lists (``DecodePart``, ``schedules.decode_plan``): (request, KV blocks
+[lo, hi), split).  For each piece it loads Q, runs its consumer loop over the blocks (dense: the
 seesaw of ``kernels.sm90.seesaw``; sparse: the split-S core of
 ``kernels.sm90.mla_consumers``), and either finalises the request (one split) or writes
 the split's partial O and base-2 lse for the merge (dense decode: its own CTAs,
@@ -11,6 +11,7 @@ the split's partial O and base-2 lse for the merge (dense decode: its own CTAs,
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import cutlass
@@ -20,7 +21,8 @@ from cutlass import Float32, Int32
 from cute_mla.kernels.common.fragment_store import store_row, store_row_pairs
 from cute_mla.kernels.common.softmax import LN_2, Softmax, sink_denominator
 from cute_mla.kernels.sm90.mla_consumers import TwoConsumerMlaSm90
-from cute_mla.layouts.constants import BLOCK_M, BLOCK_N, META_BEGIN_BLOCK, META_BEGIN_REQ, META_END_BLOCK, META_END_REQ
+from cute_mla.layouts.constants import (BLOCK_M, BLOCK_N, META_BEGIN_BLOCK, META_BEGIN_REQ, META_BEGIN_SPLIT,
+                                        META_END_BLOCK, META_END_REQ)
 
 
 @cute.jit
@@ -32,6 +34,54 @@ def query_of_row(m: Int32, hk: Int32, heads_per_kv: Int32):
     (``SplitKvDecodeSm90.row_exists``)."""
     iq = m // heads_per_kv
     return iq, hk * heads_per_kv + (m - iq * heads_per_kv)
+
+
+@dataclass(frozen=True)  # frozen: the DSL passes it through loops and branches as a constant
+class DecodePart:
+    """The tile scheduler of the split-KV decode kernels: one part of the schedule
+    (``schedules.decode_plan``; grid ``schedules.grids.split_kv``).  A part visits requests
+    ``begin_req()`` .. ``end_req()``, of each the KV blocks ``block_range`` gives, and writes its
+    piece of a request as split ``split_of`` (partial row ``split_row``) when the request has more
+    than one (``splits``)."""
+
+    meta: Any  # sched_meta (parts, SCHED_META_FIELDS) int32
+    split_offsets: Any  # (b + 1,) int32: request r's partial rows start at split_offsets[r]
+    part: Any
+
+    def begin_req(self) -> Int32:
+        return self.meta[self.part, META_BEGIN_REQ]
+
+    def end_req(self) -> Int32:
+        """The last request (inclusive; below ``begin_req()`` in a part without pieces)."""
+        return self.meta[self.part, META_END_REQ]
+
+    @cute.jit
+    def block_range(self, seqlen: Int32, r: Int32):
+        """KV blocks [lo, hi) of request r (``seqlen`` tokens) that this part computes."""
+        lo = Int32(0)
+        hi = (seqlen + BLOCK_N - 1) // BLOCK_N
+        if r == self.meta[self.part, META_BEGIN_REQ]:
+            lo = self.meta[self.part, META_BEGIN_BLOCK]
+        if r == self.meta[self.part, META_END_REQ]:
+            hi = cutlass.min(hi, self.meta[self.part, META_END_BLOCK])
+        return lo, hi
+
+    @cute.jit
+    def split_of(self, r: Int32, begin_req: Int32) -> Int32:
+        """The split index of this part's piece of request r: a part's first request may have
+        begun in an earlier part."""
+        split = Int32(0)
+        if r == begin_req:
+            split = self.meta[self.part, META_BEGIN_SPLIT]
+        return split
+
+    def splits(self, r: Int32) -> Int32:
+        """How many parts compute request r (1: it is finalised where it is computed)."""
+        return self.split_offsets[r + 1] - self.split_offsets[r]
+
+    def split_row(self, r: Int32, split: Int32) -> Int32:
+        """The partial row of split ``split`` of request r."""
+        return self.split_offsets[r] + split
 
 
 class QTile(NamedTuple):
@@ -52,17 +102,6 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
         """``query_of_row`` (the module's function)."""
         return query_of_row(m, hk, heads_per_kv)
 
-
-    @cute.jit
-    def block_range(self, seqlen: Int32, mSchedMeta: cute.Tensor, part: Int32, r: Int32):
-        """KV blocks [lo, hi) of request r that this part computes."""
-        lo = Int32(0)
-        hi = (seqlen + BLOCK_N - 1) // BLOCK_N
-        if r == mSchedMeta[part, META_BEGIN_REQ]:
-            lo = mSchedMeta[part, META_BEGIN_BLOCK]
-        if r == mSchedMeta[part, META_END_REQ]:
-            hi = cutlass.min(hi, mSchedMeta[part, META_END_BLOCK])
-        return lo, hi
 
 
     @cute.jit
