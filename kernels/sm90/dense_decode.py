@@ -49,6 +49,26 @@ class TileBarriers:
             cute.arch.mbarrier_init(self.base + i, 1)
 
 
+@dataclass(frozen=True)  # frozen: the DSL passes it through loops and branches as a constant
+class KeyMask:
+    """Which keys of a request this thread's two rows attend to: tokens below the row's limit,
+    the request's length less s_q - 1 - i for query token i under causal masking
+    (``DenseDecodeSm90.key_mask``).  Blocks that end at or below ``min_limit`` need no mask."""
+
+    row_limit: Any  # (2,) Int32: the key limit of each of this thread's rows
+    min_limit: Any  # the smaller of the two
+
+    @cute.jit
+    def apply(self, acc_s: cute.Tensor, tScS: cute.Tensor, tok0: Int32):
+        """Keys at or past each row's limit in a block starting at token ``tok0`` become -inf
+        (selected, never multiplied, so NaN in masked positions disappears)."""
+        if tok0 + PAGE > self.min_limit:
+            for k in cutlass.range_constexpr(cute.size(acc_s)):
+                _, tok = tScS[k]
+                if tok0 + tok >= self.row_limit[(k // 2) % 2]:
+                    acc_s[k] = -Float32.inf
+
+
 class KvLoads(NamedTuple):
     """What a warp needs to TMA a page's tiles into a buffer (``load_tiles``)."""
 
@@ -66,8 +86,7 @@ class BlockCtx(NamedTuple):
     hk: Any  # kv head
     next_blocks: Any  # ((request, block, exists) for buffer 0, for buffer 1): what to load next
     phase: Any  # tile-barrier phase of this warpgroup's buffer
-    row_limit: Any  # key limit of this thread's two rows
-    min_limit: Any  # the smaller of the two: blocks below it need no mask
+    mask: KeyMask  # the keys this thread's rows attend to
     seqlen: Any  # the request's (clamped) length
 
 
@@ -228,7 +247,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
                 cute.gemm(qk_mma, acc_s, tSrQ[None, None, k, 0], tSrK[None, None, k, buf], acc_s)
         warpgroup.commit_group()
         warpgroup.wait_group(0)
-        self.mask(acc_s, tScS, blk * PAGE, ctx.row_limit, ctx.min_limit)
+        ctx.mask.apply(acc_s, tScS, blk * PAGE)
 
     @cute.jit
     def skip_block(self, ctx, buf: cutlass.Constexpr[int]):
@@ -245,14 +264,17 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         self.reload(ctx.loads, ctx.hk, ctx.next_blocks[buf], buf, wg, wtid)
 
     @cute.jit
-    def mask(self, acc_s: cute.Tensor, tScS: cute.Tensor, tok0: Int32, row_limit: cute.Tensor, min_limit: Int32):
-        """Keys at or past each row's limit become -inf (selected, never multiplied, so NaN
-        in masked positions disappears)."""
-        if tok0 + PAGE > min_limit:
-            for k in cutlass.range_constexpr(cute.size(acc_s)):
-                _, tok = tScS[k]
-                if tok0 + tok >= row_limit[(k // 2) % 2]:
-                    acc_s[k] = -Float32.inf
+    def key_mask(self, row_limit: cute.Tensor, tScS: cute.Tensor, seqlen: Int32, causal: Int32, s_q: Int32,
+                 hk: Int32, mblk: Int32, heads_per_kv: Int32) -> KeyMask:
+        """The ``KeyMask`` of this thread's two rows for a request of ``seqlen`` tokens, its row
+        limits written into ``row_limit``."""
+        for h in cutlass.range_constexpr(2):
+            row, _ = tScS[2 * h]
+            row_limit[h] = seqlen
+            if causal != 0:
+                iq, _ = self.query_of_row(mblk * BLOCK_M + row, hk, heads_per_kv)
+                row_limit[h] = seqlen - (s_q - 1 - iq)
+        return KeyMask(row_limit, cutlass.min(row_limit[0], row_limit[1]))
 
     @cute.jit
     def zero_tail(self, sK: cute.Tensor, buf: cutlass.Constexpr[int], valid: Int32, wg: cutlass.Constexpr[int],
@@ -277,12 +299,12 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
     # ------------------------------------------------------------------ a warpgroup's work
     @cute.jit
     def pair(self, frags, acc_o: cute.Tensor, softmax: Softmax, rows, sK: cute.Tensor, loads: KvLoads, hk: Int32,
-             next_blocks, phase: Int32, row_limit: cute.Tensor, min_limit: Int32, seqlen: Int32, a: Int32, hi: Int32,
-             wtid: Int32, wg: cutlass.Constexpr[int]):
+             next_blocks, phase: Int32, mask: KeyMask, seqlen: Int32, a: Int32, hi: Int32, wtid: Int32,
+             wg: cutlass.Constexpr[int]):
         """This warpgroup's part of the pair of blocks (a, a + 1); returns its buffer's next
         tile-barrier phase.  (The context is built here, not in the caller's staged loop: the
         DSL carries plain tuples across a loop body, not NamedTuples.)"""
-        ctx = BlockCtx(loads, hk, next_blocks, phase, row_limit, min_limit, seqlen)
+        ctx = BlockCtx(loads, hk, next_blocks, phase, mask, seqlen)
         self.step(frags, acc_o, softmax, rows, sK, ctx, a, hi, wtid, wg)
         # buffer 1 holds no block when the pair is a lone last block
         if cutlass.const_expr(wg == 0):
@@ -366,19 +388,11 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
                 self.reload(loads, hk, (r, lo + 1, lo + 1 < hi), 1, wg, wtid)
             self.load_q(mQ, sQ, QTile(r, hk, mblk, heads_per_kv), tidx)
 
-            # Key limit of this thread's two rows: the request length, less s_q-1-i for query
-            # token i under causal masking; only blocks that reach min_limit need masking.
-            for h in cutlass.range_constexpr(2):
-                row, _ = tScS[2 * h]
-                row_limit[h] = seqlen
-                if causal != 0:
-                    iq, _ = self.query_of_row(mblk * BLOCK_M + row, hk, heads_per_kv)
-                    row_limit[h] = seqlen - (s_q - 1 - iq)
-            min_limit = cutlass.min(row_limit[0], row_limit[1])
+            mask = self.key_mask(row_limit, tScS, seqlen, causal, s_q, hk, mblk, heads_per_kv)
             acc_o, softmax = self.fresh_rows(fields.pv_reg.get_slice(wtid), scale_log2)
             for a in cutlass.range(lo, hi, 2, unroll=1):
                 phase = self.pair(frags, acc_o, softmax, rows, sK, loads, hk, self.next_blocks(r, a, hi, nxt), phase,
-                                  row_limit, min_limit, seqlen, a, hi, wtid, wg)
+                                  mask, seqlen, a, hi, wtid, wg)
             prev_blocks = hi - lo
 
             self.epilogue(acc_o, tOcO, softmax, sStat, mOut, mLse, mOAccum, mLseAccum, r, hk, mblk, heads_per_kv, wg,
