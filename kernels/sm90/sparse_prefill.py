@@ -62,13 +62,36 @@ class RingBarriers:
         cute.arch.mbarrier_init(self.q(), consumer_threads)
 
 
+@dataclass(frozen=True)  # frozen: the DSL passes it through loops and branches as a constant
+class PrefillTiles:
+    """The tile scheduler of sparse prefill: tile t is query token t // head_blocks, head block
+    t % head_blocks, s_q * head_blocks of them; the CTA of block index b in a persistent grid of
+    G CTAs (``schedules.grids.sparse_prefill``) takes tiles b, b + G, b + 2 G, ..."""
+
+    head_blocks: Any  # blocks of 64 query heads
+    count: Any  # tiles
+    first: Any  # this CTA's first tile: its block index
+    stride: Any  # the grid's size
+
+    @staticmethod
+    def create(s_q, head_blocks) -> "PrefillTiles":
+        bid, _, _ = cute.arch.block_idx()
+        grid, _, _ = cute.arch.grid_dim()
+        return PrefillTiles(head_blocks, s_q * head_blocks, bid, grid)
+
+    def coords(self, tile):
+        """(query token, head block) of tile ``tile``."""
+        token = tile // self.head_blocks
+        return token, tile - token * self.head_blocks
+
+
 class NextQ(NamedTuple):
     """The next tile's Q copy, which the last pair of a tile starts (``start``)."""
 
     mQ: Any
     sQ: Any
     tile: Any
-    head_blocks: Any
+    tiles: PrefillTiles
     ctid: Any
     start: Any
 
@@ -86,8 +109,8 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
     """O = softmax(Q K_sel^T * scale) V_sel for 64 query heads of one query token, where
     K_sel are the kv rows its ``indices`` select (V = their first 512 columns).
 
-    Persistent grid of min(tiles, SMs) CTAs over s_q * h_q / 64 tiles, tile = token * (h_q /
-    64) + head block, so both head blocks of a token run at the same time and the second
+    Persistent grid of min(tiles, SMs) CTAs over s_q * h_q / 64 tiles (``PrefillTiles``), tile =
+    token * (h_q / 64) + head block, so both head blocks of a token run at the same time and the second
     finds the gathered rows in L2.  A tile is ceil(n / 64) blocks of 64 selected slots,
     n = min(topk, topk_length[token]), taken in pairs (even block in buffer 0, odd block in
     buffer 1); an odd count is padded with one block of invalid slots, which gathers nothing
@@ -147,8 +170,8 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
                  sm_scale: Float32, has_topk_length: Int32, has_sink: Int32, stream: cuda.CUstream):
         # q (s_q, h_q, d); kv (s_kv, 1, d); indices (s_q, 1, topk); out (s_q, h_q, 512)
         sK_layout = kv_smem_layout(self.dtype, self.d, self.stages)
-        # Persistent: the launcher starts min(tiles, SMs) CTAs (ops.sparse_prefill), each walking
-        # tiles bid, bid + grid, ...; this grid only serves the ahead-of-time compile.
+        # Persistent: the launcher starts min(tiles, SMs) CTAs (schedules.grids.sparse_prefill), each
+        # walking its tiles (PrefillTiles); this grid only serves the ahead-of-time compile.
         grid = [q.shape[0] * (q.shape[1] // BLOCK_M), 1, 1]
         self.kernel(q, kv, indices, topk_length, attn_sink, out, max_logits, lse, sm_scale, has_topk_length,
                     has_sink, self.q_smem_layout(), sK_layout, self.v_smem_layout(), self.p_smem_layout()).launch(
@@ -198,12 +221,11 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
                              mOut, mMaxLogits, mLse, sm_scale, has_topk_length, has_sink, tidx - 128, 1)
 
     @cute.jit
-    def tile_work(self, tile: Int32, head_blocks: Int32, mIndices: cute.Tensor, mTopkLength: cute.Tensor,
+    def tile_work(self, tile: Int32, tiles: PrefillTiles, mIndices: cute.Tensor, mTopkLength: cute.Tensor,
                   has_topk_length: Int32):
         """Tile -> (token, head block, counted slots n, pairs of blocks).  Selected slots
         [0, n) count; a topk_length outside [0, topk] is clamped into it."""
-        token = tile // head_blocks
-        hblk = tile - token * head_blocks
+        token, hblk = tiles.coords(tile)
         topk = mIndices.shape[2]
         n = topk
         if has_topk_length != 0:
@@ -224,11 +246,10 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         kv_base = mKV.iterator.toint() + Int64(16 * c)
         row_bytes = Int64(mKV.stride[0] * 2)
         rows = cute.make_rmem_tensor(cute.make_layout((4, 2)), Int32)  # (j, buffer) kv row or -1
-        bid, _, _ = cute.arch.block_idx()
-        grid, _, _ = cute.arch.grid_dim()
+        tiles = PrefillTiles.create(s_q, head_blocks)
         phase = Int32(0)
-        for tile in cutlass.range(bid, s_q * head_blocks, grid, unroll=1):
-            token, _, n, pairs = self.tile_work(tile, head_blocks, mIndices, mTopkLength, has_topk_length)
+        for tile in cutlass.range(tiles.first, tiles.count, tiles.stride, unroll=1):
+            token, _, n, pairs = self.tile_work(tile, tiles, mIndices, mTopkLength, has_topk_length)
             for pair in cutlass.range(pairs, unroll=1):
                 for b in cutlass.range_constexpr(2):
                     for j in cutlass.range_constexpr(4):
@@ -292,42 +313,38 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         frags, rows, tOcO = self.seesaw_fragments(sQ, sK, sMax, sV_layout, p_tiles, wg, wtid)
         pv_reg = SeesawFragments(*frags).pv_reg
         scale_log2 = sm_scale * LOG2_E
-        head_blocks = mQ.shape[1] // BLOCK_M
-        bid, _, _ = cute.arch.block_idx()
-        grid, _, _ = cute.arch.grid_dim()
-        tiles = mQ.shape[0] * head_blocks
+        tiles = PrefillTiles.create(mQ.shape[0], mQ.shape[1] // BLOCK_M)
         phase = Int32(0)
         q_phase = Int32(0)
-        if bid < tiles:
-            self.start_q_copy(mQ, sQ, bars, bid, head_blocks, ctid)
-        for tile in cutlass.range(bid, tiles, grid, unroll=1):
-            token, hblk, _, pairs = self.tile_work(tile, head_blocks, mIndices, mTopkLength, has_topk_length)
+        if tiles.first < tiles.count:
+            self.start_q_copy(mQ, sQ, bars, tiles.first, tiles, ctid)
+        for tile in cutlass.range(tiles.first, tiles.count, tiles.stride, unroll=1):
+            token, hblk, _, pairs = self.tile_work(tile, tiles, mIndices, mTopkLength, has_topk_length)
             # Both warpgroups are past the previous tile's epilogue (its sStat exchange).
             named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
             cute.arch.mbarrier_wait(bars.q(), q_phase)
             cute.arch.fence_proxy("async.shared", space="cta")  # cp.async wrote sQ; WGMMA reads it
             q_phase = q_phase ^ 1
             acc_o, softmax = self.fresh_rows(pv_reg.get_slice(wtid), scale_log2)
-            nxt = tile + grid
+            nxt = tile + tiles.stride
             for pair in cutlass.range(pairs, unroll=1):
                 # The last pair's final release starts the next tile's Q copy.
-                next_q = (mQ, sQ, nxt, head_blocks, ctid, (pair == pairs - 1) & (nxt < tiles))
+                next_q = (mQ, sQ, nxt, tiles, ctid, (pair == pairs - 1) & (nxt < tiles.count))
                 self.pair(frags, acc_o, softmax, rows, sK, bars, phase, sBias, next_q, pair, pairs, wtid, wg)
                 phase = phase ^ 1
-            if pairs == 0 and nxt < tiles:
-                self.start_q_copy(mQ, sQ, bars, nxt, head_blocks, ctid)
+            if pairs == 0 and nxt < tiles.count:
+                self.start_q_copy(mQ, sQ, bars, nxt, tiles, ctid)
             self.epilogue(acc_o, tOcO, softmax, sStat, mSink, mOut, mMaxLogits, mLse, sm_scale, has_sink, token, hblk,
                           wg, wtid)
 
     @cute.jit
-    def start_q_copy(self, mQ: cute.Tensor, sQ: cute.Tensor, bars: RingBarriers, tile: Int32, head_blocks: Int32,
+    def start_q_copy(self, mQ: cute.Tensor, sQ: cute.Tensor, bars: RingBarriers, tile: Int32, tiles: PrefillTiles,
                      ctid: Int32):
         """Start copying tile ``tile``'s 64 query rows into sQ (this thread's share); the
         ``q`` mbarrier completes when all 256 consumer threads' copies have landed.  The
         caller guarantees no MMA still reads sQ.  Same thread-to-chunk map as ``load_q``:
         four threads per row, thread q moving 16-byte chunks q + 4 j."""
-        token = tile // head_blocks
-        hblk = tile - token * head_blocks
+        token, hblk = tiles.coords(tile)
         row, q_off, dst, n_chunks = self.q_copy_share(sQ, ctid)
         src = mQ[token, hblk * BLOCK_M + row, None].iterator.toint() + q_off
         for j in cutlass.range_constexpr(n_chunks):
@@ -390,7 +407,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         if cutlass.const_expr(buf == 1):
             q = ctx.next_q
             if q.start:
-                self.start_q_copy(q.mQ, q.sQ, ctx.bars, q.tile, q.head_blocks, q.ctid)
+                self.start_q_copy(q.mQ, q.sQ, ctx.bars, q.tile, q.tiles, q.ctid)
 
     @cute.jit
     def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, softmax: Softmax, sStat: cute.Tensor,
