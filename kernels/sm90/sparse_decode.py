@@ -4,6 +4,9 @@ tokens of a second "extra" cache), dequantised on the fly to the matmul type (f1
 bf16: the ``matmul`` flag)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
@@ -24,6 +27,40 @@ from cute_mla.layouts.kv_cache import get_format
 PIECE = 16  # bytes a lane moves at once (one 128-bit load or shared store)
 # the ``matmul`` flag: the type of Q, the dequantised cache, P and the WGMMAs
 MATMUL_DTYPES = {"f16": cutlass.Float16, "bf16": cutlass.BFloat16}
+
+
+@cute.jit
+def counted(topk: Int32, mLength: cute.Tensor, has_length: Int32, r: Int32) -> Int32:
+    """Slots of request r that count: its length clamped into [0, topk], else topk."""
+    n = topk
+    if has_length != 0:
+        n = cutlass.min(cutlass.max(mLength[r], 0), topk)
+    return n
+
+
+@dataclass(frozen=True)  # frozen: the DSL passes it through loops and branches as a constant
+class SlotLengths:
+    """How many of each request's selected slots count: its ``topk`` main slots (or
+    ``topk_length[r]`` of them, clamped into [0, topk]), then, with an extra cache, its extra
+    slots likewise; the main slots are padded to whole blocks in the schedule's length."""
+
+    topk: Any
+    topk_length: Any  # (b,) int32, read where has_topk_length
+    has_topk_length: Any
+    extra_topk: Any
+    extra_topk_length: Any
+    has_extra: Any
+    has_extra_topk_length: Any
+
+    @cute.jit
+    def of(self, r: Int32):
+        """(main slots, main blocks, extra slots, scheduler length) of request r."""
+        n = counted(self.topk, self.topk_length, self.has_topk_length, r)
+        nb = (n + BLOCK_N - 1) // BLOCK_N
+        nx = Int32(0)
+        if self.has_extra != 0:
+            nx = counted(self.extra_topk, self.extra_topk_length, self.has_extra_topk_length, r)
+        return n, nb, nx, nb * BLOCK_N + nx
 
 
 class SparseDecodeSm90(SplitKvDecodeSm90):
@@ -144,8 +181,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
 
         part, _, mblk = cute.arch.block_idx()
         sched = DecodePart(mSchedMeta, mSplitOffsets, part)
-        lengths = (mIndices.shape[2], mTopkLength, has_topk_length, mXIndices.shape[2], mXTopkLength,
-                   has_extra, has_extra_topk_length)
+        lengths = SlotLengths(mIndices.shape[2], mTopkLength, has_topk_length, mXIndices.shape[2], mXTopkLength,
+                              has_extra, has_extra_topk_length)
         if wg == 0:
             cute.arch.setmaxregister_decrease(self.regs_producer)
             self.load(mK, mIndices, mXK, mXIndices, page_block_size, extra_page_block_size, lengths, sched, sK,
@@ -163,36 +200,17 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
 
     # ------------------------------------------------------------------ work of a request
     @cute.jit
-    def counted(self, topk: Int32, mLength: cute.Tensor, has_length: Int32, r: Int32) -> Int32:
-        """Slots of request r that count: its length clamped into [0, topk], else topk."""
-        n = topk
-        if has_length != 0:
-            n = cutlass.min(cutlass.max(mLength[r], 0), topk)
-        return n
-
-    @cute.jit
-    def request_slots(self, lengths, r: Int32):
-        """(main slots, main blocks, extra slots, scheduler length) of request r."""
-        topk, mLen, has_len, xtopk, mXLen, has_extra, has_xlen = lengths
-        n = self.counted(topk, mLen, has_len, r)
-        nb = (n + BLOCK_N - 1) // BLOCK_N
-        nx = Int32(0)
-        if has_extra != 0:
-            nx = self.counted(xtopk, mXLen, has_xlen, r)
-        return n, nb, nx, nb * BLOCK_N + nx
-
-    @cute.jit
-    def piece(self, lengths, sched: DecodePart, r: Int32, begin_req: Int32):
+    def piece(self, lengths: SlotLengths, sched: DecodePart, r: Int32, begin_req: Int32):
         """The consumers' piece of request r in part ``sched``: (first block, end block, split
         index of the partial row it writes)."""
-        _, _, _, seqlen = self.request_slots(lengths, r)
+        _, _, _, seqlen = lengths.of(r)
         lo, hi = sched.block_range(seqlen, r)
         return lo, hi, sched.split_of(r, begin_req)
 
     # ------------------------------------------------------------------ producer
     @cute.jit
     def load(self, mK: cute.Tensor, mIndices: cute.Tensor, mXK: cute.Tensor, mXIndices: cute.Tensor,
-             pbs: Int32, xpbs: Int32, lengths, sched: DecodePart, sK: cute.Tensor, sK_outer: cute.Layout,
+             pbs: Int32, xpbs: Int32, lengths: SlotLengths, sched: DecodePart, sK: cute.Tensor, sK_outer: cute.Layout,
              sBias: cute.Tensor, kv_pipe, iq: Int32, warp: Int32, lane: Int32):
         # Lane l looks after quarter l % 4 of every 64-column group of tokens l // 4 and
         # 8 + l // 4 of the warp's 16: it stages their codes, converts them, stores them.
@@ -207,7 +225,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         slot = warp * 16 + lane % 16  # the slot of each block lane l (and l + 16) resolves
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
         for r in cutlass.range(sched.begin_req(), sched.end_req() + 1, unroll=1):
-            n, nb, nx, seqlen = self.request_slots(lengths, r)
+            n, nb, nx, seqlen = lengths.of(r)
             lo, hi = sched.block_range(seqlen, r)
             # Two blocks of look-ahead: block j's tokens are gathered while block j + 1's are
             # prefetched into L2 and block j + 2's indices are in flight.
@@ -414,7 +432,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     @cute.jit
     def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, qk_tail_mma: cute.TiledMma, sQ: cute.Tensor,
                 sK: cute.Tensor, sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor,
-                sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths, mSink: cute.Tensor,
+                sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths: SlotLengths, mSink: cute.Tensor,
                 sched: DecodePart, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor,
                 kv_pipe, softmax_scale: Float32, has_sink: Int32, mblk: Int32, half: Int32, ctid: Int32):
         wtid = ctid % 128

@@ -37,7 +37,7 @@ from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
 from cute_mla.kernels.common.mma_sm90 import gemm, swizzle_128b
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.softmax import LN_2, LOG2_E, Softmax
-from cute_mla.kernels.sm90.sparse_decode import SparseDecodeSm90
+from cute_mla.kernels.sm90.sparse_decode import SlotLengths, SparseDecodeSm90
 from cute_mla.kernels.sm90.split_kv_decode import DecodePart
 from cute_mla.layouts.constants import BLOCK_N, D_V, SPARSE_DECODE_SMALL_HEADS
 
@@ -168,7 +168,7 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
     @cute.jit
     def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, qk_tail_mma: cute.TiledMma, sQ: cute.Tensor,
                 sK: cute.Tensor, sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor,
-                sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths, mSink: cute.Tensor,
+                sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths: SlotLengths, mSink: cute.Tensor,
                 sched: DecodePart, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor,
                 kv_pipe, softmax_scale: Float32, has_sink: Int32, mblk: Int32, half: Int32, ctid: Int32):
         """Each warpgroup runs its own copy of the loop, ``half`` a compile-time constant there,
@@ -183,7 +183,7 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
 
     @cute.jit
     def consume_half(self, sQ: cute.Tensor, sK: cute.Tensor, sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor,
-                     sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths, mSink: cute.Tensor,
+                     sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths: SlotLengths, mSink: cute.Tensor,
                      sched: DecodePart, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor,
                      mLseAccum: cute.Tensor, kv_pipe, softmax_scale: Float32, has_sink: Int32, mblk: Int32,
                      ctid: Int32, half: cutlass.Constexpr[int]):
