@@ -48,13 +48,13 @@ class Softmax:
     exp2(s * scale_log2 - base), base the scaled maximum.  Made once per tile by ``create``, then
     updated in place by the steps below: passed down, never reassigned.
 
-    A kernel folds a block in with ``online_softmax`` (or, where the block's maxima arrive in
-    two stages, the seesaw, with its parts: ``rescale_to``, then ``exponentiate`` or
-    ``scale_sums``), rescales its O with
-    ``rescale_o`` and ends with ``finalize``.  Which row element k of a thread's accumulator
-    fragment belongs to is ``slot(k)``: row (k // 2) % 2 of the SM90 64 x N accumulator, whose
-    fragment lists (2 columns, 2 rows, N/8 column groups).  A subclass may map them otherwise
-    (``kernels.sm90.sparse_decode_heads.HeadSoftmax``: one per column of S^T)."""
+    A kernel folds a block in with ``online_softmax`` (the seesaw, whose block maxima arrive in
+    two stages, with its parts: ``rescale_to``, then ``exponentiate`` or ``scale_sums``),
+    rescales its O with ``rescale_o`` and ends with ``finalize``.  Which row element k of a
+    thread's accumulator fragment belongs to is ``slot(k)``: row (k // 2) % 2 of the SM90
+    64 x N accumulator, whose fragment lists (2 columns, 2 rows, N/8 column groups).  A
+    subclass may map them otherwise (``kernels.sm90.sparse_decode_heads.HeadSoftmax``: one per
+    column of S^T)."""
 
     row_max: Any  # (slots,) Float32
     row_sum: Any  # (slots,) Float32
@@ -126,15 +126,20 @@ class Softmax:
     def rescale_o(self, acc_o: cute.Tensor, factor: cute.Tensor, skip_settled: cutlass.Constexpr[bool] = True):
         """O *= factor, row by row.  With ``skip_settled`` (two rows) nothing is done when both
         factors are exactly 1, as they are once the rows' maxima have settled."""
-        n_o = cute.size(acc_o, mode=[0])
         if cutlass.const_expr(skip_settled):
             assert cute.size(self.row_max) == 2
             if factor[0] != 1.0 or factor[1] != 1.0:
-                for k in cutlass.range_constexpr(cute.size(acc_o)):
-                    acc_o[k] = acc_o[k] * factor[self.slot(k % n_o)]
+                self.scale_rows(acc_o, factor)
         else:
-            for k in cutlass.range_constexpr(cute.size(acc_o)):
-                acc_o[k] = acc_o[k] * factor[self.slot(k % n_o)]
+            self.scale_rows(acc_o, factor)
+
+    @cute.jit
+    def scale_rows(self, acc: cute.Tensor, factor: cute.Tensor):
+        """acc *= factor, row by row (an accumulator of the rows' statistics' layout: element k
+        in slot ``slot(k % n)``, n its first mode's size)."""
+        n = cute.size(acc, mode=[0])
+        for k in cutlass.range_constexpr(cute.size(acc)):
+            acc[k] = acc[k] * factor[self.slot(k % n)]
 
     @cute.jit
     def finalize(self, sink_of=None, use_sink=None):
