@@ -2,9 +2,9 @@
 
 A decode CTA owns 64 query rows of one kv head (row m = query token m // h_r, head
 m % h_r, with h_r = h_q / h_kv query heads per kv head) and walks the pieces its part
-of ``sched_meta`` lists (``DecodePart``, ``schedules.decode_plan``): (request, KV blocks
-[lo, hi), split).  For each piece it loads Q, runs its consumer loop over the blocks (dense: the
-seesaw of ``kernels.sm90.seesaw``; sparse: the split-S core of
+of ``sched_meta`` lists (``DecodePart``; ``schedules.decode_plan``): (request, KV
+blocks [lo, hi), split).  For each piece it loads Q, runs its consumer loop over the
+blocks (dense: the seesaw of ``kernels.sm90.seesaw``; sparse: the split-S core of
 ``kernels.sm90.mla_consumers``), and either finalises the request (one split) or writes
 the split's partial O and base-2 lse for the merge (dense decode: its own CTAs,
 ``kernels.sm90.split_tickets``; sparse decode: the combine kernel).
