@@ -111,13 +111,12 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
         return (m < mOut.shape[1] * heads_per_kv) & (hq < mOut.shape[2])
 
     @cute.jit
-    def q_row(self, mQ: cute.Tensor, where, row: Int32):
-        """Row ``row`` of the CTA's Q tile (``load_q``), ``where`` a ``QTile``, and whether it
-        exists (``row_exists``; a missing row is zeros and never stored)."""
-        r, hk, mblk, heads_per_kv = where
-        m = mblk * BLOCK_M + row
-        iq, hq = self.query_of_row(m, hk, heads_per_kv)
-        return mQ[r, iq, hq, None], self.row_exists(m, hq, mQ, heads_per_kv)
+    def q_row(self, mQ: cute.Tensor, where: QTile, row: Int32):
+        """Row ``row`` of the CTA's Q tile (``load_q``), and whether it exists (``row_exists``;
+        a missing row is zeros and never stored)."""
+        m = where.row_block * BLOCK_M + row
+        iq, hq = self.query_of_row(m, where.kv_head, where.heads_per_kv)
+        return mQ[where.request, iq, hq, None], self.row_exists(m, hq, mQ, where.heads_per_kv)
 
     @cute.jit
     def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, softmax: Softmax, sStat: cute.Tensor, mOut: cute.Tensor,
