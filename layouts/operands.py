@@ -24,11 +24,11 @@ def split_kv_partials(dtype_out: str = "bf16"):
 
 
 def split_counters():
-    """Dense decode's ticket schedule (``kernels.sm90.split_tickets``), int32
-    (SPLIT_COUNTS + b * h_kv * row_blocks,; ``layouts.constants``): the ticket counter, the finished CTAs, then the
-    count of written splits of each (request, kv head, row block) at SPLIT_COUNTS + (request *
-    h_kv + kv head) * row_blocks + row block.  All zero before a launch, and the launch leaves
-    them zero."""
+    """Dense decode's ticket schedule (``kernels.sm90.split_tickets``), int32, SPLIT_COUNTS +
+    b * h_kv * row_blocks of them (the slots are named in ``layouts.constants``): the ticket
+    counter, the finished CTAs, then the count of written splits of each (request, kv head, row
+    block) at SPLIT_COUNTS + (request * h_kv + kv head) * row_blocks + row block.  All zero
+    before a launch, and the launch leaves them zero."""
     return TensorArg("split_counters", "i32", ("n_counters",), (1,), align=4)
 
 
