@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from perf.cases import case_label
+
 
 def order(rounds: int) -> list[tuple[int, str]]:
     """(round, side) in run order: new then old in even rounds, old then new in odd ones."""
@@ -82,9 +84,9 @@ def markdown(result: dict) -> str:
                      f"{s['faster_every_round']}, slower in every round: {s['slower_every_round']}")
     lines += ["", "| median | rounds | new us | old us | agree | case |", "| ---: | --- | ---: | ---: | --- | --- |"]
     for c in result["cases"]:
-        params = " ".join([c["kernel"]] + [f"{k}={v}" for k, v in c["params"].items()])
         rounds = " ".join(f"{r:.3f}" for r in c["ratios"])
-        lines.append(f"| {c['median']:.3f} | {rounds} | {c['new_us']:.1f} | {c['old_us']:.1f} | {c['agree']} | {params} |")
+        lines.append(f"| {c['median']:.3f} | {rounds} | {c['new_us']:.1f} | {c['old_us']:.1f} | {c['agree']} | "
+                     f"{case_label(c['kernel'], c['params'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -98,8 +98,13 @@ class BenchCase:
 
     @property
     def name(self) -> str:
-        """Human-readable label, also what --filter matches against: 'dense_decode b=128 h_q=128'."""
-        return " ".join([self.kernel] + [f"{k}={v}" for k, v in self.params.items()])
+        """Human-readable label, also what --filter matches against (``case_label``)."""
+        return case_label(self.kernel, self.params)
+
+
+def case_label(kernel: str, params: dict) -> str:
+    """A case's label in lists, reports and charts: 'dense_decode b=128 h_q=128'."""
+    return " ".join([kernel] + [f"{k}={v}" for k, v in params.items()])
 
 
 _PROVIDERS: list[Callable[[], Iterable[BenchCase]]] = []

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from perf.cases import case_label
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 UNIT_KEY = {"TFLOPS": "tflops", "GB/s": "gbs"}
@@ -129,7 +131,7 @@ def write_png(report: dict, path: Path) -> bool:
         print("warning: matplotlib not installed; skipping the PNG chart", file=sys.stderr)
         return False
     cases = report["cases"]
-    labels = [" ".join([e["kernel"]] + [f"{k}={v}" for k, v in e["params"].items()]) for e in cases]
+    labels = [case_label(e["kernel"], e["params"]) for e in cases]
     ratios = [e["ratio"] or 0.0 for e in cases]   # failed cases show as an empty bar, marked below
     colors = ["tab:red" if e.get("error") else "tab:blue" if e["bound"] == "compute" else "tab:orange"
               for e in cases]
