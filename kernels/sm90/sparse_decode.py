@@ -20,6 +20,7 @@ from cute_mla.kernels.common.gmem import (copy_16B_async, load_8B, load_16B, loa
 from cute_mla.kernels.common.mma_sm90 import swizzle_128b
 from cute_mla.kernels.common.paged_kv import kv_smem_layout
 from cute_mla.kernels.common.softmax import LOG2_E
+from cute_mla.kernels.common.topk import counted
 from cute_mla.kernels.sm90.split_kv_decode import DecodePart, QTile, SplitKvDecodeSm90
 from cute_mla.layouts.constants import BLOCK_M, BLOCK_N, D_V
 from cute_mla.layouts.kv_cache import get_format
@@ -27,15 +28,6 @@ from cute_mla.layouts.kv_cache import get_format
 PIECE = 16  # bytes a lane moves at once (one 128-bit load or shared store)
 # the ``matmul`` flag: the type of Q, the dequantised cache, P and the WGMMAs
 MATMUL_DTYPES = {"f16": cutlass.Float16, "bf16": cutlass.BFloat16}
-
-
-@cute.jit
-def counted(topk: Int32, mLength: cute.Tensor, has_length: Int32, r: Int32) -> Int32:
-    """Slots of request r that count: its length clamped into [0, topk], else topk."""
-    n = topk
-    if has_length != 0:
-        n = cutlass.min(cutlass.max(mLength[r], 0), topk)
-    return n
 
 
 @dataclass(frozen=True)  # frozen: the DSL passes it through loops and branches as a constant

@@ -17,6 +17,7 @@ from cute_mla.kernels.common.fragment_store import store_row
 from cute_mla.kernels.common.gmem import copy_16B_async, copy_16B_async_zfill
 from cute_mla.kernels.common.paged_kv import COLUMN_TILE, kv_smem_layout
 from cute_mla.kernels.common.softmax import LN_2, LOG2_E, Softmax, sink_denominator
+from cute_mla.kernels.common.topk import counted
 from cute_mla.kernels.sm90.mla_consumers import TwoConsumerMlaSm90
 from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
 from cute_mla.layouts.constants import BLOCK_M, BLOCK_N
@@ -226,10 +227,7 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
         """Tile -> (token, head block, counted slots n, pairs of blocks).  Selected slots
         [0, n) count; a topk_length outside [0, topk] is clamped into it."""
         token, hblk = tiles.coords(tile)
-        topk = mIndices.shape[2]
-        n = topk
-        if has_topk_length != 0:
-            n = cutlass.min(cutlass.max(mTopkLength[token], 0), topk)
+        n = counted(mIndices.shape[2], mTopkLength, has_topk_length, token)
         return token, hblk, n, (n + 2 * BLOCK_N - 1) // (2 * BLOCK_N)
 
     # ------------------------------------------------------------------ producer
