@@ -26,6 +26,16 @@ def sink_denominator(sink, lse2, fastmath: bool):
 
 
 @cute.jit
+def output_lse(lse2):
+    """The lse a kernel writes for a finalised row of base-2 log-sum-exp ``lse2``: natural log,
+    and +inf for a row without a valid key (lse2 = -inf), as FlashMLA writes it."""
+    out = Float32.inf
+    if lse2 != -Float32.inf:
+        out = lse2 * LN_2
+    return out
+
+
+@cute.jit
 def rescale(m_old, m_new, scale_log2):
     """(base, factor) of a row (or head) whose running maximum moves from ``m_old`` to ``m_new``
     (raw logits): base = m_new in scaled log2 units, 0 while m_new is -inf (no key yet), so

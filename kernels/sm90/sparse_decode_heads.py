@@ -36,7 +36,7 @@ from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
 from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
 from cute_mla.kernels.common.mma_sm90 import gemm, swizzle_128b
 from cute_mla.kernels.common.named_barrier import NamedBarrier
-from cute_mla.kernels.common.softmax import LN_2, LOG2_E, Softmax
+from cute_mla.kernels.common.softmax import LOG2_E, Softmax, output_lse
 from cute_mla.kernels.sm90.sparse_decode import SlotLengths, SparseDecodeSm90
 from cute_mla.kernels.sm90.split_kv_decode import DecodePart
 from cute_mla.layouts.constants import BLOCK_N, D_V, SPARSE_DECODE_SMALL_HEADS
@@ -297,9 +297,6 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
                 n = self.column_of(cs, lane)
                 if n < h_q:
                     if nsplits == 1:
-                        out_lse = Float32.inf
-                        if lse2[cs] != -Float32.inf:
-                            out_lse = lse2[cs] * LN_2
-                        mLse[r, n, iq] = out_lse
+                        mLse[r, n, iq] = output_lse(lse2[cs])
                     else:
                         mLseAccum[split_row, iq, n] = lse2[cs]

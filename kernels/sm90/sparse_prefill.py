@@ -16,7 +16,7 @@ from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.fragment_store import store_row
 from cute_mla.kernels.common.gmem import copy_16B_async, copy_16B_async_zfill
 from cute_mla.kernels.common.paged_kv import COLUMN_TILE, kv_smem_layout
-from cute_mla.kernels.common.softmax import LN_2, LOG2_E, Softmax, sink_denominator
+from cute_mla.kernels.common.softmax import LOG2_E, Softmax, output_lse, sink_denominator
 from cute_mla.kernels.common.topk import counted
 from cute_mla.kernels.sm90.mla_consumers import TwoConsumerMlaSm90
 from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
@@ -425,8 +425,5 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
             for h in cutlass.range_constexpr(2):
                 row, _ = tOcO[2 * h]
                 hq = hblk * BLOCK_M + row
-                out_lse = Float32.inf
-                if lse2[h] != neg_inf:
-                    out_lse = lse2[h] * LN_2
-                mLse[token, hq] = out_lse
+                mLse[token, hq] = output_lse(lse2[h])
                 mMaxLogits[token, hq] = softmax.row_max[h] * sm_scale

@@ -19,7 +19,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32
 
 from cute_mla.kernels.common.fragment_store import store_row, store_row_pairs
-from cute_mla.kernels.common.softmax import LN_2, Softmax, sink_denominator
+from cute_mla.kernels.common.softmax import Softmax, output_lse, sink_denominator
 from cute_mla.kernels.sm90.mla_consumers import TwoConsumerMlaSm90
 from cute_mla.layouts.constants import (BLOCK_M, BLOCK_N, META_BEGIN_BLOCK, META_BEGIN_REQ, META_BEGIN_SPLIT,
                                         META_END_BLOCK, META_END_REQ)
@@ -159,10 +159,7 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
                 iq, hq, exists = rows[h]
                 if exists:
                     if nsplits == 1:
-                        out_lse = Float32.inf
-                        if lse2[h] != neg_inf:
-                            out_lse = lse2[h] * LN_2
-                        mLse[r, hq, iq] = out_lse
+                        mLse[r, hq, iq] = output_lse(lse2[h])
                     else:
                         mLseAccum[split_row, iq, hq] = lse2[h]
         if cutlass.const_expr(tickets is not None):
