@@ -372,7 +372,7 @@ class DenseDecodePlan(SplitKvPlan):
 def sparse_decode_max_length(topk: int, extra_topk: int) -> int:
     """The largest length ``sparse_decode_lengths`` gives a request: its topk slots padded to
     whole blocks, then every extra slot."""
-    return -(-topk // BLOCK_N) * BLOCK_N + extra_topk
+    return decode_plan.cdiv(topk, BLOCK_N) * BLOCK_N + extra_topk
 
 
 def sparse_decode_lengths(b: int, topk: int, topk_length: Optional[torch.Tensor], extra_topk: int,

@@ -51,11 +51,11 @@ def num_sm_parts(num_sms: int, s_q: int, h_q: int, h_kv: int, block_m: int = BLO
     together fill the GPU once.
     """
     rows = s_q * (h_q // h_kv)
-    row_blocks = -(-rows // block_m)
-    return max(num_sms // h_kv // row_blocks, 1)
+    return max(num_sms // h_kv // cdiv(rows, block_m), 1)
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers (b > 0)."""
     return -(-a // b)
 
 
@@ -65,7 +65,7 @@ def check_plan_fits(b: int, max_len: int, parts: int, block_n: int = BLOCK_N,
     at most ``max_len`` tokens fits int32 (lengths past ``max_len`` are clamped to it)."""
     if not 0 <= max_len <= MAX_PLAN_LEN:
         raise ValueError(f"a request may hold at most {MAX_PLAN_LEN} tokens, got a capacity of {max_len}")
-    worst = b * (_cdiv(max_len, block_n) + fixed_overhead) + parts * fixed_overhead + b + parts
+    worst = b * (cdiv(max_len, block_n) + fixed_overhead) + parts * fixed_overhead + b + parts
     if worst >= 2**31:
         raise ValueError(f"{b} requests of up to {max_len} tokens are too many KV blocks to plan "
                          f"({worst} >= 2^31); split the batch")
@@ -83,9 +83,9 @@ def plan_host(cache_seqlens: Sequence[int], parts: int, block_n: int = BLOCK_N,
     """Plan on the host: returns (sched_meta rows, split_offsets); lengths are clamped to
     [0, max_len], as the GPU scheduler does."""
     b = len(cache_seqlens)
-    nblocks = [_cdiv(min(max(int(s), 0), max_len), block_n) for s in cache_seqlens]  # negative = empty
+    nblocks = [cdiv(min(max(int(s), 0), max_len), block_n) for s in cache_seqlens]  # negative = empty
     total = sum(nblocks) + fixed_overhead * b
-    payload = _cdiv(total, parts) + fixed_overhead
+    payload = cdiv(total, parts) + fixed_overhead
     meta = []
     offsets = [0] * (b + 1)
     req, blk, split, cum = 0, 0, 0, 0
@@ -132,10 +132,10 @@ def whole_request_parts(b: int, length: int, parts: int, block_n: int = BLOCK_N,
     else None.  The plan is checked with ``plan_host``, which the GPU scheduler matches."""
     if b < 1 or length <= 0:
         return None
-    cost = _cdiv(length, block_n) + fixed_overhead  # one request
-    per = _cdiv(b, parts)  # requests a part takes when none is split
-    whole = _cdiv(b, per)
-    split = _cdiv(b * cost, parts) + fixed_overhead + COMBINE_COST_BLOCKS
+    cost = cdiv(length, block_n) + fixed_overhead  # one request
+    per = cdiv(b, parts)  # requests a part takes when none is split
+    whole = cdiv(b, per)
+    split = cdiv(b * cost, parts) + fixed_overhead + COMBINE_COST_BLOCKS
     if per * cost >= split:  # a tie keeps every SM busy
         return None
     _, offsets = plan_host([length] * b, whole, block_n, fixed_overhead)
@@ -147,8 +147,9 @@ def whole_request_parts(b: int, length: int, parts: int, block_n: int = BLOCK_N,
 def part_work(meta_row: Sequence[int], nblocks: Sequence[int]):
     """Expand one part into (request, first block, end block, split index) pieces,
     exactly as a decode kernel walks it."""
-    begin_req, begin_blk, begin_split = (meta_row[f] for f in (META_BEGIN_REQ, META_BEGIN_BLOCK, META_BEGIN_SPLIT))
+    begin_req, begin_blk = meta_row[META_BEGIN_REQ], meta_row[META_BEGIN_BLOCK]
     end_req, end_blk = meta_row[META_END_REQ], meta_row[META_END_BLOCK]
+    begin_split = meta_row[META_BEGIN_SPLIT]
     out = []
     for r in range(begin_req, end_req + 1):
         lo = begin_blk if r == begin_req else 0

@@ -9,17 +9,14 @@ loop of ``kernels.sm90.sparse_prefill``, and the head rows of ``kernels.common.c
 from __future__ import annotations
 
 from cute_mla.layouts.constants import BLOCK_M, COMBINE_HEADS_PER_CTA, SPARSE_PREFILL_HEAD_BLOCK
+from cute_mla.schedules.decode_plan import cdiv
 
 Grid = tuple[int, int, int]
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def row_blocks(rows: int) -> int:
     """Blocks of ``BLOCK_M`` query rows that cover ``rows``."""
-    return _cdiv(rows, BLOCK_M)
+    return cdiv(rows, BLOCK_M)
 
 
 def split_kv(parts: int, kv_heads: int, rows: int) -> Grid:
@@ -36,7 +33,7 @@ def sparse_prefill(s_q: int, h_q: int, num_sms: int) -> Grid:
 
 def combine(b: int, s_q: int, h_q: int) -> Grid:
     """The split-KV combine: ``COMBINE_HEADS_PER_CTA`` head rows a CTA, per query token and request."""
-    return _cdiv(h_q, COMBINE_HEADS_PER_CTA), s_q, b
+    return cdiv(h_q, COMBINE_HEADS_PER_CTA), s_q, b
 
 
 SCHEDULER: Grid = (1, 1, 1)  # the decode scheduler: one warp plans the whole batch
