@@ -1,6 +1,7 @@
 """python -m perf.ab: time two source trees (a change and its base) case by case, in alternating order.
 
     python -m perf.ab NEW_TREE OLD_TREE [--filter SUBSTR ...] [--rounds N] [--out DIR] [--peer flashmla[=PATH]]
+                      [--new-env NAME=VALUE ...] [--old-env NAME=VALUE ...]
 
 Each tree is a checkout with its cubins built (``python -m cute_mla.compile`` there).  Every round runs
 ``python -m perf`` once in each tree, as a separate process with that tree on PYTHONPATH; the order
@@ -8,6 +9,10 @@ alternates between rounds (new first, then old first, ...), because the order al
 few percent: session 15's dense grid A/B ran the new tree first three times, and a case the change
 could not affect read 0.94-0.99 each time (perf/results/NOTES.md).  Then, per case, the ratio
 old_us / new_us of every round, its median and range: above 1 the new tree is faster.
+
+``--new-env`` / ``--old-env`` set environment variables for one side's runs only, so a runtime
+switch can be timed inside one tree: ``python -m perf.ab T T --old-env CUTE_MLA_DENSE_CLUSTER_ROWS=1``
+times dense decode's clusters (new) against none (old), the same cubins on both sides.
 
 The rounds' reports stay in OUT/new-<i> and OUT/old-<i>, each run's output in OUT/new-<i>.log
 and OUT/old-<i>.log; OUT/ab.json holds the comparison.  (The runs write to their logs, not to
@@ -90,15 +95,26 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run(tree: Path, out: Path, args, tag: str) -> None:
-    """One ``python -m perf`` run in ``tree``, its output in ``out``.log; exits naming the log
-    (and showing its end) if the run fails."""
+def env_settings(items: list[str]) -> dict[str, str]:
+    """``NAME=VALUE`` strings as a dict; perf.ab stops, naming it, at a string without "="."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"perf.ab: expected NAME=VALUE, got {item!r}")
+        out[name] = value
+    return out
+
+
+def _run(tree: Path, out: Path, args, tag: str, env_extra: dict[str, str]) -> None:
+    """One ``python -m perf`` run in ``tree`` with ``env_extra`` set, its output in ``out``.log;
+    exits naming the log (and showing its end) if the run fails."""
     cmd = [sys.executable, "-m", "perf", "--no-png", "--out", str(out), "--commit", tag, "--iters", str(args.iters)]
     if args.filter:
         cmd += ["--filter", *args.filter]
     if args.peer:
         cmd += ["--peer", args.peer]
-    env = dict(os.environ, PYTHONPATH=str(tree))
+    env = dict(os.environ, **env_extra, PYTHONPATH=str(tree))
     log = out.with_name(out.name + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"perf.ab: {tag} in {tree} (log {log})", flush=True)
@@ -118,7 +134,12 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=100, help="timed calls per case and run (default 100)")
     p.add_argument("--peer", default=None, metavar="flashmla[=PATH]", help="passed to python -m perf")
     p.add_argument("--out", type=Path, default=Path("ab-results"), help="output folder (default ab-results)")
+    p.add_argument("--new-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for the new side's runs only (repeatable)")
+    p.add_argument("--old-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for the old side's runs only (repeatable)")
     args = p.parse_args(argv)
+    envs = {"new": env_settings(args.new_env), "old": env_settings(args.old_env)}
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     trees = {"new": args.new.resolve(), "old": args.old.resolve()}
@@ -127,9 +148,10 @@ def main(argv=None) -> int:
             p.error(f"{side} tree {tree} has no cute_mla package")
     out = args.out.resolve()
     for i, side in order(args.rounds):
-        _run(trees[side], out / f"{side}-{i}", args, f"{side}-{i}")
+        _run(trees[side], out / f"{side}-{i}", args, f"{side}-{i}", envs[side])
     result = compare([load_cases(out / f"new-{i}") for i in range(args.rounds)],
                      [load_cases(out / f"old-{i}") for i in range(args.rounds)])
+    result["summary"]["env"] = envs
     (out / "ab.json").write_text(json.dumps(result, indent=1))
     print(markdown(result))
     return 0

@@ -1,6 +1,7 @@
 """CPU tests of ``python -m perf.ab``: run order, per-case comparison, and the orchestration of two trees
 (stand-in trees whose ``python -m perf`` writes a fixed report, so no GPU is needed)."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -56,9 +57,10 @@ def test_compare_ratios_medians_and_agreement():
     assert "| 1.150 | 1.200 1.100 | 105.0 | 120.5 | True | dense_decode b=1 |" in md
 
 
-def _stand_in_tree(root: Path, name: str, us: float, log: Path, fail: bool = False) -> Path:
+def _stand_in_tree(root: Path, name: str, us, log: Path, fail: bool = False) -> Path:
     """A tree whose ``python -m perf`` logs its call, prints a line and writes one report with
-    time ``us`` (or, with ``fail``, prints a line and exits 3)."""
+    time ``us`` (a Python expression, evaluated there; or, with ``fail``, prints a line and
+    exits 3)."""
     tree = root / name
     (tree / "cute_mla").mkdir(parents=True)
     (tree / "perf").mkdir()
@@ -113,6 +115,24 @@ def test_main_stops_naming_the_log_of_a_failed_run(tmp_path):
     assert f"new-0 failed (exit 3); the end of {out / 'new-0.log'}" in proc.stderr
     assert "measuring in newtree" in proc.stderr
     assert not (out / "ab.json").exists()
+
+
+def test_per_side_environment_times_a_switch_inside_one_tree(tmp_path):
+    """--new-env / --old-env reach only their side's runs: one tree whose time depends on a
+    variable is compared with itself, the switch on one side."""
+    log = tmp_path / "calls.log"
+    tree = _stand_in_tree(tmp_path, "tree", "50.0 if os.environ.get('SWITCH') == 'on' else 100.0", log)
+    out = tmp_path / "ab"
+    proc = subprocess.run([sys.executable, "-m", "perf.ab", str(tree), str(tree), "--out", str(out),
+                           "--new-env", "SWITCH=on", "--old-env", "OTHER=1"], cwd=REPO, capture_output=True,
+                          text=True, env={k: v for k, v in os.environ.items() if k != "SWITCH"})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "ab.json").read_text())
+    assert result["cases"][0]["ratios"] == pytest.approx([2.0, 2.0])
+    assert result["summary"]["env"] == {"new": {"SWITCH": "on"}, "old": {"OTHER": "1"}}
+    bad = subprocess.run([sys.executable, "-m", "perf.ab", str(tree), str(tree), "--out", str(out),
+                          "--new-env", "NOEQUALS"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 1 and "expected NAME=VALUE, got 'NOEQUALS'" in bad.stderr
 
 
 def test_main_rejects_a_folder_that_is_not_a_tree(tmp_path):
