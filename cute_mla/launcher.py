@@ -95,6 +95,27 @@ class LoadedKernel:
         self.cluster = tuple(entry["cluster"])
         self.smem_bytes = int(entry["smem_bytes"])
         self.pdl_wait = bool(entry["pdl_wait"])
+        self._max_active_clusters = None
+
+    def max_active_clusters(self) -> int:
+        """How many of this kernel's clusters the device runs at once
+        (``cuOccupancyMaxActiveClusters``, asked once): a cluster's CTAs share a GPC, so
+        GPCs with an odd number of free SMs leave one idle."""
+        if self._max_active_clusters is None:
+            drv = driver._drv()
+            cfg = drv.CUlaunchConfig()
+            cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = self.cluster
+            cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = self.block
+            cfg.sharedMemBytes = self.smem_bytes
+            a = drv.CUlaunchAttribute()
+            a.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+            a.value.clusterDim.x, a.value.clusterDim.y, a.value.clusterDim.z = self.cluster
+            cfg.attrs = [a]
+            cfg.numAttrs = 1
+            with driver.DeviceContext(self.context):
+                self._max_active_clusters = int(driver.check(drv.cuOccupancyMaxActiveClusters(self.function, cfg),
+                                                             f"cuOccupancyMaxActiveClusters({self.key})"))
+        return self._max_active_clusters
 
 
 class _DeviceKernels:

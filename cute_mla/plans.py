@@ -20,6 +20,7 @@ split-KV workspace is shared by the layers of one decode step through their ``Fl
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Optional
 
@@ -340,6 +341,19 @@ class SplitKvPlan:
         return out, lse
 
 
+DENSE_CLUSTER_ROWS_ENV = "CUTE_MLA_DENSE_CLUSTER_ROWS"
+
+
+def dense_cluster_rows(row_blocks: int) -> int:
+    """Dense decode's ``cluster_rows`` for a kv head of ``row_blocks`` row blocks: 2 (row
+    blocks 2k, 2k + 1 of a part run as one cluster and share each page by TMA multicast) when
+    their number is even, else 1.  CUTE_MLA_DENSE_CLUSTER_ROWS=1, read when a plan is made,
+    keeps clusters off (to time the two variants against each other)."""
+    if os.environ.get(DENSE_CLUSTER_ROWS_ENV) == "1":
+        return 1
+    return 2 if row_blocks % 2 == 0 else 1
+
+
 class DenseDecodePlan(SplitKvPlan):
     """SM90 dense decode over the schedule of ``cache_seqlens``: one launch, whose CTAs merge
     the split requests themselves (``kernels.sm90.split_tickets``), so a call is one launch
@@ -352,12 +366,18 @@ class DenseDecodePlan(SplitKvPlan):
         h_kv = k_cache.shape[2]
         b, s_q, h_q, _ = q.shape
         rows = s_q * (h_q // h_kv)  # under one kv head
+        row_blocks = grids.row_blocks(rows)
+        variant = {"dtype": DTYPE_NAMES[q.dtype], "cluster_rows": dense_cluster_rows(row_blocks)}
+        parts = default_parts(q, h_kv)
+        if variant["cluster_rows"] > 1:  # no more parts than clusters fit at once (a second wave doubles the time)
+            clusters = launcher.kernel("dense_decode_sm90", variant, q.get_device()).max_active_clusters()
+            parts = min(parts, max(clusters * variant["cluster_rows"] // (h_kv * row_blocks), 1))
         super().__init__(q, config, h_kv, decode_plan.FIXED_OVERHEAD_BLOCKS, block_table.shape[1] * PAGE_BLOCK_SIZE,
-                         counters=SPLIT_COUNTS + b * h_kv * grids.row_blocks(rows))
+                         parts=parts, counters=SPLIT_COUNTS + b * h_kv * row_blocks)
         templates = self.templates(cache_seqlens)
         out, lse = self.outputs()
         self.main = launcher.prepare(
-            "dense_decode_sm90", {"dtype": DTYPE_NAMES[q.dtype]},
+            "dense_decode_sm90", variant,
             grids.split_kv(self.parts, h_kv, rows), device_index=self.device_index,
             q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse,
             softmax_scale=float(softmax_scale), causal=int(bool(causal) and s_q > 1), heads_per_kv=h_q // h_kv,

@@ -55,7 +55,8 @@ KERNELS: tuple[KernelDef, ...] = (
         source="cute_mla.kernels.sm90.dense_decode:DenseDecodeSm90",
         archs=("sm_90a",),
         args=operands.dense_decode_args,
-        variants=({"dtype": "bf16"}, {"dtype": "fp16"}),
+        # cluster_rows 2: row blocks 2k, 2k + 1 of a part run as one cluster and share each page
+        variants=tuple({"dtype": d, "cluster_rows": c} for d in ("bf16", "fp16") for c in (1, 2)),
     ),
     KernelDef(
         name="sparse_prefill_sm90",

@@ -97,8 +97,9 @@ def paged_kv_probe_args(dtype: str, d: int):
     )
 
 
-def dense_decode_args(dtype: str, d_qk: int = 576):
-    """SM90 dense decode (kernels.sm90.dense_decode), host order = kernel parameter order."""
+def dense_decode_args(dtype: str, d_qk: int = 576, cluster_rows: int = 1):
+    """SM90 dense decode (kernels.sm90.dense_decode), host order = kernel parameter order (the
+    same for either ``cluster_rows``)."""
     return (
         # (b, s_q, h_q, d_qk) queries; any strides with 16-byte aligned rows
         TensorArg("q", dtype, ("b", "s_q", "h_q", d_qk), ("qb", "qs", "qh", 1),

@@ -121,12 +121,21 @@ SASS_EXPECT = {
                                   "LDGSTS.E.BYPASS.128", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"],
                                  ["LDL", "STL", "HGMMA.64x256x16"]),
 }
-# sparse decode by ``matmul``: f16 MMAs (no .BF16 suffix; V32 adds bf16 ones for RoPE) and
-# the f16 scale applied by HMUL2; or bf16 MMAs only and the scale applied in f32
-SASS_EXPECT_SPARSE_DECODE = {
-    "f16": ([r"re:HGMMA\.64x32x16\.F32 ", r"re:HGMMA\.64x256x16\.F32 ", "HMUL2"], ["HGMMA.64x256x16.F32.BF16"]),
-    "bf16": (["HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16", "FMUL"],
-             [r"re:HGMMA\.64x\d+x16\.F32 ", "HMUL2"]),
+# What one variant flag adds, (kernel, flag) -> value -> (must, must not):
+SASS_EXPECT_VARIANT = {
+    # sparse decode by ``matmul``: f16 MMAs (no .BF16 suffix; V32 adds bf16 ones for RoPE) and
+    # the f16 scale applied by HMUL2; or bf16 MMAs only and the scale applied in f32
+    ("sparse_decode_sm90", "matmul"): {
+        "f16": ([r"re:HGMMA\.64x32x16\.F32 ", r"re:HGMMA\.64x256x16\.F32 ", "HMUL2"], ["HGMMA.64x256x16.F32.BF16"]),
+        "bf16": (["HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16", "FMUL"],
+                 [r"re:HGMMA\.64x\d+x16\.F32 ", "HMUL2"]),
+    },
+    # dense decode in clusters of two: pages by multicast TMA, the peer told by a remote
+    # mbarrier arrive, tickets handed out at a cluster barrier; without: none of these
+    ("dense_decode_sm90", "cluster_rows"): {
+        1: ([], ["MULTICAST", "UCGABAR", "SYNCS.ARRIVE.TRANS64.RED"]),
+        2: (["UTMALDG.4D.MULTICAST", "SYNCS.ARRIVE.TRANS64.RED", "UCGABAR_ARV", "UCGABAR_WAIT"], []),
+    },
 }
 
 
@@ -142,9 +151,10 @@ def test_sm90_sass_has_intended_instructions(built, kd, cfg):
     entry = json.loads((built / "sm_90a" / "manifest.json").read_text())["kernels"][kd.key(cfg)]
     text = sass(built / "sm_90a" / entry["cubin"])
     must, must_not = SASS_EXPECT[kd.name]
-    if "matmul" in cfg and kd.name == "sparse_decode_sm90":
-        must, must_not = must + SASS_EXPECT_SPARSE_DECODE[cfg["matmul"]][0], \
-            must_not + SASS_EXPECT_SPARSE_DECODE[cfg["matmul"]][1]
+    for (name, flag), by_value in SASS_EXPECT_VARIANT.items():
+        if name == kd.name:
+            extra_must, extra_must_not = by_value[cfg[flag]]
+            must, must_not = must + extra_must, must_not + extra_must_not
     for ins in must:  # a substring, or a regular expression after "re:"
         assert _found(ins, text), f"{kd.key(cfg)}: expected {ins} in SASS"
     for ins in must_not:

@@ -89,6 +89,52 @@ def test_zero_length_requests_b128():
     assert torch.isfinite(out).all()
 
 
+def _dense_kernel_keys(monkeypatch):
+    """The variant keys of the dense decode kernels launched from now on (fresh plans)."""
+    from cute_mla import api, launcher, plans
+
+    keys = []
+    run = launcher.Launch.run_current  # every launch goes through it
+    monkeypatch.setattr(launcher.Launch, "run_current",
+                        lambda self, *a, **k: (keys.append(self.kernel.key), run(self, *a, **k))[1])
+    monkeypatch.setattr(api, "_DECODE_PLANS", plans.PlanCache())
+    return keys
+
+
+@pytest.mark.parametrize("clusters_off", [False, True], ids=["clusters", "no-clusters"])
+def test_cluster_rows_variant_as_the_plan_picks_it(monkeypatch, clusters_off):
+    """An even number of row blocks a kv head runs in clusters of two sharing each page by
+    multicast (``cluster_rows`` 2), an odd one without; CUTE_MLA_DENSE_CLUSTER_ROWS=1 keeps
+    clusters off.  Both variants match the reference on the same cases."""
+    if clusters_off:
+        monkeypatch.setenv("CUTE_MLA_DENSE_CLUSTER_ROWS", "1")
+    keys = _dense_kernel_keys(monkeypatch)
+    run_case(6, 2, 4096, 128, 1, True, True, seed=21, data=SHARP[0])  # 4 row blocks
+    run_case(6, 2, 4096, 126, 2, True, False, seed=22)  # 2 row blocks of 126 rows a kv head
+    run_case(6, 3, 700, 64, 1, True, True, seed=23)  # 3 row blocks: never clusters
+    dense = [k for k in keys if k.startswith("dense_decode_sm90")]
+    expected = ["cluster_rows-1" if clusters_off else "cluster_rows-2"] * 2 + ["cluster_rows-1"]
+    assert [k.split("__")[1] for k in dense] == expected, dense
+
+
+@pytest.mark.parametrize("clusters_off", [False, True], ids=["clusters", "no-clusters"])
+def test_grid_larger_than_the_gpu(monkeypatch, clusters_off):
+    """Eight times the parts (CTAs, clusters) that fit at once: most start after others have
+    finished, so tickets, split counts and merges span waves of CTAs.  A merge that waited for
+    a CTA not yet started would hang here; a chunk drawn but not merged would leave rows wrong."""
+    from cute_mla import launcher, plans
+
+    if clusters_off:
+        monkeypatch.setenv("CUTE_MLA_DENSE_CLUSTER_ROWS", "1")
+    default = plans.default_parts
+    monkeypatch.setattr(plans, "default_parts", lambda *a, **k: 8 * default(*a, **k))
+    monkeypatch.setattr(launcher.LoadedKernel, "max_active_clusters", lambda self: 1 << 20)
+    _dense_kernel_keys(monkeypatch)
+    for seed in range(3):
+        run_case(24, 2, 4096, 128, 1, True, seed % 2 == 1, seed=40 + seed)  # 4 row blocks: clusters of 2
+        run_case(24, 3, 4096, 64, 1, True, seed % 2 == 1, seed=50 + seed)  # 3 row blocks: no clusters
+
+
 def test_strided_q_and_block_table():
     run_case(6, 2, 140, 64, 1, True, True, strided=True, seed=7)
 

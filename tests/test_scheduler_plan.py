@@ -103,3 +103,14 @@ def test_sparse_prefill_grid_is_persistent():
 def test_combine_grid_covers_every_head(h_q):
     x, s_q, b = grids.combine(b=9, s_q=2, h_q=h_q)
     assert (s_q, b) == (2, 9) and (x - 1) * COMBINE_HEADS_PER_CTA < h_q <= x * COMBINE_HEADS_PER_CTA
+
+
+def test_dense_cluster_rows(monkeypatch):
+    """Dense decode runs row blocks 2k, 2k + 1 as one cluster when a kv head's row blocks pair
+    up, unless CUTE_MLA_DENSE_CLUSTER_ROWS=1."""
+    from cute_mla import plans
+
+    monkeypatch.delenv(plans.DENSE_CLUSTER_ROWS_ENV, raising=False)
+    assert [plans.dense_cluster_rows(n) for n in (1, 2, 3, 4, 6)] == [1, 2, 1, 2, 2]
+    monkeypatch.setenv(plans.DENSE_CLUSTER_ROWS_ENV, "1")
+    assert plans.dense_cluster_rows(2) == 1

@@ -12,6 +12,7 @@ from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import warpgroup
 
 from cute_mla.kernels.common import named_barrier
+from cute_mla.kernels.common.cluster import tma_desc_address, tma_load_4d_multicast
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.dtypes import dsl_dtype
 from cute_mla.kernels.common.paged_kv import (COLUMN_TILE, PAGE, kv_smem_layout, make_kv_column_tma,
@@ -31,22 +32,34 @@ V_RIGHT = (4, 5, 6, 7)  # V columns 256..511 (O_R, warpgroup 1)
 @dataclass(frozen=True)  # frozen: the DSL passes it through loops and branches as a constant
 class TileBarriers:
     """One mbarrier per (page buffer, column tile): it completes when that tile's TMA bytes
-    have landed (``DenseDecodeSm90.load_tiles`` arms it, ``s_block`` waits on it)."""
+    have landed (``DenseDecodeSm90.load_tiles`` arms it, ``s_block`` waits on it).  In a
+    cluster of two, also one per (page buffer, warpgroup): it completes when the peer CTA's
+    warpgroup has read its copy of the tiles this warpgroup reloads in that buffer
+    (``DenseDecodeSm90.share_tiles``)."""
 
-    base: Any  # 2 * TILES Int64 in shared memory, [buffer * TILES + tile]
+    base: Any  # 2 * TILES Int64 in shared memory, [buffer * TILES + tile], then [buffer * 2 + warpgroup]
+    cluster: int = 1
 
     @staticmethod
-    def create(smem) -> "TileBarriers":
-        return TileBarriers(smem.allocate_array(cutlass.Int64, 2 * TILES, byte_alignment=8))
+    def create(smem, cluster: int = 1) -> "TileBarriers":
+        count = 2 * TILES if cluster == 1 else 2 * TILES + 4
+        return TileBarriers(smem.allocate_array(cutlass.Int64, count, byte_alignment=8), cluster)
 
     def of(self, buf, tile):
         return self.base + (buf * TILES + tile)
 
+    def peer_read(self, buf, wg):
+        return self.base + (2 * TILES + buf * 2 + wg)
+
     @cute.jit
     def init(self):
-        """One thread: each barrier completes on one arrival (its expect_tx) plus the bytes."""
+        """One thread: each tile barrier completes on one arrival (its expect_tx) plus the
+        bytes; each peer barrier on the peer's one arrival."""
         for i in cutlass.range_constexpr(2 * TILES):
             cute.arch.mbarrier_init(self.base + i, 1)
+        if cutlass.const_expr(self.cluster != 1):
+            for i in cutlass.range_constexpr(4):
+                cute.arch.mbarrier_init(self.base + 2 * TILES + i, self.cluster - 1)
 
 
 @dataclass(frozen=True)  # frozen: the DSL passes it through loops and branches as a constant
@@ -77,6 +90,8 @@ class KvLoads(NamedTuple):
     block_table: Any  # (b, max_blocks) page ids
     sK: Any  # the two page buffers
     bars: TileBarriers
+    rank: Any = 0  # in a cluster of two: this CTA's rank
+    peer_phase: Any = None  # in a cluster of two: (2,) Int32, the next peer-barrier phase of each buffer
 
 
 class BlockCtx(NamedTuple):
@@ -127,8 +142,15 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
     regs_producer = 0  # no producer warpgroup and no setmaxnreg: 256 threads may use 255
     regs_consumer = 255  # registers each (only the base class's launch-budget check reads these)
 
-    def __init__(self, dtype: str, d_qk: int = 576):
+    def __init__(self, dtype: str, d_qk: int = 576, cluster_rows: int = 1):
+        """``cluster_rows`` 2: the CTAs of row blocks 2k and 2k + 1 of a part run as one
+        cluster and load every page once between them, each issuing half of a page's tiles
+        by TMA multicast into both (``share_tiles``); the plan picks it when a kv head has an
+        even number of row blocks."""
         super().__init__(dsl_dtype(dtype), d_qk)
+        assert cluster_rows in (1, 2)
+        self.cluster_rows = cluster_rows
+        self.cluster = (1, 1, cluster_rows)
         assert d_qk == TILES * COLUMN_TILE and D_V == 2 * len(V_LEFT) * COLUMN_TILE
         self.tile_elems = PAGE * COLUMN_TILE
         self.tile_bytes = self.tile_elems * self.dtype.width // 8
@@ -150,7 +172,8 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
                     out, lse, o_accum, lse_accum, split_counters, softmax_scale, causal, heads_per_kv,
                     self.q_smem_layout(), kv_smem_layout(self.dtype, self.d, 2), self.v_smem_layout(),
                     self.p_smem_layout()).launch(
-            grid=grid, block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream, min_blocks_per_mp=1)
+            grid=grid, block=[self.threads, 1, 1], cluster=list(self.cluster), smem=self.smem_bytes, stream=stream,
+            min_blocks_per_mp=1)
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, kv_atom: cute.CopyAtom, mKTma: cute.Tensor, mBlockTable: cute.Tensor,
@@ -166,9 +189,9 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         smem = cutlass.memory.SmemAllocator()
         sQ, sK, _, sStat = self.allocate_operands(smem, sQ_layout, sK_layout)  # P lives in the pages' RoPE tiles
         sMax = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
-        bars = TileBarriers.create(smem)
+        bars = TileBarriers.create(smem, self.cluster_rows)
         sTicket = smem.allocate_tensor(Int32, cute.make_layout(2), byte_alignment=8)
-        tickets = SplitTickets.create(mCounters, sTicket, mOut.shape[0], self.consumer_threads)
+        tickets = SplitTickets.create(mCounters, sTicket, mOut.shape[0], self.consumer_threads, self.cluster_rows)
         first = tickets.reserve(tidx)  # its round trip overlaps the set-up below
         if tidx == 0:
             bars.init()
@@ -178,6 +201,11 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
             cpasync.prefetch_descriptor(kv_atom)
 
         loads = KvLoads(kv_atom, mKTma, mBlockTable, sK, bars)
+        if cutlass.const_expr(self.cluster_rows != 1):
+            peer_phase = cute.make_rmem_tensor(cute.make_layout(2), Int32)
+            peer_phase[0] = Int32(0)
+            peer_phase[1] = Int32(0)
+            loads = KvLoads(kv_atom, mKTma, mBlockTable, sK, bars, tickets.rank, peer_phase)
         if warp < 4:
             self.consume(sQ, sK, sStat, sMax, sV_layout, sP_layout, loads, tickets, first, mQ, mSeqlens, mSchedMeta,
                          mSplitOffsets, mOut, mLse, mOAccum, mLseAccum, softmax_scale, causal, heads_per_kv, tidx, 0)
@@ -198,7 +226,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         """One warp: TMA of ``tiles`` of block ``blk`` of request r into buffer ``buf``,
         each tile on its own mbarrier.  An out-of-range page id is harmless: TMA
         bounds-checks it, fills zeros and still completes the bytes."""
-        kv_atom, mKTma, mBlockTable, sK, bars = loads
+        kv_atom, mKTma, mBlockTable, sK, bars = loads.atom, loads.tma, loads.block_table, loads.sK, loads.bars
         page = mBlockTable[r, blk]
         sTiles = cute.flat_divide(sK, (PAGE, COLUMN_TILE))  # (PAGE, 64, 1, TILES, 2)
         for t in cutlass.range_constexpr(len(tiles)):
@@ -211,6 +239,38 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
             with cute.arch.elect_one():
                 cute.arch.mbarrier_arrive_and_expect_tx(bar, self.tile_bytes)
             cute.copy(kv_atom, tKg, tKs, tma_bar_ptr=bar)
+
+    @cute.jit
+    def share_tiles(self, loads, hk: Int32, r: Int32, blk: Int32, buf: cutlass.Constexpr[int],
+                    wg: cutlass.Constexpr[int]):
+        """One warp, in a cluster of two: warpgroup ``wg``'s reload of block ``blk`` of request
+        r into buffer ``buf``, shared with the peer CTA (which runs the same code at the same
+        point of the same tile).  Both CTAs expect every tile's bytes on their own tile
+        barriers and tell the peer that their copy of the tiles is read; once the peer has
+        said the same, each issues its half of the tiles by multicast into both.  Each
+        waits only for the peer to reach the point it has itself reached, and the peer's
+        arrival precedes its wait, so the pair cannot deadlock where one CTA alone would not."""
+        bars, rank, peer_phase = loads.bars, loads.rank, loads.peer_phase
+        tiles = self.reload_tiles[buf][wg]
+        page = loads.block_table[r, blk]  # its load overlaps the wait below
+        with cute.arch.elect_one():
+            for t in cutlass.range_constexpr(len(tiles)):
+                cute.arch.mbarrier_arrive_and_expect_tx(bars.of(buf, tiles[t]), self.tile_bytes)
+            cute.arch.mbarrier_arrive(bars.peer_read(buf, wg), peer_cta_rank_in_cluster=1 - rank)
+        cute.arch.mbarrier_wait(bars.peer_read(buf, wg), peer_phase[buf])
+        peer_phase[buf] = peer_phase[buf] ^ 1
+        desc = tma_desc_address(loads.atom)
+        sTiles = cute.flat_divide(loads.sK, (PAGE, COLUMN_TILE))  # (PAGE, 64, 1, TILES, 2)
+        # tile i of the set is issued by rank (i + buf) % 2: the sets of 5 tiles alternate ranks
+        for half in cutlass.range_constexpr(2):
+            if rank == half:
+                with cute.arch.elect_one():
+                    for t in cutlass.range_constexpr(len(tiles)):
+                        if cutlass.const_expr((t + buf) % 2 == half):
+                            tile = tiles[t]
+                            tma_load_4d_multicast(sTiles[None, None, 0, tile, buf].iterator.toint(), desc,
+                                                  (tile * COLUMN_TILE, 0, hk, page), bars.of(buf, tile).toint(),
+                                                  0b11)
 
     @cute.jit
     def next_blocks(self, r: Int32, a: Int32, hi: Int32, nxt):
@@ -231,7 +291,10 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         r, blk, ok = target
         # The first warp of the warpgroup, converged: the TMA copy elects its own lane.
         if ok & (wtid < 32):
-            self.load_tiles(loads, hk, r, blk, buf, self.reload_tiles[buf][wg])
+            if cutlass.const_expr(self.cluster_rows == 1):
+                self.load_tiles(loads, hk, r, blk, buf, self.reload_tiles[buf][wg])
+            else:
+                self.share_tiles(loads, hk, r, blk, buf, wg)
 
     # ------------------------------------------------------------------ seesaw hooks (ctx: a BlockCtx)
     @cute.jit
@@ -331,7 +394,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         frags, rows, tOcO = self.seesaw_fragments(sQ, sK, sMax, sV_layout, p_tiles, wg, wtid)
         phase = Int32(0)  # of this warpgroup's buffer's tile barriers
         draw = Int32(0)
-        work, splits = tickets.work, tickets.splits  # (the DSL carries no object through a loop condition)
+        work, splits = tickets.work, tickets.split_tickets  # (the DSL carries no object through a loop condition)
         t = tickets.hand_out(first, draw, tidx)
         while t < work:
             draw += 1

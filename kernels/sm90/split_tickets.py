@@ -31,6 +31,14 @@ no CTA still counts a split, waits on a count or draws a ticket.  (Session 13 le
 drew the launch's last ticket zero them; but tickets are reserved while work runs, so another
 CTA could still be merging, waiting on counts that the zeroing took away; a wait bound of 2^22
 polls hid it as a few seconds' delay, 2^28 made it a hang in the full test grid.)
+
+In a cluster of two (dense decode's ``cluster_rows`` 2: row blocks 2k and 2k + 1 of a part
+share every page by TMA multicast) a ticket is the cluster's: rank 0's thread 0 draws it and
+stores it into both CTAs' slots, and a cluster barrier hands it out.  Split ticket t < S / 2
+is the pair of tiles (part, kv head, row blocks 2k, 2k + 1), the CTA of rank r taking row
+block 2k + r; a chunk ticket c is chunks 2c and 2c + 1, one a CTA.  So both CTAs of a cluster
+walk the same pages at the same time, and every cluster draws one final ticket.  The split
+counts and the finished count stay per CTA.
 """
 from __future__ import annotations
 
@@ -44,6 +52,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
 from cute_mla.kernels.common import named_barrier
+from cute_mla.kernels.common.cluster import store_to_peer
 from cute_mla.kernels.common.combine import merge_row, split_rows
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.layouts.constants import BLOCK_M, SPLIT_COUNTS, SPLIT_FINISHED, SPLIT_TICKET
@@ -78,14 +87,17 @@ class SplitTickets:
     gy: Any
     gz: Any
     threads: int  # the CTA's threads, all of which take part
-    splits: Any  # split tiles: tickets [0, splits)
+    splits: Any  # split tiles (the grid's CTAs): tickets [0, splits // cluster)
     total_rows: Any  # rows of the (request, kv head, row block, row) space the chunks cover
-    chunk_rows: Any  # rows a merge chunk covers: tickets [splits, work) are chunks
+    chunk_rows: Any  # rows a merge chunk covers: tickets [splits // cluster, work) are chunks
     work: Any
+    cluster: int = 1  # CTAs a ticket is shared by: 1, or 2 (module docstring)
+    rank: Any = 0  # this CTA's rank in its cluster
 
     @staticmethod
-    def create(counters: cute.Tensor, slots: cute.Tensor, batch, threads: int) -> "SplitTickets":
-        """The schedule of a launch of ``cute.arch.grid_dim()`` CTAs over ``batch`` requests."""
+    def create(counters: cute.Tensor, slots: cute.Tensor, batch, threads: int, cluster: int = 1) -> "SplitTickets":
+        """The schedule of a launch of ``cute.arch.grid_dim()`` CTAs over ``batch`` requests,
+        in clusters of ``cluster`` CTAs along z (the row blocks)."""
         gx, gy, gz = cute.arch.grid_dim()
         splits = gx * gy * gz
         total_rows = batch * gy * gz * BLOCK_M
@@ -94,25 +106,59 @@ class SplitTickets:
         # split that ends last is merged after everything else, by one CTA (b 5: 8-row chunks)
         per_cta = warps * splits
         chunk_rows = warps * cutlass.min((total_rows + per_cta - 1) // per_cta, MAX_CHUNK_WARP_ROWS)
-        work = splits + (total_rows + chunk_rows - 1) // chunk_rows
-        return SplitTickets(counters, slots, gx, gy, gz, threads, splits, total_rows, chunk_rows, work)
+        chunks = (total_rows + chunk_rows - 1) // chunk_rows
+        if cutlass.const_expr(cluster == 1):
+            return SplitTickets(counters, slots, gx, gy, gz, threads, splits, total_rows, chunk_rows, splits + chunks)
+        _, _, rank = cute.arch.block_in_cluster_idx()
+        work = splits // cluster + (chunks + cluster - 1) // cluster
+        return SplitTickets(counters, slots, gx, gy, gz, threads, splits, total_rows, chunk_rows, work, cluster,
+                            cute.arch.make_warp_uniform(rank))
+
+    @property
+    def split_tickets(self):
+        """Tickets [0, split_tickets) are split tiles (of the cluster), the rest chunks."""
+        return self.splits if cutlass.const_expr(self.cluster == 1) else self.splits // self.cluster
 
     @cute.jit
     def reserve(self, tidx: Int32) -> Int32:
-        """Thread 0 takes a ticket (the others get 0); ``hand_out`` gives it to every thread.
-        Between the two the CTA may work: the atomic's round trip then costs nothing."""
+        """Thread 0 (of the cluster's rank 0) takes a ticket (the others get 0); ``hand_out``
+        gives it to every thread.  Between the two the CTA may work: the atomic's round trip
+        then costs nothing."""
         counter = self.counters.iterator + SPLIT_TICKET  # (the DSL carries no object through an if)
         ticket = Int32(0)
-        if tidx == 0:
+        if cutlass.const_expr(self.cluster == 1):
+            if tidx == 0:
+                ticket = cute.arch.atomic_add(counter, Int32(1), sem="relaxed", scope="gpu")
+        elif (tidx == 0) & (self.rank == 0):
             ticket = cute.arch.atomic_add(counter, Int32(1), sem="relaxed", scope="gpu")
         return ticket
 
     @cute.jit
     def hand_out(self, ticket: Int32, draw: Int32, tidx: Int32) -> Int32:
-        """Thread 0's ``reserve``d ticket, the CTA's ``draw``-th, in every thread."""
+        """Thread 0's ``reserve``d ticket, the CTA's (or cluster's) ``draw``-th, in every
+        thread (of the cluster)."""
+        if cutlass.const_expr(self.cluster == 1):
+            return self.broadcast(ticket, draw, tidx)
+        slots = self.slots
+        if (tidx == 0) & (self.rank == 0):
+            slots[draw % 2] = ticket
+            for peer in cutlass.range_constexpr(1, self.cluster):
+                store_to_peer(slots.iterator.toint() + 4 * (draw % 2), Int32(peer), ticket)
+            cute.arch.fence_acq_rel_cluster()  # the stores, before the barrier's relaxed arrive
+        # A cluster barrier a draw, the writer's fence releasing and the wait acquiring (a
+        # release arrive in every thread cost a MEMBAR.ALL.GPU each).  A slot is rewritten two
+        # draws later, after every thread of the cluster read it.  It also publishes the
+        # mbarriers' initialisation (``fence.mbarrier_init``) before the first draw.
+        cute.arch.cluster_arrive_relaxed()
+        cute.arch.cluster_wait()
+        return slots[draw % 2]
+
+    @cute.jit
+    def broadcast(self, value: Int32, draw: Int32, tidx: Int32) -> Int32:
+        """Thread 0's ``value`` in every thread of the CTA, through slot ``draw % 2``."""
         slots = self.slots
         if tidx == 0:
-            slots[draw % 2] = ticket
+            slots[draw % 2] = value
         # one barrier a draw: a slot is rewritten two draws later, after everyone read it
         named_barrier.sync(NamedBarrier.SPLIT_WORK, self.threads)
         return slots[draw % 2]
@@ -120,7 +166,9 @@ class SplitTickets:
     def split_tile(self, t: Int32):
         """(part, kv head, row block) of split ticket t."""
         rest = t // self.gx
-        return t - rest * self.gx, rest % self.gy, rest // self.gy
+        if cutlass.const_expr(self.cluster == 1):
+            return t - rest * self.gx, rest % self.gy, rest // self.gy
+        return t - rest * self.gx, rest % self.gy, (rest // self.gy) * self.cluster + self.rank
 
     def count_of(self, r: Int32, hk: Int32, mblk: Int32):
         """Pointer to the split count of (request r, kv head hk, row block mblk)."""
@@ -155,8 +203,11 @@ class SplitTickets:
     @cute.jit
     def merge_chunk(self, t: Int32, mSplitOffsets: cute.Tensor, mOAccum: cute.Tensor,
                     mLseAccum: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, heads_per_kv: Int32, tidx: Int32):
-        """Merge the split rows of chunk ticket t, a warp per row."""
+        """Merge the split rows of chunk ticket t (of the cluster: its chunk of this rank), a
+        warp per row."""
         g0 = (t - self.splits) * self.chunk_rows
+        if cutlass.const_expr(self.cluster != 1):  # a chunk past the last one is empty below
+            g0 = ((t - self.split_tickets) * self.cluster + self.rank) * self.chunk_rows
         g1 = cutlass.min(g0 + self.chunk_rows, self.total_rows)
         warp = tidx // 32
         lane = tidx % 32
@@ -186,7 +237,7 @@ class SplitTickets:
         done = Int32(0)
         if tidx == 0:
             done = cute.arch.atomic_add(self.counters.iterator + SPLIT_FINISHED, Int32(1), sem="acq_rel", scope="gpu")
-        done = self.hand_out(done, draw + 1, tidx)
+        done = self.broadcast(done, draw + 1, tidx)
         if done == self.splits - 1:
             counters = self.counters
             for i in cutlass.range(tidx, cute.size(counters), self.threads, unroll=1):
