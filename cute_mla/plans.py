@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-from cute_mla import driver, launcher
+from cute_mla import driver, launcher, registry
 from cute_mla.ops import DTYPE_NAMES
 from cute_mla.sched_meta import FlashMLASchedMeta, KeptWorkspace, require_sched_meta
 from cute_mla.layouts.constants import (BLOCK_M, BLOCK_N, D_V, PAGE_BLOCK_SIZE, SCHED_META_FIELDS,
@@ -344,14 +344,18 @@ class SplitKvPlan:
 DENSE_CLUSTER_ROWS_ENV = "CUTE_MLA_DENSE_CLUSTER_ROWS"
 
 
+DENSE_CLUSTER_ROWS_DEFAULT = 2
+
+
 def dense_cluster_rows(row_blocks: int) -> int:
-    """Dense decode's ``cluster_rows`` for a kv head of ``row_blocks`` row blocks: 2 (row
-    blocks 2k, 2k + 1 of a part run as one cluster and share each page by TMA multicast) when
-    their number is even, else 1.  CUTE_MLA_DENSE_CLUSTER_ROWS=1, read when a plan is made,
-    keeps clusters off (to time the two variants against each other)."""
-    if os.environ.get(DENSE_CLUSTER_ROWS_ENV) == "1":
-        return 1
-    return 2 if row_blocks % 2 == 0 else 1
+    """Dense decode's ``cluster_rows`` for a kv head of ``row_blocks`` row blocks: the largest
+    n of ``registry.DENSE_CLUSTER_ROWS`` up to the cap that divides them (row blocks
+    nk .. nk + n - 1 of a part run as one cluster and share each page by TMA multicast).  The
+    cap is DENSE_CLUSTER_ROWS_DEFAULT, or CUTE_MLA_DENSE_CLUSTER_ROWS (1 keeps clusters off),
+    read when a plan is made, to time the variants against each other."""
+    env = os.environ.get(DENSE_CLUSTER_ROWS_ENV)
+    cap = int(env) if env in ("1", "2", "4") else DENSE_CLUSTER_ROWS_DEFAULT
+    return max(n for n in registry.DENSE_CLUSTER_ROWS if n <= cap and row_blocks % n == 0)
 
 
 class DenseDecodePlan(SplitKvPlan):

@@ -46,6 +46,9 @@ def variant_key(name: str, config: Mapping[str, Any]) -> str:
 # ops.sparse_decode_matmul picks one per call
 SPARSE_DECODE_MATMULS = ("f16", "bf16")
 SPARSE_DECODE_MATMUL_ENV = "CUTE_MLA_SPARSE_DECODE_MATMUL"
+# dense decode's row blocks a cluster (kernels.sm90.dense_decode), all built; plans.dense_cluster_rows
+# picks one per plan
+DENSE_CLUSTER_ROWS = (1, 2, 4)
 
 
 KERNELS: tuple[KernelDef, ...] = (
@@ -55,8 +58,8 @@ KERNELS: tuple[KernelDef, ...] = (
         source="cute_mla.kernels.sm90.dense_decode:DenseDecodeSm90",
         archs=("sm_90a",),
         args=operands.dense_decode_args,
-        # cluster_rows 2: row blocks 2k, 2k + 1 of a part run as one cluster and share each page
-        variants=tuple({"dtype": d, "cluster_rows": c} for d in ("bf16", "fp16") for c in (1, 2)),
+        # cluster_rows n > 1: row blocks nk .. nk + n - 1 of a part run as one cluster and share each page
+        variants=tuple({"dtype": d, "cluster_rows": c} for d in ("bf16", "fp16") for c in DENSE_CLUSTER_ROWS),
     ),
     KernelDef(
         name="sparse_prefill_sm90",

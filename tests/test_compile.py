@@ -130,11 +130,12 @@ SASS_EXPECT_VARIANT = {
         "bf16": (["HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16", "FMUL"],
                  [r"re:HGMMA\.64x\d+x16\.F32 ", "HMUL2"]),
     },
-    # dense decode in clusters of two: pages by multicast TMA, the peer told by a remote
-    # mbarrier arrive, tickets handed out at a cluster barrier; without: none of these
+    # dense decode in clusters: pages by multicast TMA, the other CTAs told by remote mbarrier
+    # arrives, tickets handed out at a cluster barrier; without: none of these
     ("dense_decode_sm90", "cluster_rows"): {
         1: ([], ["MULTICAST", "UCGABAR", "SYNCS.ARRIVE.TRANS64.RED"]),
-        2: (["UTMALDG.4D.MULTICAST", "SYNCS.ARRIVE.TRANS64.RED", "UCGABAR_ARV", "UCGABAR_WAIT"], []),
+        **{n: (["UTMALDG.4D.MULTICAST", "SYNCS.ARRIVE.TRANS64.RED", "UCGABAR_ARV", "UCGABAR_WAIT"], [])
+           for n in (2, 4)},
     },
 }
 

@@ -101,37 +101,34 @@ def _dense_kernel_keys(monkeypatch):
     return keys
 
 
-@pytest.mark.parametrize("clusters_off", [False, True], ids=["clusters", "no-clusters"])
-def test_cluster_rows_variant_as_the_plan_picks_it(monkeypatch, clusters_off):
-    """An even number of row blocks a kv head runs in clusters of two sharing each page by
-    multicast (``cluster_rows`` 2), an odd one without; CUTE_MLA_DENSE_CLUSTER_ROWS=1 keeps
-    clusters off.  Both variants match the reference on the same cases."""
-    if clusters_off:
-        monkeypatch.setenv("CUTE_MLA_DENSE_CLUSTER_ROWS", "1")
+@pytest.mark.parametrize("cap,expected", [("1", (1, 1, 1)), ("2", (2, 2, 1)), ("4", (4, 2, 1))])
+def test_cluster_rows_variant_as_the_plan_picks_it(monkeypatch, cap, expected):
+    """A kv head's row blocks run in clusters of the largest size up to the cap that divides
+    them, sharing each page by multicast (``cluster_rows``); CUTE_MLA_DENSE_CLUSTER_ROWS sets
+    the cap.  Every variant matches the reference on the same cases."""
+    monkeypatch.setenv("CUTE_MLA_DENSE_CLUSTER_ROWS", cap)
     keys = _dense_kernel_keys(monkeypatch)
     run_case(6, 2, 4096, 128, 1, True, True, seed=21, data=SHARP[0])  # 4 row blocks
     run_case(6, 2, 4096, 126, 2, True, False, seed=22)  # 2 row blocks of 126 rows a kv head
-    run_case(6, 3, 700, 64, 1, True, True, seed=23)  # 3 row blocks: never clusters
+    run_case(6, 3, 700, 64, 1, True, True, seed=23)  # 3 row blocks
     dense = [k for k in keys if k.startswith("dense_decode_sm90")]
-    expected = ["cluster_rows-1" if clusters_off else "cluster_rows-2"] * 2 + ["cluster_rows-1"]
-    assert [k.split("__")[1] for k in dense] == expected, dense
+    assert [k.split("__")[1] for k in dense] == [f"cluster_rows-{n}" for n in expected], dense
 
 
-@pytest.mark.parametrize("clusters_off", [False, True], ids=["clusters", "no-clusters"])
-def test_grid_larger_than_the_gpu(monkeypatch, clusters_off):
+@pytest.mark.parametrize("cap", ["1", "2", "4"])
+def test_grid_larger_than_the_gpu(monkeypatch, cap):
     """Eight times the parts (CTAs, clusters) that fit at once: most start after others have
     finished, so tickets, split counts and merges span waves of CTAs.  A merge that waited for
     a CTA not yet started would hang here; a chunk drawn but not merged would leave rows wrong."""
     from cute_mla import launcher, plans
 
-    if clusters_off:
-        monkeypatch.setenv("CUTE_MLA_DENSE_CLUSTER_ROWS", "1")
+    monkeypatch.setenv("CUTE_MLA_DENSE_CLUSTER_ROWS", cap)
     default = plans.default_parts
     monkeypatch.setattr(plans, "default_parts", lambda *a, **k: 8 * default(*a, **k))
     monkeypatch.setattr(launcher.LoadedKernel, "max_active_clusters", lambda self: 1 << 20)
     _dense_kernel_keys(monkeypatch)
     for seed in range(3):
-        run_case(24, 2, 4096, 128, 1, True, seed % 2 == 1, seed=40 + seed)  # 4 row blocks: clusters of 2
+        run_case(24, 2, 4096, 128, 1, True, seed % 2 == 1, seed=40 + seed)  # 4 row blocks: clusters
         run_case(24, 3, 4096, 64, 1, True, seed % 2 == 1, seed=50 + seed)  # 3 row blocks: no clusters
 
 

@@ -106,11 +106,13 @@ def test_combine_grid_covers_every_head(h_q):
 
 
 def test_dense_cluster_rows(monkeypatch):
-    """Dense decode runs row blocks 2k, 2k + 1 as one cluster when a kv head's row blocks pair
-    up, unless CUTE_MLA_DENSE_CLUSTER_ROWS=1."""
+    """Dense decode runs a kv head's row blocks in clusters of the largest size up to the cap
+    that divides them; CUTE_MLA_DENSE_CLUSTER_ROWS sets the cap (1: no clusters)."""
     from cute_mla import plans
 
     monkeypatch.delenv(plans.DENSE_CLUSTER_ROWS_ENV, raising=False)
+    assert plans.DENSE_CLUSTER_ROWS_DEFAULT == 2
     assert [plans.dense_cluster_rows(n) for n in (1, 2, 3, 4, 6)] == [1, 2, 1, 2, 2]
-    monkeypatch.setenv(plans.DENSE_CLUSTER_ROWS_ENV, "1")
-    assert plans.dense_cluster_rows(2) == 1
+    for cap, expected in (("1", [1, 1, 1, 1, 1]), ("4", [1, 2, 1, 4, 2]), ("junk", [1, 2, 1, 2, 2])):
+        monkeypatch.setenv(plans.DENSE_CLUSTER_ROWS_ENV, cap)
+        assert [plans.dense_cluster_rows(n) for n in (1, 2, 3, 4, 6)] == expected

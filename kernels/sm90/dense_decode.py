@@ -33,7 +33,7 @@ V_RIGHT = (4, 5, 6, 7)  # V columns 256..511 (O_R, warpgroup 1)
 class TileBarriers:
     """One mbarrier per (page buffer, column tile): it completes when that tile's TMA bytes
     have landed (``DenseDecodeSm90.load_tiles`` arms it, ``s_block`` waits on it).  In a
-    cluster of two, also one per (page buffer, warpgroup): it completes when the peer CTA's
+    cluster, also one per (page buffer, warpgroup): it completes when every other CTA's
     warpgroup has read its copy of the tiles this warpgroup reloads in that buffer
     (``DenseDecodeSm90.share_tiles``)."""
 
@@ -54,7 +54,7 @@ class TileBarriers:
     @cute.jit
     def init(self):
         """One thread: each tile barrier completes on one arrival (its expect_tx) plus the
-        bytes; each peer barrier on the peer's one arrival."""
+        bytes; each peer barrier on one arrival of every other CTA of the cluster."""
         for i in cutlass.range_constexpr(2 * TILES):
             cute.arch.mbarrier_init(self.base + i, 1)
         if cutlass.const_expr(self.cluster != 1):
@@ -90,8 +90,8 @@ class KvLoads(NamedTuple):
     block_table: Any  # (b, max_blocks) page ids
     sK: Any  # the two page buffers
     bars: TileBarriers
-    rank: Any = 0  # in a cluster of two: this CTA's rank
-    peer_phase: Any = None  # in a cluster of two: (2,) Int32, the next peer-barrier phase of each buffer
+    rank: Any = 0  # in a cluster: this CTA's rank
+    peer_phase: Any = None  # in a cluster: (2,) Int32, the next peer-barrier phase of each buffer
 
 
 class BlockCtx(NamedTuple):
@@ -143,12 +143,12 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
     regs_consumer = 255  # registers each (only the base class's launch-budget check reads these)
 
     def __init__(self, dtype: str, d_qk: int = 576, cluster_rows: int = 1):
-        """``cluster_rows`` 2: the CTAs of row blocks 2k and 2k + 1 of a part run as one
-        cluster and load every page once between them, each issuing half of a page's tiles
-        by TMA multicast into both (``share_tiles``); the plan picks it when a kv head has an
-        even number of row blocks."""
+        """``cluster_rows`` n > 1: the CTAs of row blocks nk .. nk + n - 1 of a part run as one
+        cluster and load every page once between them, each issuing its share of a page's
+        tiles by TMA multicast into all (``share_tiles``); the plan picks it when a kv head's
+        row blocks divide into such groups (``plans.dense_cluster_rows``)."""
         super().__init__(dsl_dtype(dtype), d_qk)
-        assert cluster_rows in (1, 2)
+        assert cluster_rows in (1, 2, 4)
         self.cluster_rows = cluster_rows
         self.cluster = (1, 1, cluster_rows)
         assert d_qk == TILES * COLUMN_TILE and D_V == 2 * len(V_LEFT) * COLUMN_TILE
@@ -243,34 +243,36 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
     @cute.jit
     def share_tiles(self, loads, hk: Int32, r: Int32, blk: Int32, buf: cutlass.Constexpr[int],
                     wg: cutlass.Constexpr[int]):
-        """One warp, in a cluster of two: warpgroup ``wg``'s reload of block ``blk`` of request
-        r into buffer ``buf``, shared with the peer CTA (which runs the same code at the same
-        point of the same tile).  Both CTAs expect every tile's bytes on their own tile
-        barriers and tell the peer that their copy of the tiles is read; once the peer has
-        said the same, each issues its half of the tiles by multicast into both.  Each
-        waits only for the peer to reach the point it has itself reached, and the peer's
-        arrival precedes its wait, so the pair cannot deadlock where one CTA alone would not."""
+        """One warp, in a cluster: warpgroup ``wg``'s reload of block ``blk`` of request r into
+        buffer ``buf``, shared with the other CTAs (which run the same code at the same point
+        of the same tile).  Every CTA expects each tile's bytes on its own tile barriers and
+        tells the others that its copy of the tiles is read; once all the others have said
+        the same, each issues its share of the tiles by multicast into all.  A CTA waits only
+        for the others to reach the point it has itself reached, and each one's arrival
+        precedes its wait, so the cluster cannot deadlock where one CTA alone would not."""
+        n = self.cluster_rows
         bars, rank, peer_phase = loads.bars, loads.rank, loads.peer_phase
         tiles = self.reload_tiles[buf][wg]
         page = loads.block_table[r, blk]  # its load overlaps the wait below
         with cute.arch.elect_one():
             for t in cutlass.range_constexpr(len(tiles)):
                 cute.arch.mbarrier_arrive_and_expect_tx(bars.of(buf, tiles[t]), self.tile_bytes)
-            cute.arch.mbarrier_arrive(bars.peer_read(buf, wg), peer_cta_rank_in_cluster=1 - rank)
+            for other in cutlass.range_constexpr(1, n):
+                cute.arch.mbarrier_arrive(bars.peer_read(buf, wg), peer_cta_rank_in_cluster=(rank + other) % n)
         cute.arch.mbarrier_wait(bars.peer_read(buf, wg), peer_phase[buf])
         peer_phase[buf] = peer_phase[buf] ^ 1
         desc = tma_desc_address(loads.atom)
         sTiles = cute.flat_divide(loads.sK, (PAGE, COLUMN_TILE))  # (PAGE, 64, 1, TILES, 2)
-        # tile i of the set is issued by rank (i + buf) % 2: the sets of 5 tiles alternate ranks
-        for half in cutlass.range_constexpr(2):
-            if rank == half:
+        # tile i of the set is issued by rank (i + buf) % n, so the sets of 5 tiles rotate ranks
+        for owner in cutlass.range_constexpr(n):
+            if rank == owner:
                 with cute.arch.elect_one():
                     for t in cutlass.range_constexpr(len(tiles)):
-                        if cutlass.const_expr((t + buf) % 2 == half):
+                        if cutlass.const_expr((t + buf) % n == owner):
                             tile = tiles[t]
                             tma_load_4d_multicast(sTiles[None, None, 0, tile, buf].iterator.toint(), desc,
                                                   (tile * COLUMN_TILE, 0, hk, page), bars.of(buf, tile).toint(),
-                                                  0b11)
+                                                  (1 << n) - 1)
 
     @cute.jit
     def next_blocks(self, r: Int32, a: Int32, hi: Int32, nxt):

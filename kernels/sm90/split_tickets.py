@@ -32,13 +32,13 @@ drew the launch's last ticket zero them; but tickets are reserved while work run
 CTA could still be merging, waiting on counts that the zeroing took away; a wait bound of 2^22
 polls hid it as a few seconds' delay, 2^28 made it a hang in the full test grid.)
 
-In a cluster of two (dense decode's ``cluster_rows`` 2: row blocks 2k and 2k + 1 of a part
-share every page by TMA multicast) a ticket is the cluster's: rank 0's thread 0 draws it and
-stores it into both CTAs' slots, and a cluster barrier hands it out.  Split ticket t < S / 2
-is the pair of tiles (part, kv head, row blocks 2k, 2k + 1), the CTA of rank r taking row
-block 2k + r; a chunk ticket c is chunks 2c and 2c + 1, one a CTA.  So both CTAs of a cluster
-walk the same pages at the same time, and every cluster draws one final ticket.  The split
-counts and the finished count stay per CTA.
+In a cluster of n CTAs (dense decode's ``cluster_rows`` n: row blocks nk .. nk + n - 1 of a
+part share every page by TMA multicast) a ticket is the cluster's: rank 0's thread 0 draws it
+and stores it into every CTA's slots, and a cluster barrier hands it out.  Split ticket
+t < S / n is the group of tiles (part, kv head, row blocks nk .. nk + n - 1), the CTA of rank
+r taking row block nk + r; a chunk ticket c is chunks nc .. nc + n - 1, one a CTA.  So the
+CTAs of a cluster walk the same pages at the same time, and every cluster draws one final
+ticket.  The split counts and the finished count stay per CTA.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class SplitTickets:
     total_rows: Any  # rows of the (request, kv head, row block, row) space the chunks cover
     chunk_rows: Any  # rows a merge chunk covers: tickets [splits // cluster, work) are chunks
     work: Any
-    cluster: int = 1  # CTAs a ticket is shared by: 1, or 2 (module docstring)
+    cluster: int = 1  # CTAs a ticket is shared by (module docstring)
     rank: Any = 0  # this CTA's rank in its cluster
 
     @staticmethod
