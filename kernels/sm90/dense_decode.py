@@ -33,33 +33,35 @@ V_RIGHT = (4, 5, 6, 7)  # V columns 256..511 (O_R, warpgroup 1)
 class TileBarriers:
     """One mbarrier per (page buffer, column tile): it completes when that tile's TMA bytes
     have landed (``DenseDecodeSm90.load_tiles`` arms it, ``s_block`` waits on it).  In a
-    cluster, also one per (page buffer, warpgroup): it completes when every other CTA's
+    cluster, also one per (page buffer, warpgroup, CTA rank): it completes when that CTA's
     warpgroup has read its copy of the tiles this warpgroup reloads in that buffer
-    (``DenseDecodeSm90.share_tiles``)."""
+    (``DenseDecodeSm90.share_tiles``; the barrier of the own rank is unused).  One barrier a
+    sender, not one counting n - 1 arrivals: a fast CTA's next arrival could then complete
+    the phase a slow CTA has not arrived at yet; one sender's arrivals come in its order."""
 
-    base: Any  # 2 * TILES Int64 in shared memory, [buffer * TILES + tile], then [buffer * 2 + warpgroup]
+    base: Any  # Int64 in shared memory: 2 * TILES [buffer * TILES + tile], then 4 * cluster peer barriers
     cluster: int = 1
 
     @staticmethod
     def create(smem, cluster: int = 1) -> "TileBarriers":
-        count = 2 * TILES if cluster == 1 else 2 * TILES + 4
+        count = 2 * TILES if cluster == 1 else 2 * TILES + 4 * cluster
         return TileBarriers(smem.allocate_array(cutlass.Int64, count, byte_alignment=8), cluster)
 
     def of(self, buf, tile):
         return self.base + (buf * TILES + tile)
 
-    def peer_read(self, buf, wg):
-        return self.base + (2 * TILES + buf * 2 + wg)
+    def peer_read(self, buf, wg, sender):
+        return self.base + (2 * TILES + (buf * 2 + wg) * self.cluster + sender)
 
     @cute.jit
     def init(self):
         """One thread: each tile barrier completes on one arrival (its expect_tx) plus the
-        bytes; each peer barrier on one arrival of every other CTA of the cluster."""
+        bytes; each peer barrier on its sender's one arrival."""
         for i in cutlass.range_constexpr(2 * TILES):
             cute.arch.mbarrier_init(self.base + i, 1)
         if cutlass.const_expr(self.cluster != 1):
-            for i in cutlass.range_constexpr(4):
-                cute.arch.mbarrier_init(self.base + 2 * TILES + i, self.cluster - 1)
+            for i in cutlass.range_constexpr(4 * self.cluster):
+                cute.arch.mbarrier_init(self.base + 2 * TILES + i, 1)
 
 
 @dataclass(frozen=True)  # frozen: the DSL passes it through loops and branches as a constant
@@ -258,8 +260,10 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
             for t in cutlass.range_constexpr(len(tiles)):
                 cute.arch.mbarrier_arrive_and_expect_tx(bars.of(buf, tiles[t]), self.tile_bytes)
             for other in cutlass.range_constexpr(1, n):
-                cute.arch.mbarrier_arrive(bars.peer_read(buf, wg), peer_cta_rank_in_cluster=(rank + other) % n)
-        cute.arch.mbarrier_wait(bars.peer_read(buf, wg), peer_phase[buf])
+                cute.arch.mbarrier_arrive(bars.peer_read(buf, wg, rank), peer_cta_rank_in_cluster=(rank + other) % n)
+        for sender in cutlass.range_constexpr(n):
+            if sender != rank:
+                cute.arch.mbarrier_wait(bars.peer_read(buf, wg, sender), peer_phase[buf])
         peer_phase[buf] = peer_phase[buf] ^ 1
         desc = tma_desc_address(loads.atom)
         sTiles = cute.flat_divide(loads.sK, (PAGE, COLUMN_TILE))  # (PAGE, 64, 1, TILES, 2)
