@@ -342,9 +342,7 @@ class SplitKvPlan:
 
 
 DENSE_CLUSTER_ROWS_ENV = "CUTE_MLA_DENSE_CLUSTER_ROWS"
-
-
-DENSE_CLUSTER_ROWS_DEFAULT = 2
+DENSE_CLUSTER_ROWS_DEFAULT = 2  # the cap without the variable (to be settled by the branch's first timing)
 
 
 def dense_cluster_rows(row_blocks: int) -> int:
