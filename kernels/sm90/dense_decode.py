@@ -127,6 +127,13 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
     tile of buffer 0.  A page's P tile is free once S of it is done, because V reads
     only columns 0..511.  S waits tile by tile, so it starts on the tiles freed first.
 
+    Clusters (``cluster_rows`` n > 1): the n CTAs of row blocks nk .. nk + n - 1 read the
+    same pages, so each page is loaded once for all of them.  At each reload point every
+    CTA tells the others its copy of the tiles is read, waits until they have said the same,
+    then issues its share of the tiles by TMA multicast into all n (``share_tiles``).  Without
+    it each row block's CTA read every page through L2 itself: twice FlashMLA's L2 lookups at
+    h_q 128 (perf/results/NOTES.md, session 15).  Tickets are then the cluster's.
+
     Named barriers: ``NamedBarrier`` Q_RELOAD / ROW_SUM among all 256 threads,
     ``NamedBarrier`` MAX_0 / MAX_1 / P_0 / P_1 (one warpgroup arrives, the other
     syncs) and TAIL (warpgroup-local).  Tokens past a request's length are masked by
