@@ -373,7 +373,10 @@ class DenseDecodePlan(SplitKvPlan):
         parts = default_parts(q, h_kv)
         if variant["cluster_rows"] > 1:  # no more parts than clusters fit at once (a second wave doubles the time)
             clusters = launcher.kernel("dense_decode_sm90", variant, q.get_device()).max_active_clusters()
-            parts = min(parts, max(clusters * variant["cluster_rows"] // (h_kv * row_blocks), 1))
+            if clusters == 0:  # the device cannot place one at all: run without clusters
+                variant["cluster_rows"] = 1
+            else:
+                parts = min(parts, max(clusters * variant["cluster_rows"] // (h_kv * row_blocks), 1))
         super().__init__(q, config, h_kv, decode_plan.FIXED_OVERHEAD_BLOCKS, block_table.shape[1] * PAGE_BLOCK_SIZE,
                          parts=parts, counters=SPLIT_COUNTS + b * h_kv * row_blocks)
         templates = self.templates(cache_seqlens)
