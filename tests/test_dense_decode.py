@@ -115,6 +115,23 @@ def test_cluster_rows_variant_as_the_plan_picks_it(monkeypatch, cap, expected):
     assert [k.split("__")[1] for k in dense] == [f"cluster_rows-{n}" for n in expected], dense
 
 
+@pytest.mark.parametrize("cap,n", [("2", 2), ("4", 4)])
+def test_cluster_plan_runs_no_more_parts_than_clusters_fit(monkeypatch, cap, n):
+    """With clusters the plan takes at most the parts whose clusters the device runs at once
+    (``LoadedKernel.max_active_clusters``): a second wave would double the time."""
+    from cute_mla import launcher
+
+    monkeypatch.setenv("CUTE_MLA_DENSE_CLUSTER_ROWS", cap)
+    _dense_kernel_keys(monkeypatch)
+    meta = cute_mla.get_mla_metadata()[0]
+    run_case(8, 2, 4096, 128, 1, True, False, seed=60, sched_meta=meta)  # 4 row blocks
+    clusters = launcher.kernel("dense_decode_sm90", {"dtype": "bf16", "cluster_rows": n}, 0).max_active_clusters()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert 0 < clusters <= num_sms // n
+    parts = meta.tile_scheduler_metadata.shape[0]
+    assert parts == min(num_sms // 4, clusters * n // 4), (parts, clusters)
+
+
 @pytest.mark.parametrize("cap", ["1", "2", "4"])
 def test_grid_larger_than_the_gpu(monkeypatch, cap):
     """Eight times the parts (CTAs, clusters) that fit at once: most start after others have
