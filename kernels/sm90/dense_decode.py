@@ -20,7 +20,7 @@ from cute_mla.kernels.common.paged_kv import (COLUMN_TILE, PAGE, kv_smem_layout,
 from cute_mla.kernels.common.softmax import LOG2_E, Softmax
 from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
 from cute_mla.kernels.sm90.split_kv_decode import DecodePart, QTile, SplitKvDecodeSm90
-from cute_mla.kernels.sm90.split_tickets import SplitTickets
+from cute_mla.kernels.sm90.split_tickets import ClusterTickets, SplitTickets
 from cute_mla.layouts.constants import BLOCK_M, D_V
 
 TILES = 9  # 64-column tiles of a 576-wide page
@@ -200,7 +200,10 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         sMax = smem.allocate_tensor(Float32, cute.make_layout((2, BLOCK_M)), byte_alignment=16)
         bars = TileBarriers.create(smem, self.cluster_rows)
         sTicket = smem.allocate_tensor(Int32, cute.make_layout(2), byte_alignment=8)
-        tickets = SplitTickets.create(mCounters, sTicket, mOut.shape[0], self.consumer_threads, self.cluster_rows)
+        if cutlass.const_expr(self.cluster_rows == 1):
+            tickets = SplitTickets.create(mCounters, sTicket, mOut.shape[0], self.consumer_threads)
+        else:
+            tickets = ClusterTickets.create(mCounters, sTicket, mOut.shape[0], self.consumer_threads, self.cluster_rows)
         first = tickets.reserve(tidx)  # its round trip overlaps the set-up below
         if tidx == 0:
             bars.init()

@@ -77,6 +77,20 @@ def nanosleep(ns, *, loc=None, ip=None) -> None:
                     has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
 
 
+def grid_schedule(batch, threads: int):
+    """(gx, gy, gz, split tiles, rows the chunks cover, rows a chunk, chunks) of a launch of
+    ``cute.arch.grid_dim()`` CTAs of ``threads`` threads over ``batch`` requests."""
+    gx, gy, gz = cute.arch.grid_dim()
+    splits = gx * gy * gz
+    total_rows = batch * gy * gz * BLOCK_M
+    warps = threads // 32
+    # About one chunk a CTA, but at most MAX_CHUNK_WARP_ROWS rows a warp: the chunk of the
+    # split that ends last is merged after everything else, by one CTA (b 5: 8-row chunks)
+    per_cta = warps * splits
+    chunk_rows = warps * cutlass.min((total_rows + per_cta - 1) // per_cta, MAX_CHUNK_WARP_ROWS)
+    return gx, gy, gz, splits, total_rows, chunk_rows, (total_rows + chunk_rows - 1) // chunk_rows
+
+
 @dataclass(frozen=True)  # frozen: the DSL then passes it through loops and branches as a constant
 class SplitTickets:
     """The ticket schedule of one launch, as every CTA sees it (module docstring)."""
@@ -87,71 +101,35 @@ class SplitTickets:
     gy: Any
     gz: Any
     threads: int  # the CTA's threads, all of which take part
-    splits: Any  # split tiles (the grid's CTAs): tickets [0, splits // cluster)
+    splits: Any  # split tiles (the grid's CTAs)
     total_rows: Any  # rows of the (request, kv head, row block, row) space the chunks cover
-    chunk_rows: Any  # rows a merge chunk covers: tickets [splits // cluster, work) are chunks
-    work: Any
-    cluster: int = 1  # CTAs a ticket is shared by (module docstring)
-    rank: Any = 0  # this CTA's rank in its cluster
+    chunk_rows: Any  # rows a merge chunk covers
+    work: Any  # tickets [0, split_tickets) are split tiles, [split_tickets, work) merge chunks
 
     @staticmethod
-    def create(counters: cute.Tensor, slots: cute.Tensor, batch, threads: int, cluster: int = 1) -> "SplitTickets":
-        """The schedule of a launch of ``cute.arch.grid_dim()`` CTAs over ``batch`` requests,
-        in clusters of ``cluster`` CTAs along z (the row blocks)."""
-        gx, gy, gz = cute.arch.grid_dim()
-        splits = gx * gy * gz
-        total_rows = batch * gy * gz * BLOCK_M
-        warps = threads // 32
-        # About one chunk a CTA, but at most MAX_CHUNK_WARP_ROWS rows a warp: the chunk of the
-        # split that ends last is merged after everything else, by one CTA (b 5: 8-row chunks)
-        per_cta = warps * splits
-        chunk_rows = warps * cutlass.min((total_rows + per_cta - 1) // per_cta, MAX_CHUNK_WARP_ROWS)
-        chunks = (total_rows + chunk_rows - 1) // chunk_rows
-        if cutlass.const_expr(cluster == 1):
-            return SplitTickets(counters, slots, gx, gy, gz, threads, splits, total_rows, chunk_rows, splits + chunks)
-        _, _, rank = cute.arch.block_in_cluster_idx()
-        work = splits // cluster + (chunks + cluster - 1) // cluster
-        return SplitTickets(counters, slots, gx, gy, gz, threads, splits, total_rows, chunk_rows, work, cluster,
-                            cute.arch.make_warp_uniform(rank))
+    def create(counters: cute.Tensor, slots: cute.Tensor, batch, threads: int) -> "SplitTickets":
+        """The schedule of a launch of ``cute.arch.grid_dim()`` CTAs over ``batch`` requests."""
+        gx, gy, gz, splits, total_rows, chunk_rows, chunks = grid_schedule(batch, threads)
+        return SplitTickets(counters, slots, gx, gy, gz, threads, splits, total_rows, chunk_rows, splits + chunks)
 
     @property
     def split_tickets(self):
-        """Tickets [0, split_tickets) are split tiles (of the cluster), the rest chunks."""
-        return self.splits if cutlass.const_expr(self.cluster == 1) else self.splits // self.cluster
+        return self.splits
 
     @cute.jit
     def reserve(self, tidx: Int32) -> Int32:
-        """Thread 0 (of the cluster's rank 0) takes a ticket (the others get 0); ``hand_out``
-        gives it to every thread.  Between the two the CTA may work: the atomic's round trip
-        then costs nothing."""
+        """Thread 0 takes a ticket (the others get 0); ``hand_out`` gives it to every thread.
+        Between the two the CTA may work: the atomic's round trip then costs nothing."""
         counter = self.counters.iterator + SPLIT_TICKET  # (the DSL carries no object through an if)
         ticket = Int32(0)
-        if cutlass.const_expr(self.cluster == 1):
-            if tidx == 0:
-                ticket = cute.arch.atomic_add(counter, Int32(1), sem="relaxed", scope="gpu")
-        elif (tidx == 0) & (self.rank == 0):
+        if tidx == 0:
             ticket = cute.arch.atomic_add(counter, Int32(1), sem="relaxed", scope="gpu")
         return ticket
 
     @cute.jit
     def hand_out(self, ticket: Int32, draw: Int32, tidx: Int32) -> Int32:
-        """Thread 0's ``reserve``d ticket, the CTA's (or cluster's) ``draw``-th, in every
-        thread (of the cluster)."""
-        if cutlass.const_expr(self.cluster == 1):
-            return self.broadcast(ticket, draw, tidx)
-        slots = self.slots
-        if (tidx == 0) & (self.rank == 0):
-            slots[draw % 2] = ticket
-            for peer in cutlass.range_constexpr(1, self.cluster):
-                store_to_peer(slots.iterator.toint() + 4 * (draw % 2), Int32(peer), ticket)
-            cute.arch.fence_acq_rel_cluster()  # the stores, before the barrier's relaxed arrive
-        # A cluster barrier a draw, the writer's fence releasing and the wait acquiring (a
-        # release arrive in every thread cost a MEMBAR.ALL.GPU each).  A slot is rewritten two
-        # draws later, after every thread of the cluster read it.  It also publishes the
-        # mbarriers' initialisation (``fence.mbarrier_init``) before the first draw.
-        cute.arch.cluster_arrive_relaxed()
-        cute.arch.cluster_wait()
-        return slots[draw % 2]
+        """Thread 0's ``reserve``d ticket, the CTA's ``draw``-th, in every thread."""
+        return self.broadcast(ticket, draw, tidx)
 
     @cute.jit
     def broadcast(self, value: Int32, draw: Int32, tidx: Int32) -> Int32:
@@ -166,9 +144,11 @@ class SplitTickets:
     def split_tile(self, t: Int32):
         """(part, kv head, row block) of split ticket t."""
         rest = t // self.gx
-        if cutlass.const_expr(self.cluster == 1):
-            return t - rest * self.gx, rest % self.gy, rest // self.gy
-        return t - rest * self.gx, rest % self.gy, (rest // self.gy) * self.cluster + self.rank
+        return t - rest * self.gx, rest % self.gy, rest // self.gy
+
+    def chunk_start(self, t: Int32):
+        """The first row of chunk ticket t."""
+        return (t - self.splits) * self.chunk_rows
 
     def count_of(self, r: Int32, hk: Int32, mblk: Int32):
         """Pointer to the split count of (request r, kv head hk, row block mblk)."""
@@ -203,11 +183,9 @@ class SplitTickets:
     @cute.jit
     def merge_chunk(self, t: Int32, mSplitOffsets: cute.Tensor, mOAccum: cute.Tensor,
                     mLseAccum: cute.Tensor, mOut: cute.Tensor, mLse: cute.Tensor, heads_per_kv: Int32, tidx: Int32):
-        """Merge the split rows of chunk ticket t (of the cluster: its chunk of this rank), a
-        warp per row."""
-        g0 = (t - self.splits) * self.chunk_rows
-        if cutlass.const_expr(self.cluster != 1):  # a chunk past the last one is empty below
-            g0 = ((t - self.split_tickets) * self.cluster + self.rank) * self.chunk_rows
+        """Merge the split rows of chunk ticket t, a warp per row (a chunk starting past the
+        last row is empty)."""
+        g0 = self.chunk_start(t)
         g1 = cutlass.min(g0 + self.chunk_rows, self.total_rows)
         warp = tidx // 32
         lane = tidx % 32
@@ -242,3 +220,58 @@ class SplitTickets:
             counters = self.counters
             for i in cutlass.range(tidx, cute.size(counters), self.threads, unroll=1):
                 counters[i] = 0
+
+
+@dataclass(frozen=True)  # frozen: the DSL then passes it through loops and branches as a constant
+class ClusterTickets(SplitTickets):
+    """The schedule shared by the CTAs of a cluster along z (module docstring): rank 0 draws,
+    a cluster barrier hands out, the CTA of rank r takes row block n k + r of a split ticket
+    and chunk n c + r of a chunk ticket."""
+
+    cluster: int = 2  # the CTAs a ticket is shared by
+    rank: Any = 0  # this CTA's rank in its cluster
+
+    @staticmethod
+    def create(counters: cute.Tensor, slots: cute.Tensor, batch, threads: int, cluster: int) -> "ClusterTickets":
+        gx, gy, gz, splits, total_rows, chunk_rows, chunks = grid_schedule(batch, threads)
+        _, _, rank = cute.arch.block_in_cluster_idx()
+        work = splits // cluster + (chunks + cluster - 1) // cluster
+        return ClusterTickets(counters, slots, gx, gy, gz, threads, splits, total_rows, chunk_rows, work, cluster,
+                              cute.arch.make_warp_uniform(rank))
+
+    @property
+    def split_tickets(self):
+        return self.splits // self.cluster
+
+    @cute.jit
+    def reserve(self, tidx: Int32) -> Int32:
+        """Thread 0 of the cluster's rank 0 takes a ticket (every other thread gets 0)."""
+        counter = self.counters.iterator + SPLIT_TICKET
+        ticket = Int32(0)
+        if (tidx == 0) & (self.rank == 0):
+            ticket = cute.arch.atomic_add(counter, Int32(1), sem="relaxed", scope="gpu")
+        return ticket
+
+    @cute.jit
+    def hand_out(self, ticket: Int32, draw: Int32, tidx: Int32) -> Int32:
+        """Rank 0's ``reserve``d ticket, the cluster's ``draw``-th, in every thread of the cluster."""
+        slots = self.slots
+        if (tidx == 0) & (self.rank == 0):
+            slots[draw % 2] = ticket
+            for peer in cutlass.range_constexpr(1, self.cluster):
+                store_to_peer(slots.iterator.toint() + 4 * (draw % 2), Int32(peer), ticket)
+            cute.arch.fence_acq_rel_cluster()  # the stores, before the barrier's relaxed arrive
+        # A cluster barrier a draw, the writer's fence releasing and the wait acquiring (a
+        # release arrive in every thread cost a MEMBAR.ALL.GPU each).  A slot is rewritten two
+        # draws later, after every thread of the cluster read it.  It also publishes the
+        # mbarriers' initialisation (``fence.mbarrier_init``) before the first draw.
+        cute.arch.cluster_arrive_relaxed()
+        cute.arch.cluster_wait()
+        return slots[draw % 2]
+
+    def split_tile(self, t: Int32):
+        rest = t // self.gx
+        return t - rest * self.gx, rest % self.gy, (rest // self.gy) * self.cluster + self.rank
+
+    def chunk_start(self, t: Int32):
+        return ((t - self.split_tickets) * self.cluster + self.rank) * self.chunk_rows
