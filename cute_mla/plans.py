@@ -342,7 +342,9 @@ class SplitKvPlan:
 
 
 DENSE_CLUSTER_ROWS_ENV = "CUTE_MLA_DENSE_CLUSTER_ROWS"
-DENSE_CLUSTER_ROWS_DEFAULT = 2  # the cap without the variable (to be settled by the branch's first timing)
+# The cap without the variable: on an H200 clusters of 4 ran 0.90-0.98x of clusters of 2 (only 30
+# fit), 2 against none 1.04x (perf/results/NOTES.md, session 18).
+DENSE_CLUSTER_ROWS_DEFAULT = 2
 
 
 def dense_cluster_rows(row_blocks: int) -> int:
@@ -352,8 +354,9 @@ def dense_cluster_rows(row_blocks: int) -> int:
     cap is DENSE_CLUSTER_ROWS_DEFAULT, or CUTE_MLA_DENSE_CLUSTER_ROWS (1 keeps clusters off),
     read when a plan is made, to time the variants against each other."""
     env = os.environ.get(DENSE_CLUSTER_ROWS_ENV)
-    cap = int(env) if env in ("1", "2", "4") else DENSE_CLUSTER_ROWS_DEFAULT
-    return max(n for n in registry.DENSE_CLUSTER_ROWS if n <= cap and row_blocks % n == 0)
+    built = registry.DENSE_CLUSTER_ROWS
+    cap = int(env) if env in {str(n) for n in built} else DENSE_CLUSTER_ROWS_DEFAULT
+    return max(n for n in built if n <= cap and row_blocks % n == 0)
 
 
 class DenseDecodePlan(SplitKvPlan):
