@@ -26,9 +26,9 @@ class NamedBarrier(enum.IntEnum):
     ``__syncthreads``): 256 threads, the two consumer warpgroups, unless a comment says 128."""
 
     Q_RELOAD = 1  # nobody still reads the previous piece's Q / the new Q is in shared memory
-    ST_PARTIAL = 2  # small-head sparse decode: both warpgroups' partial S^T are in shared memory
     ROW_MAX = 4  # the consumers' row maxima of a block are exchanged (``block_softmax``)
-    P_READY = 5  # both halves of a block's P are in shared memory
+    P_READY = 5  # both halves of a block's P are in shared memory (small-head sparse decode: its one
+    # warpgroup's P^T, 128 threads)
     ROW_SUM = 6  # the consumers' row sums are exchanged (``finish_rows``)
     # the seesaw (``kernels.sm90.seesaw``)
     MAX_0 = 7  # warpgroup 0 published its row maxima after S of the even block
@@ -37,9 +37,8 @@ class NamedBarrier(enum.IntEnum):
     P_1 = 10  # the odd block's P is in its buffer's P tile
     TAIL_0 = 11  # 128 threads: warpgroup 0 rewrote V rows of its buffer before its P V
     TAIL_1 = 12  # the same for warpgroup 1
-    # small-head sparse decode (``kernels.sm90.sparse_decode_heads``), 128 threads each
-    HEAD_STAT_0 = 13  # warpgroup 0's per-warp head maxima (or sums) are in shared memory
-    HEAD_STAT_1 = 14  # the same for warpgroup 1
+    # small-head sparse decode (``kernels.sm90.sparse_decode_heads``), 128 threads
+    HEAD_STAT = 13  # its warpgroup's per-warp head maxima (or sums) are in shared memory
     # dense decode's tickets (``kernels.sm90.split_tickets``), every thread in the same order:
     # a ticket is in shared memory / a split's partials are stored and fenced / a merge
     # chunk's splits have all counted

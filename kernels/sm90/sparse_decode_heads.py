@@ -6,16 +6,18 @@ are padding.  Here the roles of tokens and heads swap (S^T = K Q^T, O^T = V^T P^
 gathered tokens of a block are the M side, the h_q heads the N side (N = h_q), so no row is
 padding.  Same producer, same KV ring, same split-KV schedule and outputs.
 
-Per block, the two consumer warpgroups:
-  1. each compute S^T over half of d (warpgroup 0 the first k-blocks, warpgroup 1 the rest,
-     with V32's bf16 RoPE columns), exchange the two partial 64 x N tiles through shared
-     memory and add them (the same sum in both), plus each token's bias;
-  2. each run the online softmax of every head (a column of S^T: 2 rows per thread, lanes 4,
-     8 and 16 apart, then the 4 warps through shared memory), identically;
-  3. warpgroup 0 stores P^T (N x 64, K-major) for both;
-  4. each accumulate its 256 rows of O^T (d) += V^T P^T, V^T read as an MN-major A operand
-     from the K stage.
-Shared-memory bytes read per block (N = 16): K 72 KB + Q^T 18 KB for S^T, V 64 KB + P^T 4 KB
+One consumer warpgroup does all of a block (256 threads a CTA):
+  1. S^T over the whole of d (V32: its last 64 columns, the bf16 RoPE, in a bf16 MMA), plus
+     each token's bias;
+  2. the online softmax of every head (a column of S^T: 2 rows per thread, lanes 4, 8 and 16
+     apart, then the 4 warps through shared memory);
+  3. P^T (N x 64, K-major) into shared memory;
+  4. O^T (512 x N) += V^T P^T, V^T read as an MN-major A operand from the K stage.
+At N 16 its accumulators are small (O^T 64 floats a thread).  Two consumer warpgroups, each
+taking half of d, cost three barriers a block between them (the partial S^T exchange, the head
+statistics, P^T ready) and ran every softmax instruction twice; ncu found 24% of their stall
+samples at those barriers (perf/results/NOTES.md, session 18).
+Shared-memory bytes read per block (N = 16): K 72 KB + Q^T 18 KB for S^T, V 64 KB + P^T 16 KB
 for O^T, against about 300 KB read by the 64-row kernel's consumers (perf/results/NOTES.md,
 session 11).
 """
@@ -58,13 +60,19 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
     """``SparseDecodeSm90`` with the heads on N; ``heads`` = h_q
     (``layouts.constants.SPARSE_DECODE_SMALL_HEADS``)."""
 
+    threads = 256  # the producer warpgroup and one consumer warpgroup
+    consumer_threads = 128
+    # 256 threads launch with the consumers' 216 registers each; at the 64-row kernel's 64 the
+    # producer spilled 1-3 words in the V32 f16 variants
+    regs_producer = 96
+
     def __init__(self, fmt: str, matmul: str = "f16", heads: int = 16):
         super().__init__(fmt, matmul)
         assert heads in SPARSE_DECODE_SMALL_HEADS
         self.heads = heads
         elt = self.dtype.width // 8
-        # scratch: S^T partials (64 x N x 2 warpgroups) and per-warp head statistics (N x 4 x 2)
-        self.scratch_floats = BLOCK_N * heads * 2 + heads * 4 * 2
+        # scratch: per-warp head statistics (N heads x 4 warps)
+        self.scratch_floats = heads * 4
         self.smem_bytes = (heads * self.d * elt + self.stages * self.kv_bytes + heads * BLOCK_N * elt
                            + 4 * self.scratch_floats + 2048)
 
@@ -79,7 +87,7 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
 
     def p_smem_layout(self):
         # P^T: the (N heads, 64 tokens) K-major B operand of O^T
-        return sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (self.v_half, self.heads, BLOCK_N), self.dtype, 1)
+        return sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (D_V, self.heads, BLOCK_N), self.dtype, 1)
 
     def make_mmas(self):
         """(K Q^T over 64 tokens x N heads, V^T P^T over 64 d rows per instruction, K Q^T in
@@ -103,11 +111,10 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         return sQ, sK, sP, sStat
 
     @cute.jit
-    def vt_view(self, sK: cute.Tensor, sV_layout: cute.ComposedLayout, stage: Int32, half: Int32) -> cute.Tensor:
-        """(256, 64) MN-major A view of V columns [256 half, 256 half + 256) of K stage ``stage``."""
+    def vt_view(self, sK: cute.Tensor, sV_layout: cute.ComposedLayout, stage: Int32) -> cute.Tensor:
+        """(512, 64) MN-major A view of the V columns of K stage ``stage``."""
         base = sK[None, None, stage].iterator
-        sV = cute.make_tensor(cute.recast_ptr(base, sV_layout.inner), cute.slice_(sV_layout.outer, (None, None, 0)))
-        return cute.local_tile(sV, (self.v_half, BLOCK_N), (half, 0))
+        return cute.make_tensor(cute.recast_ptr(base, sV_layout.inner), cute.slice_(sV_layout.outer, (None, None, 0)))
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -116,11 +123,11 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         return 8 * (cs // 2) + 2 * (lane % 4) + cs % 2
 
     @cute.jit
-    def head_reduce(self, vals: cute.Tensor, sRed: cute.Tensor, half: Int32, warp: Int32, lane: Int32,
+    def head_reduce(self, vals: cute.Tensor, sRed: cute.Tensor, warp: Int32, lane: Int32,
                     is_max: cutlass.Constexpr[bool]):
-        """This thread's per-column values (over its 2 rows) -> the value over the warpgroup's
-        64 rows: lanes 4, 8 and 16 apart hold the same columns, then the 4 warps meet in
-        ``sRed`` (N, 4 warps, 2 warpgroups)."""
+        """This thread's per-column values (over its 2 rows) -> the value over the block's 64
+        rows: lanes 4, 8 and 16 apart hold the same columns, then the 4 warps meet in ``sRed``
+        (N heads, 4 warps)."""
         for cs in cutlass.range_constexpr(self.heads // 4):
             v = vals[cs]
             for off in cutlass.range_constexpr(3):
@@ -131,16 +138,16 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
                     v = v + o
             vals[cs] = v
             if lane < 4:
-                sRed[self.column_of(cs, lane), warp, half] = v
-        named_barrier.sync(NamedBarrier.HEAD_STAT_0 + half, 128)
+                sRed[self.column_of(cs, lane), warp] = v
+        named_barrier.sync(NamedBarrier.HEAD_STAT, self.consumer_threads)
         for cs in cutlass.range_constexpr(self.heads // 4):
             n = self.column_of(cs, lane)
-            v = sRed[n, 0, half]
+            v = sRed[n, 0]
             for w in cutlass.range_constexpr(1, 4):
                 if cutlass.const_expr(is_max):
-                    v = cute.arch.fmax(v, sRed[n, w, half])
+                    v = cute.arch.fmax(v, sRed[n, w])
                 else:
-                    v = v + sRed[n, w, half]
+                    v = v + sRed[n, w]
             vals[cs] = v
 
     @cute.jit
@@ -171,36 +178,18 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
                 sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths: SlotLengths, mSink: cute.Tensor,
                 sched: DecodePart, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor,
                 kv_pipe, softmax_scale: Float32, has_sink: Int32, mblk: Int32, half: Int32, ctid: Int32):
-        """Each warpgroup runs its own copy of the loop, ``half`` a compile-time constant there,
-        with its own MMAs (the kernel's are not used: one set shared by both branches would carry
-        the accumulate flag set inside one branch into the other)."""
-        args = (sQ, sK, sP, sStat, sBias, sV_layout, mQ, lengths, mSink, sched, mOut, mLse, mOAccum, mLseAccum,
-                kv_pipe, softmax_scale, has_sink, mblk, ctid)
-        if half == 0:
-            self.consume_half(*args, 0)
-        else:
-            self.consume_half(*args, 1)
-
-    @cute.jit
-    def consume_half(self, sQ: cute.Tensor, sK: cute.Tensor, sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor,
-                     sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths: SlotLengths, mSink: cute.Tensor,
-                     sched: DecodePart, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor,
-                     mLseAccum: cute.Tensor, kv_pipe, softmax_scale: Float32, has_sink: Int32, mblk: Int32,
-                     ctid: Int32, half: cutlass.Constexpr[int]):
+        """The one consumer warpgroup (``half`` is always 0 here)."""
         N = self.heads
-        qk_mma, pv_mma, qk_tail_mma = self.make_mmas()
-        wtid = ctid % 128
-        warp = wtid // 32
-        lane = wtid % 32
-        thr_qk = qk_mma.get_slice(wtid)
-        thr_pv = pv_mma.get_slice(wtid)
+        warp = ctid // 32
+        lane = ctid % 32
+        thr_qk = qk_mma.get_slice(ctid)
+        thr_pv = pv_mma.get_slice(ctid)
         tSrK = thr_qk.make_fragment_A(thr_qk.partition_A(sK))  # (MMA, 1, d/16, stages)
         tSrQ = thr_qk.make_fragment_B(thr_qk.partition_B(sQ))  # (MMA, 1, d/16, 1)
         tScS = thr_qk.partition_C(cute.make_identity_tensor((BLOCK_N, N)))  # (token, head)
         tOrP = thr_pv.make_fragment_B(thr_pv.partition_B(sP))  # (MMA, 1, 64/16, 1)
-        tOcO = thr_pv.partition_C(cute.make_identity_tensor((self.v_half, N)))  # (d - 256 half, head)
-        sX = cute.make_tensor(sStat.iterator, cute.make_layout((BLOCK_N, N, 2)))
-        sRed = cute.make_tensor(sStat.iterator + BLOCK_N * N * 2, cute.make_layout((N, 4, 2)))
+        tOcO = thr_pv.partition_C(cute.make_identity_tensor((D_V, N)))  # (d, head)
+        sRed = cute.make_tensor(sStat.iterator, cute.make_layout((N, 4)))
         scale_log2 = softmax_scale * LOG2_E
         iq = mblk  # one row block per query token
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
@@ -208,62 +197,51 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         for r in cutlass.range(begin_req, sched.end_req() + 1, unroll=1):
             lo, hi, split = self.piece(lengths, sched, r, begin_req)
             self.load_qt(mQ, sQ, r, iq, ctid)
-            acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((self.v_half, N)))
+            acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((D_V, N)))
             acc_o.fill(0.0)
             softmax = HeadSoftmax.create(N // 4, scale_log2)
             for blk in cutlass.range(lo, hi, unroll=1):
-                self.attend_block(qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax, sK, sP, sX,
-                                  sRed, sBias, sV_layout, kv_pipe, state, half, warp, lane, wtid)
+                self.attend_block(qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax, sK, sP, sRed,
+                                  sBias, sV_layout, kv_pipe, state, warp, lane, ctid)
                 state.advance()
-            self.epilogue_t(acc_o, tOcO, softmax, sRed, mOut, mLse, mOAccum, mLseAccum, r, iq, half, warp, lane,
+            self.epilogue_t(acc_o, tOcO, softmax, sRed, mOut, mLse, mOAccum, mLseAccum, r, iq, warp, lane,
                             sched.splits(r), sched.split_row(r, split), mSink, has_sink)
 
     @cute.jit
     def attend_block(self, qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK, sP,
-                     sX, sRed, sBias, sV_layout, kv_pipe, state, half: cutlass.Constexpr[int], warp: Int32,
-                     lane: Int32, wtid: Int32):
+                     sRed, sBias, sV_layout, kv_pipe, state, warp: Int32, lane: Int32, ctid: Int32):
         N = self.heads
-        thr_qk = qk_mma.get_slice(wtid)
-        thr_pv = pv_mma.get_slice(wtid)
+        thr_qk = qk_mma.get_slice(ctid)
+        thr_pv = pv_mma.get_slice(ctid)
         kv_pipe.consumer_wait(state)
         stage = state.index
         acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_N, N)))
         k_all = self.d // 16
-        k_half = k_all // 2
         n_main = self.tail_start // 16
         tA = tSrK[None, None, None, stage]
         tB = tSrQ[None, None, None, 0]
         warpgroup.fence()
-        if cutlass.const_expr(half == 0):
-            gemm(qk_mma, acc_s, tA, tB, True, (0, k_half))
-        else:
-            gemm(qk_mma, acc_s, tA, tB, True, (k_half, n_main))
-            if cutlass.const_expr(n_main < k_all):
-                gemm(qk_tail_mma, acc_s, tA, tB, False, (n_main, k_all))
+        gemm(qk_mma, acc_s, tA, tB, True, (0, n_main))
+        if cutlass.const_expr(n_main < k_all):
+            gemm(qk_tail_mma, acc_s, tA, tB, False, (n_main, k_all))
         warpgroup.commit_group()
         warpgroup.wait_group(0)
-        # the two partial S^T, summed alike in both warpgroups, plus each token's bias
         for k in cutlass.range_constexpr(cute.size(acc_s)):
-            t, n = tScS[k]
-            sX[t, n, half] = acc_s[k]
-        named_barrier.sync(NamedBarrier.ST_PARTIAL, self.consumer_threads)
-        for k in cutlass.range_constexpr(cute.size(acc_s)):
-            t, n = tScS[k]
-            acc_s[k] = acc_s[k] + sX[t, n, 1 - half] + sBias[t, stage]
+            t, _ = tScS[k]
+            acc_s[k] = acc_s[k] + sBias[t, stage]
         # online softmax of every head (column), in base 2
         blk_max = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
         blk_max.fill(-Float32.inf)
         softmax.block_max(acc_s, blk_max)
-        self.head_reduce(blk_max, sRed, half, warp, lane, True)
+        self.head_reduce(blk_max, sRed, warp, lane, True)
         alpha = softmax.online_softmax(acc_s, blk_max)
-        if cutlass.const_expr(half == 0):
-            for k in cutlass.range_constexpr(cute.size(acc_s)):
-                t, n = tScS[k]
-                sP[n, t, 0] = acc_s[k].to(self.dtype)
-            cute.arch.fence_proxy("async.shared", space="cta")
+        for k in cutlass.range_constexpr(cute.size(acc_s)):
+            t, n = tScS[k]
+            sP[n, t, 0] = acc_s[k].to(self.dtype)
+        cute.arch.fence_proxy("async.shared", space="cta")
         softmax.rescale_o(acc_o, alpha, skip_settled=False)
         named_barrier.sync(NamedBarrier.P_READY, self.consumer_threads)
-        tOrV = thr_pv.make_fragment_A(thr_pv.partition_A(self.vt_view(sK, sV_layout, stage, half)))
+        tOrV = thr_pv.make_fragment_A(thr_pv.partition_A(self.vt_view(sK, sV_layout, stage)))
         warpgroup.fence()
         gemm(pv_mma, acc_o, tOrV, tOrP[None, None, None, 0], False)
         warpgroup.commit_group()
@@ -272,27 +250,26 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
 
     @cute.jit
     def epilogue_t(self, acc_o, tOcO, softmax: HeadSoftmax, sRed, mOut, mLse, mOAccum, mLseAccum, r: Int32,
-                   iq: Int32, half: cutlass.Constexpr[int], warp: Int32, lane: Int32, nsplits: Int32,
-                   split_row: Int32, mSink: cute.Tensor, has_sink: Int32):
+                   iq: Int32, warp: Int32, lane: Int32, nsplits: Int32, split_row: Int32, mSink: cute.Tensor,
+                   has_sink: Int32):
         """As ``SplitKvDecodeSm90.epilogue``, from O^T: finalise (one split: O / sum, the
         sink, natural-log lse) or write the split's partial O and base-2 lse."""
         N = self.heads
         h_q = mOut.shape[2]
-        self.head_reduce(softmax.row_sum, sRed, half, warp, lane, False)
+        self.head_reduce(softmax.row_sum, sRed, warp, lane, False)
         # a finalised column is scaled by its head's sink (a column past h_q reads the last head's)
         heads = [cutlass.min(self.column_of(cs, lane), h_q - 1) for cs in range(N // 4)]
         lse2, inv = softmax.finalize(lambda cs: mSink[heads[cs]], lambda: (nsplits == 1) & (has_sink != 0))
         n_o = cute.size(acc_o, mode=[0])
         for k in cutlass.range_constexpr(cute.size(acc_o)):
-            dl, n = tOcO[k]
+            d, n = tOcO[k]
             if n < h_q:
                 v = acc_o[k] * inv[softmax.slot(k % n_o)]
-                d = half * self.v_half + dl
                 if nsplits == 1:
                     mOut[r, iq, n, d] = v.to(mOut.element_type)
                 else:
                     mOAccum[split_row, iq, n, d] = v
-        if (half == 0) & (warp == 0) & (lane < 4):
+        if (warp == 0) & (lane < 4):
             for cs in cutlass.range_constexpr(N // 4):
                 n = self.column_of(cs, lane)
                 if n < h_q:
