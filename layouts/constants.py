@@ -8,6 +8,9 @@ PAGE_BLOCK_SIZE = 64  # tokens per page of the dense (bf16/fp16) KV cache
 
 BLOCK_M = 64  # query rows an SM90 attention CTA works on at once (a row block)
 BLOCK_N = 64  # KV tokens per block: a kernel's main-loop step and the decode schedule's unit
+# the shared memory an SM90 CTA's kernel may allocate: the 227 KiB opt-in less the 1 KiB the
+# DSL's allocator reserves
+SM90_SMEM_BYTES = 231424
 SPARSE_PREFILL_HEAD_BLOCK = BLOCK_M  # query heads per CTA of the sparse prefill kernel
 # h_q the small-head sparse decode kernel is built for (its MMAs' N).  At 32 ptxas spilled a
 # register in every variant (session 11), so h_q 32 runs the 64-row kernel.

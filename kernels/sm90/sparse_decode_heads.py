@@ -41,7 +41,7 @@ from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.softmax import LOG2_E, Softmax, output_lse
 from cute_mla.kernels.sm90.sparse_decode import SlotLengths, SparseDecodeSm90
 from cute_mla.kernels.sm90.split_kv_decode import DecodePart
-from cute_mla.layouts.constants import BLOCK_N, D_V, SPARSE_DECODE_SMALL_HEADS
+from cute_mla.layouts.constants import BLOCK_N, D_V, SM90_SMEM_BYTES, SPARSE_DECODE_SMALL_HEADS
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,11 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         elt = self.dtype.width // 8
         # scratch: per-warp head statistics (N heads x 4 warps)
         self.scratch_floats = heads * 4
-        self.smem_bytes = (heads * self.d * elt + self.stages * self.kv_bytes + heads * BLOCK_N * elt
-                           + 4 * self.scratch_floats + 2048)
+        fixed = heads * self.d * elt + heads * BLOCK_N * elt + 4 * self.scratch_floats + 2048
+        # as many KV stages as fit: MODEL1 (d 512) takes 3, V32 (d 576) 2
+        self.stages = (SM90_SMEM_BYTES - fixed) // self.kv_bytes
+        assert self.stages >= 2, self.stages
+        self.smem_bytes = fixed + self.stages * self.kv_bytes
 
     # ------------------------------------------------------------------ layouts / MMAs
     def q_smem_layout(self):
