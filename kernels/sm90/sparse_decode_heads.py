@@ -73,10 +73,17 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         elt = self.dtype.width // 8
         # scratch: per-warp head statistics (N heads x 4 warps)
         self.scratch_floats = heads * 4
-        fixed = heads * self.d * elt + heads * BLOCK_N * elt + 4 * self.scratch_floats + 2048
-        # as many KV stages as fit: MODEL1 (d 512) takes 3, V32 (d 576) 2
+        # With a third KV stage the warpgroup overlaps block j's O^T MMAs with block j + 1's S^T
+        # and softmax (``consume_overlapped``): it holds two stages at once, and P^T gets two
+        # buffers.  As many stages as fit: MODEL1 (d 512) takes 3, V32 (d 576) 2.
+        self.p_buffers = 2
+        fixed = heads * self.d * elt + self.p_buffers * heads * BLOCK_N * elt + 4 * self.scratch_floats + 2048
         self.stages = (SM90_SMEM_BYTES - fixed) // self.kv_bytes
         assert self.stages >= 2, self.stages
+        self.overlap = self.stages >= 3
+        if not self.overlap:
+            self.p_buffers = 1
+            fixed -= heads * BLOCK_N * elt
         self.smem_bytes = fixed + self.stages * self.kv_bytes
 
     # ------------------------------------------------------------------ layouts / MMAs
@@ -90,7 +97,8 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
 
     def p_smem_layout(self):
         # P^T: the (N heads, 64 tokens) K-major B operand of O^T
-        return sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (D_V, self.heads, BLOCK_N), self.dtype, 1)
+        return sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (D_V, self.heads, BLOCK_N), self.dtype,
+                                             self.p_buffers)
 
     def make_mmas(self):
         """(K Q^T over 64 tokens x N heads, V^T P^T over 64 d rows per instruction, K Q^T in
@@ -203,22 +211,27 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
             acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((D_V, N)))
             acc_o.fill(0.0)
             softmax = HeadSoftmax.create(N // 4, scale_log2)
-            for blk in cutlass.range(lo, hi, unroll=1):
-                self.attend_block(qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax, sK, sP, sRed,
-                                  sBias, sV_layout, kv_pipe, state, warp, lane, ctid)
-                state.advance()
+            if cutlass.const_expr(self.overlap):
+                # rebound: the DSL carries the state out of the callee's branch as a new object
+                state = self.blocks_overlapped(qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax,
+                                               sK, sP, sRed, sBias, sV_layout, kv_pipe, state, lo, hi, warp, lane,
+                                               ctid)
+            else:
+                for blk in cutlass.range(lo, hi, unroll=1):
+                    self.attend_block(qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax, sK, sP,
+                                      sRed, sBias, sV_layout, kv_pipe, state, warp, lane, ctid)
+                    state.advance()
             self.epilogue_t(acc_o, tOcO, softmax, sRed, mOut, mLse, mOAccum, mLseAccum, r, iq, warp, lane,
                             sched.splits(r), sched.split_row(r, split), mSink, has_sink)
 
     @cute.jit
-    def attend_block(self, qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK, sP,
-                     sRed, sBias, sV_layout, kv_pipe, state, warp: Int32, lane: Int32, ctid: Int32):
-        N = self.heads
+    def issue_st(self, tSrK, tSrQ, stage: Int32, ctid: Int32) -> cute.Tensor:
+        """Issue S^T = K Q^T of the block in ``stage`` (one commit group); returns its accumulator.
+        The MMAs are made here, at each use: their accumulate flag, set inside one loop or
+        branch and read in another, would not dominate its use."""
+        qk_mma, _, qk_tail_mma = self.make_mmas()
         thr_qk = qk_mma.get_slice(ctid)
-        thr_pv = pv_mma.get_slice(ctid)
-        kv_pipe.consumer_wait(state)
-        stage = state.index
-        acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_N, N)))
+        acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_N, self.heads)))
         k_all = self.d // 16
         n_main = self.tail_start // 16
         tA = tSrK[None, None, None, stage]
@@ -228,11 +241,29 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         if cutlass.const_expr(n_main < k_all):
             gemm(qk_tail_mma, acc_s, tA, tB, False, (n_main, k_all))
         warpgroup.commit_group()
-        warpgroup.wait_group(0)
+        return acc_s
+
+    @cute.jit
+    def issue_pv(self, tOrP, acc_o, sK, sV_layout, stage: Int32, buf: Int32, ctid: Int32):
+        """Issue O^T += V^T P^T of the block in ``stage``, P^T from buffer ``buf`` (one commit group;
+        the MMA made here, as in ``issue_st``)."""
+        _, pv_mma, _ = self.make_mmas()
+        thr_pv = pv_mma.get_slice(ctid)
+        tOrV = thr_pv.make_fragment_A(thr_pv.partition_A(self.vt_view(sK, sV_layout, stage)))
+        warpgroup.fence()
+        gemm(pv_mma, acc_o, tOrV, tOrP[None, None, None, buf], False)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def softmax_to_p(self, acc_s, tScS, softmax: HeadSoftmax, sP, sRed, sBias, stage: Int32, buf: Int32,
+                     warp: Int32, lane: Int32) -> cute.Tensor:
+        """S^T (finished) plus each token's bias -> the block's online softmax of every head (a
+        column), in base 2 -> P^T into buffer ``buf``, fenced for the MMAs.  Returns each
+        head's factor for O^T; the caller syncs ``P_READY`` before P^T is read."""
+        N = self.heads
         for k in cutlass.range_constexpr(cute.size(acc_s)):
             t, _ = tScS[k]
             acc_s[k] = acc_s[k] + sBias[t, stage]
-        # online softmax of every head (column), in base 2
         blk_max = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
         blk_max.fill(-Float32.inf)
         softmax.block_max(acc_s, blk_max)
@@ -240,16 +271,58 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         alpha = softmax.online_softmax(acc_s, blk_max)
         for k in cutlass.range_constexpr(cute.size(acc_s)):
             t, n = tScS[k]
-            sP[n, t, 0] = acc_s[k].to(self.dtype)
+            sP[n, t, buf] = acc_s[k].to(self.dtype)
         cute.arch.fence_proxy("async.shared", space="cta")
+        return alpha
+
+    @cute.jit
+    def attend_block(self, qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK, sP,
+                     sRed, sBias, sV_layout, kv_pipe, state, warp: Int32, lane: Int32, ctid: Int32):
+        """One block, start to end: S^T, softmax, P^T, O^T (two KV stages)."""
+        kv_pipe.consumer_wait(state)
+        stage = state.index
+        acc_s = self.issue_st(tSrK, tSrQ, stage, ctid)
+        warpgroup.wait_group(0)
+        alpha = self.softmax_to_p(acc_s, tScS, softmax, sP, sRed, sBias, stage, 0, warp, lane)
         softmax.rescale_o(acc_o, alpha, skip_settled=False)
         named_barrier.sync(NamedBarrier.P_READY, self.consumer_threads)
-        tOrV = thr_pv.make_fragment_A(thr_pv.partition_A(self.vt_view(sK, sV_layout, stage)))
-        warpgroup.fence()
-        gemm(pv_mma, acc_o, tOrV, tOrP[None, None, None, 0], False)
-        warpgroup.commit_group()
+        self.issue_pv(tOrP, acc_o, sK, sV_layout, stage, 0, ctid)
         warpgroup.wait_group(0)
         kv_pipe.consumer_release(state)
+
+    @cute.jit
+    def blocks_overlapped(self, qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK,
+                          sP, sRed, sBias, sV_layout, kv_pipe, state, lo: Int32, hi: Int32, warp: Int32, lane: Int32,
+                          ctid: Int32):
+        """Blocks [lo, hi) with block j's O^T MMAs in flight while block j + 1's S^T is
+        finished and its softmax runs (three or more KV stages: the warpgroup holds blocks j
+        and j + 1).  P^T alternates between two buffers; O^T takes block j + 1's factor once
+        block j's MMAs are done.  Returns the pipeline state past block hi - 1."""
+        if lo < hi:
+            kv_pipe.consumer_wait(state)
+            acc_s = self.issue_st(tSrK, tSrQ, state.index, ctid)
+            warpgroup.wait_group(0)
+            self.softmax_to_p(acc_s, tScS, softmax, sP, sRed, sBias, state.index, 0, warp, lane)  # O^T is 0
+            named_barrier.sync(NamedBarrier.P_READY, self.consumer_threads)
+            for blk in cutlass.range(lo + 1, hi, unroll=1):
+                nxt = state.clone()
+                nxt.advance()
+                kv_pipe.consumer_wait(nxt)
+                acc_n = self.issue_st(tSrK, tSrQ, nxt.index, ctid)
+                self.issue_pv(tOrP, acc_o, sK, sV_layout, state.index, (blk - lo - 1) % 2, ctid)
+                warpgroup.wait_group(1)
+                alpha = self.softmax_to_p(acc_n, tScS, softmax, sP, sRed, sBias, nxt.index, (blk - lo) % 2, warp,
+                                          lane)
+                warpgroup.wait_group(0)
+                kv_pipe.consumer_release(state)
+                state.advance()
+                softmax.rescale_o(acc_o, alpha, skip_settled=False)
+                named_barrier.sync(NamedBarrier.P_READY, self.consumer_threads)
+            self.issue_pv(tOrP, acc_o, sK, sV_layout, state.index, (hi - lo - 1) % 2, ctid)
+            warpgroup.wait_group(0)
+            kv_pipe.consumer_release(state)
+            state.advance()
+        return state
 
     @cute.jit
     def epilogue_t(self, acc_o, tOcO, softmax: HeadSoftmax, sRed, mOut, mLse, mOAccum, mLseAccum, r: Int32,
