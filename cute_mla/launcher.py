@@ -97,6 +97,15 @@ class LoadedKernel:
         self.pdl_wait = bool(entry["pdl_wait"])
         self._max_active_clusters = None
 
+    def cluster_attribute(self):
+        """The launch attribute giving this kernel's cluster shape (``cuLaunchKernelEx``,
+        ``cuOccupancyMaxActiveClusters``)."""
+        drv = driver._drv()
+        a = drv.CUlaunchAttribute()
+        a.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        a.value.clusterDim.x, a.value.clusterDim.y, a.value.clusterDim.z = self.cluster
+        return a
+
     def max_active_clusters(self) -> int:
         """How many of this kernel's clusters the device runs at once
         (``cuOccupancyMaxActiveClusters``, asked once): a cluster's CTAs share a GPC, so
@@ -107,10 +116,7 @@ class LoadedKernel:
             cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = self.cluster
             cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = self.block
             cfg.sharedMemBytes = self.smem_bytes
-            a = drv.CUlaunchAttribute()
-            a.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-            a.value.clusterDim.x, a.value.clusterDim.y, a.value.clusterDim.z = self.cluster
-            cfg.attrs = [a]
+            cfg.attrs = [self.cluster_attribute()]
             cfg.numAttrs = 1
             with driver.DeviceContext(self.context):
                 self._max_active_clusters = int(driver.check(drv.cuOccupancyMaxActiveClusters(self.function, cfg),
@@ -266,10 +272,7 @@ class Launch:
             cfg.hStream = drv.CUstream(stream)
             attrs = []
             if self.kernel.cluster != (1, 1, 1):
-                a = drv.CUlaunchAttribute()
-                a.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-                a.value.clusterDim.x, a.value.clusterDim.y, a.value.clusterDim.z = self.kernel.cluster
-                attrs.append(a)
+                attrs.append(self.kernel.cluster_attribute())
             if self.pdl:
                 a = drv.CUlaunchAttribute()
                 a.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
