@@ -212,8 +212,9 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
         if warp == 0:
             cpasync.prefetch_descriptor(kv_atom)
 
-        loads = KvLoads(kv_atom, mKTma, mBlockTable, sK, bars)
-        if cutlass.const_expr(self.cluster_rows != 1):
+        if cutlass.const_expr(self.cluster_rows == 1):
+            loads = KvLoads(kv_atom, mKTma, mBlockTable, sK, bars)
+        else:
             peer_phase = cute.make_rmem_tensor(cute.make_layout(2), Int32)
             peer_phase[0] = Int32(0)
             peer_phase[1] = Int32(0)
