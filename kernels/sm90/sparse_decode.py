@@ -111,6 +111,10 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     # with (168 per thread, the launch ceiling for 384 threads); asking for more deadlocks.
     regs_producer = 64
     regs_consumer = 216
+    # where the producer's FP8 codes wait between their gather and their conversion: False, a
+    # staging area in the stage (cp.async; at 64 registers a lane cannot hold its 256 codes);
+    # True, the lane's registers (``ld.global``, 64 registers: a kernel whose producer has them)
+    raw_in_registers = False
 
     def __init__(self, fmt: str, matmul: str = "f16"):
         self.fmt = get_format(fmt)
@@ -235,7 +239,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                         bias = -Float32.inf
                     sBias[slot, stage] = bias
                 stage_base = sk_base + stage * self.kv_bytes
-                scales = self.stage_raw(rec, sc, stage_base, offs, sK_outer, lane)
+                scales, raw = self.stage_raw(rec, sc, stage_base, offs, sK_outer, lane)
                 # While this block's copies fly: the next block's records (its indices were
                 # loaded a block ago) to L2, and the indices of the one after.
                 rec_next, sc_next = self.token_record(self.block_source(caches, blk + 1, r, iq, n, nb, nx), idx_next)
@@ -244,7 +248,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 if blk + 2 < hi:
                     idx_next = self.fetch_index(self.block_source(caches, blk + 2, r, iq, n, nb, nx), slot)
                 cute.arch.cp_async_wait_group(0)
-                self.convert_raw(scales, stage_base, offs, sK_outer, lane)
+                self.convert_raw(scales, raw, stage_base, offs, sK_outer, lane)
                 # Shared stores and cp.async are generic-proxy writes; WGMMA reads through the async proxy.
                 cute.arch.fence_proxy("async.shared", space="cta")
                 kv_pipe.producer_commit(state)
@@ -337,8 +341,10 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         cp.async to their final place, zeros for an invalid token; then its tokens' scales
         into registers (V32: the record's 4 float32; MODEL1: the 8 ue8m0 bytes, as 2
         words).  Lanes 4 j .. 4 j + 3 together read 64 contiguous bytes of a token per
-        copy.  Returns with the copies in flight (one cp.async group; the caller waits,
-        and each lane then reads only what it staged itself)."""
+        copy.  Returns (scales, codes) with the copies in flight (one cp.async group; the
+        caller waits, and each lane then reads only what it staged itself).  With
+        ``raw_in_registers`` the codes go to the lane's registers instead (``codes``: (4
+        words, groups, 2 tokens); None otherwise), and only RoPE goes by cp.async."""
         f = self.fmt
         raw_lane, rope_sw, _ = offs
         q = lane % 4
@@ -347,6 +353,9 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         scales.fill(0)
         zeros = cute.make_rmem_tensor(cute.make_layout(4), Int32)
         zeros.fill(0)
+        codes = None
+        if cutlass.const_expr(self.raw_in_registers):
+            codes = cute.make_rmem_tensor(cute.make_layout((4, f.d_nope // 64, 2)), Int32)
         for k in cutlass.range_constexpr(2):
             src_lane = lane // 4 + 8 * k
             tok_rec = self.shuffle_i64(rec, src_lane)
@@ -355,13 +364,20 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             rope_dst = stage_base + cute.crd2idx((8 * k, 0, 0), sK_outer) * 2
             if tok_rec < 0:
                 for g in cutlass.range_constexpr(f.d_nope // 64):
-                    store_16B_shared(zeros, raw_dst + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2)
+                    if cutlass.const_expr(self.raw_in_registers):
+                        for w in cutlass.range_constexpr(4):
+                            codes[w, g, k] = Int32(0)
+                    else:
+                        store_16B_shared(zeros, raw_dst + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2)
                 for m in cutlass.range_constexpr(2):
                     store_16B_shared(zeros, rope_dst + (rope_sw ^ (4 * PIECE * m)))
             else:
                 src = tok_rec + Int64(PIECE * q)
                 for g in cutlass.range_constexpr(f.d_nope // 64):
-                    copy_16B_async(src + Int64(64 * g), raw_dst + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2)
+                    if cutlass.const_expr(self.raw_in_registers):
+                        load_16B(src + Int64(64 * g), codes[None, g, k])
+                    else:
+                        copy_16B_async(src + Int64(64 * g), raw_dst + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2)
                 for m in cutlass.range_constexpr(2):  # RoPE pieces q and q + 4
                     copy_16B_async(src + Int64(self.rope_offset + 4 * PIECE * m),
                                    rope_dst + (rope_sw ^ (4 * PIECE * m)))
@@ -370,25 +386,28 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 else:
                     load_8B(tok_rec + Int64(tok_sc), scales[None, k])
         cute.arch.cp_async_commit_group()
-        return scales
+        return scales, codes
 
     @cute.jit
-    def convert_raw(self, scales: cute.Tensor, stage_base: Int32, offs, sK_outer: cute.Layout, lane: Int32):
+    def convert_raw(self, scales: cute.Tensor, codes, stage_base: Int32, offs, sK_outer: cute.Layout, lane: Int32):
         """Staged FP8 codes -> f16 in place, one 64-column group at a time: lane l takes the
         16 codes of quarter l % 4 of tokens l // 4 and 8 + l // 4, the pieces it staged
         (each 8-lane phase reads 128 consecutive bytes and writes 8 distinct 16-byte bank
-        groups); then, where RoPE is part of the f16 matmuls (MODEL1), the bf16 RoPE pieces
-        it copied -> f16 in place."""
+        groups), or (``codes`` not None) the pieces it holds in registers; then, where RoPE
+        is part of the f16 matmuls (MODEL1), the bf16 RoPE pieces it copied -> f16 in place."""
         f = self.fmt
         raw_lane, rope_sw, out_sw = offs
         dequant = dequant_e4m3x4 if self.dtype == cutlass.Float16 else dequant_e4m3x4_bf16
         for g in cutlass.range_constexpr(f.d_nope // 64):
-            raw = cute.make_rmem_tensor(cute.make_layout((4, 2)), Int32)
-            for k in cutlass.range_constexpr(2):
-                load_16B_shared(stage_base + raw_lane + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2 + 512 * k,
-                                raw[None, k])
-            # every lane has read this group's staging before any lane overwrites it
-            cute.arch.sync_warp()
+            if cutlass.const_expr(codes is not None):
+                raw = codes[None, g, None]
+            else:
+                raw = cute.make_rmem_tensor(cute.make_layout((4, 2)), Int32)
+                for k in cutlass.range_constexpr(2):
+                    load_16B_shared(stage_base + raw_lane + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2 + 512 * k,
+                                    raw[None, k])
+                # every lane has read this group's staging before any lane overwrites it
+                cute.arch.sync_warp()
             for k in cutlass.range_constexpr(2):
                 if cutlass.const_expr(f.scale_kind == "float32"):
                     scale = f32_from_bits(scales[g * 64 // f.nope_group, k])
