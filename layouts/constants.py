@@ -12,9 +12,9 @@ BLOCK_N = 64  # KV tokens per block: a kernel's main-loop step and the decode sc
 # DSL's allocator reserves
 SM90_SMEM_BYTES = 231424
 SPARSE_PREFILL_HEAD_BLOCK = BLOCK_M  # query heads per CTA of the sparse prefill kernel
-# h_q the small-head sparse decode kernel is built for (its MMAs' N).  With two consumer
-# warpgroups ptxas spilled at 32 (session 11); one warpgroup holds N 32's accumulators (session 19).
-SPARSE_DECODE_SMALL_HEADS = (8, 16, 32)
+# h_q the small-head sparse decode kernel is built for (its MMAs' N).  At 32 ptxas spilled a
+# register in every variant (session 11), so h_q 32 runs the 64-row kernel.
+SPARSE_DECODE_SMALL_HEADS = (8, 16)
 COMBINE_HEADS_PER_CTA = 4  # the combine kernel runs one warp per head row
 
 # ``sched_meta[part]``: SCHED_META_FIELDS int32 fields, named below (``schedules.decode_plan``

@@ -117,7 +117,7 @@ SASS_EXPECT = {
                             "LDGSTS.E.BYPASS.128", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
     # heads on N: S^T = K Q^T as 64 x h_q MMAs, O^T = V^T P^T with V^T an MN-major A operand
     # (tnspA), the same producer
-    "sparse_decode_heads_sm90": ([r"re:HGMMA\.64x(8|16|32)x16\.F32", "tnspA", "F2FP.F16.E4M3.UNPACK_B",
+    "sparse_decode_heads_sm90": ([r"re:HGMMA\.64x(8|16)x16\.F32", "tnspA", "F2FP.F16.E4M3.UNPACK_B",
                                   "LDGSTS.E.BYPASS.128", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"],
                                  ["LDL", "STL", "HGMMA.64x256x16"]),
 }

@@ -1,4 +1,4 @@
-"""SM90 FP8 sparse decode for 8, 16 or 32 query heads, with the heads on the MMA's N side.
+"""SM90 FP8 sparse decode for 8 or 16 query heads, with the heads on the MMA's N side.
 
 The 64-row kernel (``kernels.sm90.sparse_decode``) gives a query token a whole 64-row block,
 so at h_q 16 three quarters of its MMA rows, and of the shared-memory reads that feed them,
