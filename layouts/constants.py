@@ -12,8 +12,9 @@ BLOCK_N = 64  # KV tokens per block: a kernel's main-loop step and the decode sc
 # DSL's allocator reserves
 SM90_SMEM_BYTES = 231424
 SPARSE_PREFILL_HEAD_BLOCK = BLOCK_M  # query heads per CTA of the sparse prefill kernel
-# h_q the small-head sparse decode kernel is built for (its MMAs' N).  At 32 ptxas spilled a
-# register in every variant (session 11), so h_q 32 runs the 64-row kernel.
+# h_q the small-head sparse decode kernel is built for (its MMAs' N).  h_q 32 runs the 64-row
+# kernel: on the one-warpgroup heads kernel it built without spilling, but ran 0.70-0.80x the
+# 64-row kernel's speed at b 32 and on MODEL1, 1.05x only at V32 b 128 (session 19).
 SPARSE_DECODE_SMALL_HEADS = (8, 16)
 COMBINE_HEADS_PER_CTA = 4  # the combine kernel runs one warp per head row
 

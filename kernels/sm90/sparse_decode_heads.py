@@ -62,21 +62,26 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
 
     threads = 256  # the producer warpgroup and one consumer warpgroup
     consumer_threads = 128
-    # 256 threads launch with the consumers' 216 registers each, so the producer can hold its
-    # lane's 256 FP8 codes (64 registers) from the gather to the conversion: no staging
-    # round trip through shared memory (72 KB of its traffic a block)
-    regs_producer = 184
-    raw_in_registers = True
 
     def __init__(self, fmt: str, matmul: str = "f16", heads: int = 16):
-        super().__init__(fmt, matmul)
         assert heads in SPARSE_DECODE_SMALL_HEADS
+        # 256 threads launch with the consumers' 216 registers each, so the producer can hold
+        # its lane's 256 FP8 codes (64 registers) from the gather to the conversion: no staging
+        # round trip through shared memory.  That ran 1.04-1.12x faster on V32 and at h_q 8
+        # (MODEL1 h_q 16 0.97-0.99x; perf/results/NOTES.md, session 19).  Done in each
+        # format's default matmul type (V32 f16, MODEL1 bf16), where ptxas fits it without
+        # local memory at 184 registers; in the other type it spilled a few words at every
+        # count tried from 160 to 216, so that keeps the staging area.  (Set before the base
+        # class checks the register split.)
+        self.raw_in_registers = (matmul == "bf16") == (fmt == "MODEL1")
+        self.regs_producer = 184 if self.raw_in_registers else 96
+        super().__init__(fmt, matmul)
         self.heads = heads
         elt = self.dtype.width // 8
         # scratch: per-warp head statistics (N heads x 4 warps)
         self.scratch_floats = heads * 4
         # With a third KV stage the warpgroup overlaps block j's O^T MMAs with block j + 1's S^T
-        # and softmax (``consume_overlapped``): it holds two stages at once, and P^T gets two
+        # and softmax (``blocks_overlapped``): it holds two stages at once, and P^T gets two
         # buffers.  As many stages as fit: MODEL1 (d 512) takes 3, V32 (d 576) 2.
         self.p_buffers = 2
         fixed = heads * self.d * elt + self.p_buffers * heads * BLOCK_N * elt + 4 * self.scratch_floats + 2048
