@@ -4,7 +4,9 @@ The 64-row kernel (``kernels.sm90.sparse_decode``) gives a query token a whole 6
 so at h_q 16 three quarters of its MMA rows, and of the shared-memory reads that feed them,
 are padding.  Here the roles of tokens and heads swap (S^T = K Q^T, O^T = V^T P^T): the 64
 gathered tokens of a block are the M side, the h_q heads the N side (N = h_q), so no row is
-padding.  Same producer, same KV ring, same split-KV schedule and outputs.
+padding.  The 64-row kernel's producer, KV ring, split-KV schedule and outputs; with this
+kernel's 256 threads the producer can keep its FP8 codes in registers (``__init__``), and the
+ring holds as many stages as fit.
 
 One consumer warpgroup does all of a block (256 threads a CTA):
   1. S^T over the whole of d (V32: its last 64 columns, the bf16 RoPE, in a bf16 MMA), plus
@@ -17,9 +19,12 @@ At N 16 its accumulators are small (O^T 64 floats a thread).  Two consumer warpg
 taking half of d, cost three barriers a block between them (the partial S^T exchange, the head
 statistics, P^T ready) and ran every softmax instruction twice; ncu found 24% of their stall
 samples at those barriers (perf/results/NOTES.md, session 18).
-Shared-memory bytes read per block (N = 16): K 72 KB + Q^T 18 KB for S^T, V 64 KB + P^T 16 KB
-for O^T, against about 300 KB read by the 64-row kernel's consumers (perf/results/NOTES.md,
-session 11).
+With a third stage (MODEL1) step 4 of a block overlaps steps 1-3 of the next
+(``blocks_overlapped``).  Shared-memory bytes read per block (N = 16): K 72 KB + Q^T 18 KB for
+S^T, V 64 KB + P^T 16 KB for O^T, against about 300 KB read by the 64-row kernel's consumers
+(perf/results/NOTES.md, session 11).  One warpgroup with the codes in registers ran V32 at
+1.07-1.17x the two-warpgroup kernel's speed (0.96x at b 32 s_q 1 h_q 16) and MODEL1 at
+0.97-1.02x (session 19).
 """
 from __future__ import annotations
 
