@@ -201,7 +201,8 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
                 sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths: SlotLengths, mSink: cute.Tensor,
                 sched: DecodePart, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor,
                 kv_pipe, softmax_scale: Float32, has_sink: Int32, mblk: Int32, half: Int32, ctid: Int32):
-        """The one consumer warpgroup (``half`` is always 0 here)."""
+        """The one consumer warpgroup (``half`` is always 0 here).  The kernel's MMAs only
+        partition the operands; ``issue_st`` and ``issue_pv`` make the ones they issue."""
         N = self.heads
         warp = ctid // 32
         lane = ctid % 32
@@ -225,13 +226,12 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
             softmax = HeadSoftmax.create(N // 4, scale_log2)
             if cutlass.const_expr(self.overlap):
                 # rebound: the DSL carries the state out of the callee's branch as a new object
-                state = self.blocks_overlapped(qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax,
-                                               sK, sP, sRed, sBias, sV_layout, kv_pipe, state, lo, hi, warp, lane,
-                                               ctid)
+                state = self.blocks_overlapped(tSrK, tSrQ, tScS, tOrP, acc_o, softmax, sK, sP, sRed, sBias,
+                                               sV_layout, kv_pipe, state, lo, hi, warp, lane, ctid)
             else:
                 for blk in cutlass.range(lo, hi, unroll=1):
-                    self.attend_block(qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax, sK, sP,
-                                      sRed, sBias, sV_layout, kv_pipe, state, warp, lane, ctid)
+                    self.attend_block(tSrK, tSrQ, tScS, tOrP, acc_o, softmax, sK, sP, sRed, sBias, sV_layout,
+                                      kv_pipe, state, warp, lane, ctid)
                     state.advance()
             self.epilogue_t(acc_o, tOcO, softmax, sRed, mOut, mLse, mOAccum, mLseAccum, r, iq, warp, lane,
                             sched.splits(r), sched.split_row(r, split), mSink, has_sink)
@@ -288,8 +288,8 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         return alpha
 
     @cute.jit
-    def attend_block(self, qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK, sP,
-                     sRed, sBias, sV_layout, kv_pipe, state, warp: Int32, lane: Int32, ctid: Int32):
+    def attend_block(self, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK, sP, sRed, sBias, sV_layout,
+                     kv_pipe, state, warp: Int32, lane: Int32, ctid: Int32):
         """One block, start to end: S^T, softmax, P^T, O^T (two KV stages)."""
         kv_pipe.consumer_wait(state)
         stage = state.index
@@ -303,9 +303,8 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         kv_pipe.consumer_release(state)
 
     @cute.jit
-    def blocks_overlapped(self, qk_mma, pv_mma, qk_tail_mma, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK,
-                          sP, sRed, sBias, sV_layout, kv_pipe, state, lo: Int32, hi: Int32, warp: Int32, lane: Int32,
-                          ctid: Int32):
+    def blocks_overlapped(self, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK, sP, sRed, sBias, sV_layout,
+                          kv_pipe, state, lo: Int32, hi: Int32, warp: Int32, lane: Int32, ctid: Int32):
         """Blocks [lo, hi) with block j's O^T MMAs in flight while block j + 1's S^T is
         finished and its softmax runs (three or more KV stages: the warpgroup holds blocks j
         and j + 1).  P^T alternates between two buffers; O^T takes block j + 1's factor once
