@@ -88,15 +88,13 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         # With a third KV stage the warpgroup overlaps block j's O^T MMAs with block j + 1's S^T
         # and softmax (``blocks_overlapped``): it holds two stages at once, and P^T gets two
         # buffers.  As many stages as fit: MODEL1 (d 512) takes 3, V32 (d 576) 2.
-        self.p_buffers = 2
-        fixed = heads * self.d * elt + self.p_buffers * heads * BLOCK_N * elt + 4 * self.scratch_floats + 2048
-        self.stages = (SM90_SMEM_BYTES - fixed) // self.kv_bytes
+        fixed = heads * self.d * elt + 4 * self.scratch_floats + 2048
+        p_bytes = heads * BLOCK_N * elt
+        self.stages = (SM90_SMEM_BYTES - fixed - 2 * p_bytes) // self.kv_bytes
         assert self.stages >= 2, self.stages
         self.overlap = self.stages >= 3
-        if not self.overlap:
-            self.p_buffers = 1
-            fixed -= heads * BLOCK_N * elt
-        self.smem_bytes = fixed + self.stages * self.kv_bytes
+        self.p_buffers = 2 if self.overlap else 1
+        self.smem_bytes = fixed + self.p_buffers * p_bytes + self.stages * self.kv_bytes
 
     # ------------------------------------------------------------------ layouts / MMAs
     def q_smem_layout(self):
