@@ -1,0 +1,165 @@
+"""python -m perf.ncu: Nsight Compute on one benchmark case, read back as two short tables.
+
+    python -m perf.ncu run CASE [--kernel REGEX] [--out DIR] [--calls N]
+    python -m perf.ncu durations DUR.csv
+    python -m perf.ncu stalls SOURCE.csv [--top N]
+
+``run`` (on the GPU machine) profiles ``python -m perf.run_once CASE`` twice: every kernel's
+duration (``DIR/durations.csv``), then the first launch of the kernel matching REGEX with the
+full section set and per-instruction source counters (``DIR/profile.ncu-rep``, its details page
+``DIR/details.csv`` and its SASS source page ``DIR/source.csv``), and prints both tables.  The
+file names hold no '=' (the device tool does not bring such names back).  ``durations`` and
+``stalls`` read those CSV files again, on any machine.
+
+- durations: the case's kernels in launch order, our names for ours (``kernel_name``), each
+  call's kernels summed; input set-up kernels (torch's) are left out.
+- stalls: the warp-stall samples of every SASS instruction, split by warp role: the code after
+  ``USETMAXREG.DEALLOC`` is the producer's, after ``USETMAXREG.TRY_ALLOC`` the consumers' (the
+  order ptxas lays the two branches out in), before either the common set-up.  Then the
+  instructions with the most samples.  Session 19's attempt to read durations with awk split
+  the quoted kernel names apart; these read the CSV by its header.
+
+Clocks are left alone (``--clock-control none``), as the device's METHOD.md asks.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+# our kernels, as registry names, by a piece of their mangled names (first match wins)
+OUR_KERNELS = (("sparse_decode_heads", "sparse_decode_heads_sm90"), ("SparseDecodeSm90", "sparse_decode_sm90"),
+               ("DenseDecodeSm90", "dense_decode_sm90"), ("SparsePrefillSm90", "sparse_prefill_sm90"),
+               ("CombineKernel", "combine"), ("DecodeScheduler", "decode_scheduler"))
+UNITS_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6}
+
+
+def kernel_name(mangled: str) -> str | None:
+    """Our registry name of a kernel, FlashMLA's kernels as "flashmla:<name>", None for others."""
+    for piece, name in OUR_KERNELS:
+        if piece in mangled:
+            return name
+    if "flash" in mangled.lower() or "mla" in mangled.lower():
+        return "flashmla:" + re.sub(r"[<(].*", "", mangled)[-60:]
+    return None
+
+
+def _column(header: list[str], *pieces: str) -> str:
+    for piece in pieces:
+        for h in header:
+            if piece.lower() in h.lower():
+                return h
+    raise KeyError(f"no column like {pieces} in {header}")
+
+
+def _rows(text: str) -> list[dict]:
+    """The CSV table of an ncu text dump (lines before its header, ncu's own messages, dropped)."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"')), len(lines))
+    return list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
+
+
+def durations(text: str) -> list[tuple[str, float]]:
+    """(kernel, us) of every profiled launch of ours or FlashMLA's, in launch order."""
+    rows = _rows(text)
+    if not rows:
+        return []
+    header = list(rows[0])
+    name_c, metric_c = _column(header, "Kernel Name"), _column(header, "Metric Name")
+    value_c, unit_c = _column(header, "Metric Value"), _column(header, "Metric Unit")
+    out = []
+    for row in rows:
+        name = kernel_name(row[name_c])
+        if name is None or row[metric_c] != "gpu__time_duration.sum":
+            continue
+        out.append((name, float(row[value_c].replace(",", "")) * UNITS_US.get(row[unit_c], 1.0)))
+    return out
+
+
+def stalls(text: str) -> tuple[dict[str, float], list[tuple[float, str, str, str]]]:
+    """(samples per role, [(samples, role, address, instruction)] of every instruction)."""
+    rows = _rows(text)
+    if not rows:
+        return {}, []
+    header = list(rows[0])
+    addr_c, src_c = _column(header, "Address"), _column(header, "Source")
+    samples_c = _column(header, "Warp Stall Sampling (All", "stall sampling (all", "Sampling")
+    role, per_role, per_ins = "set-up", {}, []
+    for row in rows:
+        ins = row[src_c].strip()
+        if "USETMAXREG.DEALLOC" in ins:
+            role = "producer"
+        elif "USETMAXREG.TRY_ALLOC" in ins:
+            role = "consumer"
+        n = float(row[samples_c].replace(",", "") or 0)
+        per_role[role] = per_role.get(role, 0.0) + n
+        per_ins.append((n, role, row[addr_c], ins))
+    return per_role, per_ins
+
+
+def print_durations(rows: list[tuple[str, float]]) -> None:
+    for name, us in rows:
+        print(f"{us:9.2f} us  {name}")
+    total = sum(us for _, us in rows)
+    print(f"{total:9.2f} us  all {len(rows)} launches")
+
+
+def print_stalls(per_role: dict[str, float], per_ins: list, top: int) -> None:
+    total = sum(per_role.values()) or 1.0
+    for role, n in per_role.items():
+        print(f"{role:>9}: {n:10.0f} samples  {100 * n / total:5.1f}%")
+    for n, role, addr, ins in sorted(per_ins, key=lambda x: -x[0])[:top]:
+        print(f"{100 * n / total:5.1f}%  {role:>9}  {addr:>8}  {ins}")
+
+
+def run(case: str, kernel: str, out: Path, calls: int) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    ncu = ["ncu", "--clock-control", "none"]
+    once = [sys.executable, "-m", "perf.run_once", case, str(calls)]
+    dur = subprocess.run([*ncu, "--metrics", "gpu__time_duration.sum", "--csv", *once],
+                         capture_output=True, text=True)
+    (out / "durations.csv").write_text(dur.stdout)
+    print_durations(durations(dur.stdout))
+    rep = out / "profile.ncu-rep"
+    prof = subprocess.run([*ncu, "-k", f"regex:{kernel}", "-c", "1", "--set", "full", "--import-source", "no",
+                           "-f", "-o", str(rep.with_suffix("")), *once], capture_output=True, text=True)
+    if prof.returncode != 0 or not rep.exists():
+        print(prof.stdout[-2000:], prof.stderr[-2000:], file=sys.stderr)
+        return 1
+    for page, name, extra in (("details", "details.csv", []), ("source", "source.csv", ["--print-source", "sass"])):
+        res = subprocess.run(["ncu", "--import", str(rep), "--page", page, "--csv", *extra],
+                             capture_output=True, text=True)
+        (out / name).write_text(res.stdout)
+    print_stalls(*stalls((out / "source.csv").read_text()), top=30)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m perf.ncu", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="profile a case (GPU machine)")
+    r.add_argument("case", help="a case name filter, as perf.run_once takes it")
+    r.add_argument("--kernel", default="kernel_cutlass", help="regex of the kernel to profile in full")
+    r.add_argument("--out", type=Path, default=Path("ncu-out"))
+    r.add_argument("--calls", type=int, default=2, help="calls of the case (default 2)")
+    d = sub.add_parser("durations", help="read a durations CSV")
+    d.add_argument("csv", type=Path)
+    s = sub.add_parser("stalls", help="read a source-page CSV")
+    s.add_argument("csv", type=Path)
+    s.add_argument("--top", type=int, default=30)
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        return run(args.case, args.kernel, args.out, args.calls)
+    if args.cmd == "durations":
+        print_durations(durations(args.csv.read_text()))
+    else:
+        print_stalls(*stalls(args.csv.read_text()), top=args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""perf.ncu's readers of Nsight Compute CSV dumps (no GPU: the dumps are written here)."""
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from perf import ncu
+
+HEADS = "kernel_cutlass_kernel_cute_mlakernelssm90sparse_decode_headsSparseDecodeHeadsSm90_object_at__tensorptr"
+COMBINE = "kernel_cutlass_kernel_cute_mlakernelscommoncombineCombineKernel_object_at__tensorptrf32"
+TORCH = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int, float)"
+
+
+def _csv(header, rows, preamble="==PROF== Connected to process 1234\n"):
+    buf = io.StringIO()
+    w = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return preamble + buf.getvalue()
+
+
+def test_kernel_names_map_to_the_registry_and_skip_torch():
+    assert ncu.kernel_name(HEADS) == "sparse_decode_heads_sm90"
+    assert ncu.kernel_name(HEADS.replace("sparse_decode_headsSparseDecodeHeadsSm90", "sparse_decodeSparseDecodeSm90")) \
+        == "sparse_decode_sm90"
+    assert ncu.kernel_name(COMBINE) == "combine"
+    assert ncu.kernel_name(TORCH) is None
+    assert ncu.kernel_name("void flash::flash_fwd_splitkv_mla_kernel<T>(Params)").startswith("flashmla:")
+
+
+def test_durations_read_by_header_in_launch_order_and_units():
+    header = ["ID", "Kernel Name", "Block Size", "Metric Name", "Metric Unit", "Metric Value"]
+    rows = [["0", TORCH, "(128, 1, 1)", "gpu__time_duration.sum", "usecond", "3.10"],
+            ["1", HEADS, "(256, 1, 1)", "gpu__time_duration.sum", "usecond", "1,234.50"],
+            ["2", COMBINE, "(128, 1, 1)", "gpu__time_duration.sum", "nsecond", "4500"],
+            ["3", HEADS, "(256, 1, 1)", "launch__grid_size", "", "132"]]
+    assert ncu.durations(_csv(header, rows)) == [("sparse_decode_heads_sm90", 1234.5), ("combine", 4.5)]
+    assert ncu.durations("==PROF== no kernels were profiled\n") == []
+
+
+def test_stalls_split_by_the_setmaxnreg_markers():
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Warp Stall Sampling (Not-issued Samples)"]
+    rows = [["0x0", "S2R R0, SR_TID.X", "5", "4"],
+            ["0x10", "USETMAXREG.DEALLOC.CTAPOOL 0xc0", "1", "1"],
+            ["0x20", "LDG.E.128 R8, desc[UR4][R2.64]", "30", "30"],
+            ["0x30", "USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xf0", "2", "2"],
+            ["0x40", "HGMMA.64x16x16.F32.BF16 R24, gdesc[UR8], RZ", "62", "60"]]
+    per_role, per_ins = ncu.stalls(_csv(header, rows, preamble=""))
+    assert per_role == {"set-up": 5.0, "producer": 31.0, "consumer": 64.0}
+    top = sorted(per_ins, key=lambda x: -x[0])[0]
+    assert top[1:3] == ("consumer", "0x40") and top[3].startswith("HGMMA")
+
+
+def test_a_missing_column_names_what_was_there():
+    with pytest.raises(KeyError, match="Address"):
+        ncu.stalls(_csv(["Source", "Samples"], [["NOP", "1"]], preamble=""))
