@@ -1,0 +1,44 @@
+#!/bin/bash
+# Issue 19's pending change (heads-qt-ahead.patch, session 20; compile-checked, never run on a GPU).
+#
+#   bash perf/results/pending/heads-qt-ahead.sh build    # here, no GPU: two trees with their cubins
+#   bash perf/results/pending/heads-qt-ahead.sh device   # on the device (run tool, carry ["scratch", ".peers"])
+#
+# The device step, about 6-7 minutes: the candidate's sparse decode tests (full grid, every head
+# count), the A/B against main on the h_q 8 / 16 cases beside FlashMLA, memcheck, then perf.ncu of
+# the candidate on MODEL1 b128 s_q1 h_q 16 and V32 b32 s_q1 h_q 16.  Everything lands in $OUT.
+set -u
+here=$(cd "$(dirname "$0")/../../.." && pwd)
+cd "$here"
+case "${1:-}" in
+build)
+    rm -rf scratch/base scratch/cand && mkdir -p scratch/base scratch/cand
+    git archive HEAD | tar -x -C scratch/base
+    git archive HEAD | tar -x -C scratch/cand
+    (cd scratch/cand && patch -p1 < "$here/perf/results/pending/heads-qt-ahead.patch")
+    for t in base cand; do (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1); done
+    ;;
+device)
+    export CUTE_MLA_PEER=$here/.peers/_flashmla_C.abi3.so
+    t0=$(date +%s)
+    (cd scratch/cand && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" \
+        tests/test_sparse_decode.py -o timeout=60 > "$OUT/tests.log" 2>&1)
+    echo "tests rc=$? $(tail -n 1 "$OUT/tests.log") ($(( $(date +%s) - t0 )) s)"
+    python -m perf.ab scratch/cand scratch/base --filter "h_q=8 " "h_q=16 " --rounds 2 \
+        --peer "flashmla=$CUTE_MLA_PEER" --out "$OUT/ab" > "$OUT/ab.log" 2>&1
+    echo "ab rc=$? ($(( $(date +%s) - t0 )) s)"; tail -n 24 "$OUT/ab.log"
+    (cd scratch/cand && PYTHONPATH=. compute-sanitizer --tool memcheck --report-api-errors no \
+        python -m perf.run_once "sparse_decode fmt=V32 b=32 s_q=1 h_q=16 " 1 > "$OUT/memcheck.log" 2>&1)
+    echo "memcheck rc=$? $(grep -c 'Invalid' "$OUT/memcheck.log") invalid ($(( $(date +%s) - t0 )) s)"
+    for c in "fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=V32 b=32 s_q=1 h_q=16 "; do
+        tag=$(echo "$c" | tr -d ' =_')
+        (cd scratch/cand && PYTHONPATH=. python -m perf.ncu run "sparse_decode $c" --kernel sparse_decode_heads \
+            --out "$OUT/ncu-$tag" 2>&1 | head -n 45)
+    done
+    echo "done ($(( $(date +%s) - t0 )) s)"
+    ;;
+*)
+    echo "usage: $0 build|device" >&2
+    exit 2
+    ;;
+esac
