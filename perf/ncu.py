@@ -3,13 +3,15 @@
     python -m perf.ncu run CASE [--kernel REGEX] [--out DIR] [--calls N]
     python -m perf.ncu durations DUR.csv
     python -m perf.ncu stalls SOURCE.csv [--top N]
+    python -m perf.ncu details DETAILS.csv
 
 ``run`` (on the GPU machine) profiles ``python -m perf.run_once CASE`` twice: every kernel's
 duration (``DIR/durations.csv``), then the first launch of the kernel matching REGEX with the
 full section set and per-instruction source counters (``DIR/profile.ncu-rep``, its details page
-``DIR/details.csv`` and its SASS source page ``DIR/source.csv``), and prints both tables.  The
-file names hold no '=' (the device tool does not bring such names back).  ``durations`` and
-``stalls`` read those CSV files again, on any machine.
+``DIR/details.csv`` and its SASS source page ``DIR/source.csv``), and prints the durations, the
+details page's headline figures and the stall table.  The file names hold no '=' (the device
+tool does not bring such names back).  ``durations``, ``details`` and ``stalls`` read those CSV
+files again, on any machine.
 
 - durations: the case's kernels in launch order, our names for ours (``kernel_name``), each
   call's kernels summed; input set-up kernels (torch's) are left out.
@@ -80,6 +82,29 @@ def durations(text: str) -> list[tuple[str, float]]:
     return out
 
 
+# the details page's headline figures, as ncu names them (sections SpeedOfLight, LaunchStats,
+# Occupancy, SchedulerStats, WarpStateStats, MemoryWorkloadAnalysis)
+DETAILS = ("Duration", "Elapsed Cycles", "SM Frequency", "DRAM Throughput", "Memory Throughput",
+           "Compute (SM) Throughput", "L2 Hit Rate", "L1/TEX Hit Rate", "Issue Slots Busy",
+           "Issued Warp Per Scheduler", "No Eligible", "Warp Cycles Per Issued Instruction",
+           "Registers Per Thread", "Dynamic Shared Memory Per Block", "Grid Size", "Achieved Occupancy")
+
+
+def details(text: str) -> list[tuple[str, str, str]]:
+    """(metric, value, unit) of the ``DETAILS`` figures on a details-page CSV, in that order (the
+    first profiled kernel's)."""
+    rows = _rows(text)
+    if not rows:
+        return []
+    header = list(rows[0])
+    metric_c, value_c, unit_c = (_column(header, "Metric Name"), _column(header, "Metric Value"),
+                                 _column(header, "Metric Unit"))
+    found: dict[str, tuple[str, str]] = {}
+    for row in rows:
+        found.setdefault(row[metric_c], (row[value_c], row[unit_c]))
+    return [(m, *found[m]) for m in DETAILS if m in found]
+
+
 def stalls(text: str) -> tuple[dict[str, float], list[tuple[float, str, str, str]]]:
     """(samples per role, [(samples, role, address, instruction)] of every instruction)."""
     rows = _rows(text)
@@ -134,6 +159,8 @@ def run(case: str, kernel: str, out: Path, calls: int) -> int:
         res = subprocess.run(["ncu", "--import", str(rep), "--page", page, "--csv", *extra],
                              capture_output=True, text=True)
         (out / name).write_text(res.stdout)
+    for metric, value, unit in details((out / "details.csv").read_text()):
+        print(f"{metric:>36}: {value} {unit}")
     print_stalls(*stalls((out / "source.csv").read_text()), top=30)
     return 0
 
@@ -148,6 +175,8 @@ def main(argv=None) -> int:
     r.add_argument("--calls", type=int, default=2, help="calls of the case (default 2)")
     d = sub.add_parser("durations", help="read a durations CSV")
     d.add_argument("csv", type=Path)
+    t = sub.add_parser("details", help="read a details-page CSV")
+    t.add_argument("csv", type=Path)
     s = sub.add_parser("stalls", help="read a source-page CSV")
     s.add_argument("csv", type=Path)
     s.add_argument("--top", type=int, default=30)
@@ -156,6 +185,9 @@ def main(argv=None) -> int:
         return run(args.case, args.kernel, args.out, args.calls)
     if args.cmd == "durations":
         print_durations(durations(args.csv.read_text()))
+    elif args.cmd == "details":
+        for metric, value, unit in details(args.csv.read_text()):
+            print(f"{metric:>36}: {value} {unit}")
     else:
         print_stalls(*stalls(args.csv.read_text()), top=args.top)
     return 0

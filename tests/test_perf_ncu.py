@@ -40,6 +40,16 @@ def test_durations_read_by_header_in_launch_order_and_units():
     assert ncu.durations("==PROF== no kernels were profiled\n") == []
 
 
+def test_details_pick_the_headline_figures_in_order():
+    header = ["ID", "Kernel Name", "Section Name", "Metric Name", "Metric Unit", "Metric Value"]
+    rows = [["0", HEADS, "GPU Speed Of Light Throughput", "DRAM Throughput", "%", "31.02"],
+            ["0", HEADS, "GPU Speed Of Light Throughput", "Duration", "usecond", "27.14"],
+            ["0", HEADS, "Launch Statistics", "Registers Per Thread", "register/thread", "240"],
+            ["0", HEADS, "Launch Statistics", "Some Other Figure", "", "7"]]
+    assert ncu.details(_csv(header, rows)) == [("Duration", "27.14", "usecond"), ("DRAM Throughput", "31.02", "%"),
+                                               ("Registers Per Thread", "240", "register/thread")]
+
+
 def test_stalls_split_by_the_setmaxnreg_markers():
     header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Warp Stall Sampling (Not-issued Samples)"]
     rows = [["0x0", "S2R R0, SR_TID.X", "5", "4"],
