@@ -1,12 +1,20 @@
 #!/bin/bash
 # Issue 19's pending change (heads-qt-ahead.patch, session 20; compile-checked, never run on a GPU).
 #
-#   bash perf/results/pending/heads-qt-ahead.sh build    # here, no GPU: two trees with their cubins
+#   bash perf/results/pending/heads-qt-ahead.sh build    # here, no GPU: the trees with their cubins
 #   bash perf/results/pending/heads-qt-ahead.sh device   # on the device (run tool, carry ["scratch", ".peers"])
+#   bash perf/results/pending/heads-qt-ahead.sh diag     # on the device, a second call if time allows
 #
-# The device step, about 6-7 minutes: the candidate's sparse decode tests (full grid, every head
-# count), the A/B against main on the h_q 8 / 16 cases beside FlashMLA, memcheck, then perf.ncu of
-# the candidate on MODEL1 b128 s_q1 h_q 16 and V32 b32 s_q1 h_q 16.  Everything lands in $OUT.
+# device, about 6-7 minutes: the candidate's sparse decode tests (full grid, every head count), the
+# A/B against main on the h_q 8 / 16 cases beside FlashMLA, memcheck, then perf.ncu of the
+# candidate on MODEL1 b128 s_q1 h_q 16 and V32 b32 s_q1 h_q 16.
+# diag, about 4 minutes: the candidate against three variants that each leave one piece of work
+# out (diag-*.patch, wrong outputs, for timing only): the FP8 conversion, the gather's latency
+# (a warp's 16 tokens read one record), the O^T MMAs.  What each saves is what it costs.
+# Everything lands in $OUT.
+DIAGS="noconvert nogather nopv"
+DIAG_CASES=("fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=MODEL1 b=32 s_q=1 h_q=16 " "fmt=V32 b=128 s_q=1 h_q=16 "
+            "fmt=V32 b=32 s_q=1 h_q=16 ")
 set -u
 here=$(cd "$(dirname "$0")/../../.." && pwd)
 cd "$here"
@@ -16,7 +24,14 @@ build)
     git archive HEAD | tar -x -C scratch/base
     git archive HEAD | tar -x -C scratch/cand
     (cd scratch/cand && patch -p1 < "$here/perf/results/pending/heads-qt-ahead.patch")
-    for t in base cand; do (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1); done
+    for d in $DIAGS; do
+        rm -rf scratch/diag-$d && mkdir -p scratch/diag-$d && git archive HEAD | tar -x -C scratch/diag-$d
+        (cd scratch/diag-$d && patch -p1 < "$here/perf/results/pending/heads-qt-ahead.patch" \
+            && patch -p1 < "$here/perf/results/pending/diag-$d.patch")
+    done
+    for t in base cand $(for d in $DIAGS; do echo diag-$d; done); do
+        (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1)
+    done
     ;;
 device)
     export CUTE_MLA_PEER=$here/.peers/_flashmla_C.abi3.so
@@ -37,8 +52,16 @@ device)
     done
     echo "done ($(( $(date +%s) - t0 )) s)"
     ;;
+diag)
+    t0=$(date +%s)
+    for d in $DIAGS; do
+        python -m perf.ab scratch/diag-$d scratch/cand --filter "${DIAG_CASES[@]}" --rounds 1 \
+            --out "$OUT/diag-$d" > "$OUT/diag-$d.log" 2>&1
+        echo "== diag-$d rc=$? ($(( $(date +%s) - t0 )) s)"; tail -n 8 "$OUT/diag-$d.log"
+    done
+    ;;
 *)
-    echo "usage: $0 build|device" >&2
+    echo "usage: $0 build|device|diag" >&2
     exit 2
     ;;
 esac
