@@ -3,11 +3,13 @@
 #
 #   bash perf/results/pending/heads-qt-ahead.sh build    # here, no GPU: the trees with their cubins
 #   bash perf/results/pending/heads-qt-ahead.sh device   # on the device (run tool, carry ["scratch", ".peers"])
-#   bash perf/results/pending/heads-qt-ahead.sh diag     # on the device, a second call if time allows
+#   bash perf/results/pending/heads-qt-ahead.sh profile  # on the device, the next call
+#   bash perf/results/pending/heads-qt-ahead.sh diag     # on the device, if the budget allows
+# (one call each: together they would pass the run tool's 10 minutes a call)
 #
-# device, about 6-7 minutes: the candidate's sparse decode tests (full grid, every head count), the
-# A/B against main on the h_q 8 / 16 cases beside FlashMLA, memcheck, then perf.ncu of the
-# candidate on MODEL1 b128 s_q1 h_q 16 and V32 b32 s_q1 h_q 16.
+# device, about 5 minutes: the candidate's sparse decode tests (full grid, every head count), the
+# A/B against main on the h_q 8 / 16 cases beside FlashMLA, memcheck.
+# profile, about 3 minutes: perf.ncu of the candidate on MODEL1 b128 s_q1 and V32 b32 s_q1 h_q 16.
 # diag, about 4 minutes: the candidate against three variants that each leave one piece of work
 # out (diag-*.patch, wrong outputs, for timing only): the FP8 conversion, the gather's latency
 # (a warp's 16 tokens read one record), the O^T MMAs.  What each saves is what it costs.
@@ -45,6 +47,9 @@ device)
     (cd scratch/cand && PYTHONPATH=. compute-sanitizer --tool memcheck --report-api-errors no \
         python -m perf.run_once "sparse_decode fmt=V32 b=32 s_q=1 h_q=16 " 1 > "$OUT/memcheck.log" 2>&1)
     echo "memcheck rc=$? $(grep -c 'Invalid' "$OUT/memcheck.log") invalid ($(( $(date +%s) - t0 )) s)"
+    ;;
+profile)
+    t0=$(date +%s)
     for c in "fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=V32 b=32 s_q=1 h_q=16 "; do
         tag=$(echo "$c" | tr -d ' =_')
         (cd scratch/cand && PYTHONPATH=. python -m perf.ncu run "sparse_decode $c" --kernel sparse_decode_heads \
@@ -61,7 +66,7 @@ diag)
     done
     ;;
 *)
-    echo "usage: $0 build|device|diag" >&2
+    echo "usage: $0 build|device|profile|diag" >&2
     exit 2
     ;;
 esac
