@@ -4,14 +4,16 @@
     python -m perf.ncu durations DUR.csv
     python -m perf.ncu stalls SOURCE.csv [--top N]
     python -m perf.ncu details DETAILS.csv
+    python -m perf.ncu pipes RAW.csv
 
 ``run`` (on the GPU machine) profiles ``python -m perf.run_once CASE`` twice: every kernel's
 duration (``DIR/durations.csv``), then the first launch of the kernel matching REGEX with the
 full section set and per-instruction source counters (``DIR/profile.ncu-rep``, its details page
-``DIR/details.csv`` and its SASS source page ``DIR/source.csv``), and prints the durations, the
-details page's headline figures and the stall table.  The file names hold no '=' (the device
-tool does not bring such names back).  ``durations``, ``details`` and ``stalls`` read those CSV
-files again, on any machine.
+``DIR/details.csv``, its raw metrics ``DIR/raw.csv`` and its SASS source page ``DIR/source.csv``),
+and prints the durations, the details page's headline figures, the busiest pipes (a conversion
+unit at its peak would show there) and the stall table.  The file names hold no '=' (the device
+tool does not bring such names back).  ``durations``, ``details``, ``pipes`` and ``stalls`` read
+those CSV files again, on any machine.
 
 - durations: the case's kernels in launch order, our names for ours (``kernel_name``), each
   call's kernels summed; input set-up kernels (torch's) are left out.
@@ -105,6 +107,32 @@ def details(text: str) -> list[tuple[str, str, str]]:
     return [(m, *found[m]) for m in DETAILS if m in found]
 
 
+PIPES = re.compile(r"^sm__(inst_executed_pipe|pipe)_\w+?\.avg\.pct_of_peak_sustained_active$")
+
+
+def pipes(text: str) -> list[tuple[str, float]]:
+    """(metric, % of peak) of every pipe-utilisation metric on a raw-page CSV, busiest first: the
+    long form (a "Metric Name" column) or the wide one (a column a metric, a units row first)."""
+    rows = _rows(text)
+    if not rows:
+        return []
+    header = list(rows[0])
+    if any("Metric Name" in h for h in header):
+        metric_c, value_c = _column(header, "Metric Name"), _column(header, "Metric Value")
+        pairs = [(row[metric_c], row[value_c]) for row in rows]
+    else:
+        values = next((r for r in rows if any(re.fullmatch(r"[\d.,]+", v or "") for v in r.values())), {})
+        pairs = list(values.items())
+    out = {}
+    for name, value in pairs:
+        if name and PIPES.match(name) and name not in out:
+            try:
+                out[name] = float(str(value).replace(",", ""))
+            except ValueError:
+                continue
+    return sorted(out.items(), key=lambda kv: -kv[1])
+
+
 def stalls(text: str) -> tuple[dict[str, float], list[tuple[float, str, str, str]]]:
     """(samples per role, [(samples, role, address, instruction)] of every instruction)."""
     rows = _rows(text)
@@ -155,12 +183,15 @@ def run(case: str, kernel: str, out: Path, calls: int) -> int:
     if prof.returncode != 0 or not rep.exists():
         print(prof.stdout[-2000:], prof.stderr[-2000:], file=sys.stderr)
         return 1
-    for page, name, extra in (("details", "details.csv", []), ("source", "source.csv", ["--print-source", "sass"])):
+    for page, name, extra in (("details", "details.csv", []), ("raw", "raw.csv", []),
+                              ("source", "source.csv", ["--print-source", "sass"])):
         res = subprocess.run(["ncu", "--import", str(rep), "--page", page, "--csv", *extra],
                              capture_output=True, text=True)
         (out / name).write_text(res.stdout)
     for metric, value, unit in details((out / "details.csv").read_text()):
         print(f"{metric:>36}: {value} {unit}")
+    for metric, pct in pipes((out / "raw.csv").read_text())[:12]:
+        print(f"{pct:6.1f}%  {metric}")
     print_stalls(*stalls((out / "source.csv").read_text()), top=30)
     return 0
 
@@ -177,6 +208,8 @@ def main(argv=None) -> int:
     d.add_argument("csv", type=Path)
     t = sub.add_parser("details", help="read a details-page CSV")
     t.add_argument("csv", type=Path)
+    q = sub.add_parser("pipes", help="read a raw-page CSV")
+    q.add_argument("csv", type=Path)
     s = sub.add_parser("stalls", help="read a source-page CSV")
     s.add_argument("csv", type=Path)
     s.add_argument("--top", type=int, default=30)
@@ -185,6 +218,9 @@ def main(argv=None) -> int:
         return run(args.case, args.kernel, args.out, args.calls)
     if args.cmd == "durations":
         print_durations(durations(args.csv.read_text()))
+    elif args.cmd == "pipes":
+        for metric, pct in pipes(args.csv.read_text()):
+            print(f"{pct:6.1f}%  {metric}")
     elif args.cmd == "details":
         for metric, value, unit in details(args.csv.read_text()):
             print(f"{metric:>36}: {value} {unit}")

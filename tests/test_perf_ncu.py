@@ -50,6 +50,18 @@ def test_details_pick_the_headline_figures_in_order():
                                                ("Registers Per Thread", "240", "register/thread")]
 
 
+def test_pipes_read_the_wide_and_the_long_raw_page():
+    fp16 = "sm__inst_executed_pipe_fp16.avg.pct_of_peak_sustained_active"
+    xu = "sm__pipe_xu_cycles_active.avg.pct_of_peak_sustained_active"
+    wide = _csv(["ID", "Kernel Name", fp16, xu, "dram__bytes.sum"],
+                [["", "", "%", "%", "byte"], ["0", HEADS, "12.5", "81.25", "1,000"]])
+    assert ncu.pipes(wide) == [(xu, 81.25), (fp16, 12.5)]
+    long = _csv(["ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value"],
+                [["0", HEADS, fp16, "%", "12.5"], ["0", HEADS, "sm__cycles_active.avg", "cycle", "9"],
+                 ["0", HEADS, xu, "%", "81.25"]])
+    assert ncu.pipes(long) == [(xu, 81.25), (fp16, 12.5)]
+
+
 def test_stalls_split_by_the_setmaxnreg_markers():
     header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Warp Stall Sampling (Not-issued Samples)"]
     rows = [["0x0", "S2R R0, SR_TID.X", "5", "4"],
