@@ -5,6 +5,7 @@
 #   bash perf/results/pending/heads-qt-ahead.sh device   # on the device (run tool, carry ["scratch", ".peers"])
 #   bash perf/results/pending/heads-qt-ahead.sh profile  # on the device, the next call
 #   bash perf/results/pending/heads-qt-ahead.sh diag     # on the device, if the budget allows
+#   bash perf/results/pending/heads-qt-ahead.sh c1       # on the device, if the budget allows
 # (one call each: together they would pass the run tool's 10 minutes a call)
 #
 # device, about 5 minutes: the candidate's sparse decode tests (full grid, every head count), the
@@ -13,6 +14,9 @@
 # diag, about 4 minutes: the candidate against three variants that each leave one piece of work
 # out (diag-*.patch, wrong outputs, for timing only): the FP8 conversion, the gather's latency
 # (a warp's 16 tokens read one record), the O^T MMAs.  What each saves is what it costs.
+# c1, about 4 minutes: model1-pack-halves.patch on top of the candidate (MODEL1's bf16 packs as the
+# products' upper halves, half the producer's F2FP): the MODEL1 sparse decode tests, bit equality
+# with the candidate on every scale exponent (same_bits.py), and its A/B against the candidate.
 # Everything lands in $OUT.
 DIAGS="noconvert nogather nopv"
 DIAG_CASES=("fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=MODEL1 b=32 s_q=1 h_q=16 " "fmt=V32 b=128 s_q=1 h_q=16 "
@@ -31,7 +35,10 @@ build)
         (cd scratch/diag-$d && patch -p1 < "$here/perf/results/pending/heads-qt-ahead.patch" \
             && patch -p1 < "$here/perf/results/pending/diag-$d.patch")
     done
-    for t in base cand $(for d in $DIAGS; do echo diag-$d; done); do
+    rm -rf scratch/cand-c1 && mkdir -p scratch/cand-c1 && git archive HEAD | tar -x -C scratch/cand-c1
+    (cd scratch/cand-c1 && patch -p1 < "$here/perf/results/pending/heads-qt-ahead.patch" \
+        && patch -p1 < "$here/perf/results/pending/model1-pack-halves.patch")
+    for t in base cand cand-c1 $(for d in $DIAGS; do echo diag-$d; done); do
         (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1)
     done
     ;;
@@ -65,8 +72,20 @@ diag)
         echo "== diag-$d rc=$? ($(( $(date +%s) - t0 )) s)"; tail -n 8 "$OUT/diag-$d.log"
     done
     ;;
+c1)
+    t0=$(date +%s)
+    (cd scratch/cand-c1 && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" \
+        tests/test_sparse_decode.py -k 512 -o timeout=60 > "$OUT/c1-tests.log" 2>&1)
+    echo "c1 tests rc=$? $(tail -n 1 "$OUT/c1-tests.log") ($(( $(date +%s) - t0 )) s)"
+    (cd scratch/cand && PYTHONPATH=. python "$here/perf/results/pending/same_bits.py" save "$OUT/bits.pt")
+    (cd scratch/cand-c1 && PYTHONPATH=. python "$here/perf/results/pending/same_bits.py" compare "$OUT/bits.pt")
+    echo "same_bits rc=$? ($(( $(date +%s) - t0 )) s)"
+    python -m perf.ab scratch/cand-c1 scratch/cand --filter "fmt=MODEL1" --rounds 1 --out "$OUT/c1-ab" \
+        > "$OUT/c1-ab.log" 2>&1
+    echo "c1 ab rc=$? ($(( $(date +%s) - t0 )) s)"; tail -n 24 "$OUT/c1-ab.log"
+    ;;
 *)
-    echo "usage: $0 build|device|profile|diag" >&2
+    echo "usage: $0 build|device|profile|diag|c1" >&2
     exit 2
     ;;
 esac
