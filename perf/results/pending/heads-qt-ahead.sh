@@ -1,7 +1,7 @@
 #!/bin/bash
 # Issue 19's pending change (heads-qt-ahead.patch, session 20; compile-checked, never run on a GPU).
 #
-#   bash perf/results/pending/heads-qt-ahead.sh build    # here, no GPU: the trees with their cubins
+#   bash perf/results/pending/heads-qt-ahead.sh build    # here, no GPU: the trees with their cubins (4 min)
 #   bash perf/results/pending/heads-qt-ahead.sh device   # on the device (run tool, carry ["scratch", ".peers"])
 #   bash perf/results/pending/heads-qt-ahead.sh profile  # on the device, the next call
 #   bash perf/results/pending/heads-qt-ahead.sh diag     # on the device, if the budget allows
@@ -38,9 +38,10 @@ build)
     rm -rf scratch/cand-c1 && mkdir -p scratch/cand-c1 && git archive HEAD | tar -x -C scratch/cand-c1
     (cd scratch/cand-c1 && patch -p1 < "$here/perf/results/pending/heads-qt-ahead.patch" \
         && patch -p1 < "$here/perf/results/pending/model1-pack-halves.patch")
-    for t in base cand cand-c1 $(for d in $DIAGS; do echo diag-$d; done); do
-        (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1)
+    for t in base cand cand-c1 $(for d in $DIAGS; do echo diag-$d; done); do  # in parallel
+        (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) &
     done
+    wait
     ;;
 device)
     export CUTE_MLA_PEER=$here/.peers/_flashmla_C.abi3.so
