@@ -1,4 +1,4 @@
-"""python -m perf.ncu: Nsight Compute on one benchmark case, read back as two short tables.
+"""python -m perf.ncu: Nsight Compute on one benchmark case, read back as short tables.
 
     python -m perf.ncu run CASE [--kernel REGEX] [--out DIR] [--calls N]
     python -m perf.ncu durations DUR.csv
@@ -15,8 +15,8 @@ unit at its peak would show there) and the stall table.  The file names hold no 
 tool does not bring such names back).  ``durations``, ``details``, ``pipes`` and ``stalls`` read
 those CSV files again, on any machine.
 
-- durations: the case's kernels in launch order, our names for ours (``kernel_name``), each
-  call's kernels summed; input set-up kernels (torch's) are left out.
+- durations: every launch of the case's kernels in order, our names for ours (``kernel_name``),
+  then their total; input set-up kernels (torch's) are left out.
 - stalls: the warp-stall samples of every SASS instruction, split by warp role: the code after
   ``USETMAXREG.DEALLOC`` is the producer's, after ``USETMAXREG.TRY_ALLOC`` the consumers' (the
   order ptxas lays the two branches out in), before either the common set-up.  Then the
@@ -161,6 +161,16 @@ def print_durations(rows: list[tuple[str, float]]) -> None:
     print(f"{total:9.2f} us  all {len(rows)} launches")
 
 
+def print_details(rows: list[tuple[str, str, str]]) -> None:
+    for metric, value, unit in rows:
+        print(f"{metric:>36}: {value} {unit}")
+
+
+def print_pipes(rows: list[tuple[str, float]]) -> None:
+    for metric, pct in rows:
+        print(f"{pct:6.1f}%  {metric}")
+
+
 def print_stalls(per_role: dict[str, float], per_ins: list, top: int) -> None:
     total = sum(per_role.values()) or 1.0
     for role, n in per_role.items():
@@ -188,10 +198,8 @@ def run(case: str, kernel: str, out: Path, calls: int) -> int:
         res = subprocess.run(["ncu", "--import", str(rep), "--page", page, "--csv", *extra],
                              capture_output=True, text=True)
         (out / name).write_text(res.stdout)
-    for metric, value, unit in details((out / "details.csv").read_text()):
-        print(f"{metric:>36}: {value} {unit}")
-    for metric, pct in pipes((out / "raw.csv").read_text())[:12]:
-        print(f"{pct:6.1f}%  {metric}")
+    print_details(details((out / "details.csv").read_text()))
+    print_pipes(pipes((out / "raw.csv").read_text())[:12])
     print_stalls(*stalls((out / "source.csv").read_text()), top=30)
     return 0
 
@@ -216,16 +224,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "run":
         return run(args.case, args.kernel, args.out, args.calls)
+    text = args.csv.read_text()
     if args.cmd == "durations":
-        print_durations(durations(args.csv.read_text()))
-    elif args.cmd == "pipes":
-        for metric, pct in pipes(args.csv.read_text()):
-            print(f"{pct:6.1f}%  {metric}")
+        print_durations(durations(text))
     elif args.cmd == "details":
-        for metric, value, unit in details(args.csv.read_text()):
-            print(f"{metric:>36}: {value} {unit}")
+        print_details(details(text))
+    elif args.cmd == "pipes":
+        print_pipes(pipes(text))
     else:
-        print_stalls(*stalls(args.csv.read_text()), top=args.top)
+        print_stalls(*stalls(text), top=args.top)
     return 0
 
 
