@@ -1,11 +1,12 @@
 #!/bin/bash
 # Issue 19's pending change (heads-qt-ahead.patch, session 20; compile-checked, never run on a GPU).
 #
-#   bash perf/results/pending/heads-qt-ahead.sh build    # here, no GPU: the trees with their cubins (4 min)
+#   bash perf/results/pending/heads-qt-ahead.sh build    # here, no GPU: the trees with their cubins (5 min)
 #   bash perf/results/pending/heads-qt-ahead.sh device   # on the device (run tool, carry ["scratch", ".peers"])
 #   bash perf/results/pending/heads-qt-ahead.sh profile  # on the device, the next call
 #   bash perf/results/pending/heads-qt-ahead.sh diag     # on the device, if the budget allows
 #   bash perf/results/pending/heads-qt-ahead.sh c1       # on the device, if the budget allows
+#   bash perf/results/pending/heads-qt-ahead.sh c2       # on the device, if the budget allows
 # (one call each: together they would pass the run tool's 10 minutes a call)
 #
 # device, about 5 minutes: the candidate's sparse decode tests (full grid, every head count), the
@@ -17,6 +18,10 @@
 # c1, about 4 minutes: model1-pack-halves.patch on top of the candidate (MODEL1's bf16 packs as the
 # products' upper halves, half the producer's F2FP): the MODEL1 sparse decode tests, bit equality
 # with the candidate on every scale exponent (same_bits.py), and its A/B against the candidate.
+# c2, about 3 minutes: heads-gather-ahead.patch on top of the candidate (the producer loads block
+# j + 1's codes into registers before converting block j): the sparse decode tests and its A/B
+# against the candidate on the h_q 8 / 16 cases.  (V32 h_q 16 in bf16, not a default type, spills
+# 4 words with it; fix that before landing.)
 # Everything lands in $OUT.
 DIAGS="noconvert nogather nopv"
 DIAG_CASES=("fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=MODEL1 b=32 s_q=1 h_q=16 " "fmt=V32 b=128 s_q=1 h_q=16 "
@@ -38,7 +43,10 @@ build)
     rm -rf scratch/cand-c1 && mkdir -p scratch/cand-c1 && git archive HEAD | tar -x -C scratch/cand-c1
     (cd scratch/cand-c1 && patch -p1 < "$here/perf/results/pending/heads-qt-ahead.patch" \
         && patch -p1 < "$here/perf/results/pending/model1-pack-halves.patch")
-    for t in base cand cand-c1 $(for d in $DIAGS; do echo diag-$d; done); do  # in parallel
+    rm -rf scratch/cand-c2 && mkdir -p scratch/cand-c2 && git archive HEAD | tar -x -C scratch/cand-c2
+    (cd scratch/cand-c2 && patch -p1 < "$here/perf/results/pending/heads-qt-ahead.patch" \
+        && patch -p1 < "$here/perf/results/pending/heads-gather-ahead.patch")
+    for t in base cand cand-c1 cand-c2 $(for d in $DIAGS; do echo diag-$d; done); do  # in parallel
         (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) &
     done
     wait
@@ -85,8 +93,17 @@ c1)
         > "$OUT/c1-ab.log" 2>&1
     echo "c1 ab rc=$? ($(( $(date +%s) - t0 )) s)"; tail -n 24 "$OUT/c1-ab.log"
     ;;
+c2)
+    t0=$(date +%s)
+    (cd scratch/cand-c2 && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" \
+        tests/test_sparse_decode.py -o timeout=60 > "$OUT/c2-tests.log" 2>&1)
+    echo "c2 tests rc=$? $(tail -n 1 "$OUT/c2-tests.log") ($(( $(date +%s) - t0 )) s)"
+    python -m perf.ab scratch/cand-c2 scratch/cand --filter "h_q=8 " "h_q=16 " --rounds 1 --out "$OUT/c2-ab" \
+        > "$OUT/c2-ab.log" 2>&1
+    echo "c2 ab rc=$? ($(( $(date +%s) - t0 )) s)"; tail -n 20 "$OUT/c2-ab.log"
+    ;;
 *)
-    echo "usage: $0 build|device|profile|diag|c1" >&2
+    echo "usage: $0 build|device|profile|diag|c1|c2" >&2
     exit 2
     ;;
 esac
