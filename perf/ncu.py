@@ -60,16 +60,18 @@ def _column(header: list[str], *pieces: str) -> str:
     raise KeyError(f"no column like {pieces} in {header}")
 
 
-def _rows(text: str) -> list[dict]:
-    """The CSV table of an ncu text dump (lines before its header, ncu's own messages, dropped)."""
+def _rows(text: str, header_has: str) -> list[dict]:
+    """The CSV table of an ncu text dump, from its header: the first quoted line that names
+    ``header_has`` (ncu's own messages, and anything else before it, dropped)."""
     lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith('"')), len(lines))
+    start = next((i for i, line in enumerate(lines) if line.startswith('"') and f'"{header_has}' in line),
+                 len(lines))
     return list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
 
 
 def durations(text: str) -> list[tuple[str, float]]:
     """(kernel, us) of every profiled launch of ours or FlashMLA's, in launch order."""
-    rows = _rows(text)
+    rows = _rows(text, "Metric Name")
     if not rows:
         return []
     header = list(rows[0])
@@ -95,7 +97,7 @@ DETAILS = ("Duration", "Elapsed Cycles", "SM Frequency", "DRAM Throughput", "Mem
 def details(text: str) -> list[tuple[str, str, str]]:
     """(metric, value, unit) of the ``DETAILS`` figures on a details-page CSV, in that order (the
     first profiled kernel's)."""
-    rows = _rows(text)
+    rows = _rows(text, "Metric Name")
     if not rows:
         return []
     header = list(rows[0])
@@ -113,7 +115,7 @@ PIPES = re.compile(r"^sm__(inst_executed_pipe|pipe)_\w+?\.avg\.pct_of_peak_susta
 def pipes(text: str) -> list[tuple[str, float]]:
     """(metric, % of peak) of every pipe-utilisation metric on a raw-page CSV, busiest first: the
     long form (a "Metric Name" column) or the wide one (a column a metric, a units row first)."""
-    rows = _rows(text)
+    rows = _rows(text, "Kernel Name")
     if not rows:
         return []
     header = list(rows[0])
@@ -135,7 +137,7 @@ def pipes(text: str) -> list[tuple[str, float]]:
 
 def stalls(text: str) -> tuple[dict[str, float], list[tuple[float, str, str, str]]]:
     """(samples per role, [(samples, role, address, instruction)] of every instruction)."""
-    rows = _rows(text)
+    rows = _rows(text, "Address")
     if not rows:
         return {}, []
     header = list(rows[0])
@@ -200,7 +202,11 @@ def run(case: str, kernel: str, out: Path, calls: int) -> int:
         (out / name).write_text(res.stdout)
     print_details(details((out / "details.csv").read_text()))
     print_pipes(pipes((out / "raw.csv").read_text())[:12])
-    print_stalls(*stalls((out / "source.csv").read_text()), top=30)
+    source = (out / "source.csv").read_text()
+    per_role, per_ins = stalls(source)
+    if not per_ins:  # a format this reader does not know: show it
+        print("source.csv holds no table with an Address column; it begins:\n" + source[:800])
+    print_stalls(per_role, per_ins, top=30)
     return 0
 
 

@@ -69,12 +69,13 @@ def test_stalls_split_by_the_setmaxnreg_markers():
             ["0x20", "LDG.E.128 R8, desc[UR4][R2.64]", "30", "30"],
             ["0x30", "USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xf0", "2", "2"],
             ["0x40", "HGMMA.64x16x16.F32.BF16 R24, gdesc[UR8], RZ", "62", "60"]]
-    per_role, per_ins = ncu.stalls(_csv(header, rows, preamble=""))
+    per_role, per_ins = ncu.stalls(_csv(header, rows, preamble='"Function Name: kernel_cutlass_kernel"\n'))
     assert per_role == {"set-up": 5.0, "producer": 31.0, "consumer": 64.0}
     top = sorted(per_ins, key=lambda x: -x[0])[0]
     assert top[1:3] == ("consumer", "0x40") and top[3].startswith("HGMMA")
 
 
 def test_a_missing_column_names_what_was_there():
-    with pytest.raises(KeyError, match="Address"):
-        ncu.stalls(_csv(["Source", "Samples"], [["NOP", "1"]], preamble=""))
+    with pytest.raises(KeyError, match="Warp Stall Sampling"):
+        ncu.stalls(_csv(["Address", "Source", "Instructions Executed"], [["0x0", "NOP", "1"]], preamble=""))
+    assert ncu.stalls(_csv(["Source", "Samples"], [["NOP", "1"]], preamble="")) == ({}, [])  # no header found
