@@ -1,12 +1,13 @@
 #!/bin/bash
 # Issue 19's pending change (heads-qt-ahead.patch, session 20; compile-checked, never run on a GPU).
 #
-#   bash perf/results/pending/heads-qt-ahead.sh build    # here, no GPU: the trees with their cubins (5 min)
+#   bash perf/results/pending/heads-qt-ahead.sh build    # here, no GPU: the trees with their cubins (6 min)
 #   bash perf/results/pending/heads-qt-ahead.sh device   # on the device (run tool, carry ["scratch", ".peers"])
 #   bash perf/results/pending/heads-qt-ahead.sh profile  # on the device, the next call
 #   bash perf/results/pending/heads-qt-ahead.sh diag     # on the device, if the budget allows
 #   bash perf/results/pending/heads-qt-ahead.sh c1       # on the device, if the budget allows
 #   bash perf/results/pending/heads-qt-ahead.sh c2       # on the device, if the budget allows
+#   bash perf/results/pending/heads-qt-ahead.sh c3       # on the device, if the budget allows
 # (one call each: together they would pass the run tool's 10 minutes a call)
 #
 # device, about 5 minutes: the candidate's sparse decode tests (full grid, every head count), the
@@ -22,6 +23,9 @@
 # j + 1's codes into registers before converting block j): the sparse decode tests and its A/B
 # against the candidate on the h_q 8 / 16 cases.  (V32 h_q 16 in bf16, not a default type, spills
 # 4 words with it; fix that before landing.)
+# c3, about 5 minutes (issue 18): sparse-q-ahead.patch on main, the same Q-by-cp.async for the
+# 64-row sparse decode kernel (h_q 32, 64, 128): its sparse decode tests, memcheck over the
+# corner tests, and its A/B against main beside FlashMLA on the 64-row cases.
 # Everything lands in $OUT.
 DIAGS="noconvert nogather nopv"
 DIAG_CASES=("fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=MODEL1 b=32 s_q=1 h_q=16 " "fmt=V32 b=128 s_q=1 h_q=16 "
@@ -46,7 +50,9 @@ build)
     rm -rf scratch/cand-c2 && mkdir -p scratch/cand-c2 && git archive HEAD | tar -x -C scratch/cand-c2
     (cd scratch/cand-c2 && patch -p1 < "$here/perf/results/pending/heads-qt-ahead.patch" \
         && patch -p1 < "$here/perf/results/pending/heads-gather-ahead.patch")
-    for t in base cand cand-c1 cand-c2 $(for d in $DIAGS; do echo diag-$d; done); do  # in parallel
+    rm -rf scratch/c3 && mkdir -p scratch/c3 && git archive HEAD | tar -x -C scratch/c3
+    (cd scratch/c3 && patch -p1 < "$here/perf/results/pending/sparse-q-ahead.patch")
+    for t in base cand cand-c1 cand-c2 c3 $(for d in $DIAGS; do echo diag-$d; done); do  # in parallel
         (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) &
     done
     wait
@@ -106,8 +112,22 @@ c2)
         > "$OUT/c2-ab.log" 2>&1
     echo "c2 ab rc=$? ($(( $(date +%s) - t0 )) s)"; tail -n 20 "$OUT/c2-ab.log"
     ;;
+c3)
+    export CUTE_MLA_PEER=$here/.peers/_flashmla_C.abi3.so
+    t0=$(date +%s)
+    (cd scratch/c3 && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" \
+        tests/test_sparse_decode.py -o timeout=60 > "$OUT/c3-tests.log" 2>&1)
+    echo "c3 tests rc=$? $(tail -n 1 "$OUT/c3-tests.log") ($(( $(date +%s) - t0 )) s)"
+    (cd scratch/c3 && PYTHONPATH=. compute-sanitizer --tool memcheck --report-api-errors no \
+        python -m pytest -q -p no:cacheprovider tests/test_sparse_decode.py \
+        -k "all_indices_invalid or strided_q or padded_block" > "$OUT/c3-memcheck.log" 2>&1)
+    echo "c3 memcheck rc=$? $(grep -c 'Invalid' "$OUT/c3-memcheck.log") invalid ($(( $(date +%s) - t0 )) s)"
+    python -m perf.ab scratch/c3 scratch/base --filter "h_q=32 " "h_q=64 " "h_q=128 " --rounds 1 \
+        --peer "flashmla=$CUTE_MLA_PEER" --out "$OUT/c3-ab" > "$OUT/c3-ab.log" 2>&1
+    echo "c3 ab rc=$? ($(( $(date +%s) - t0 )) s)"; tail -n 20 "$OUT/c3-ab.log"
+    ;;
 *)
-    echo "usage: $0 build|device|profile|diag|c1|c2" >&2
+    echo "usage: $0 build|device|profile|diag|c1|c2|c3" >&2
     exit 2
     ;;
 esac
