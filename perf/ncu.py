@@ -60,6 +60,16 @@ def _column(header: list[str], *pieces: str) -> str:
     raise KeyError(f"no column like {pieces} in {header}")
 
 
+def _number(text: str) -> float:
+    """A figure as ncu prints it (thousands separated by commas; empty for none)."""
+    return float(text.replace(",", "") or 0)
+
+
+def _metric_columns(header: list[str]) -> tuple[str, str, str]:
+    """(name, value, unit) columns of a long-form table: a row a metric."""
+    return _column(header, "Metric Name"), _column(header, "Metric Value"), _column(header, "Metric Unit")
+
+
 def _rows(text: str, header_has: str) -> list[dict]:
     """The CSV table of an ncu text dump, from its header: the first quoted line that names
     ``header_has`` (ncu's own messages, and anything else before it, dropped)."""
@@ -75,14 +85,14 @@ def durations(text: str) -> list[tuple[str, float]]:
     if not rows:
         return []
     header = list(rows[0])
-    name_c, metric_c = _column(header, "Kernel Name"), _column(header, "Metric Name")
-    value_c, unit_c = _column(header, "Metric Value"), _column(header, "Metric Unit")
+    name_c = _column(header, "Kernel Name")
+    metric_c, value_c, unit_c = _metric_columns(header)
     out = []
     for row in rows:
         name = kernel_name(row[name_c])
         if name is None or row[metric_c] != "gpu__time_duration.sum":
             continue
-        out.append((name, float(row[value_c].replace(",", "")) * UNITS_US.get(row[unit_c], 1.0)))
+        out.append((name, _number(row[value_c]) * UNITS_US.get(row[unit_c], 1.0)))
     return out
 
 
@@ -100,9 +110,7 @@ def details(text: str) -> list[tuple[str, str, str]]:
     rows = _rows(text, "Metric Name")
     if not rows:
         return []
-    header = list(rows[0])
-    metric_c, value_c, unit_c = (_column(header, "Metric Name"), _column(header, "Metric Value"),
-                                 _column(header, "Metric Unit"))
+    metric_c, value_c, unit_c = _metric_columns(list(rows[0]))
     found: dict[str, tuple[str, str]] = {}
     for row in rows:
         found.setdefault(row[metric_c], (row[value_c], row[unit_c]))
@@ -120,7 +128,7 @@ def pipes(text: str) -> list[tuple[str, float]]:
         return []
     header = list(rows[0])
     if any("Metric Name" in h for h in header):
-        metric_c, value_c = _column(header, "Metric Name"), _column(header, "Metric Value")
+        metric_c, value_c, _ = _metric_columns(header)
         pairs = [(row[metric_c], row[value_c]) for row in rows]
     else:
         values = next((r for r in rows if any(re.fullmatch(r"[\d.,]+", v or "") for v in r.values())), {})
@@ -129,7 +137,7 @@ def pipes(text: str) -> list[tuple[str, float]]:
     for name, value in pairs:
         if name and PIPES.match(name) and name not in out:
             try:
-                out[name] = float(str(value).replace(",", ""))
+                out[name] = float(str(value).replace(",", ""))  # an empty cell is no figure
             except ValueError:
                 continue
     return sorted(out.items(), key=lambda kv: -kv[1])
@@ -142,7 +150,7 @@ def stalls(text: str) -> tuple[dict[str, float], list[tuple[float, str, str, str
         return {}, []
     header = list(rows[0])
     addr_c, src_c = _column(header, "Address"), _column(header, "Source")
-    samples_c = _column(header, "Warp Stall Sampling (All", "stall sampling (all", "Sampling")
+    samples_c = _column(header, "Warp Stall Sampling (All", "Sampling")
     role, per_role, per_ins = "set-up", {}, []
     for row in rows:
         ins = row[src_c].strip()
@@ -150,7 +158,7 @@ def stalls(text: str) -> tuple[dict[str, float], list[tuple[float, str, str, str
             role = "producer"
         elif "USETMAXREG.TRY_ALLOC" in ins:
             role = "consumer"
-        n = float(row[samples_c].replace(",", "") or 0)
+        n = _number(row[samples_c])
         per_role[role] = per_role.get(role, 0.0) + n
         per_ins.append((n, role, row[addr_c], ins))
     return per_role, per_ins
