@@ -32,99 +32,87 @@ DIAG_CASES=("fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=MODEL1 b=32 s_q=1 h_q=16 " "fm
             "fmt=V32 b=32 s_q=1 h_q=16 ")
 set -u
 here=$(cd "$(dirname "$0")/../../.." && pwd)
+pending=$here/perf/results/pending
 cd "$here"
+export CUTE_MLA_PEER=$here/.peers/_flashmla_C.abi3.so
+t0=$(date +%s)
+took() { echo "($(( $(date +%s) - t0 )) s)"; }
+
+tree() {  # tree NAME PATCH...: scratch/NAME is HEAD with these patches of pending/, in order
+    local name=$1; shift
+    rm -rf "scratch/$name" && mkdir -p "scratch/$name" && git archive HEAD | tar -x -C "scratch/$name"
+    for patch in "$@"; do (cd "scratch/$name" && patch -p1 < "$pending/$patch") || exit 1; done
+}
+
+sparse_tests() {  # sparse_tests TREE TAG [PYTEST ARGS]: the whole sparse decode file, full grid
+    local t=$1 tag=$2; shift 2
+    (cd "scratch/$t" && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" \
+        tests/test_sparse_decode.py -o timeout=60 "$@" > "$OUT/$tag-tests.log" 2>&1)
+    echo "$tag tests rc=$? $(tail -n 1 "$OUT/$tag-tests.log") $(took)"
+}
+
+memcheck() {  # memcheck TREE TAG: the small-plan corner tests (parts without pieces, strided q,
+              # padded blocks, every head count) under compute-sanitizer
+    (cd "scratch/$1" && PYTHONPATH=. compute-sanitizer --tool memcheck --report-api-errors no \
+        python -m pytest -q -p no:cacheprovider tests/test_sparse_decode.py \
+        -k "all_indices_invalid or strided_q or padded_block" > "$OUT/$2-memcheck.log" 2>&1)
+    echo "$2 memcheck rc=$? $(grep -c 'Invalid' "$OUT/$2-memcheck.log") invalid," \
+        "$(tail -n 1 "$OUT/$2-memcheck.log") $(took)"
+}
+
+ab() {  # ab NEW OLD TAG ROUNDS PEER(yes|no) FILTER...: perf.ab, its table's tail
+    local new=$1 old=$2 tag=$3 rounds=$4 peer=$5; shift 5
+    local extra=()
+    [ "$peer" = yes ] && extra=(--peer "flashmla=$CUTE_MLA_PEER")
+    python -m perf.ab "scratch/$new" "scratch/$old" --filter "$@" --rounds "$rounds" ${extra[@]+"${extra[@]}"} \
+        --out "$OUT/$tag-ab" > "$OUT/$tag-ab.log" 2>&1
+    echo "$tag ab rc=$? $(took)"; tail -n 24 "$OUT/$tag-ab.log"
+}
+
 case "${1:-}" in
 build)
-    rm -rf scratch/base scratch/cand && mkdir -p scratch/base scratch/cand
-    git archive HEAD | tar -x -C scratch/base
-    git archive HEAD | tar -x -C scratch/cand
-    (cd scratch/cand && patch -p1 < "$here/perf/results/pending/heads-qt-ahead.patch")
-    for d in $DIAGS; do
-        rm -rf scratch/diag-$d && mkdir -p scratch/diag-$d && git archive HEAD | tar -x -C scratch/diag-$d
-        (cd scratch/diag-$d && patch -p1 < "$here/perf/results/pending/heads-qt-ahead.patch" \
-            && patch -p1 < "$here/perf/results/pending/diag-$d.patch")
-    done
-    rm -rf scratch/cand-c1 && mkdir -p scratch/cand-c1 && git archive HEAD | tar -x -C scratch/cand-c1
-    (cd scratch/cand-c1 && patch -p1 < "$here/perf/results/pending/heads-qt-ahead.patch" \
-        && patch -p1 < "$here/perf/results/pending/model1-pack-halves.patch")
-    rm -rf scratch/cand-c2 && mkdir -p scratch/cand-c2 && git archive HEAD | tar -x -C scratch/cand-c2
-    (cd scratch/cand-c2 && patch -p1 < "$here/perf/results/pending/heads-qt-ahead.patch" \
-        && patch -p1 < "$here/perf/results/pending/heads-gather-ahead.patch")
-    rm -rf scratch/c3 && mkdir -p scratch/c3 && git archive HEAD | tar -x -C scratch/c3
-    (cd scratch/c3 && patch -p1 < "$here/perf/results/pending/sparse-q-ahead.patch")
+    tree base
+    tree cand heads-qt-ahead.patch
+    for d in $DIAGS; do tree "diag-$d" heads-qt-ahead.patch "diag-$d.patch"; done
+    tree cand-c1 heads-qt-ahead.patch model1-pack-halves.patch
+    tree cand-c2 heads-qt-ahead.patch heads-gather-ahead.patch
+    tree c3 sparse-q-ahead.patch
     for t in base cand cand-c1 cand-c2 c3 $(for d in $DIAGS; do echo diag-$d; done); do  # in parallel
         (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) &
     done
     wait
     ;;
 device)
-    export CUTE_MLA_PEER=$here/.peers/_flashmla_C.abi3.so
-    t0=$(date +%s)
-    (cd scratch/cand && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" \
-        tests/test_sparse_decode.py -o timeout=60 > "$OUT/tests.log" 2>&1)
-    echo "tests rc=$? $(tail -n 1 "$OUT/tests.log") ($(( $(date +%s) - t0 )) s)"
-    python -m perf.ab scratch/cand scratch/base --filter "h_q=8 " "h_q=16 " --rounds 2 \
-        --peer "flashmla=$CUTE_MLA_PEER" --out "$OUT/ab" > "$OUT/ab.log" 2>&1
-    echo "ab rc=$? ($(( $(date +%s) - t0 )) s)"; tail -n 24 "$OUT/ab.log"
-    # memcheck on small plans with empty parts (the Q^T fetch ahead clamps the request there),
-    # strided q, padded blocks, every head count
-    (cd scratch/cand && PYTHONPATH=. compute-sanitizer --tool memcheck --report-api-errors no \
-        python -m pytest -q -p no:cacheprovider tests/test_sparse_decode.py \
-        -k "all_indices_invalid or strided_q or padded_block" > "$OUT/memcheck.log" 2>&1)
-    echo "memcheck rc=$? $(grep -c 'Invalid' "$OUT/memcheck.log") invalid, $(tail -n 1 "$OUT/memcheck.log")" \
-        "($(( $(date +%s) - t0 )) s)"
+    sparse_tests cand cand
+    ab cand base cand 2 yes "h_q=8 " "h_q=16 "
+    memcheck cand cand
     ;;
 profile)
-    t0=$(date +%s)
     for c in "fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=V32 b=32 s_q=1 h_q=16 "; do
         tag=$(echo "$c" | tr -d ' =_')
         (cd scratch/cand && PYTHONPATH=. python -m perf.ncu run "sparse_decode $c" --kernel sparse_decode_heads \
             --out "$OUT/ncu-$tag" 2>&1 | head -n 45)
     done
-    echo "done ($(( $(date +%s) - t0 )) s)"
+    echo "done $(took)"
     ;;
 diag)
-    t0=$(date +%s)
-    for d in $DIAGS; do
-        python -m perf.ab scratch/diag-$d scratch/cand --filter "${DIAG_CASES[@]}" --rounds 1 \
-            --out "$OUT/diag-$d" > "$OUT/diag-$d.log" 2>&1
-        echo "== diag-$d rc=$? ($(( $(date +%s) - t0 )) s)"; tail -n 8 "$OUT/diag-$d.log"
-    done
+    for d in $DIAGS; do ab "diag-$d" cand "diag-$d" 1 no "${DIAG_CASES[@]}"; done
     ;;
 c1)
-    t0=$(date +%s)
-    (cd scratch/cand-c1 && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" \
-        tests/test_sparse_decode.py -k 512 -o timeout=60 > "$OUT/c1-tests.log" 2>&1)
-    echo "c1 tests rc=$? $(tail -n 1 "$OUT/c1-tests.log") ($(( $(date +%s) - t0 )) s)"
-    (cd scratch/cand && PYTHONPATH=. python "$here/perf/results/pending/same_bits.py" save "$OUT/bits.pt")
-    (cd scratch/cand-c1 && PYTHONPATH=. python "$here/perf/results/pending/same_bits.py" compare "$OUT/bits.pt")
-    echo "same_bits rc=$? ($(( $(date +%s) - t0 )) s)"
-    python -m perf.ab scratch/cand-c1 scratch/cand --filter "fmt=MODEL1" --rounds 1 --out "$OUT/c1-ab" \
-        > "$OUT/c1-ab.log" 2>&1
-    echo "c1 ab rc=$? ($(( $(date +%s) - t0 )) s)"; tail -n 24 "$OUT/c1-ab.log"
+    sparse_tests cand-c1 c1 -k 512
+    (cd scratch/cand && PYTHONPATH=. python "$pending/same_bits.py" save "$OUT/bits.pt")
+    (cd scratch/cand-c1 && PYTHONPATH=. python "$pending/same_bits.py" compare "$OUT/bits.pt")
+    echo "same_bits rc=$? $(took)"
+    ab cand-c1 cand c1 1 no "fmt=MODEL1"
     ;;
 c2)
-    t0=$(date +%s)
-    (cd scratch/cand-c2 && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" \
-        tests/test_sparse_decode.py -o timeout=60 > "$OUT/c2-tests.log" 2>&1)
-    echo "c2 tests rc=$? $(tail -n 1 "$OUT/c2-tests.log") ($(( $(date +%s) - t0 )) s)"
-    python -m perf.ab scratch/cand-c2 scratch/cand --filter "h_q=8 " "h_q=16 " --rounds 1 --out "$OUT/c2-ab" \
-        > "$OUT/c2-ab.log" 2>&1
-    echo "c2 ab rc=$? ($(( $(date +%s) - t0 )) s)"; tail -n 20 "$OUT/c2-ab.log"
+    sparse_tests cand-c2 c2
+    ab cand-c2 cand c2 1 no "h_q=8 " "h_q=16 "
     ;;
 c3)
-    export CUTE_MLA_PEER=$here/.peers/_flashmla_C.abi3.so
-    t0=$(date +%s)
-    (cd scratch/c3 && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" \
-        tests/test_sparse_decode.py -o timeout=60 > "$OUT/c3-tests.log" 2>&1)
-    echo "c3 tests rc=$? $(tail -n 1 "$OUT/c3-tests.log") ($(( $(date +%s) - t0 )) s)"
-    (cd scratch/c3 && PYTHONPATH=. compute-sanitizer --tool memcheck --report-api-errors no \
-        python -m pytest -q -p no:cacheprovider tests/test_sparse_decode.py \
-        -k "all_indices_invalid or strided_q or padded_block" > "$OUT/c3-memcheck.log" 2>&1)
-    echo "c3 memcheck rc=$? $(grep -c 'Invalid' "$OUT/c3-memcheck.log") invalid ($(( $(date +%s) - t0 )) s)"
-    python -m perf.ab scratch/c3 scratch/base --filter "h_q=32 " "h_q=64 " "h_q=128 " --rounds 1 \
-        --peer "flashmla=$CUTE_MLA_PEER" --out "$OUT/c3-ab" > "$OUT/c3-ab.log" 2>&1
-    echo "c3 ab rc=$? ($(( $(date +%s) - t0 )) s)"; tail -n 20 "$OUT/c3-ab.log"
+    sparse_tests c3 c3
+    memcheck c3 c3
+    ab c3 base c3 1 yes "h_q=32 " "h_q=64 " "h_q=128 "
     ;;
 *)
     echo "usage: $0 build|device|profile|diag|c1|c2|c3" >&2
