@@ -1,7 +1,7 @@
 """python -m perf.ab: time two source trees (a change and its base) case by case, in alternating order.
 
     python -m perf.ab NEW_TREE OLD_TREE [--filter SUBSTR ...] [--rounds N] [--out DIR] [--peer flashmla[=PATH]]
-                      [--new-env NAME=VALUE ...] [--old-env NAME=VALUE ...]
+                      [--new-commit ID] [--new-env NAME=VALUE ...] [--old-env NAME=VALUE ...]
 
 Each tree is a checkout with its cubins built (``python -m cute_mla.compile`` there).  Every round runs
 ``python -m perf`` once in each tree, as a separate process with that tree on PYTHONPATH; the order
@@ -109,7 +109,8 @@ def env_settings(items: list[str]) -> dict[str, str]:
 def _run(tree: Path, out: Path, args, tag: str, env_extra: dict[str, str]) -> None:
     """One ``python -m perf`` run in ``tree`` with ``env_extra`` set, its output in ``out``.log;
     exits naming the log (and showing its end) if the run fails."""
-    cmd = [sys.executable, "-m", "perf", "--no-png", "--out", str(out), "--commit", tag, "--iters", str(args.iters)]
+    commit = args.new_commit if tag.startswith("new") and args.new_commit else tag
+    cmd = [sys.executable, "-m", "perf", "--no-png", "--out", str(out), "--commit", commit, "--iters", str(args.iters)]
     if args.filter:
         cmd += ["--filter", *args.filter]
     if args.peer:
@@ -134,6 +135,9 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=100, help="timed calls per case and run (default 100)")
     p.add_argument("--peer", default=None, metavar="flashmla[=PATH]", help="passed to python -m perf")
     p.add_argument("--out", type=Path, default=Path("ab-results"), help="output folder (default ab-results)")
+    p.add_argument("--new-commit", default=None, metavar="ID",
+                   help="the commit the new side's reports record (default: their run's name, new-<i>), so "
+                        "that a report of the change can be kept as its run")
     p.add_argument("--new-env", action="append", default=[], metavar="NAME=VALUE",
                    help="an environment variable for the new side's runs only (repeatable)")
     p.add_argument("--old-env", action="append", default=[], metavar="NAME=VALUE",

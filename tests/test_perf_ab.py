@@ -139,3 +139,17 @@ def test_main_rejects_a_folder_that_is_not_a_tree(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "perf.ab", str(tmp_path), str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "has no cute_mla package" in proc.stderr
+
+
+def test_new_commit_is_what_the_new_side_records(tmp_path):
+    """--new-commit names the new side's reports (a report of the change kept as its run); the
+    old side's keep their run names."""
+    log = tmp_path / "calls.log"
+    new = _stand_in_tree(tmp_path, "newtree", 80.0, log)
+    old = _stand_in_tree(tmp_path, "oldtree", 100.0, log)
+    proc = subprocess.run([sys.executable, "-m", "perf.ab", str(new), str(old), "--rounds", "1", "--out",
+                           str(tmp_path / "ab"), "--new-commit", "abc1234+change"], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[:2] for line in log.read_text().splitlines()] == [["newtree", "abc1234+change"],
+                                                                            ["oldtree", "old-0"]]
