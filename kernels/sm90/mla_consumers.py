@@ -18,6 +18,8 @@ the consumers, the P store and the V view.
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import cutlass
 import cutlass.cute as cute
 import cutlass.pipeline as pipeline
@@ -29,12 +31,39 @@ from cutlass.tensor_utils import LayoutEnum
 from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
-from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
+from cute_mla.kernels.common.gmem import copy_16B_async, load_16B, store_16B_shared
 from cute_mla.kernels.common.mma_sm90 import gemm, swizzle_128b
 from cute_mla.kernels.common.softmax import Softmax
 
 from cute_mla.layouts.constants import BLOCK_M, BLOCK_N, D_V
 
+
+class QChunk(NamedTuple):
+    """One 16-byte chunk of a consumer thread's share of a Q tile copy (``QShare``)."""
+
+    src: int  # byte offset from the share's first chunk in its global row
+    dst: Any  # shared address (Int32)
+    rounded: bool  # below ``tail_start``: rounded to f16 where a bf16 Q meets f16 matmuls
+
+
+class QShare(NamedTuple):
+    """A consumer thread's share of a Q tile copy (``q_share``): the tile row it copies, the
+    byte offset of its first chunk in that row, its chunks.  ``load_q`` and sparse prefill's
+    copy both move Q by it."""
+
+    row: Any
+    src_off: Any
+    chunks: list
+
+
+
+@cute.jit
+def copy_q_async(share: QShare, src: Int64):
+    """cp.async of a thread's chunks of the Q row at global address ``src`` (no group
+    committed: the caller waits through a group or an mbarrier)."""
+    src = src + share.src_off
+    for c in share.chunks:
+        copy_16B_async(src + Int64(c.src), c.dst)
 
 class TwoConsumerMlaSm90:
     """Base of the SM90 MLA kernels: warpgroup 0 produces KV blocks, warpgroups 1 and 2
@@ -126,69 +155,62 @@ class TwoConsumerMlaSm90:
         return sBias, kv_pipe
 
     @cute.jit
-    def load_q(self, mQ: cute.Tensor, sQ: cute.Tensor, where, ctid: Int32):
-        """All 256 consumer threads copy the CTA's 64 query rows into sQ: row ``row`` is
-        ``self.q_row(mQ, where, row)`` (a (d,) view and whether it exists; missing rows
-        are zero).  A bf16 Q is rounded to f16 on the way when the kernel's matmuls run in f16.
+    def q_share(self, sQ: cute.Tensor, ctid: Int32) -> QShare:
+        """This consumer thread's share of a 64-row Q tile copy.  Four threads share a row;
+        thread q of a row moves its 16-byte chunks q + 4 j.  In the 128B-swizzled K-major
+        layout chunk q + 4 j lies in column tile j // 2 (one 64-column tile of all 64 rows is
+        8 KiB) at piece (q + 4 (j % 2)) ^ (row % 8) of its 128-byte line, so every shared
+        address is one of two registers plus a constant (computed per chunk, the addresses
+        got hoisted out of the piece loop and spilled).  Chunk j holds columns 32 j + 8 q ..
+        + 7, so it lies below ``tail_start`` iff 32 j does."""
+        per_row = self.consumer_threads // BLOCK_M
+        n_chunks = self.d * (self.dtype.width // 8) // 16 // per_row
+        assert self.tail_start % 32 == 0
+        row = ctid // per_row
+        q = ctid % per_row
+        dst0 = sQ.iterator.toint() + swizzle_128b(row * 128 + 16 * q)
+        dst = (dst0, dst0 ^ 64)
+        return QShare(row, Int64(16 * q),
+                      [QChunk(64 * j, dst[j % 2] + BLOCK_M * 128 * (j // 2), 32 * j < self.tail_start)
+                       for j in range(n_chunks)])
 
-        Four threads share a row; thread q of a row moves its 16-byte chunks q + 4 j.  In
-        the 128B-swizzled K-major layout chunk q + 4 j lies in column tile j // 2 (8 KiB
-        apart) at piece (q + 4 (j % 2)) ^ (row % 8) of its 128-byte line, so every
-        shared address is one of two registers plus a constant (computed per chunk, the
-        addresses get hoisted out of the piece loop and spilled).  All global loads of a
-        half are issued before its first shared store, so their latencies overlap."""
+    @cute.jit
+    def load_q(self, mQ: cute.Tensor, sQ: cute.Tensor, where, ctid: Int32):
+        """All 256 consumer threads copy the CTA's 64 query rows into sQ (``q_share``'s map):
+        row ``row`` is ``self.q_row(mQ, where, row)`` (a (d,) view and whether it exists;
+        missing rows are zero).  A bf16 Q is rounded to f16 on the way when the kernel's
+        matmuls run in f16.  All global loads of a half are issued before its first shared
+        store, so their latencies overlap."""
         # Nobody may still be reading the previous piece's Q (or its row statistics).
         named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
-        row, q_off, dst, n_chunks = self.q_copy_share(sQ, ctid)
-        gq, exists = self.q_row(mQ, where, row)
-        src = gq.iterator.toint() + q_off
-        batch = n_chunks // 2
+        share = self.q_share(sQ, ctid)
+        gq, exists = self.q_row(mQ, where, share.row)
+        src = gq.iterator.toint() + share.src_off
+        batch = len(share.chunks) // 2
         for half_batch in cutlass.range_constexpr(2):
+            chunks = share.chunks[half_batch * batch:(half_batch + 1) * batch]
             buf = cute.make_rmem_tensor(cute.make_layout((4, batch)), Int32)
             buf.fill(0)
             if exists:
                 for j in cutlass.range_constexpr(batch):
-                    load_16B(self.q_chunk_src(src, half_batch * batch + j), buf[None, j])
+                    load_16B(src + Int64(chunks[j].src), buf[None, j])
             if cutlass.const_expr(mQ.element_type != self.dtype):
-                # bf16 q for matmuls in f16 (sparse decode: kernels.common.fp8); chunk j of
-                # every thread lies below tail_start iff j < tail_start / 32
-                assert mQ.element_type == cutlass.BFloat16 and self.dtype == cutlass.Float16
-                assert self.tail_dtype == mQ.element_type or self.tail_start == self.d
-                assert self.tail_start % 32 == 0
+                self.check_q_rounding(mQ.element_type)
                 for j in cutlass.range_constexpr(batch):
-                    if cutlass.const_expr((half_batch * batch + j) * 32 < self.tail_start):
+                    if cutlass.const_expr(chunks[j].rounded):
                         for i in cutlass.range_constexpr(4):
                             buf[i, j] = bf16x2_to_f16x2(buf[i, j])
             for j in cutlass.range_constexpr(batch):
-                store_16B_shared(buf[None, j], self.q_chunk_dst(dst, half_batch * batch + j))
+                store_16B_shared(buf[None, j], chunks[j].dst)
         # Generic-proxy stores read next by WGMMA (async proxy).
         cute.arch.fence_proxy("async.shared", space="cta")
         named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
 
-    @cute.jit
-    def q_copy_share(self, sQ: cute.Tensor, ctid: Int32):
-        """This consumer thread's share of a Q tile copy (``load_q``'s map): (its row, the
-        byte offset of its first chunk in the row, the shared addresses of its pieces q and
-        q + 4 of that row's first 128-byte line, chunks per thread).  Chunk j is at
-        ``q_chunk_src`` / ``q_chunk_dst``."""
-        per_row = self.consumer_threads // BLOCK_M
-        n_chunks = self.d * (self.dtype.width // 8) // 16 // per_row
-        row = ctid // per_row
-        q = ctid % per_row
-        line = row * 128 + 16 * q
-        dst0 = sQ.iterator.toint() + swizzle_128b(line)
-        return row, Int64(16 * q), (dst0, dst0 ^ 64), n_chunks
-
-    @staticmethod
-    def q_chunk_src(src: Int64, j: int) -> Int64:
-        """Global address of a thread's chunk j (chunk q + 4 j of its row)."""
-        return src + Int64(64 * j)
-
-    @staticmethod
-    def q_chunk_dst(dst, j: int) -> Int32:
-        """Shared address of a thread's chunk j: column tile j // 2 (one 64-column tile of all
-        64 rows is 8 KiB), piece (q + 4 (j % 2)) ^ (row % 8) of its line."""
-        return dst[j % 2] + BLOCK_M * 128 * (j // 2)
+    def check_q_rounding(self, q_dtype):
+        """A Q of another type than the matmuls' is bf16 for matmuls in f16 (sparse decode:
+        ``kernels.common.fp8``), rounded only below ``tail_start``."""
+        assert q_dtype == cutlass.BFloat16 and self.dtype == cutlass.Float16
+        assert self.tail_dtype == q_dtype or self.tail_start == self.d
 
     @cute.jit
     def consumer_fragments(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, sQ: cute.Tensor, sK: cute.Tensor,

@@ -347,46 +347,76 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         words, groups, 2 tokens); None otherwise), and only RoPE goes by cp.async."""
         f = self.fmt
         raw_lane, rope_sw, _ = offs
-        q = lane % 4
         n_words = 4 if f.scale_kind == "float32" else 2
         scales = cute.make_rmem_tensor(cute.make_layout((n_words, 2)), Int32)
         scales.fill(0)
-        zeros = cute.make_rmem_tensor(cute.make_layout(4), Int32)
-        zeros.fill(0)
         codes = None
         if cutlass.const_expr(self.raw_in_registers):
             codes = cute.make_rmem_tensor(cute.make_layout((4, f.d_nope // 64, 2)), Int32)
         for k in cutlass.range_constexpr(2):
-            src_lane = lane // 4 + 8 * k
-            tok_rec = self.shuffle_i64(rec, src_lane)
-            tok_sc = cute.arch.shuffle_sync(sc, src_lane)
+            tok_rec, tok_sc = self.lane_token(rec, sc, k, lane)
             raw_dst = stage_base + raw_lane + 512 * k
             rope_dst = stage_base + cute.crd2idx((8 * k, 0, 0), sK_outer) * 2
             if tok_rec < 0:
-                for g in cutlass.range_constexpr(f.d_nope // 64):
-                    if cutlass.const_expr(self.raw_in_registers):
-                        for w in cutlass.range_constexpr(4):
-                            codes[w, g, k] = Int32(0)
-                    else:
-                        store_16B_shared(zeros, raw_dst + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2)
-                for m in cutlass.range_constexpr(2):
-                    store_16B_shared(zeros, rope_dst + (rope_sw ^ (4 * PIECE * m)))
+                self.token_codes(None, k, codes, raw_dst, sK_outer)
+                self.token_rope(None, rope_dst, rope_sw)
             else:
-                src = tok_rec + Int64(PIECE * q)
-                for g in cutlass.range_constexpr(f.d_nope // 64):
-                    if cutlass.const_expr(self.raw_in_registers):
-                        load_16B(src + Int64(64 * g), codes[None, g, k])
-                    else:
-                        copy_16B_async(src + Int64(64 * g), raw_dst + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2)
-                for m in cutlass.range_constexpr(2):  # RoPE pieces q and q + 4
-                    copy_16B_async(src + Int64(self.rope_offset + 4 * PIECE * m),
-                                   rope_dst + (rope_sw ^ (4 * PIECE * m)))
-                if cutlass.const_expr(f.scale_kind == "float32"):
-                    load_16B(tok_rec + Int64(self.scale_offset), scales[None, k])
-                else:
-                    load_8B(tok_rec + Int64(tok_sc), scales[None, k])
+                src = tok_rec + Int64(PIECE * (lane % 4))
+                self.token_codes(src, k, codes, raw_dst, sK_outer)
+                self.token_rope(src, rope_dst, rope_sw)
+                self.token_scales(tok_rec, tok_sc, k, scales)
         cute.arch.cp_async_commit_group()
         return scales, codes
+
+    @cute.jit
+    def lane_token(self, rec: Int64, sc: Int32, k: int, lane: Int32):
+        """(record address, scale offset) of this lane's token k (of 2): tokens l // 4 and
+        8 + l // 4, whose records lanes l // 4 + 8 k resolved (``token_record``)."""
+        src_lane = lane // 4 + 8 * k
+        return self.shuffle_i64(rec, src_lane), cute.arch.shuffle_sync(sc, src_lane)
+
+    @cute.jit
+    def token_codes(self, src, k: int, codes, raw_dst: Int32, sK_outer: cute.Layout):
+        """Quarter l % 4 of each 64-code group of this lane's token k, from ``src`` (its record
+        plus the quarter's offset; None: an invalid token, zeros): into ``codes[None, g, k]``
+        (registers), or, with ``codes`` None, by cp.async into the staging area at ``raw_dst``."""
+        zeros = cute.make_rmem_tensor(cute.make_layout(4), Int32)
+        zeros.fill(0)
+        for g in cutlass.range_constexpr(self.fmt.d_nope // 64):
+            if cutlass.const_expr(codes is not None):
+                if cutlass.const_expr(src is None):
+                    for w in cutlass.range_constexpr(4):
+                        codes[w, g, k] = Int32(0)
+                else:
+                    load_16B(src + Int64(64 * g), codes[None, g, k])
+            else:
+                staged = raw_dst + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2
+                if cutlass.const_expr(src is None):
+                    store_16B_shared(zeros, staged)
+                else:
+                    copy_16B_async(src + Int64(64 * g), staged)
+
+    @cute.jit
+    def token_rope(self, src, rope_dst: Int32, rope_sw: Int32):
+        """RoPE pieces q and q + 4 (q = l % 4) of this lane's token, from ``src`` as for
+        ``token_codes`` (None: zeros), by cp.async to their place in its row at ``rope_dst``, as
+        stored (bf16).  No group committed."""
+        zeros = cute.make_rmem_tensor(cute.make_layout(4), Int32)
+        zeros.fill(0)
+        for m in cutlass.range_constexpr(2):
+            if cutlass.const_expr(src is None):
+                store_16B_shared(zeros, rope_dst + (rope_sw ^ (4 * PIECE * m)))
+            else:
+                copy_16B_async(src + Int64(self.rope_offset + 4 * PIECE * m), rope_dst + (rope_sw ^ (4 * PIECE * m)))
+
+    @cute.jit
+    def token_scales(self, tok_rec: Int64, tok_sc: Int32, k: int, scales: cute.Tensor):
+        """This lane's (valid) token k's scales into ``scales[None, k]``: V32 the record's 4
+        float32, MODEL1 the 8 ue8m0 bytes as 2 words (at record + ``tok_sc``)."""
+        if cutlass.const_expr(self.fmt.scale_kind == "float32"):
+            load_16B(tok_rec + Int64(self.scale_offset), scales[None, k])
+        else:
+            load_8B(tok_rec + Int64(tok_sc), scales[None, k])
 
     @cute.jit
     def convert_raw(self, scales: cute.Tensor, codes, stage_base: Int32, offs, sK_outer: cute.Layout, lane: Int32):

@@ -14,11 +14,11 @@ from cutlass.cute.nvgpu import warpgroup
 from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.fragment_store import store_row
-from cute_mla.kernels.common.gmem import copy_16B_async, copy_16B_async_zfill
+from cute_mla.kernels.common.gmem import copy_16B_async_zfill
 from cute_mla.kernels.common.paged_kv import COLUMN_TILE, kv_smem_layout
 from cute_mla.kernels.common.softmax import LOG2_E, Softmax, output_lse, sink_denominator
 from cute_mla.kernels.common.topk import counted
-from cute_mla.kernels.sm90.mla_consumers import TwoConsumerMlaSm90
+from cute_mla.kernels.sm90.mla_consumers import TwoConsumerMlaSm90, copy_q_async
 from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
 from cute_mla.layouts.constants import BLOCK_M, BLOCK_N
 
@@ -340,13 +340,10 @@ class SparsePrefillSm90(SeesawConsumers, TwoConsumerMlaSm90):
                      ctid: Int32):
         """Start copying tile ``tile``'s 64 query rows into sQ (this thread's share); the
         ``q`` mbarrier completes when all 256 consumer threads' copies have landed.  The
-        caller guarantees no MMA still reads sQ.  Same thread-to-chunk map as ``load_q``:
-        four threads per row, thread q moving 16-byte chunks q + 4 j."""
+        caller guarantees no MMA still reads sQ.  ``load_q``'s map (``q_share``)."""
         token, hblk = tiles.coords(tile)
-        row, q_off, dst, n_chunks = self.q_copy_share(sQ, ctid)
-        src = mQ[token, hblk * BLOCK_M + row, None].iterator.toint() + q_off
-        for j in cutlass.range_constexpr(n_chunks):
-            copy_16B_async(self.q_chunk_src(src, j), self.q_chunk_dst(dst, j))
+        share = self.q_share(sQ, ctid)
+        copy_q_async(share, mQ[token, hblk * BLOCK_M + share.row, None].iterator.toint())
         cute.arch.cp_async_mbarrier_arrive_noinc(bars.q())
 
     @cute.jit
