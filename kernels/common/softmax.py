@@ -63,7 +63,7 @@ class Softmax:
     rescales its O with ``rescale_o`` and ends with ``finalize``.  Which row element k of a
     thread's accumulator fragment belongs to is ``slot(k)``: row (k // 2) % 2 of the SM90
     64 x N accumulator, whose fragment lists (2 columns, 2 rows, N/8 column groups).  A
-    subclass may map them otherwise (``kernels.sm90.sparse_decode_heads.HeadSoftmax``: one per
+    subclass may map them otherwise (``kernels.sm90.heads_consumer.HeadSoftmax``: one per
     column of S^T)."""
 
     row_max: Any  # (slots,) Float32

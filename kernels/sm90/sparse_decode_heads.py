@@ -1,72 +1,27 @@
 """SM90 FP8 sparse decode for 8 or 16 query heads, with the heads on the MMA's N side.
 
-The 64-row kernel (``kernels.sm90.sparse_decode``) gives a query token a whole 64-row block,
-so at h_q 16 three quarters of its MMA rows, and of the shared-memory reads that feed them,
-are padding.  Here the roles of tokens and heads swap (S^T = K Q^T, O^T = V^T P^T): the 64
-gathered tokens of a block are the M side, the h_q heads the N side (N = h_q), so no row is
-padding.  The 64-row kernel's producer, KV ring, split-KV schedule and outputs; with this
-kernel's 256 threads the producer can keep its FP8 codes in registers (``__init__``), and the
-ring holds as many stages as fit.
-
-One consumer warpgroup does all of a block (256 threads a CTA):
-  1. S^T over the whole of d (V32: its last 64 columns, the bf16 RoPE, in a bf16 MMA), plus
-     each token's bias;
-  2. the online softmax of every head (a column of S^T: 2 rows per thread, lanes 4, 8 and 16
-     apart, then the 4 warps through shared memory);
-  3. P^T (N x 64, K-major) into shared memory;
-  4. O^T (512 x N) += V^T P^T, V^T read as an MN-major A operand from the K stage.
-At N 16 its accumulators are small (O^T 64 floats a thread).  Two consumer warpgroups, each
-taking half of d, cost three barriers a block between them (the partial S^T exchange, the head
-statistics, P^T ready) and ran every softmax instruction twice; ncu found 24% of their stall
-samples at those barriers (perf/results/NOTES.md, session 18).
-With a third stage (MODEL1) step 4 of a block overlaps steps 1-3 of the next
-(``blocks_overlapped``).  Shared-memory bytes read per block (N = 16): K 72 KB + Q^T 18 KB for
-S^T, V 64 KB + P^T 16 KB for O^T, against about 300 KB read by the 64-row kernel's consumers
-(perf/results/NOTES.md, session 11).  One warpgroup with the codes in registers ran V32 at
-1.07-1.17x the two-warpgroup kernel's speed (0.96x at b 32 s_q 1 h_q 16) and MODEL1 at
-0.97-1.02x (session 19).
+The consumer is ``kernels.sm90.heads_consumer.HeadsOnN`` (S^T = K Q^T, O^T = V^T P^T, one
+warpgroup: no padding rows); the producer, KV ring, split-KV schedule and outputs are the 64-row
+kernel's (``kernels.sm90.sparse_decode``).  With this kernel's 256 threads the producer can keep
+its FP8 codes in registers (``__init__``), and the ring holds as many stages as fit (MODEL1 3,
+V32 2).  One warpgroup with the codes in registers ran V32 at 1.07-1.17x the two-warpgroup
+kernel's speed (0.96x at b 32 s_q 1 h_q 16) and MODEL1 at 0.97-1.02x (perf/results/NOTES.md,
+session 19).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cutlass
 import cutlass.cute as cute
-import cutlass.pipeline as pipeline
-import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import Float32, Int32, Int64
-from cutlass.cute.nvgpu import warpgroup
-from cutlass.tensor_utils import LayoutEnum
+from cutlass import Int32
 
-from cute_mla.kernels.common import named_barrier
-from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
-from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
-from cute_mla.kernels.common.mma_sm90 import gemm, swizzle_128b
-from cute_mla.kernels.common.named_barrier import NamedBarrier
-from cute_mla.kernels.common.softmax import LOG2_E, Softmax, output_lse
-from cute_mla.kernels.sm90.sparse_decode import SlotLengths, SparseDecodeSm90
-from cute_mla.kernels.sm90.split_kv_decode import DecodePart
-from cute_mla.layouts.constants import BLOCK_N, D_V, SM90_SMEM_BYTES, SPARSE_DECODE_SMALL_HEADS
+from cute_mla.kernels.sm90.heads_consumer import HeadsOnN
+from cute_mla.kernels.sm90.sparse_decode import SparseDecodeSm90
+from cute_mla.layouts.constants import SPARSE_DECODE_SMALL_HEADS
 
 
-@dataclass(frozen=True)
-class HeadSoftmax(Softmax):
-    """The online softmax of every head: the heads are S^T's columns, so a thread keeps one
-    statistic per column slot it holds, N/4 of them."""
-
-    @staticmethod
-    def slot(k: int) -> int:
-        """The column slot (0 .. N/4) of accumulator element k: fragments hold (2 columns,
-        2 rows, N/8 column groups); slot 2 g + c is column 8 g + 2 (lane % 4) + c."""
-        return (k // 4) * 2 + k % 2
-
-
-class SparseDecodeHeadsSm90(SparseDecodeSm90):
+class SparseDecodeHeadsSm90(HeadsOnN, SparseDecodeSm90):
     """``SparseDecodeSm90`` with the heads on N; ``heads`` = h_q
     (``layouts.constants.SPARSE_DECODE_SMALL_HEADS``)."""
-
-    threads = 256  # the producer warpgroup and one consumer warpgroup
-    consumer_threads = 128
 
     def __init__(self, fmt: str, matmul: str = "f16", heads: int = 16):
         assert heads in SPARSE_DECODE_SMALL_HEADS
@@ -81,284 +36,12 @@ class SparseDecodeHeadsSm90(SparseDecodeSm90):
         self.raw_in_registers = (matmul == "bf16") == (fmt == "MODEL1")
         self.regs_producer = 184 if self.raw_in_registers else 96
         super().__init__(fmt, matmul)
-        self.heads = heads
-        elt = self.dtype.width // 8
-        # scratch: per-warp head statistics (N heads x 4 warps)
-        self.scratch_floats = heads * 4
-        # With a third KV stage the warpgroup overlaps block j's O^T MMAs with block j + 1's S^T
-        # and softmax (``blocks_overlapped``): it holds two stages at once, and P^T gets two
-        # buffers.  As many stages as fit: MODEL1 (d 512) takes 3, V32 (d 576) 2.
-        fixed = heads * self.d * elt + 4 * self.scratch_floats + 2048
-        p_bytes = heads * BLOCK_N * elt
-        self.stages = (SM90_SMEM_BYTES - fixed - 2 * p_bytes) // self.kv_bytes
-        assert self.stages >= 2, self.stages
-        self.overlap = self.stages >= 3
-        self.p_buffers = 2 if self.overlap else 1
-        self.smem_bytes = fixed + self.p_buffers * p_bytes + self.stages * self.kv_bytes
-
-    # ------------------------------------------------------------------ layouts / MMAs
-    def q_smem_layout(self):
-        # Q^T: the (N heads, d) K-major B operand of S^T
-        return sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (BLOCK_N, self.heads, self.d), self.dtype, 1)
-
-    def v_smem_layout(self):
-        # V^T: the first 512 columns of a K stage read as the MN-major (d, token) A operand
-        return sm90_utils.make_smem_layout_a(LayoutEnum.COL_MAJOR, (D_V, self.heads, BLOCK_N), self.dtype, 1)
-
-    def p_smem_layout(self):
-        # P^T: the (N heads, 64 tokens) K-major B operand of O^T
-        return sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (D_V, self.heads, BLOCK_N), self.dtype,
-                                             self.p_buffers)
-
-    def make_mmas(self):
-        """(K Q^T over 64 tokens x N heads, V^T P^T over 64 d rows per instruction, K Q^T in
-        ``tail_dtype``)."""
-        qk_mma, qk_tail_mma = (sm90_utils.make_trivial_tiled_mma(
-            t, t, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K,
-            Float32, (1, 1, 1), (BLOCK_N, self.heads)) for t in (self.dtype, self.tail_dtype))
-        pv_mma = sm90_utils.make_trivial_tiled_mma(
-            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.MN, cute.nvgpu.OperandMajorMode.K,
-            Float32, (1, 1, 1), (64, self.heads))
-        return qk_mma, pv_mma, qk_tail_mma
+        self.size_ring(heads)
 
     @cute.jit
-    def allocate_operands(self, smem, sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
-                          sP_layout: cute.ComposedLayout = None):
-        """sQ^T, the KV ring, sP^T and the scratch (as ``sStat``, flat float32)."""
-        sQ = smem.allocate_tensor(self.dtype, sQ_layout.outer, byte_alignment=1024, swizzle=sQ_layout.inner)
-        sK = smem.allocate_tensor(self.dtype, sK_layout.outer, byte_alignment=1024, swizzle=sK_layout.inner)
-        sP = smem.allocate_tensor(self.dtype, sP_layout.outer, byte_alignment=1024, swizzle=sP_layout.inner)
-        sStat = smem.allocate_tensor(Float32, cute.make_layout(self.scratch_floats), byte_alignment=16)
-        return sQ, sK, sP, sStat
-
-    @cute.jit
-    def vt_view(self, sK: cute.Tensor, sV_layout: cute.ComposedLayout, stage: Int32) -> cute.Tensor:
-        """(512, 64) MN-major A view of the V columns of K stage ``stage``."""
-        base = sK[None, None, stage].iterator
-        return cute.make_tensor(cute.recast_ptr(base, sV_layout.inner), cute.slice_(sV_layout.outer, (None, None, 0)))
-
-    # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def column_of(cs: int, lane: Int32) -> Int32:
-        """The head of this thread's column slot ``cs`` (``HeadSoftmax.slot``)."""
-        return 8 * (cs // 2) + 2 * (lane % 4) + cs % 2
-
-    @cute.jit
-    def head_reduce(self, vals: cute.Tensor, sRed: cute.Tensor, warp: Int32, lane: Int32,
-                    is_max: cutlass.Constexpr[bool]):
-        """This thread's per-column values (over its 2 rows) -> the value over the block's 64
-        rows: lanes 4, 8 and 16 apart hold the same columns, then the 4 warps meet in ``sRed``
-        (N heads, 4 warps)."""
-        for cs in cutlass.range_constexpr(self.heads // 4):
-            v = vals[cs]
-            for off in cutlass.range_constexpr(3):
-                o = cute.arch.shuffle_sync_bfly(v, offset=4 << off)
-                if cutlass.const_expr(is_max):
-                    v = cute.arch.fmax(v, o)
-                else:
-                    v = v + o
-            vals[cs] = v
-            if lane < 4:
-                sRed[self.column_of(cs, lane), warp] = v
-        named_barrier.sync(NamedBarrier.HEAD_STAT, self.consumer_threads)
-        for cs in cutlass.range_constexpr(self.heads // 4):
-            n = self.column_of(cs, lane)
-            v = sRed[n, 0]
-            for w in cutlass.range_constexpr(1, 4):
-                if cutlass.const_expr(is_max):
-                    v = cute.arch.fmax(v, sRed[n, w])
-                else:
-                    v = v + sRed[n, w]
-            vals[cs] = v
-
-    @cute.jit
-    def load_qt(self, mQ: cute.Tensor, sQ: cute.Tensor, r: Int32, iq: Int32, ctid: Int32):
-        """Q^T of query token iq: head n's 576 (512) values into row n of sQ^T, 16 bytes per
-        thread and step (rounded to f16 below ``tail_start`` for f16 matmuls)."""
-        named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
-        per_row = self.d * 2 // 16
-        base = sQ.iterator.toint()
-        for idx in cutlass.range(ctid, self.heads * per_row, self.consumer_threads, unroll=1):
-            n = idx // per_row
-            c = idx - n * per_row
-            buf = cute.make_rmem_tensor(cute.make_layout(4), Int32)
-            load_16B(mQ[r, iq, n, None].iterator.toint() + Int64(16 * c), buf)
-            if cutlass.const_expr(mQ.element_type != self.dtype):
-                if c * 8 < self.tail_start:
-                    for i in cutlass.range_constexpr(4):
-                        buf[i] = bf16x2_to_f16x2(buf[i])
-            tile = c // 8  # 64-column tiles of all N rows, each row one 128-byte line
-            store_16B_shared(buf, base + swizzle_128b((tile * self.heads + n) * 128 + (c - tile * 8) * 16))
-        cute.arch.fence_proxy("async.shared", space="cta")
-        named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
-
-    # ------------------------------------------------------------------ consumers
-    @cute.jit
-    def consume(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, qk_tail_mma: cute.TiledMma, sQ: cute.Tensor,
-                sK: cute.Tensor, sP: cute.Tensor, sStat: cute.Tensor, sBias: cute.Tensor,
-                sV_layout: cute.ComposedLayout, mQ: cute.Tensor, lengths: SlotLengths, mSink: cute.Tensor,
-                sched: DecodePart, mOut: cute.Tensor, mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor,
-                kv_pipe, softmax_scale: Float32, has_sink: Int32, mblk: Int32, half: Int32, ctid: Int32):
-        """The one consumer warpgroup (``half`` is always 0 here).  The kernel's MMAs only
-        partition the operands; ``issue_st`` and ``issue_pv`` make the ones they issue."""
-        N = self.heads
-        warp = ctid // 32
-        lane = ctid % 32
-        thr_qk = qk_mma.get_slice(ctid)
-        thr_pv = pv_mma.get_slice(ctid)
-        tSrK = thr_qk.make_fragment_A(thr_qk.partition_A(sK))  # (MMA, 1, d/16, stages)
-        tSrQ = thr_qk.make_fragment_B(thr_qk.partition_B(sQ))  # (MMA, 1, d/16, 1)
-        tScS = thr_qk.partition_C(cute.make_identity_tensor((BLOCK_N, N)))  # (token, head)
-        tOrP = thr_pv.make_fragment_B(thr_pv.partition_B(sP))  # (MMA, 1, 64/16, 1)
-        tOcO = thr_pv.partition_C(cute.make_identity_tensor((D_V, N)))  # (d, head)
-        sRed = cute.make_tensor(sStat.iterator, cute.make_layout((N, 4)))
-        scale_log2 = softmax_scale * LOG2_E
-        iq = mblk  # one row block per query token
-        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-        begin_req = sched.begin_req()
-        for r in cutlass.range(begin_req, sched.end_req() + 1, unroll=1):
-            lo, hi, split = self.piece(lengths, sched, r, begin_req)
-            self.load_qt(mQ, sQ, r, iq, ctid)
-            acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((D_V, N)))
-            acc_o.fill(0.0)
-            softmax = HeadSoftmax.create(N // 4, scale_log2)
-            if cutlass.const_expr(self.overlap):
-                # rebound: the DSL carries the state out of the callee's branch as a new object
-                state = self.blocks_overlapped(tSrK, tSrQ, tScS, tOrP, acc_o, softmax, sK, sP, sRed, sBias,
-                                               sV_layout, kv_pipe, state, lo, hi, warp, lane, ctid)
-            else:
-                for blk in cutlass.range(lo, hi, unroll=1):
-                    self.attend_block(tSrK, tSrQ, tScS, tOrP, acc_o, softmax, sK, sP, sRed, sBias, sV_layout,
-                                      kv_pipe, state, warp, lane, ctid)
-                    state.advance()
-            self.epilogue_t(acc_o, tOcO, softmax, sRed, mOut, mLse, mOAccum, mLseAccum, r, iq, warp, lane,
-                            sched.splits(r), sched.split_row(r, split), mSink, has_sink)
-
-    @cute.jit
-    def issue_st(self, tSrK, tSrQ, stage: Int32, ctid: Int32) -> cute.Tensor:
-        """Issue S^T = K Q^T of the block in ``stage`` (one commit group); returns its accumulator.
-        The MMAs are made here, at each use: their accumulate flag, set inside one loop or
-        branch and read in another, would not dominate its use."""
-        qk_mma, _, qk_tail_mma = self.make_mmas()
-        thr_qk = qk_mma.get_slice(ctid)
-        acc_s = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_N, self.heads)))
-        k_all = self.d // 16
-        n_main = self.tail_start // 16
-        tA = tSrK[None, None, None, stage]
-        tB = tSrQ[None, None, None, 0]
-        warpgroup.fence()
-        gemm(qk_mma, acc_s, tA, tB, True, (0, n_main))
-        if cutlass.const_expr(n_main < k_all):
-            gemm(qk_tail_mma, acc_s, tA, tB, False, (n_main, k_all))
-        warpgroup.commit_group()
-        return acc_s
-
-    @cute.jit
-    def issue_pv(self, tOrP, acc_o, sK, sV_layout, stage: Int32, buf: Int32, ctid: Int32):
-        """Issue O^T += V^T P^T of the block in ``stage``, P^T from buffer ``buf`` (one commit group;
-        the MMA made here, as in ``issue_st``)."""
-        _, pv_mma, _ = self.make_mmas()
-        thr_pv = pv_mma.get_slice(ctid)
-        tOrV = thr_pv.make_fragment_A(thr_pv.partition_A(self.vt_view(sK, sV_layout, stage)))
-        warpgroup.fence()
-        gemm(pv_mma, acc_o, tOrV, tOrP[None, None, None, buf], False)
-        warpgroup.commit_group()
-
-    @cute.jit
-    def softmax_to_p(self, acc_s, tScS, softmax: HeadSoftmax, sP, sRed, sBias, stage: Int32, buf: Int32,
-                     warp: Int32, lane: Int32) -> cute.Tensor:
-        """S^T (finished) plus each token's bias -> the block's online softmax of every head (a
-        column), in base 2 -> P^T into buffer ``buf``, fenced for the MMAs.  Returns each
-        head's factor for O^T; the caller syncs ``P_READY`` before P^T is read."""
-        N = self.heads
+    def mask_logits(self, acc_s: cute.Tensor, tScS: cute.Tensor, sBias: cute.Tensor, stage: Int32):
+        """S^T plus each gathered slot's logit bias (0, or -inf for a slot that gathered nothing,
+        whose zero row gives a finite logit)."""
         for k in cutlass.range_constexpr(cute.size(acc_s)):
             t, _ = tScS[k]
             acc_s[k] = acc_s[k] + sBias[t, stage]
-        blk_max = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
-        blk_max.fill(-Float32.inf)
-        softmax.block_max(acc_s, blk_max)
-        self.head_reduce(blk_max, sRed, warp, lane, True)
-        alpha = softmax.online_softmax(acc_s, blk_max)
-        for k in cutlass.range_constexpr(cute.size(acc_s)):
-            t, n = tScS[k]
-            sP[n, t, buf] = acc_s[k].to(self.dtype)
-        cute.arch.fence_proxy("async.shared", space="cta")
-        return alpha
-
-    @cute.jit
-    def attend_block(self, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK, sP, sRed, sBias, sV_layout,
-                     kv_pipe, state, warp: Int32, lane: Int32, ctid: Int32):
-        """One block, start to end: S^T, softmax, P^T, O^T (two KV stages)."""
-        kv_pipe.consumer_wait(state)
-        stage = state.index
-        acc_s = self.issue_st(tSrK, tSrQ, stage, ctid)
-        warpgroup.wait_group(0)
-        alpha = self.softmax_to_p(acc_s, tScS, softmax, sP, sRed, sBias, stage, 0, warp, lane)
-        softmax.rescale_o(acc_o, alpha, skip_settled=False)
-        named_barrier.sync(NamedBarrier.P_READY, self.consumer_threads)
-        self.issue_pv(tOrP, acc_o, sK, sV_layout, stage, 0, ctid)
-        warpgroup.wait_group(0)
-        kv_pipe.consumer_release(state)
-
-    @cute.jit
-    def blocks_overlapped(self, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK, sP, sRed, sBias, sV_layout,
-                          kv_pipe, state, lo: Int32, hi: Int32, warp: Int32, lane: Int32, ctid: Int32):
-        """Blocks [lo, hi) with block j's O^T MMAs in flight while block j + 1's S^T is
-        finished and its softmax runs (three or more KV stages: the warpgroup holds blocks j
-        and j + 1).  P^T alternates between two buffers; O^T takes block j + 1's factor once
-        block j's MMAs are done.  Returns the pipeline state past block hi - 1."""
-        if lo < hi:
-            kv_pipe.consumer_wait(state)
-            acc_s = self.issue_st(tSrK, tSrQ, state.index, ctid)
-            warpgroup.wait_group(0)
-            self.softmax_to_p(acc_s, tScS, softmax, sP, sRed, sBias, state.index, 0, warp, lane)  # O^T is 0
-            named_barrier.sync(NamedBarrier.P_READY, self.consumer_threads)
-            for blk in cutlass.range(lo + 1, hi, unroll=1):
-                nxt = state.clone()
-                nxt.advance()
-                kv_pipe.consumer_wait(nxt)
-                acc_n = self.issue_st(tSrK, tSrQ, nxt.index, ctid)
-                self.issue_pv(tOrP, acc_o, sK, sV_layout, state.index, (blk - lo - 1) % 2, ctid)
-                warpgroup.wait_group(1)
-                alpha = self.softmax_to_p(acc_n, tScS, softmax, sP, sRed, sBias, nxt.index, (blk - lo) % 2, warp,
-                                          lane)
-                warpgroup.wait_group(0)
-                kv_pipe.consumer_release(state)
-                state.advance()
-                softmax.rescale_o(acc_o, alpha, skip_settled=False)
-                named_barrier.sync(NamedBarrier.P_READY, self.consumer_threads)
-            self.issue_pv(tOrP, acc_o, sK, sV_layout, state.index, (hi - lo - 1) % 2, ctid)
-            warpgroup.wait_group(0)
-            kv_pipe.consumer_release(state)
-            state.advance()
-        return state
-
-    @cute.jit
-    def epilogue_t(self, acc_o, tOcO, softmax: HeadSoftmax, sRed, mOut, mLse, mOAccum, mLseAccum, r: Int32,
-                   iq: Int32, warp: Int32, lane: Int32, nsplits: Int32, split_row: Int32, mSink: cute.Tensor,
-                   has_sink: Int32):
-        """As ``SplitKvDecodeSm90.epilogue``, from O^T: finalise (one split: O / sum, the
-        sink, natural-log lse) or write the split's partial O and base-2 lse."""
-        N = self.heads
-        h_q = mOut.shape[2]
-        self.head_reduce(softmax.row_sum, sRed, warp, lane, False)
-        # a finalised column is scaled by its head's sink (a column past h_q reads the last head's)
-        heads = [cutlass.min(self.column_of(cs, lane), h_q - 1) for cs in range(N // 4)]
-        lse2, inv = softmax.finalize(lambda cs: mSink[heads[cs]], lambda: (nsplits == 1) & (has_sink != 0))
-        n_o = cute.size(acc_o, mode=[0])
-        for k in cutlass.range_constexpr(cute.size(acc_o)):
-            d, n = tOcO[k]
-            if n < h_q:
-                v = acc_o[k] * inv[softmax.slot(k % n_o)]
-                if nsplits == 1:
-                    mOut[r, iq, n, d] = v.to(mOut.element_type)
-                else:
-                    mOAccum[split_row, iq, n, d] = v
-        if (warp == 0) & (lane < 4):
-            for cs in cutlass.range_constexpr(N // 4):
-                n = self.column_of(cs, lane)
-                if n < h_q:
-                    if nsplits == 1:
-                        mLse[r, n, iq] = output_lse(lse2[cs])
-                    else:
-                        mLseAccum[split_row, iq, n] = lse2[cs]
