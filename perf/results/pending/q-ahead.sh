@@ -9,6 +9,7 @@
 #   bash perf/results/pending/q-ahead.sh diag
 #   bash perf/results/pending/q-ahead.sh c1
 #   bash perf/results/pending/q-ahead.sh c2
+#   bash perf/results/pending/q-ahead.sh dense
 # (one call each: together they would pass the run tool's 10 minutes a call)
 #
 # device: the change's sparse decode tests (full grid, every head count, both kernels), then
@@ -28,6 +29,11 @@
 # registers before converting block j): the sparse decode tests (every head count: it also splits
 # the 64-row kernel's stage_raw into helpers, byte-identical cubins there), its A/B against the
 # change on the h_q 8 / 16 cases.
+# dense (issue 18 / 19's dense part): dense-heads.patch on main (dense decode of h_kv 1, h_q 8 / 16,
+# s_q 1 on the heads consumer with a TMA page producer): the dense tests at h_q 8 / 16 (full
+# grid) and both kernels' small-head test, memcheck on that test, and the A/B of the new kernel
+# against the 64-row one in the same tree (CUTE_MLA_DENSE_HEADS=0 on the old side) beside
+# FlashMLA.  Read diag-noconvert first: NOTES session 21 says why.
 # Everything lands in $OUT.
 DIAGS="noconvert nogather nopv"
 DIAG_CASES=("fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=MODEL1 b=32 s_q=1 h_q=16 " "fmt=V32 b=128 s_q=1 h_q=16 "
@@ -67,6 +73,7 @@ ab() {  # ab NEW OLD TAG ROUNDS PEER(yes|no) FILTER...: perf.ab, its table's tai
     local extra=()
     [ "$peer" = yes ] && extra=(--peer "flashmla=$CUTE_MLA_PEER")
     [ -n "${AB_NEW_COMMIT:-}" ] && extra+=(--new-commit "$AB_NEW_COMMIT")
+    [ -n "${AB_OLD_ENV:-}" ] && extra+=(--old-env "$AB_OLD_ENV")
     python -m perf.ab "scratch/$new" "scratch/$old" --filter "$@" --rounds "$rounds" ${extra[@]+"${extra[@]}"} \
         --out "$OUT/$tag-ab" > "$OUT/$tag-ab.log" 2>&1
     echo "$tag ab rc=$? $(took)"; tail -n 24 "$OUT/$tag-ab.log"
@@ -80,7 +87,8 @@ build)
     for d in $DIAGS; do tree "diag-$d" q-ahead.patch "diag-$d.patch"; done
     tree q-c1 q-ahead.patch model1-pack-halves.patch
     tree q-c2 q-ahead.patch heads-gather-ahead.patch
-    for t in base q q-c1 q-c2 $(for d in $DIAGS; do echo diag-$d; done); do  # in parallel
+    tree dense dense-heads.patch
+    for t in base q q-c1 q-c2 dense $(for d in $DIAGS; do echo diag-$d; done); do  # in parallel
         (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) &
     done
     wait
@@ -117,8 +125,19 @@ c2)
     sparse_tests q-c2 c2
     ab q-c2 q c2 1 no "h_q=8 " "h_q=16 "
     ;;
+dense)
+    (cd scratch/dense && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" \
+        tests/test_dense_decode.py -k "h8-kv1 or h16-kv1 or small_heads" -o timeout=60 > "$OUT/dense-tests.log" 2>&1)
+    echo "dense tests rc=$? $(tail -n 1 "$OUT/dense-tests.log") $(took)"
+    (cd scratch/dense && PYTHONPATH=. compute-sanitizer --tool memcheck --report-api-errors no \
+        python -m pytest -q -p no:cacheprovider tests/test_dense_decode.py -k "small_heads and not 64-row" \
+        > "$OUT/dense-memcheck.log" 2>&1)
+    echo "dense memcheck rc=$? $(grep -c 'Invalid' "$OUT/dense-memcheck.log") invalid," \
+        "$(tail -n 1 "$OUT/dense-memcheck.log") $(took)"
+    AB_OLD_ENV=CUTE_MLA_DENSE_HEADS=0 ab dense dense dense 2 yes "h_q=16 h_kv=1" "h_q=8 h_kv=1"
+    ;;
 *)
-    echo "usage: $0 build|device|grid|profile|diag|c1|c2" >&2
+    echo "usage: $0 build|device|grid|profile|diag|c1|c2|dense" >&2
     exit 2
     ;;
 esac
