@@ -56,7 +56,6 @@ class QShare(NamedTuple):
     chunks: list
 
 
-
 @cute.jit
 def copy_q_async(share: QShare, src: Int64):
     """cp.async of a thread's chunks of the Q row at global address ``src`` (no group
