@@ -63,8 +63,11 @@ def dense_decode_cases():
         for s_k in (4096, 8192, 16384, 32768):
             for causal in (False, True):
                 yield _case(128, s_q, s_k, 128, 1, causal, "compute")
-    for h_q in (16, 32):
-        yield _case(128, 1, 8192, h_q, 1, False, "memory")
+    # issue 19's side-by-side cases for tensor-parallel shards (FlashMLA unpadded): 8, 16, 32 heads
+    for b in (32, 128):
+        for s_q in (1, 2):
+            for h_q in (8, 16, 32):
+                yield _case(b, s_q, 8192, h_q, 1, False, "memory")
     # the side-by-side table of issue 18: few heads, a small batch, one very long request
     yield _case(64, 1, 2048, 8, 1, False, "memory")
     yield _case(5, 3, 777, 64, 1, True, "memory")

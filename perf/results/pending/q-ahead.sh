@@ -134,7 +134,9 @@ dense)
         > "$OUT/dense-memcheck.log" 2>&1)
     echo "dense memcheck rc=$? $(grep -c 'Invalid' "$OUT/dense-memcheck.log") invalid," \
         "$(tail -n 1 "$OUT/dense-memcheck.log") $(took)"
-    AB_OLD_ENV=CUTE_MLA_DENSE_HEADS=0 ab dense dense dense 2 yes "h_q=16 h_kv=1" "h_q=8 h_kv=1"
+    # the s_q 1 small-head dense cases (the route's), b 32, 64 and 128
+    AB_OLD_ENV=CUTE_MLA_DENSE_HEADS=0 ab dense dense dense 2 yes "s_q=1 s_k=8192 h_q=8 h_kv" \
+        "s_q=1 s_k=8192 h_q=16 h_kv" "s_q=1 s_k=2048 h_q=8 h_kv"
     ;;
 *)
     echo "usage: $0 build|device|grid|profile|diag|c1|c2|dense" >&2
