@@ -64,6 +64,13 @@ def page_column_tile(mKTma: cute.Tensor, head, block, t) -> cute.Tensor:
 
 
 @cute.jit
+def clamped_seqlen(mSeqlens: cute.Tensor, r, capacity) -> cutlass.Int32:
+    """Request r's length, clamped to [0, capacity] (its block table row's tokens), so that no
+    length, however wrong, makes a kernel read past the table."""
+    return cutlass.min(cutlass.max(mSeqlens[r], 0), capacity)
+
+
+@cute.jit
 def page_tile(mKTma: cute.Tensor, d: cutlass.Constexpr, head, block) -> cute.Tensor:
     """The (PAGE, d) coordinate tile of page ``block`` of kv head ``head``."""
     return cute.flat_divide(mKTma, (PAGE, d))[None, None, 0, 0, head, block]

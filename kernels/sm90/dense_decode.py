@@ -15,8 +15,8 @@ from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.cluster import tma_desc_address, tma_load_4d_multicast
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.dtypes import dsl_dtype
-from cute_mla.kernels.common.paged_kv import (COLUMN_TILE, PAGE, kv_smem_layout, make_kv_column_tma,
-                                              page_column_tile)
+from cute_mla.kernels.common.paged_kv import (COLUMN_TILE, PAGE, clamped_seqlen, kv_smem_layout,
+                                              make_kv_column_tma, page_column_tile)
 from cute_mla.kernels.common.softmax import LOG2_E, Softmax
 from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
 from cute_mla.kernels.sm90.split_kv_decode import DecodePart, QTile, SplitKvDecodeSm90
@@ -229,9 +229,8 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
     # ------------------------------------------------------------------ loads
     @cute.jit
     def seqlen_of(self, mSeqlens: cute.Tensor, max_blocks: Int32, r: Int32) -> Int32:
-        """Request r's length, clamped to what its block table row can hold, so that no
-        length, however wrong, makes a kernel read past the table."""
-        return cutlass.min(cutlass.max(mSeqlens[r], 0), max_blocks * PAGE)
+        """Request r's length, clamped to what its block table row can hold."""
+        return clamped_seqlen(mSeqlens, r, max_blocks * PAGE)
 
     @cute.jit
     def load_tiles(self, loads, hk: Int32, r: Int32, blk: Int32, buf: cutlass.Constexpr[int],
