@@ -125,17 +125,18 @@ c2)
     sparse_tests q-c2 c2
     ab q-c2 q c2 1 no "h_q=8 " "h_q=16 "
     ;;
-dense)
-    (cd scratch/dense && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" \
+dense)  # dense [TREE]: the dense tree, or qd (q-ahead-dense.patch) once q-ahead has won
+    dt=${2:-dense}
+    (cd scratch/$dt && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" \
         tests/test_dense_decode.py -k "h8-kv1 or h16-kv1 or small_heads" -o timeout=60 > "$OUT/dense-tests.log" 2>&1)
     echo "dense tests rc=$? $(tail -n 1 "$OUT/dense-tests.log") $(took)"
-    (cd scratch/dense && PYTHONPATH=. compute-sanitizer --tool memcheck --report-api-errors no \
+    (cd scratch/$dt && PYTHONPATH=. compute-sanitizer --tool memcheck --report-api-errors no \
         python -m pytest -q -p no:cacheprovider tests/test_dense_decode.py -k "small_heads and not 64-row" \
         > "$OUT/dense-memcheck.log" 2>&1)
     echo "dense memcheck rc=$? $(grep -c 'Invalid' "$OUT/dense-memcheck.log") invalid," \
         "$(tail -n 1 "$OUT/dense-memcheck.log") $(took)"
     # the s_q 1 small-head dense cases (the route's), b 32, 64 and 128
-    AB_OLD_ENV=CUTE_MLA_DENSE_HEADS=0 ab dense dense dense 2 yes "s_q=1 s_k=8192 h_q=8 h_kv" \
+    AB_OLD_ENV=CUTE_MLA_DENSE_HEADS=0 ab "$dt" "$dt" dense 2 yes "s_q=1 s_k=8192 h_q=8 h_kv" \
         "s_q=1 s_k=8192 h_q=16 h_kv" "s_q=1 s_k=2048 h_q=8 h_kv"
     ;;
 *)
