@@ -149,7 +149,9 @@ def _plan_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, num_splits,
     _check_dense_decode(q, k_cache, block_table, cache_seqlens)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    return plans.DenseDecodePlan(q, k_cache, block_table, cache_seqlens, softmax_scale, causal, config)
+    heads = plans.dense_heads(k_cache.shape[2], q.shape[2], q.shape[1])
+    plan = plans.DenseDecodeHeadsPlan if heads else plans.DenseDecodePlan
+    return plan(q, k_cache, block_table, cache_seqlens, softmax_scale, causal, config)
 
 
 def _check_dense_decode(q, k_cache, block_table, cache_seqlens) -> None:

@@ -29,8 +29,8 @@ import torch
 from cute_mla import driver, launcher, registry
 from cute_mla.ops import DTYPE_NAMES
 from cute_mla.sched_meta import FlashMLASchedMeta, KeptWorkspace, require_sched_meta
-from cute_mla.layouts.constants import (BLOCK_M, BLOCK_N, D_V, PAGE_BLOCK_SIZE, SCHED_META_FIELDS,
-                                        SPARSE_DECODE_SMALL_HEADS, SPLIT_COUNTS)
+from cute_mla.layouts.constants import (BLOCK_M, BLOCK_N, D_V, DENSE_DECODE_SMALL_HEADS, PAGE_BLOCK_SIZE,
+                                        SCHED_META_FIELDS, SPARSE_DECODE_SMALL_HEADS, SPLIT_COUNTS)
 from cute_mla.schedules import decode_plan, grids
 
 
@@ -391,6 +391,47 @@ class DenseDecodePlan(SplitKvPlan):
             softmax_scale=float(softmax_scale), causal=int(bool(causal) and s_q > 1), heads_per_kv=h_q // h_kv,
             **templates)
         self.bind_launches(self.main)
+
+    def plan_lengths(self, cache_seqlens: torch.Tensor) -> torch.Tensor:
+        """The scheduler plans ``cache_seqlens`` as given (it clamps them as the kernel does)."""
+        return cache_seqlens
+
+
+DENSE_HEADS_ENV = "CUTE_MLA_DENSE_HEADS"
+
+
+def dense_heads(h_kv: int, h_q: int, s_q: int) -> bool:
+    """Whether a dense decode plan runs the small-head kernel (``DenseDecodeHeadsPlan``): h_kv 1,
+    h_q one of ``DENSE_DECODE_SMALL_HEADS`` and s_q 1.  A CTA there is one query token, so at s_q
+    2 two CTAs would stream each page where the 64-row kernel streams it once for both tokens'
+    rows.  CUTE_MLA_DENSE_HEADS (read when a plan is made) overrides, to time the two kernels
+    against each other: 0 never, 1 at any s_q."""
+    env = os.environ.get(DENSE_HEADS_ENV)
+    if env == "0" or h_kv != 1 or h_q not in DENSE_DECODE_SMALL_HEADS:
+        return False
+    return s_q == 1 or env == "1"
+
+
+class DenseDecodeHeadsPlan(SplitKvPlan):
+    """SM90 dense decode of h_kv 1 and h_q 8 / 16 on the small-head kernel
+    (``kernels.sm90.dense_decode_heads``): split kernel + combine over the schedule of
+    ``cache_seqlens``, a row block a query token."""
+
+    LENGTHS = slice(3, 4)  # the length arguments among ``DECODE_ARGS``: cache_seqlens
+
+    def __init__(self, q, k_cache, block_table, cache_seqlens, softmax_scale: float, causal: bool,
+                 config: FlashMLASchedMeta.Config):
+        _, s_q, h_q, _ = q.shape
+        super().__init__(q, config, 1, decode_plan.FIXED_OVERHEAD_BLOCKS, block_table.shape[1] * PAGE_BLOCK_SIZE,
+                         token_rows=BLOCK_M)
+        templates = self.templates(cache_seqlens)
+        out, lse = self.outputs()
+        self.main = launcher.prepare(
+            "dense_decode_heads_sm90", {"dtype": DTYPE_NAMES[q.dtype], "heads": h_q},
+            grids.split_kv(self.parts, 1, s_q * BLOCK_M), device_index=self.device_index,
+            q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse,
+            softmax_scale=float(softmax_scale), causal=int(bool(causal) and s_q > 1), **templates)
+        self.prepare_combine(out, lse, None, templates)
 
     def plan_lengths(self, cache_seqlens: torch.Tensor) -> torch.Tensor:
         """The scheduler plans ``cache_seqlens`` as given (it clamps them as the kernel does)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from cute_mla.layouts import operands
-from cute_mla.layouts.constants import SPARSE_DECODE_SMALL_HEADS
+from cute_mla.layouts.constants import DENSE_DECODE_SMALL_HEADS, SPARSE_DECODE_SMALL_HEADS
 
 ARCHS = ("sm_90a", "sm_100a")
 # compute capability (major, minor) -> cubin architecture
@@ -85,6 +85,14 @@ KERNELS: tuple[KernelDef, ...] = (
         args=operands.sparse_decode_heads_args,
         variants=tuple({"fmt": f, "matmul": m, "heads": h} for f in ("V32", "MODEL1") for m in SPARSE_DECODE_MATMULS
                        for h in SPARSE_DECODE_SMALL_HEADS),
+    ),
+    KernelDef(
+        name="dense_decode_heads_sm90",
+        perf_name="dense_decode",
+        source="cute_mla.kernels.sm90.dense_decode_heads:DenseDecodeHeadsSm90",
+        archs=("sm_90a",),
+        args=operands.dense_decode_heads_args,
+        variants=tuple({"dtype": d, "heads": h} for d in ("bf16", "fp16") for h in DENSE_DECODE_SMALL_HEADS),
     ),
     KernelDef(
         name="combine",

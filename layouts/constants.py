@@ -16,6 +16,8 @@ SPARSE_PREFILL_HEAD_BLOCK = BLOCK_M  # query heads per CTA of the sparse prefill
 # kernel: on the one-warpgroup heads kernel it built without spilling, but ran 0.70-0.80x the
 # 64-row kernel's speed at b 32 and on MODEL1, 1.05x only at V32 b 128 (session 19).
 SPARSE_DECODE_SMALL_HEADS = (8, 16)
+# h_q the small-head dense decode kernel is built for (h_kv 1; the same consumer, so the same N)
+DENSE_DECODE_SMALL_HEADS = SPARSE_DECODE_SMALL_HEADS
 COMBINE_HEADS_PER_CTA = 4  # the combine kernel runs one warp per head row
 
 # ``sched_meta[part]``: SCHED_META_FIELDS int32 fields, named below (``schedules.decode_plan``

@@ -97,9 +97,9 @@ def paged_kv_probe_args(dtype: str, d: int):
     )
 
 
-def dense_decode_args(dtype: str, d_qk: int = 576, cluster_rows: int = 1):
-    """SM90 dense decode (kernels.sm90.dense_decode), host order = kernel parameter order (the
-    same for either ``cluster_rows``)."""
+def dense_decode_io(dtype: str, d_qk: int = 576):
+    """What both dense decode kernels take first: q, the paged cache, its table and lengths, the
+    schedule, the outputs."""
     return (
         # (b, s_q, h_q, d_qk) queries; any strides with 16-byte aligned rows
         TensorArg("q", dtype, ("b", "s_q", "h_q", d_qk), ("qb", "qs", "qh", 1),
@@ -114,11 +114,27 @@ def dense_decode_args(dtype: str, d_qk: int = 576, cluster_rows: int = 1):
         TensorArg("out", dtype, ("b", "s_q", "h_q", D_V), ("ob", "os", "oh", 1),
                   divisibility=(("ob", 8), ("os", 8), ("oh", 8))),
         TensorArg("lse", "f32", ("b", "h_q", "s_q"), ("lb", "lh", 1), align=4),
-    ) + split_kv_partials() + (
+    ) + split_kv_partials()
+
+
+def dense_decode_args(dtype: str, d_qk: int = 576, cluster_rows: int = 1):
+    """SM90 dense decode (kernels.sm90.dense_decode), host order = kernel parameter order (the
+    same for either ``cluster_rows``)."""
+    return dense_decode_io(dtype, d_qk) + (
         split_counters(),
         ScalarArg("softmax_scale", "f32"),
         ScalarArg("causal"),
         ScalarArg("heads_per_kv"),
+    )
+
+
+def dense_decode_heads_args(dtype: str, heads: int = 16):
+    """The small-head dense decode (kernels.sm90.dense_decode_heads), h_kv 1: dense decode's
+    operands less its merge counters and heads_per_kv (its splits go to the combine kernel); h_q
+    stays a dynamic extent, the variant's ``heads`` is its MMA N."""
+    return dense_decode_io(dtype) + (
+        ScalarArg("softmax_scale", "f32"),
+        ScalarArg("causal"),
     )
 
 

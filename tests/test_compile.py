@@ -115,6 +115,11 @@ SASS_EXPECT = {
     # hardware, bf16 RoPE by cp.async, bf16 output 16 bytes a lane; then per matmul type (below)
     "sparse_decode_sm90": (["STG.E.128", "tnspB", "F2FP.F16.E4M3.UNPACK_B", "F2FP.BF16.F32.PACK_AB", "LDG.E.128",
                             "LDGSTS.E.BYPASS.128", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
+    # heads on N, dense: the same consumer; whole pages by TMA (4-D, the paged view) from one
+    # producer warp; tail rows' V zeroed by 16-byte shared stores
+    "dense_decode_heads_sm90": ([r"re:HGMMA\.64x(8|16)x16\.F32", "tnspA", "UTMALDG.4D", "STS.128",
+                                 "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"],
+                                ["LDL", "STL", "HGMMA.64x256x16", "F2FP.F16.E4M3"]),
     # heads on N: S^T = K Q^T as 64 x h_q MMAs, O^T = V^T P^T with V^T an MN-major A operand
     # (tnspA), the same producer
     "sparse_decode_heads_sm90": ([r"re:HGMMA\.64x(8|16)x16\.F32", "tnspA", "F2FP.F16.E4M3.UNPACK_B",

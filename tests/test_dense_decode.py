@@ -48,8 +48,9 @@ def _valid(h_q, h_kv):
     return h_q % h_kv == 0
 
 
-FULL_GRID = [c for c in itertools.product([1, 2, 6, 64], [1, 2, 4], [20, 140, 4096], [1, 3, 9, 63, 64, 126, 128],
-                                          [1, 2, 3, 8], [False, True], [False, True]) if _valid(c[3], c[4])]
+FULL_GRID = [c for c in itertools.product([1, 2, 6, 64], [1, 2, 4], [20, 140, 4096],
+                                          [1, 3, 8, 9, 16, 63, 64, 126, 128], [1, 2, 3, 8], [False, True],
+                                          [False, True]) if _valid(c[3], c[4])]
 FAST = [
     # b, s_q, s_k, h_q, h_kv, varlen, causal
     (1, 1, 20, 1, 1, False, False),
@@ -63,6 +64,10 @@ FAST = [
     (2, 1, 140, 64, 8, True, False),
     (64, 2, 140, 16, 1, True, True),
     (64, 1, 4096, 128, 1, True, False),
+    # h_kv 1, h_q 8 / 16, s_q 1: the small-head kernel (``kernels.sm90.dense_decode_heads``)
+    (6, 1, 4096, 8, 1, True, False),
+    (6, 1, 700, 16, 1, True, True),
+    (9, 1, 20, 16, 1, True, False),
 ]
 
 
@@ -99,6 +104,25 @@ def _dense_kernel_keys(monkeypatch):
                         lambda self, *a, **k: (keys.append(self.kernel.key), run(self, *a, **k))[1])
     monkeypatch.setattr(api, "_DECODE_PLANS", plans.PlanCache())
     return keys
+
+
+@pytest.mark.parametrize("route", ["heads", "64-row"])
+@pytest.mark.parametrize("h_q", [8, 16])
+def test_small_heads_both_kernels(monkeypatch, route, h_q):
+    """h_kv 1 with 8 or 16 query heads: the small-head kernel and the combine (forced at every
+    s_q by CUTE_MLA_DENSE_HEADS=1, so causal query tokens are covered), and the 64-row kernel
+    (CUTE_MLA_DENSE_HEADS=0), which must stay right there too.  Cases with splits (b 2 of 4096
+    keys), causal query tokens, keys ending mid-page, a page's NaN tail."""
+    from cute_mla import plans
+
+    monkeypatch.setenv(plans.DENSE_HEADS_ENV, "1" if route == "heads" else "0")
+    keys = _dense_kernel_keys(monkeypatch)
+    for seed, (b, s_q, s_k, causal) in enumerate([(2, 1, 4096, False), (2, 2, 4096, True), (9, 3, 333, True),
+                                                   (64, 1, 777, False), (4, 4, 20, True)]):
+        run_case(b, s_q, s_k, h_q, 1, True, causal, seed=70 + seed, data=SHARP[0] if seed % 2 else SOFT)
+        run_case(b, s_q, s_k, h_q, 1, True, causal, dtype=torch.float16, seed=80 + seed)
+    kernels = {k.split("__")[0] for k in keys} - {"decode_scheduler", "combine"}
+    assert kernels == ({"dense_decode_heads_sm90"} if route == "heads" else {"dense_decode_sm90"}), keys
 
 
 @pytest.mark.parametrize("cap,expected", [("1", (1, 1, 1)), ("2", (2, 2, 1)), ("4", (4, 2, 1))])

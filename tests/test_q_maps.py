@@ -17,9 +17,10 @@ import pytest
 pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl (the build extra) is not installed")
 
 from cute_mla.kernels.common import mma_sm90  # noqa: E402
-from cute_mla.kernels.sm90 import mla_consumers  # noqa: E402
+from cute_mla.kernels.sm90 import heads_consumer, mla_consumers  # noqa: E402
 from cute_mla.kernels.sm90.dense_decode import DenseDecodeSm90  # noqa: E402
 from cute_mla.kernels.sm90.sparse_decode import SparseDecodeSm90  # noqa: E402
+from cute_mla.kernels.sm90.sparse_decode_heads import SparseDecodeHeadsSm90  # noqa: E402
 from cute_mla.kernels.sm90.sparse_prefill import SparsePrefillSm90  # noqa: E402
 
 
@@ -71,6 +72,7 @@ def python_swizzle(monkeypatch):
     """The maps call the jitted swizzle; here its Python body, on integers."""
     plain = mma_sm90.swizzle_128b.__wrapped__
     monkeypatch.setattr(mla_consumers, "swizzle_128b", plain)
+    monkeypatch.setattr(heads_consumer, "swizzle_128b", plain)
 
 
 @pytest.mark.parametrize("make", [lambda: SparseDecodeSm90("V32", "f16"), lambda: SparseDecodeSm90("V32", "bf16"),
@@ -81,6 +83,16 @@ def python_swizzle(monkeypatch):
 def test_64_row_map_covers_the_tile_once_at_the_operand_addresses(make):
     kernel = make()
     check_map(kernel, 64, kernel.consumer_threads)
+
+
+@pytest.mark.parametrize("fmt", ["V32", "MODEL1"])
+@pytest.mark.parametrize("matmul", ["f16", "bf16"])
+@pytest.mark.parametrize("heads", [8, 16])
+def test_qt_map_covers_the_tile_once_at_the_operand_addresses(fmt, matmul, heads):
+    """The small-head kernel's Q^T tile: N rows (one a head), 128 / N threads a row, whose last step
+    runs past the row (V32: 72 pieces a row, 8 or 16 threads) and copies nothing there."""
+    kernel = SparseDecodeHeadsSm90(fmt, matmul, heads)
+    check_map(kernel, heads, kernel.consumer_threads)
 
 
 def test_rounding_follows_tail_start():

@@ -36,12 +36,11 @@ from cutlass.cute.nvgpu import warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from cute_mla.kernels.common import named_barrier
-from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
-from cute_mla.kernels.common.gmem import load_16B, store_16B_shared
 from cute_mla.kernels.common.mma_sm90 import gemm, swizzle_128b
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.softmax import LOG2_E, Softmax, output_lse
-from cute_mla.kernels.sm90.split_kv_decode import DecodePart
+from cute_mla.kernels.sm90.mla_consumers import QChunk, QShare
+from cute_mla.kernels.sm90.split_kv_decode import DecodePart, QTile
 from cute_mla.layouts.constants import BLOCK_N, D_V, SM90_SMEM_BYTES
 
 
@@ -61,7 +60,9 @@ class HeadsOnN:
     """Mixin: the one-warpgroup consumer with the heads on N (see the module docstring), for a
     ``SplitKvDecodeSm90`` with ``threads`` 256 (a producer warpgroup and this one) and
     ``consumer_threads`` 128.  The kernel supplies ``piece(lengths, sched, r, begin_req)`` and
-    fills each stage's ``sMask`` (``mask_logits``)."""
+    its keys' mask: ``piece_keys`` (a piece's), ``block_mask`` (a block's, from them),
+    ``mask_logits`` (applied to S^T) and ``clear_masked_v`` (masked rows' V, where they may hold
+    anything)."""
 
     threads = 256  # the producer warpgroup and one consumer warpgroup
     consumer_threads = 128
@@ -159,25 +160,32 @@ class HeadsOnN:
             vals[cs] = v
 
     @cute.jit
-    def load_qt(self, mQ: cute.Tensor, sQ: cute.Tensor, r: Int32, iq: Int32, ctid: Int32):
-        """Q^T of query token iq: head n's 576 (512) values into row n of sQ^T, 16 bytes per
-        thread and step (rounded to f16 below ``tail_start`` for f16 matmuls)."""
-        named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
+    def q_share(self, sQ: cute.Tensor, ctid: Int32) -> QShare:
+        """This thread's share of Q^T (head n's 576 (512) values into row n of sQ^T): 128 / N
+        threads share a row; thread t takes its row's 16-byte pieces p0 + (128 / N) j, p0 =
+        t % (128 / N).  Piece c of row n lies in 64-column tile c // 8 (all N rows, each row
+        one 128-byte line), piece c % 8 of the line; 128 / N is a multiple of 8, so step j
+        adds (128 / N) / 8 whole tiles, and each of the thread's global and shared addresses
+        is one register plus a constant.  The last step's pieces may lie past the row's end."""
         per_row = self.d * 2 // 16
-        base = sQ.iterator.toint()
-        for idx in cutlass.range(ctid, self.heads * per_row, self.consumer_threads, unroll=1):
-            n = idx // per_row
-            c = idx - n * per_row
-            buf = cute.make_rmem_tensor(cute.make_layout(4), Int32)
-            load_16B(mQ[r, iq, n, None].iterator.toint() + Int64(16 * c), buf)
-            if cutlass.const_expr(mQ.element_type != self.dtype):
-                if c * 8 < self.tail_start:
-                    for i in cutlass.range_constexpr(4):
-                        buf[i] = bf16x2_to_f16x2(buf[i])
-            tile = c // 8  # 64-column tiles of all N rows, each row one 128-byte line
-            store_16B_shared(buf, base + swizzle_128b((tile * self.heads + n) * 128 + (c - tile * 8) * 16))
-        cute.arch.fence_proxy("async.shared", space="cta")
-        named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
+        share = self.consumer_threads // self.heads
+        steps = (per_row + share - 1) // share
+        # a step's pieces all lie on one side of tail_start, and a step moves whole swizzle atoms
+        assert self.tail_start == self.d or self.tail_start // 8 % share == 0
+        assert share % 8 == 0 and (share // 8) * self.heads * 128 % 1024 == 0
+        n = ctid // share
+        p0 = ctid - n * share
+        dst0 = sQ.iterator.toint() + swizzle_128b(((p0 // 8) * self.heads + n) * 128 + (p0 % 8) * 16)
+        return QShare(n, Int64(16 * p0),
+                      [QChunk(16 * share * j, dst0 + (share // 8) * j * self.heads * 128,
+                              True if (j + 1) * share <= per_row else p0 + share * j < per_row,
+                              min(share * (j + 1), per_row) * 8 <= self.tail_start)
+                       for j in range(steps)])
+
+    def q_row(self, mQ: cute.Tensor, where: QTile, row: Int32):
+        """Row ``row`` of the CTA's Q^T tile: head ``row`` of query token ``where.row_block``
+        (a query token a row block); every head exists."""
+        return mQ[where.request, where.row_block, row, None], True
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
@@ -203,21 +211,32 @@ class HeadsOnN:
         iq = mblk  # one row block per query token
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         begin_req = sched.begin_req()
-        for r in cutlass.range(begin_req, sched.end_req() + 1, unroll=1):
+        end_req = sched.end_req()
+        # Q^T comes by cp.async, the next piece's during this piece's epilogue (a load per piece
+        # at its start paid a global latency there; session 20)
+        share = self.q_share(sQ, ctid)
+        if begin_req <= end_req:
+            self.fetch_q(mQ, QTile(begin_req, 0, iq, N), share, False)
+        for r in cutlass.range(begin_req, end_req + 1, unroll=1):
             lo, hi, split = self.piece(lengths, sched, r, begin_req)
-            self.load_qt(mQ, sQ, r, iq, ctid)
+            keys = self.piece_keys(lengths, sMask, r, iq)
+            self.finish_q(share, mQ.element_type)
             acc_o = thr_pv.make_fragment_C(thr_pv.partition_shape_C((D_V, N)))
             acc_o.fill(0.0)
             softmax = HeadSoftmax.create(N // 4, scale_log2)
             if cutlass.const_expr(self.overlap):
                 # rebound: the DSL carries the state out of the callee's branch as a new object
-                state = self.blocks_overlapped(tSrK, tSrQ, tScS, tOrP, acc_o, softmax, sK, sP, sRed, sMask,
+                state = self.blocks_overlapped(tSrK, tSrQ, tScS, tOrP, acc_o, softmax, sK, sP, sRed, keys,
                                                sV_layout, kv_pipe, state, lo, hi, warp, lane, ctid)
             else:
                 for blk in cutlass.range(lo, hi, unroll=1):
-                    self.attend_block(tSrK, tSrQ, tScS, tOrP, acc_o, softmax, sK, sP, sRed, sMask, sV_layout,
-                                      kv_pipe, state, warp, lane, ctid)
+                    self.attend_block(tSrK, tSrQ, tScS, tOrP, acc_o, softmax, sK, sP, sRed,
+                                      self.block_mask(keys, blk), sV_layout, kv_pipe, state, warp, lane, ctid)
                     state.advance()
+            # every warp is past its last MMA once the head sums are reduced: sQ^T is free
+            self.head_reduce(softmax.row_sum, sRed, warp, lane, False)
+            if r < end_req:
+                self.fetch_q(mQ, QTile(r + 1, 0, iq, N), share, False)
             self.epilogue_t(acc_o, tOcO, softmax, sRed, mOut, mLse, mOAccum, mLseAccum, r, iq, warp, lane,
                             sched.splits(r), sched.split_row(r, split), mSink, has_sink)
 
@@ -252,13 +271,13 @@ class HeadsOnN:
         warpgroup.commit_group()
 
     @cute.jit
-    def softmax_to_p(self, acc_s, tScS, softmax: HeadSoftmax, sP, sRed, sMask, stage: Int32, buf: Int32,
+    def softmax_to_p(self, acc_s, tScS, softmax: HeadSoftmax, sP, sRed, mask, stage: Int32, buf: Int32,
                      warp: Int32, lane: Int32) -> cute.Tensor:
         """S^T (finished), masked (``mask_logits``) -> the block's online softmax of every head (a
         column), in base 2 -> P^T into buffer ``buf``, fenced for the MMAs.  Returns each
         head's factor for O^T; the caller syncs ``P_READY`` before P^T is read."""
         N = self.heads
-        self.mask_logits(acc_s, tScS, sMask, stage)
+        self.mask_logits(acc_s, tScS, mask, stage)
         blk_max = cute.make_rmem_tensor(cute.make_layout(N // 4), Float32)
         blk_max.fill(-Float32.inf)
         softmax.block_max(acc_s, blk_max)
@@ -270,21 +289,31 @@ class HeadsOnN:
         cute.arch.fence_proxy("async.shared", space="cta")
         return alpha
 
-    def clear_masked_v(self, sK: cute.Tensor, sMask: cute.Tensor, stage: Int32, ctid: Int32):
+    def piece_keys(self, lengths, sMask, r: Int32, iq: Int32):
+        """What masks the keys of this CTA's piece of request r (query token ``iq``): by default
+        ``sMask``, the stages' logit biases a gathering producer writes."""
+        return sMask
+
+    def block_mask(self, keys, blk: Int32):
+        """The mask of block ``blk`` of the piece (``mask_logits``, ``clear_masked_v``): by
+        default the piece's keys as they are."""
+        return keys
+
+    def clear_masked_v(self, sK: cute.Tensor, mask, stage: Int32, ctid: Int32):
         """Before O^T reads the stage: a kernel whose masked tokens' rows may hold anything (NaN
         times a zero P is NaN) zeroes their V columns here, fenced; the gathered kernels never
         load such a row (its zeros are stored), so by default nothing."""
 
     @cute.jit
-    def attend_block(self, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK, sP, sRed, sMask, sV_layout,
+    def attend_block(self, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK, sP, sRed, mask, sV_layout,
                      kv_pipe, state, warp: Int32, lane: Int32, ctid: Int32):
         """One block, start to end: S^T, softmax, P^T, O^T (two KV stages)."""
         kv_pipe.consumer_wait(state)
         stage = state.index
         acc_s = self.issue_st(tSrK, tSrQ, stage, ctid)
         warpgroup.wait_group(0)
-        alpha = self.softmax_to_p(acc_s, tScS, softmax, sP, sRed, sMask, stage, 0, warp, lane)
-        self.clear_masked_v(sK, sMask, stage, ctid)
+        alpha = self.softmax_to_p(acc_s, tScS, softmax, sP, sRed, mask, stage, 0, warp, lane)
+        self.clear_masked_v(sK, mask, stage, ctid)
         softmax.rescale_o(acc_o, alpha, skip_settled=False)
         named_barrier.sync(NamedBarrier.P_READY, self.consumer_threads)
         self.issue_pv(tOrP, acc_o, sK, sV_layout, stage, 0, ctid)
@@ -292,7 +321,7 @@ class HeadsOnN:
         kv_pipe.consumer_release(state)
 
     @cute.jit
-    def blocks_overlapped(self, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK, sP, sRed, sMask, sV_layout,
+    def blocks_overlapped(self, tSrK, tSrQ, tScS, tOrP, acc_o, softmax: HeadSoftmax, sK, sP, sRed, keys, sV_layout,
                           kv_pipe, state, lo: Int32, hi: Int32, warp: Int32, lane: Int32, ctid: Int32):
         """Blocks [lo, hi) with block j's O^T MMAs in flight while block j + 1's S^T is
         finished and its softmax runs (three or more KV stages: the warpgroup holds blocks j
@@ -302,8 +331,9 @@ class HeadsOnN:
             kv_pipe.consumer_wait(state)
             acc_s = self.issue_st(tSrK, tSrQ, state.index, ctid)
             warpgroup.wait_group(0)
-            self.softmax_to_p(acc_s, tScS, softmax, sP, sRed, sMask, state.index, 0, warp, lane)  # O^T is 0
-            self.clear_masked_v(sK, sMask, state.index, ctid)
+            mask = self.block_mask(keys, lo)
+            self.softmax_to_p(acc_s, tScS, softmax, sP, sRed, mask, state.index, 0, warp, lane)  # O^T is 0
+            self.clear_masked_v(sK, mask, state.index, ctid)
             named_barrier.sync(NamedBarrier.P_READY, self.consumer_threads)
             for blk in cutlass.range(lo + 1, hi, unroll=1):
                 nxt = state.clone()
@@ -312,9 +342,10 @@ class HeadsOnN:
                 acc_n = self.issue_st(tSrK, tSrQ, nxt.index, ctid)
                 self.issue_pv(tOrP, acc_o, sK, sV_layout, state.index, (blk - lo - 1) % 2, ctid)
                 warpgroup.wait_group(1)
-                alpha = self.softmax_to_p(acc_n, tScS, softmax, sP, sRed, sMask, nxt.index, (blk - lo) % 2, warp,
+                mask = self.block_mask(keys, blk)
+                alpha = self.softmax_to_p(acc_n, tScS, softmax, sP, sRed, mask, nxt.index, (blk - lo) % 2, warp,
                                           lane)
-                self.clear_masked_v(sK, sMask, nxt.index, ctid)  # block j's O^T reads the other stage
+                self.clear_masked_v(sK, mask, nxt.index, ctid)  # block j's O^T reads the other stage
                 warpgroup.wait_group(0)
                 kv_pipe.consumer_release(state)
                 state.advance()
@@ -330,14 +361,18 @@ class HeadsOnN:
     def epilogue_t(self, acc_o, tOcO, softmax: HeadSoftmax, sRed, mOut, mLse, mOAccum, mLseAccum, r: Int32,
                    iq: Int32, warp: Int32, lane: Int32, nsplits: Int32, split_row: Int32, mSink: cute.Tensor,
                    has_sink: Int32):
-        """As ``SplitKvDecodeSm90.epilogue``, from O^T: finalise (one split: O / sum, the
-        sink, natural-log lse) or write the split's partial O and base-2 lse."""
+        """As ``SplitKvDecodeSm90.epilogue``, from O^T, the head sums already reduced
+        (``head_reduce``): finalise (one split: O / sum, the sink, natural-log lse) or write the
+        split's partial O and base-2 lse."""
         N = self.heads
         h_q = mOut.shape[2]
-        self.head_reduce(softmax.row_sum, sRed, warp, lane, False)
-        # a finalised column is scaled by its head's sink (a column past h_q reads the last head's)
-        heads = [cutlass.min(self.column_of(cs, lane), h_q - 1) for cs in range(N // 4)]
-        lse2, inv = softmax.finalize(lambda cs: mSink[heads[cs]], lambda: (nsplits == 1) & (has_sink != 0))
+        # a finalised column is scaled by its head's sink (a column past h_q reads the last head's);
+        # a kernel without sinks passes mSink None
+        sink_of = None
+        if cutlass.const_expr(mSink is not None):
+            heads = [cutlass.min(self.column_of(cs, lane), h_q - 1) for cs in range(N // 4)]
+            sink_of = lambda cs: mSink[heads[cs]]  # noqa: E731
+        lse2, inv = softmax.finalize(sink_of, lambda: (nsplits == 1) & (has_sink != 0))
         n_o = cute.size(acc_o, mode=[0])
         for k in cutlass.range_constexpr(cute.size(acc_o)):
             d, n = tOcO[k]

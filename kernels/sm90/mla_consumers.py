@@ -31,7 +31,7 @@ from cutlass.tensor_utils import LayoutEnum
 from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
-from cute_mla.kernels.common.gmem import copy_16B_async, load_16B, store_16B_shared
+from cute_mla.kernels.common.gmem import copy_16B_async, load_16B, load_16B_shared, store_16B_shared
 from cute_mla.kernels.common.mma_sm90 import gemm, swizzle_128b
 from cute_mla.kernels.common.softmax import Softmax
 
@@ -43,13 +43,14 @@ class QChunk(NamedTuple):
 
     src: int  # byte offset from the share's first chunk in its global row
     dst: Any  # shared address (Int32)
+    exists: Any  # True, or a runtime Boolean: the chunk lies inside its row
     rounded: bool  # below ``tail_start``: rounded to f16 where a bf16 Q meets f16 matmuls
 
 
 class QShare(NamedTuple):
     """A consumer thread's share of a Q tile copy (``q_share``): the tile row it copies, the
-    byte offset of its first chunk in that row, its chunks.  ``load_q`` and sparse prefill's
-    copy both move Q by it."""
+    byte offset of its first chunk in that row, its chunks.  Kernels differ only in this map;
+    ``load_q``, ``fetch_q`` / ``finish_q`` and sparse prefill's copy all move Q by it."""
 
     row: Any
     src_off: Any
@@ -62,7 +63,9 @@ def copy_q_async(share: QShare, src: Int64):
     committed: the caller waits through a group or an mbarrier)."""
     src = src + share.src_off
     for c in share.chunks:
-        copy_16B_async(src + Int64(c.src), c.dst)
+        if c.exists:
+            copy_16B_async(src + Int64(c.src), c.dst)
+
 
 
 class TwoConsumerMlaSm90:
@@ -171,7 +174,7 @@ class TwoConsumerMlaSm90:
         dst0 = sQ.iterator.toint() + swizzle_128b(row * 128 + 16 * q)
         dst = (dst0, dst0 ^ 64)
         return QShare(row, Int64(16 * q),
-                      [QChunk(64 * j, dst[j % 2] + BLOCK_M * 128 * (j // 2), 32 * j < self.tail_start)
+                      [QChunk(64 * j, dst[j % 2] + BLOCK_M * 128 * (j // 2), True, 32 * j < self.tail_start)
                        for j in range(n_chunks)])
 
     @cute.jit
@@ -211,6 +214,42 @@ class TwoConsumerMlaSm90:
         ``kernels.common.fp8``), rounded only below ``tail_start``."""
         assert q_dtype == cutlass.BFloat16 and self.dtype == cutlass.Float16
         assert self.tail_dtype == q_dtype or self.tail_start == self.d
+
+    @cute.jit
+    def fetch_q(self, mQ: cute.Tensor, where, share: QShare, zero_missing: cutlass.Constexpr[bool]):
+        """``load_q``'s copy by cp.async, as stored (one group a thread; ``finish_q`` waits for
+        it): no registers hold Q on the way, so it can be issued an epilogue early.  The
+        caller makes sure nobody reads sQ any more.  A missing row's chunks are zeros, stored
+        only with ``zero_missing`` (the first fetch: which rows exist does not change between
+        a CTA's pieces in sparse decode, and nothing else writes sQ)."""
+        gq, exists = self.q_row(mQ, where, share.row)
+        if exists:
+            copy_q_async(share, gq.iterator.toint())
+        else:
+            if cutlass.const_expr(zero_missing):
+                zeros = cute.make_rmem_tensor(cute.make_layout(4), Int32)
+                zeros.fill(0)
+                for c in share.chunks:
+                    store_16B_shared(zeros, c.dst)
+        cute.arch.cp_async_commit_group()
+
+    @cute.jit
+    def finish_q(self, share: QShare, q_dtype: cutlass.Constexpr):
+        """Wait for this thread's ``fetch_q`` copies, round its chunks below ``tail_start`` to
+        f16 in place (``load_q``'s rule), then make every thread's chunks visible to the MMAs."""
+        cute.arch.cp_async_wait_group(0)
+        if cutlass.const_expr(q_dtype != self.dtype):
+            self.check_q_rounding(q_dtype)
+            for c in share.chunks:
+                if cutlass.const_expr(c.rounded):
+                    if c.exists:
+                        chunk = cute.make_rmem_tensor(cute.make_layout(4), Int32)
+                        load_16B_shared(c.dst, chunk)
+                        for i in cutlass.range_constexpr(4):
+                            chunk[i] = bf16x2_to_f16x2(chunk[i])
+                        store_16B_shared(chunk, c.dst)
+        cute.arch.fence_proxy("async.shared", space="cta")
+        named_barrier.sync(NamedBarrier.Q_RELOAD, self.consumer_threads)
 
     @cute.jit
     def consumer_fragments(self, qk_mma: cute.TiledMma, pv_mma: cute.TiledMma, sQ: cute.Tensor, sK: cute.Tensor,

@@ -482,14 +482,25 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         token_rows = self.token_rows(mQ)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         begin_req = sched.begin_req()
-        for r in cutlass.range(begin_req, sched.end_req() + 1, unroll=1):
+        end_req = sched.end_req()
+        # Q comes by cp.async, the next piece's during this piece's epilogue (a load at a piece's
+        # start paid a global latency there; session 20).  A tile is the row block's heads of one
+        # query token: (request r, "kv head" 0, h_p rows per token).
+        share = self.q_share(sQ, ctid)
+        if begin_req <= end_req:
+            self.fetch_q(mQ, QTile(begin_req, 0, mblk, token_rows), share, True)
+        for r in cutlass.range(begin_req, end_req + 1, unroll=1):
             lo, hi, split = self.piece(lengths, sched, r, begin_req)
-            # the row block's heads of one query token: (request r, "kv head" 0, h_p rows per token)
-            self.load_q(mQ, sQ, QTile(r, 0, mblk, token_rows), ctid)
+            self.finish_q(share, mQ.element_type)
             acc_o, softmax = self.fresh_rows(thr_pv, scale_log2)
             for blk in cutlass.range(lo, hi, unroll=1):
                 self.attend_gathered_block(qk_mma, pv_mma, qk_tail_mma, tSrQ, tSrK, tScS, tOrP, acc_o, softmax, sK, sP,
                                            sStat, sBias, sV_layout, kv_pipe, state, half, wtid)
                 state.advance()
+            # both consumers waited for their last S before its row maxima were exchanged, so
+            # once the row sums are exchanged sQ is free
+            finished = self.finish_rows(softmax, tOcO, sStat, half, wtid)
+            if r < end_req:
+                self.fetch_q(mQ, QTile(r + 1, 0, mblk, token_rows), share, False)
             self.epilogue(acc_o, tOcO, softmax, sStat, mOut, mLse, mOAccum, mLseAccum, r, 0, mblk, token_rows, half,
-                          sched.splits(r), sched.split_row(r, split), wtid, mSink, has_sink)
+                          sched.splits(r), sched.split_row(r, split), wtid, mSink, has_sink, finished=finished)

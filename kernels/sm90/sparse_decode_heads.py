@@ -25,16 +25,18 @@ class SparseDecodeHeadsSm90(HeadsOnN, SparseDecodeSm90):
 
     def __init__(self, fmt: str, matmul: str = "f16", heads: int = 16):
         assert heads in SPARSE_DECODE_SMALL_HEADS
-        # 256 threads launch with the consumers' 216 registers each, so the producer can hold
-        # its lane's 256 FP8 codes (64 registers) from the gather to the conversion: no staging
-        # round trip through shared memory.  That ran 1.04-1.12x faster on V32 and at h_q 8
-        # (MODEL1 h_q 16 0.97-0.99x; perf/results/NOTES.md, session 19).  Done in each
-        # format's default matmul type (V32 f16, MODEL1 bf16), where ptxas fits it without
-        # local memory at 184 registers; in the other type it spilled a few words at every
-        # count tried from 160 to 216, so that keeps the staging area.  (Set before the base
-        # class checks the register split.)
-        self.raw_in_registers = (matmul == "bf16") == (fmt == "MODEL1")
-        self.regs_producer = 184 if self.raw_in_registers else 96
+        # 256 threads launch with the consumers' 240 registers each (ptxas takes the kernel's
+        # count from the largest setmaxnreg), so the producer can hold its lane's 256 FP8 codes
+        # (64 registers) from the gather to the conversion: no staging round trip through
+        # shared memory.  That ran 1.04-1.12x faster on V32 and at h_q 8 (MODEL1 h_q 16
+        # 0.97-0.99x; perf/results/NOTES.md, session 19).  Producer 192 with consumer 240 leaves
+        # every variant, both matmul types, without local memory: at 216 / 216 the non-default
+        # types spilled at every producer count, and beside 240 consumer registers only producer
+        # counts 192 and 216 of 184-240 were clean everywhere (session 20; ptxas is not monotonic
+        # here).  (Set before the base class checks the split.)
+        self.raw_in_registers = True
+        self.regs_producer = 192
+        self.regs_consumer = 240
         super().__init__(fmt, matmul)
         self.size_ring(heads)
 

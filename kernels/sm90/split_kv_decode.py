@@ -122,13 +122,16 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
     def epilogue(self, acc_o: cute.Tensor, tOcO: cute.Tensor, softmax: Softmax, sStat: cute.Tensor, mOut: cute.Tensor,
                  mLse: cute.Tensor, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, r: Int32, hk: Int32, mblk: Int32,
                  heads_per_kv: Int32, half: Int32, nsplits: Int32, split_row: Int32, wtid: Int32,
-                 mSink: cute.Tensor = None, has_sink: Int32 = 0, tickets=None):
+                 mSink: cute.Tensor = None, has_sink: Int32 = 0, tickets=None, finished=None):
         """Finalise (one split) or write this split's partials (and, with ``tickets``, count
         them for the merge: ``kernels.sm90.split_tickets``).  With ``mSink`` a finalised row
         is scaled by exp(lse) / (exp(lse) + exp(sink)); split partials are left unscaled, the
-        combine applies the sink once."""
+        combine applies the sink once.  ``finished``: ``finish_rows``' result when the caller
+        took it already."""
         neg_inf = -Float32.inf
-        lse2, inv = self.finish_rows(softmax, tOcO, sStat, half, wtid)
+        if cutlass.const_expr(finished is None):
+            finished = self.finish_rows(softmax, tOcO, sStat, half, wtid)
+        lse2, inv = finished
         # This thread's O values lie in 2 rows: (query token, q head, whether it exists) of each
         rows = []
         for h in cutlass.range_constexpr(2):
