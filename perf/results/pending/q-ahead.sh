@@ -123,7 +123,7 @@ c1)
     ;;
 c2)
     sparse_tests q-c2 c2
-    ab q-c2 q c2 1 no "h_q=8 " "h_q=16 "
+    AB_NEW_COMMIT="${C2_COMMIT:-$(cat scratch/base-commit)+q-ahead}+c2" ab q-c2 q c2 1 yes "h_q=8 " "h_q=16 "
     ;;
 dense)  # dense [TREE]: the dense tree, or qd (q-ahead-dense.patch) once q-ahead has won
     dt=${2:-dense}
