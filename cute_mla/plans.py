@@ -359,12 +359,20 @@ def dense_cluster_rows(row_blocks: int) -> int:
     return max(n for n in built if n <= cap and row_blocks % n == 0)
 
 
-class DenseDecodePlan(SplitKvPlan):
+class DenseSplitKvPlan(SplitKvPlan):
+    """What the dense decode plans share: their schedule is that of ``cache_seqlens``."""
+
+    LENGTHS = slice(3, 4)  # the length arguments among ``DECODE_ARGS``: cache_seqlens
+
+    def plan_lengths(self, cache_seqlens: torch.Tensor) -> torch.Tensor:
+        """The scheduler plans ``cache_seqlens`` as given (it clamps them as the kernel does)."""
+        return cache_seqlens
+
+
+class DenseDecodePlan(DenseSplitKvPlan):
     """SM90 dense decode over the schedule of ``cache_seqlens``: one launch, whose CTAs merge
     the split requests themselves (``kernels.sm90.split_tickets``), so a call is one launch
     once its metadata is bound."""
-
-    LENGTHS = slice(3, 4)  # the length arguments among ``DECODE_ARGS``: cache_seqlens
 
     def __init__(self, q, k_cache, block_table, cache_seqlens, softmax_scale: float, causal: bool,
                  config: FlashMLASchedMeta.Config):
@@ -392,10 +400,6 @@ class DenseDecodePlan(SplitKvPlan):
             **templates)
         self.bind_launches(self.main)
 
-    def plan_lengths(self, cache_seqlens: torch.Tensor) -> torch.Tensor:
-        """The scheduler plans ``cache_seqlens`` as given (it clamps them as the kernel does)."""
-        return cache_seqlens
-
 
 DENSE_HEADS_ENV = "CUTE_MLA_DENSE_HEADS"
 
@@ -412,12 +416,10 @@ def dense_heads(h_kv: int, h_q: int, s_q: int) -> bool:
     return s_q == 1 or env == "1"
 
 
-class DenseDecodeHeadsPlan(SplitKvPlan):
+class DenseDecodeHeadsPlan(DenseSplitKvPlan):
     """SM90 dense decode of h_kv 1 and h_q 8 / 16 on the small-head kernel
     (``kernels.sm90.dense_decode_heads``): split kernel + combine over the schedule of
     ``cache_seqlens``, a row block a query token."""
-
-    LENGTHS = slice(3, 4)  # the length arguments among ``DECODE_ARGS``: cache_seqlens
 
     def __init__(self, q, k_cache, block_table, cache_seqlens, softmax_scale: float, causal: bool,
                  config: FlashMLASchedMeta.Config):
@@ -432,10 +434,6 @@ class DenseDecodeHeadsPlan(SplitKvPlan):
             q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse,
             softmax_scale=float(softmax_scale), causal=int(bool(causal) and s_q > 1), **templates)
         self.prepare_combine(out, lse, None, templates)
-
-    def plan_lengths(self, cache_seqlens: torch.Tensor) -> torch.Tensor:
-        """The scheduler plans ``cache_seqlens`` as given (it clamps them as the kernel does)."""
-        return cache_seqlens
 
 
 def sparse_decode_max_length(topk: int, extra_topk: int) -> int:
