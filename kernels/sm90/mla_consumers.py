@@ -67,7 +67,6 @@ def copy_q_async(share: QShare, src: Int64):
             copy_16B_async(src + Int64(c.src), c.dst)
 
 
-
 class TwoConsumerMlaSm90:
     """Base of the SM90 MLA kernels: warpgroup 0 produces KV blocks, warpgroups 1 and 2
     consume them as described in this module's docstring."""

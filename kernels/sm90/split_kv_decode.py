@@ -102,8 +102,6 @@ class SplitKvDecodeSm90(TwoConsumerMlaSm90):
         """``query_of_row`` (the module's function)."""
         return query_of_row(m, hk, heads_per_kv)
 
-
-
     @cute.jit
     def row_exists(self, m: Int32, hq: Int32, mOut: cute.Tensor, heads_per_kv: Int32):
         """Whether query row m (of q head hq, ``query_of_row``) is a real one: within the
