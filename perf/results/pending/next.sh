@@ -1,21 +1,17 @@
 #!/bin/bash
-# The next device session's steps (session 22 left them unrun: the device refused nine starts).
+# Device steps for a session: build here, then one device call a step.
 #
-#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c1,c2,diag-*} with their cubins
+#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,diag-*} with their cubins
 #   then one device call a step, carry ["scratch", ".peers"], back to back (the machine goes back
-#   after 30 s idle), in this order as the budget allows:
-#   bash perf/results/pending/next.sh proof   # main: the whole GPU suite, and the small-head dense
-#                                             # cases (h_kv 1, h_q 8 / 16 / 32) beside FlashMLA
-#   bash perf/results/pending/next.sh c2      # heads-gather-ahead.patch: sparse decode tests, A/B
-#                                             # against main on h_q 8 / 16 beside FlashMLA
-#   bash perf/results/pending/next.sh c1      # model1-pack-halves.patch: MODEL1 tests, bit equality
-#                                             # with main (same_bits.py), A/B on MODEL1
+#   after 30 s idle):
+#   bash perf/results/pending/next.sh proof   # main: the small-head dense cases (h_kv 1, h_q 8 / 16 /
+#                                             # 32) beside FlashMLA, then the whole GPU suite
+#                                             # (136 s on an H100 in session 23; SUITE_S caps it)
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only)
 #
-# proof's report (OUT/grid, recorded as main's commit) is the dense small-head JSON issue 19 asks
-# for; c2's A/B report (OUT/c2-ab/new-0, recorded as main's commit +c2) is committable if c2 lands
-# as it is.  Each step ends by packing OUT into one all.tgz: the run tool returns only a few files.
-# Everything was timed on an H100 in session 22 (NOTES); a cold start costs about 265 s of device time.
+# Each step ends by packing OUT into one all.tgz: the run tool returns only a few files.  The
+# device tree may lack scratch/base-commit (session 23's did): write it in the command.
+# A cold start costs about 265-330 s of device time.
 DIAGS="noconvert nogather nopv"
 DIAG_CASES=("fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=MODEL1 b=32 s_q=1 h_q=16 " "fmt=V32 b=128 s_q=1 h_q=16 "
             "fmt=V32 b=32 s_q=1 h_q=16 ")
@@ -53,11 +49,9 @@ case "${1:-}" in
 build)
     mkdir -p scratch && git rev-parse --short HEAD > scratch/base-commit
     tree main
-    tree c1 model1-pack-halves.patch
-    tree c2 heads-gather-ahead.patch
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
     (cd scratch/main && python -m cute_mla.compile | tail -n 1) &  # both architectures: the wheel test
-    for t in c1 c2 $(for d in $DIAGS; do echo diag-$d; done); do
+    for t in $(for d in $DIAGS; do echo diag-$d; done); do
         (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) &
     done
     wait
@@ -66,22 +60,9 @@ proof)
     (cd scratch/main && PYTHONPATH=. python -m perf --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" \
         --out "$OUT/grid" --filter "h_q=8 h_kv" "h_q=16 h_kv" "h_q=32 h_kv" > "$OUT/grid.log" 2>&1)
     echo "grid rc=$? $(took)"; tail -n 3 "$OUT/grid.log"
-    (cd scratch/main && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" tests \
-        -o timeout=60 > "$OUT/suite.log" 2>&1)
+    (cd scratch/main && PYTHONPATH=. timeout "${SUITE_S:-480}" python -m pytest -q -p no:cacheprovider \
+        -m "full or not full" tests -o timeout=60 --durations=15 > "$OUT/suite.log" 2>&1)
     echo "suite rc=$? $(tail -n 1 "$OUT/suite.log") $(took)"
-    pack
-    ;;
-c2)
-    sparse_tests c2 c2
-    ab c2 main c2 1 "h_q=8 " "h_q=16 "
-    pack
-    ;;
-c1)
-    sparse_tests c1 c1 -k 512
-    (cd scratch/main && PYTHONPATH=. python "$pending/same_bits.py" save "$OUT/bits.pt")
-    (cd scratch/c1 && PYTHONPATH=. python "$pending/same_bits.py" compare "$OUT/bits.pt")
-    echo "same_bits rc=$? $(took)"
-    ab c1 main c1 1 "fmt=MODEL1"
     pack
     ;;
 diag)
@@ -89,7 +70,7 @@ diag)
     pack
     ;;
 *)
-    echo "usage: $0 build|proof|c2|c1|diag" >&2
+    echo "usage: $0 build|proof|diag" >&2
     exit 2
     ;;
 esac
