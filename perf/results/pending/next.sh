@@ -7,6 +7,9 @@
 #   bash perf/results/pending/next.sh proof   # main: the small-head dense cases (h_kv 1, h_q 8 / 16 /
 #                                             # 32) beside FlashMLA, then the whole GPU suite
 #                                             # (136 s on an H100 in session 23; SUITE_S caps it)
+#   bash perf/results/pending/next.sh c3      # branch exp/heads-split-producers: sparse decode tests,
+#                                             # A/B against main at h_q 8 / 16 beside FlashMLA,
+#                                             # memcheck, ncu by role (MODEL1 b 128 h_q 16, main and c3)
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only)
 #
 # Each step ends by packing OUT into one all.tgz: the run tool returns only a few files.  The
@@ -31,6 +34,16 @@ tree() {  # tree NAME PATCH...: scratch/NAME is HEAD with these patches of pendi
     for patch in "$@"; do (cd "scratch/$name" && patch -s -p1 < "$pending/$patch") || exit 1; done
 }
 
+branch_tree() {  # branch_tree NAME BRANCH: scratch/NAME is that branch's tree
+    rm -rf "scratch/$1" && mkdir -p "scratch/$1" && git archive "$2" | tar -x -C "scratch/$1"
+}
+
+prof() {  # prof TREE TAG KERNEL_REGEX CASE: perf.ncu by role, its CSVs kept (not the report)
+    (cd "scratch/$1" && PYTHONPATH=. timeout 120 python -m perf.ncu run "$4" --kernel "$3" --out "$OUT/$2" \
+        > "$OUT/$2.txt" 2>&1)
+    echo "== $2 rc=$? $(took)"; rm -f "$OUT/$2/profile.ncu-rep"
+}
+
 sparse_tests() {  # sparse_tests TREE TAG [PYTEST ARGS]: the whole sparse decode file, full grid
     local t=$1 tag=$2; shift 2
     (cd "scratch/$t" && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" \
@@ -49,9 +62,10 @@ case "${1:-}" in
 build)
     mkdir -p scratch && git rev-parse --short HEAD > scratch/base-commit
     tree main
+    branch_tree c3 exp/heads-split-producers
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
     (cd scratch/main && python -m cute_mla.compile | tail -n 1) &  # both architectures: the wheel test
-    for t in $(for d in $DIAGS; do echo diag-$d; done); do
+    for t in c3 $(for d in $DIAGS; do echo diag-$d; done); do
         (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) &
     done
     wait
@@ -65,12 +79,23 @@ proof)
     echo "suite rc=$? $(tail -n 1 "$OUT/suite.log") $(took)"
     pack
     ;;
+c3)
+    sparse_tests c3 c3
+    ab c3 main c3 2 "h_q=8 " "h_q=16 "
+    (cd scratch/c3 && PYTHONPATH=. timeout 150 compute-sanitizer --tool memcheck --print-limit 5 python -m pytest -q \
+        -p no:cacheprovider tests/test_sparse_decode.py -o timeout=140 \
+        -k "padded_block_stride or strided_q or all_indices_invalid or some_requests_zero" > "$OUT/c3-memcheck.log" 2>&1)
+    echo "c3 memcheck rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/c3-memcheck.log" | tail -n 2) $(took)"
+    prof main m1-main '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
+    prof c3 m1-c3 '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
+    pack
+    ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     pack
     ;;
 *)
-    echo "usage: $0 build|proof|diag" >&2
+    echo "usage: $0 build|proof|c3|diag" >&2
     exit 2
     ;;
 esac
