@@ -1,20 +1,25 @@
 #!/bin/bash
 # Device steps for a session: build here, then one device call a step.
 #
-#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,diag-*} with their cubins
+#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c3,c4,diag-*} with cubins
 #   then one device call a step, carry ["scratch", ".peers"], back to back (the machine goes back
 #   after 30 s idle):
 #   bash perf/results/pending/next.sh proof   # main: the small-head dense cases (h_kv 1, h_q 8 / 16 /
 #                                             # 32) beside FlashMLA, then the whole GPU suite
 #                                             # (136 s on an H100 in session 23; SUITE_S caps it)
-#   bash perf/results/pending/next.sh c3      # branch exp/heads-split-producers: sparse decode tests,
-#                                             # A/B against main at h_q 8 / 16 beside FlashMLA,
-#                                             # memcheck, ncu by role (MODEL1 b 128 h_q 16, main and c3)
+#   bash perf/results/pending/next.sh producers  # branches exp/heads-alt-producers (c4: V32 split,
+#                                             # MODEL1 alternate) and exp/heads-split-producers (c3):
+#                                             # sparse decode tests of both, A/B against main at
+#                                             # h_q 8 / 16 beside FlashMLA (c3 on MODEL1 only: its
+#                                             # V32 cubins are c4's), memcheck of c4, ncu by role
+#                                             # (MODEL1 b 128 h_q 16: main, c4)
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only)
 #
 # Each step ends by packing OUT into one all.tgz: the run tool returns only a few files.  The
 # device tree may lack scratch/base-commit (session 23's did): write it in the command.
-# A cold start costs about 265-330 s of device time.
+# A cold start cost 100-265 s of device time in sessions 22-23.  Never edit a tree under scratch/
+# after build: the launcher refuses cubins whose sources changed (session 23 lost a call to it);
+# if you must, rerun `python -m cute_mla.compile --arch sm_90a` in that tree (incremental).
 DIAGS="noconvert nogather nopv"
 DIAG_CASES=("fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=MODEL1 b=32 s_q=1 h_q=16 " "fmt=V32 b=128 s_q=1 h_q=16 "
             "fmt=V32 b=32 s_q=1 h_q=16 ")
@@ -63,9 +68,10 @@ build)
     mkdir -p scratch && git rev-parse --short HEAD > scratch/base-commit
     tree main
     branch_tree c3 exp/heads-split-producers
+    branch_tree c4 exp/heads-alt-producers
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
     (cd scratch/main && python -m cute_mla.compile | tail -n 1) &  # both architectures: the wheel test
-    for t in c3 $(for d in $DIAGS; do echo diag-$d; done); do
+    for t in c3 c4 $(for d in $DIAGS; do echo diag-$d; done); do
         (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) &
     done
     wait
@@ -79,15 +85,18 @@ proof)
     echo "suite rc=$? $(tail -n 1 "$OUT/suite.log") $(took)"
     pack
     ;;
-c3)
-    sparse_tests c3 c3
-    ab c3 main c3 2 "h_q=8 " "h_q=16 "
-    (cd scratch/c3 && PYTHONPATH=. timeout 150 compute-sanitizer --tool memcheck --print-limit 5 python -m pytest -q \
+producers)
+    sparse_tests c4 c4
+    ab c4 main c4 2 "h_q=8 " "h_q=16 "
+    sparse_tests c3 c3 -k MODEL1
+    ab c3 main c3 2 "fmt=MODEL1 b=32 s_q=1 h_q=8 " "fmt=MODEL1 b=32 s_q=1 h_q=16 " "fmt=MODEL1 b=128 s_q=1 h_q=8 " \
+        "fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=MODEL1 b=128 s_q=2 h_q=16 "
+    (cd scratch/c4 && PYTHONPATH=. timeout 150 compute-sanitizer --tool memcheck --print-limit 5 python -m pytest -q \
         -p no:cacheprovider tests/test_sparse_decode.py -o timeout=140 \
-        -k "padded_block_stride or strided_q or all_indices_invalid or some_requests_zero" > "$OUT/c3-memcheck.log" 2>&1)
-    echo "c3 memcheck rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/c3-memcheck.log" | tail -n 2) $(took)"
+        -k "padded_block_stride or strided_q or all_indices_invalid or some_requests_zero" > "$OUT/c4-memcheck.log" 2>&1)
+    echo "c4 memcheck rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/c4-memcheck.log" | tail -n 2) $(took)"
     prof main m1-main '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
-    prof c3 m1-c3 '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
+    prof c4 m1-c4 '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
     pack
     ;;
 diag)
@@ -95,7 +104,7 @@ diag)
     pack
     ;;
 *)
-    echo "usage: $0 build|proof|c3|diag" >&2
+    echo "usage: $0 build|proof|producers|diag" >&2
     exit 2
     ;;
 esac
