@@ -19,8 +19,9 @@ those CSV files again, on any machine.
   then their total; input set-up kernels (torch's) are left out.
 - stalls: the warp-stall samples of every SASS instruction, split by warp role: the code after
   ``USETMAXREG.DEALLOC`` is the producer's, after ``USETMAXREG.TRY_ALLOC`` the consumers' (the
-  order ptxas lays the two branches out in), before either the common set-up.  Then the
-  instructions with the most samples.  Session 19's attempt to read durations with awk split
+  order ptxas lays the two branches out in), before either the common set-up; each role's
+  stall reasons (long_sb, wait, ...) as shares of its samples.  Then the instructions with the
+  most samples.  Session 19's attempt to read durations with awk split
   the quoted kernel names apart; these read the CSV by its header.
 
 Clocks are left alone (``--clock-control none``), as the device's METHOD.md asks.
@@ -143,6 +144,19 @@ def pipes(text: str) -> list[tuple[str, float]]:
     return sorted(out.items(), key=lambda kv: -kv[1])
 
 
+def _by_role(rows: list[dict], src_c: str):
+    """(role, row) of every SASS row: the code after ``USETMAXREG.DEALLOC`` is the producer's,
+    after ``USETMAXREG.TRY_ALLOC`` the consumers', before either the set-up."""
+    role = "set-up"
+    for row in rows:
+        ins = row[src_c].strip()
+        if "USETMAXREG.DEALLOC" in ins:
+            role = "producer"
+        elif "USETMAXREG.TRY_ALLOC" in ins:
+            role = "consumer"
+        yield role, row
+
+
 def stalls(text: str) -> tuple[dict[str, float], list[tuple[float, str, str, str]]]:
     """(samples per role, [(samples, role, address, instruction)] of every instruction)."""
     rows = _rows(text, "Address")
@@ -151,17 +165,30 @@ def stalls(text: str) -> tuple[dict[str, float], list[tuple[float, str, str, str
     header = list(rows[0])
     addr_c, src_c = _column(header, "Address"), _column(header, "Source")
     samples_c = _column(header, "Warp Stall Sampling (All", "Sampling")
-    role, per_role, per_ins = "set-up", {}, []
-    for row in rows:
-        ins = row[src_c].strip()
-        if "USETMAXREG.DEALLOC" in ins:
-            role = "producer"
-        elif "USETMAXREG.TRY_ALLOC" in ins:
-            role = "consumer"
+    per_role, per_ins = {}, []
+    for role, row in _by_role(rows, src_c):
         n = _number(row[samples_c])
         per_role[role] = per_role.get(role, 0.0) + n
-        per_ins.append((n, role, row[addr_c], ins))
+        per_ins.append((n, role, row[addr_c], row[src_c].strip()))
     return per_role, per_ins
+
+
+def stall_reasons(text: str) -> dict[str, dict[str, float]]:
+    """Per role, the samples of each stall reason (the source page's ``stall_<reason>``
+    columns, all samples; the "(Not Issued)" twins left out): where a role's warps wait, e.g.
+    long_sb for a producer sitting out its gathers (perf/results/NOTES.md, session 23)."""
+    rows = _rows(text, "Address")
+    if not rows:
+        return {}
+    header = list(rows[0])
+    src_c = _column(header, "Source")
+    reasons = [h for h in header if h.startswith("stall_") and "Not Issued" not in h]
+    out: dict[str, dict[str, float]] = {}
+    for role, row in _by_role(rows, src_c):
+        counts = out.setdefault(role, {})
+        for h in reasons:
+            counts[h[len("stall_"):]] = counts.get(h[len("stall_"):], 0.0) + _number(row[h])
+    return out
 
 
 def print_durations(rows: list[tuple[str, float]]) -> None:
@@ -181,10 +208,15 @@ def print_pipes(rows: list[tuple[str, float]]) -> None:
         print(f"{pct:6.1f}%  {metric}")
 
 
-def print_stalls(per_role: dict[str, float], per_ins: list, top: int) -> None:
+def print_stalls(per_role: dict[str, float], per_ins: list, top: int, reasons: dict | None = None) -> None:
     total = sum(per_role.values()) or 1.0
     for role, n in per_role.items():
         print(f"{role:>9}: {n:10.0f} samples  {100 * n / total:5.1f}%")
+        counts = (reasons or {}).get(role, {})
+        own = sum(counts.values())
+        if own:
+            shares = sorted(counts.items(), key=lambda kv: -kv[1])[:6]
+            print(" " * 11 + ", ".join(f"{r} {100 * c / own:.0f}%" for r, c in shares if c))
     for n, role, addr, ins in sorted(per_ins, key=lambda x: -x[0])[:top]:
         print(f"{100 * n / total:5.1f}%  {role:>9}  {addr:>8}  {ins}")
 
@@ -214,7 +246,7 @@ def run(case: str, kernel: str, out: Path, calls: int) -> int:
     per_role, per_ins = stalls(source)
     if not per_ins:  # a format this reader does not know: show it
         print("source.csv holds no table with an Address column; it begins:\n" + source[:800])
-    print_stalls(per_role, per_ins, top=30)
+    print_stalls(per_role, per_ins, top=30, reasons=stall_reasons(source))
     return 0
 
 
@@ -246,7 +278,7 @@ def main(argv=None) -> int:
     elif args.cmd == "pipes":
         print_pipes(pipes(text))
     else:
-        print_stalls(*stalls(text), top=args.top)
+        print_stalls(*stalls(text), top=args.top, reasons=stall_reasons(text))
     return 0
 
 

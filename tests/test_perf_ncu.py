@@ -79,3 +79,17 @@ def test_a_missing_column_names_what_was_there():
     with pytest.raises(KeyError, match="Warp Stall Sampling"):
         ncu.stalls(_csv(["Address", "Source", "Instructions Executed"], [["0x0", "NOP", "1"]], preamble=""))
     assert ncu.stalls(_csv(["Source", "Samples"], [["NOP", "1"]], preamble="")) == ({}, [])  # no header found
+
+
+def test_stall_reasons_per_role_leave_the_not_issued_twins_out():
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "stall_long_sb", "stall_wait",
+              "stall_long_sb (Not Issued)"]
+    rows = [["0x0", "S2R R0, SR_TID.X", "2", "0", "2", "0"],
+            ["0x10", "USETMAXREG.DEALLOC.CTAPOOL 0x88", "0", "0", "0", "0"],
+            ["0x20", "ISETP.GE.AND P2, PT, R29, RZ, PT", "50", "48", "2", "40"],
+            ["0x30", "USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xe8", "0", "0", "0", "0"],
+            ["0x40", "NANOSLEEP.SYNCS 0x989680", "1,000", "990", "10", "900"]]
+    reasons = ncu.stall_reasons(_csv(header, rows, preamble=""))
+    assert reasons == {"set-up": {"long_sb": 0.0, "wait": 2.0}, "producer": {"long_sb": 48.0, "wait": 2.0},
+                       "consumer": {"long_sb": 990.0, "wait": 10.0}}
+    assert ncu.stall_reasons(_csv(["Source", "Samples"], [["NOP", "1"]], preamble="")) == {}
