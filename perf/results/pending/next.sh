@@ -12,7 +12,9 @@
 #                                             # sparse decode tests of both, A/B against main at
 #                                             # h_q 8 / 16 beside FlashMLA (c3 on MODEL1 only: its
 #                                             # V32 cubins are c4's), memcheck of c4, ncu by role
-#                                             # (MODEL1 b 128 h_q 16: main, c4)
+#                                             # (MODEL1 b 128 h_q 16: main, c4), then (time
+#                                             # allowing) the whole suite on c4 and main's whole
+#                                             # grid beside FlashMLA: one call, about 8 minutes
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only)
 #
 # Each step ends by packing OUT into one all.tgz: the run tool returns only a few files.  The
@@ -43,6 +45,8 @@ branch_tree() {  # branch_tree NAME BRANCH: scratch/NAME is that branch's tree
     rm -rf "scratch/$1" && mkdir -p "scratch/$1" && git archive "$2" | tar -x -C "scratch/$1"
 }
 
+in_time() { [ $(( $(date +%s) - t0 )) -lt "$1" ] || { echo "(skipped: past $1 s)"; return 1; }; }
+
 prof() {  # prof TREE TAG KERNEL_REGEX CASE: perf.ncu by role, its CSVs kept (not the report)
     (cd "scratch/$1" && PYTHONPATH=. timeout 120 python -m perf.ncu run "$4" --kernel "$3" --out "$OUT/$2" \
         > "$OUT/$2.txt" 2>&1)
@@ -70,8 +74,10 @@ build)
     branch_tree c3 exp/heads-split-producers
     branch_tree c4 exp/heads-alt-producers
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
-    (cd scratch/main && python -m cute_mla.compile | tail -n 1) &  # both architectures: the wheel test
-    for t in c3 c4 $(for d in $DIAGS; do echo diag-$d; done); do
+    for t in main c4; do  # both architectures: the wheel test of the whole suite
+        (cd scratch/$t && python -m cute_mla.compile | tail -n 1) &
+    done
+    for t in c3 $(for d in $DIAGS; do echo diag-$d; done); do
         (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) &
     done
     wait
@@ -97,6 +103,18 @@ producers)
     echo "c4 memcheck rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/c4-memcheck.log" | tail -n 2) $(took)"
     prof main m1-main '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
     prof c4 m1-c4 '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
+    # if c4 lands as it is, this is its proof; then main's whole grid beside FlashMLA (the
+    # committable run; on an H200 the first since session 19)
+    if in_time 380; then
+        (cd scratch/c4 && PYTHONPATH=. timeout 170 python -m pytest -q -p no:cacheprovider -m "full or not full" \
+            tests -o timeout=60 > "$OUT/c4-suite.log" 2>&1)
+        echo "c4 suite rc=$? $(tail -n 1 "$OUT/c4-suite.log") $(took)"
+    fi
+    if in_time 480; then
+        (cd scratch/main && PYTHONPATH=. python -m perf --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" \
+            --no-png --out "$OUT/full" > "$OUT/full.log" 2>&1)
+        echo "full grid rc=$? $(took)"; tail -n 2 "$OUT/full.log"
+    fi
     pack
     ;;
 diag)
