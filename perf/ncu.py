@@ -187,7 +187,8 @@ def stall_reasons(text: str) -> dict[str, dict[str, float]]:
     for role, row in _by_role(rows, src_c):
         counts = out.setdefault(role, {})
         for h in reasons:
-            counts[h[len("stall_"):]] = counts.get(h[len("stall_"):], 0.0) + _number(row[h])
+            name = h[len("stall_"):]
+            counts[name] = counts.get(name, 0.0) + _number(row[h])
     return out
 
 
