@@ -1,20 +1,20 @@
 #!/bin/bash
 # Device steps for a session: build here, then one device call a step.
 #
-#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c3,c4,diag-*} with cubins
+#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c3-c6,diag-*} with cubins
 #   then one device call a step, carry ["scratch", ".peers"], back to back (the machine goes back
 #   after 30 s idle):
 #   bash perf/results/pending/next.sh proof   # main: the small-head dense cases (h_kv 1, h_q 8 / 16 /
 #                                             # 32) beside FlashMLA, then the whole GPU suite
 #                                             # (136 s on an H100 in session 23; SUITE_S caps it)
-#   bash perf/results/pending/next.sh producers  # branches exp/heads-alt-producers (c4: V32 split,
-#                                             # MODEL1 alternate) and exp/heads-split-producers (c3):
-#                                             # sparse decode tests of both, A/B against main at
-#                                             # h_q 8 / 16 beside FlashMLA (c3 on MODEL1 only: its
-#                                             # V32 cubins are c4's), memcheck of c4, ncu by role
-#                                             # (MODEL1 b 128 h_q 16: main, c4), then (time
-#                                             # allowing) the whole suite on c4 and main's whole
-#                                             # grid beside FlashMLA: one call, about 8 minutes
+#   bash perf/results/pending/next.sh records   # branches exp/records-before-gather (c6, on main: the
+#                                             # next block's records before the gather) and
+#                                             # exp/heads-codes-before-acquire (c5, c4 + c6's change,
+#                                             # MODEL1's producer groups loading codes before the
+#                                             # acquire): tests of both, A/B c6 vs main (small heads
+#                                             # and some 64-row cases) and c5 vs c6 at h_q 8 / 16,
+#                                             # beside FlashMLA; memcheck; ncu by role; then (time
+#                                             # allowing) c6's whole suite and whole grid: one call
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only)
 #
 # Each step ends by packing OUT into one all.tgz: the run tool returns only a few files.  The
@@ -73,11 +73,13 @@ build)
     tree main
     branch_tree c3 exp/heads-split-producers
     branch_tree c4 exp/heads-alt-producers
+    branch_tree c5 exp/heads-codes-before-acquire
+    branch_tree c6 exp/records-before-gather
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
-    for t in main c4; do  # both architectures: the wheel test of the whole suite
+    for t in main c6; do  # both architectures: the wheel test of the whole suite
         (cd scratch/$t && python -m cute_mla.compile | tail -n 1) &
     done
-    for t in c3 $(for d in $DIAGS; do echo diag-$d; done); do
+    for t in c3 c4 c5 $(for d in $DIAGS; do echo diag-$d; done); do
         (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) &
     done
     wait
@@ -91,28 +93,32 @@ proof)
     echo "suite rc=$? $(tail -n 1 "$OUT/suite.log") $(took)"
     pack
     ;;
-producers)
-    sparse_tests c4 c4
-    ab c4 main c4 2 "h_q=8 " "h_q=16 "
-    sparse_tests c3 c3 -k MODEL1
-    ab c3 main c3 2 "fmt=MODEL1 b=32 s_q=1 h_q=8 " "fmt=MODEL1 b=32 s_q=1 h_q=16 " "fmt=MODEL1 b=128 s_q=1 h_q=8 " \
-        "fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=MODEL1 b=128 s_q=2 h_q=16 "
-    (cd scratch/c4 && PYTHONPATH=. timeout 150 compute-sanitizer --tool memcheck --print-limit 5 python -m pytest -q \
-        -p no:cacheprovider tests/test_sparse_decode.py -o timeout=140 \
-        -k "padded_block_stride or strided_q or all_indices_invalid or some_requests_zero" > "$OUT/c4-memcheck.log" 2>&1)
-    echo "c4 memcheck rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/c4-memcheck.log" | tail -n 2) $(took)"
-    prof main m1-main '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
-    prof c4 m1-c4 '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
-    # if c4 lands as it is, this is its proof; then main's whole grid beside FlashMLA (the
-    # committable run; on an H200 the first since session 19)
-    if in_time 380; then
-        (cd scratch/c4 && PYTHONPATH=. timeout 170 python -m pytest -q -p no:cacheprovider -m "full or not full" \
-            tests -o timeout=60 > "$OUT/c4-suite.log" 2>&1)
-        echo "c4 suite rc=$? $(tail -n 1 "$OUT/c4-suite.log") $(took)"
+records)
+    # c6 (exp/records-before-gather, on main): the producer resolves the next block's records
+    # before this block's gather; c5 (exp/heads-codes-before-acquire, on c4): c6's change plus
+    # c4's producer groups, MODEL1's loading their codes before the acquire
+    sparse_tests c6 c6
+    ab c6 main c6 2 "h_q=8 " "h_q=16 " "h_q=32 " "b=128 s_q=2 h_q=128" "b=2 s_q=2 h_q=128" "s_q=1 h_q=64"
+    sparse_tests c5 c5
+    ab c5 c6 c5 2 "fmt=MODEL1 b=32 s_q=1 h_q=8 " "h_q=16 " "fmt=MODEL1 b=128 s_q=1 h_q=8 " "fmt=V32 b=128 s_q=1 h_q=8 "
+    for t in c6 c5; do
+        (cd scratch/$t && PYTHONPATH=. timeout 100 compute-sanitizer --tool memcheck --print-limit 5 python -m pytest \
+            -q -p no:cacheprovider tests/test_sparse_decode.py -o timeout=90 \
+            -k "padded_block_stride or strided_q or all_indices_invalid or some_requests_zero" > "$OUT/$t-memcheck.log" 2>&1)
+        echo "$t memcheck rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/$t-memcheck.log" | tail -n 2) $(took)"
+    done
+    prof c6 m1-c6 '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
+    prof c5 m1-c5 '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
+    # if c6 lands as it is, this is its proof (both architectures' cubins), then its whole grid
+    # beside FlashMLA (the committable run)
+    if in_time 370; then
+        (cd scratch/c6 && PYTHONPATH=. timeout 170 python -m pytest -q -p no:cacheprovider -m "full or not full" \
+            tests -o timeout=60 > "$OUT/c6-suite.log" 2>&1)
+        echo "c6 suite rc=$? $(tail -n 1 "$OUT/c6-suite.log") $(took)"
     fi
-    if in_time 480; then
-        (cd scratch/main && PYTHONPATH=. python -m perf --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" \
-            --no-png --out "$OUT/full" > "$OUT/full.log" 2>&1)
+    if in_time 470; then
+        (cd scratch/c6 && PYTHONPATH=. timeout $(( 560 - $(date +%s) + t0 )) python -m perf --peer "flashmla=$CUTE_MLA_PEER" \
+            --commit "$(base)+c6" --no-png --out "$OUT/full" > "$OUT/full.log" 2>&1)
         echo "full grid rc=$? $(took)"; tail -n 2 "$OUT/full.log"
     fi
     pack
@@ -122,7 +128,7 @@ diag)
     pack
     ;;
 *)
-    echo "usage: $0 build|proof|producers|diag" >&2
+    echo "usage: $0 build|proof|records|diag" >&2
     exit 2
     ;;
 esac
