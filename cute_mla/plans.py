@@ -368,6 +368,20 @@ class DenseSplitKvPlan(SplitKvPlan):
         """The scheduler plans ``cache_seqlens`` as given (it clamps them as the kernel does)."""
         return cache_seqlens
 
+    def prepare_dense(self, name: str, variant: dict, h_kv: int, rows: int, q, k_cache, block_table, cache_seqlens,
+                      softmax_scale: float, causal: bool, **kernel_args):
+        """Bind ``self.main``, dense split kernel ``name`` over ``rows`` rows under each of
+        ``h_kv`` kv heads, with the arguments every dense kernel takes (causal only matters at
+        s_q > 1) and its own ``kernel_args``.  Returns (templates, out, lse)."""
+        templates = self.templates(cache_seqlens)
+        out, lse = self.outputs()
+        self.main = launcher.prepare(
+            name, variant, grids.split_kv(self.parts, h_kv, rows), device_index=self.device_index,
+            q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse,
+            softmax_scale=float(softmax_scale), causal=int(bool(causal) and q.shape[1] > 1), **kernel_args,
+            **templates)
+        return templates, out, lse
+
 
 class DenseDecodePlan(DenseSplitKvPlan):
     """SM90 dense decode over the schedule of ``cache_seqlens``: one launch, whose CTAs merge
@@ -390,14 +404,8 @@ class DenseDecodePlan(DenseSplitKvPlan):
                 parts = min(parts, max(clusters * variant["cluster_rows"] // (h_kv * row_blocks), 1))
         super().__init__(q, config, h_kv, decode_plan.FIXED_OVERHEAD_BLOCKS, block_table.shape[1] * PAGE_BLOCK_SIZE,
                          parts=parts, counters=SPLIT_COUNTS + b * h_kv * row_blocks)
-        templates = self.templates(cache_seqlens)
-        out, lse = self.outputs()
-        self.main = launcher.prepare(
-            "dense_decode_sm90", variant,
-            grids.split_kv(self.parts, h_kv, rows), device_index=self.device_index,
-            q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse,
-            softmax_scale=float(softmax_scale), causal=int(bool(causal) and s_q > 1), heads_per_kv=h_q // h_kv,
-            **templates)
+        self.prepare_dense("dense_decode_sm90", variant, h_kv, rows, q, k_cache, block_table, cache_seqlens,
+                           softmax_scale, causal, heads_per_kv=h_q // h_kv)
         self.bind_launches(self.main)
 
 
@@ -426,13 +434,9 @@ class DenseDecodeHeadsPlan(DenseSplitKvPlan):
         _, s_q, h_q, _ = q.shape
         super().__init__(q, config, 1, decode_plan.FIXED_OVERHEAD_BLOCKS, block_table.shape[1] * PAGE_BLOCK_SIZE,
                          token_rows=BLOCK_M)
-        templates = self.templates(cache_seqlens)
-        out, lse = self.outputs()
-        self.main = launcher.prepare(
-            "dense_decode_heads_sm90", {"dtype": DTYPE_NAMES[q.dtype], "heads": h_q},
-            grids.split_kv(self.parts, 1, s_q * BLOCK_M), device_index=self.device_index,
-            q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse,
-            softmax_scale=float(softmax_scale), causal=int(bool(causal) and s_q > 1), **templates)
+        templates, out, lse = self.prepare_dense(
+            "dense_decode_heads_sm90", {"dtype": DTYPE_NAMES[q.dtype], "heads": h_q}, 1, s_q * BLOCK_M, q, k_cache,
+            block_table, cache_seqlens, softmax_scale, causal)
         self.prepare_combine(out, lse, None, templates)
 
 
