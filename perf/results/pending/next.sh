@@ -17,7 +17,8 @@
 #                                             # allowing) c6's whole suite and whole grid: one call
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only)
 #
-# Each step ends by packing OUT into one all.tgz: the run tool returns only a few files.  The
+# Each step packs its outputs into one OUT/all.tgz (the run tool returns only a few files), and
+# skips itself when it would not fit in LIMIT_S (default 590; pass the run's limit_s).  The
 # device tree may lack scratch/base-commit (session 23's did): write it in the command.
 # A cold start cost 100-265 s of device time in sessions 22-23.  Never edit a tree under scratch/
 # after build: the launcher refuses cubins whose sources changed (session 23 lost a call to it);
@@ -31,9 +32,13 @@ pending=$here/perf/results/pending
 cd "$here"
 export CUTE_MLA_PEER=$here/.peers/_flashmla_C.abi3.so
 t0=$(date +%s)
-took() { echo "($(( $(date +%s) - t0 )) s)"; }
-base() { cat scratch/base-commit; }
-pack() { rm -rf "$OUT"/*-ab/old-*; (cd "$OUT" && tar czf /tmp/all.tgz . && rm -rf ./* && mv /tmp/all.tgz .); }
+took() { pack; echo "($(( $(date +%s) - t0 )) s)"; }
+base() { cat "$here/scratch/base-commit"; }
+# The steps write to a work folder; every `took` snapshots it into the run's OUT as all.tgz, so
+# a call cut short (run's limit falls with the device time left) still returns what it did.
+RET=${OUT:-/tmp/next-ret}; OUT=/tmp/next-out; rm -rf "$OUT"; mkdir -p "$OUT" "$RET"
+LIMIT=${LIMIT_S:-590}  # the seconds this call may run: the run's limit_s, less a margin
+pack() { rm -rf "$OUT"/*-ab/old-*; tar czf "$RET/all.tgz.part" -C "$OUT" . && mv "$RET/all.tgz.part" "$RET/all.tgz"; }
 
 tree() {  # tree NAME PATCH...: scratch/NAME is HEAD with these patches of pending/, in order
     local name=$1; shift
@@ -45,9 +50,11 @@ branch_tree() {  # branch_tree NAME BRANCH: scratch/NAME is that branch's tree
     rm -rf "scratch/$1" && mkdir -p "scratch/$1" && git archive "$2" | tar -x -C "scratch/$1"
 }
 
-in_time() { [ $(( $(date +%s) - t0 )) -lt "$1" ] || { echo "(skipped: past $1 s)"; return 1; }; }
+in_time() {  # in_time NEED: whether NEED more seconds fit in LIMIT
+    [ $(( $(date +%s) - t0 + $1 )) -lt "$LIMIT" ] || { echo "(skipped: $1 s do not fit in $LIMIT)"; return 1; }; }
 
 prof() {  # prof TREE TAG KERNEL_REGEX CASE: perf.ncu by role, its CSVs kept (not the report)
+    in_time 125 || return
     (cd "scratch/$1" && PYTHONPATH=. timeout 120 python -m perf.ncu run "$4" --kernel "$3" --out "$OUT/$2" \
         > "$OUT/$2.txt" 2>&1)
     echo "== $2 rc=$? $(took)"; rm -f "$OUT/$2/profile.ncu-rep"
@@ -55,6 +62,7 @@ prof() {  # prof TREE TAG KERNEL_REGEX CASE: perf.ncu by role, its CSVs kept (no
 
 sparse_tests() {  # sparse_tests TREE TAG [PYTEST ARGS]: the whole sparse decode file, full grid
     local t=$1 tag=$2; shift 2
+    in_time 60 || return
     (cd "scratch/$t" && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" \
         tests/test_sparse_decode.py -o timeout=60 "$@" > "$OUT/$tag-tests.log" 2>&1)
     echo "$tag tests rc=$? $(tail -n 1 "$OUT/$tag-tests.log") $(took)"
@@ -62,6 +70,7 @@ sparse_tests() {  # sparse_tests TREE TAG [PYTEST ARGS]: the whole sparse decode
 
 ab() {  # ab NEW OLD TAG ROUNDS FILTER...: perf.ab beside FlashMLA, its table's tail
     local new=$1 old=$2 tag=$3 rounds=$4; shift 4
+    in_time 90 || return
     python -m perf.ab "scratch/$new" "scratch/$old" --filter "$@" --rounds "$rounds" \
         --peer "flashmla=$CUTE_MLA_PEER" --new-commit "$(base)+$new" --out "$OUT/$tag-ab" > "$OUT/$tag-ab.log" 2>&1
     echo "$tag ab rc=$? $(took)"; grep -v '^perf.ab' "$OUT/$tag-ab.log" | tail -n 24
@@ -102,6 +111,7 @@ records)
     sparse_tests c5 c5
     ab c5 c6 c5 2 "fmt=MODEL1 b=32 s_q=1 h_q=8 " "h_q=16 " "fmt=MODEL1 b=128 s_q=1 h_q=8 " "fmt=V32 b=128 s_q=1 h_q=8 "
     for t in c6 c5; do
+        in_time 105 || break
         (cd scratch/$t && PYTHONPATH=. timeout 100 compute-sanitizer --tool memcheck --print-limit 5 python -m pytest \
             -q -p no:cacheprovider tests/test_sparse_decode.py -o timeout=90 \
             -k "padded_block_stride or strided_q or all_indices_invalid or some_requests_zero" > "$OUT/$t-memcheck.log" 2>&1)
@@ -111,13 +121,13 @@ records)
     prof c5 m1-c5 '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
     # if c6 lands as it is, this is its proof (both architectures' cubins), then its whole grid
     # beside FlashMLA (the committable run)
-    if in_time 370; then
+    if in_time 220; then
         (cd scratch/c6 && PYTHONPATH=. timeout 170 python -m pytest -q -p no:cacheprovider -m "full or not full" \
             tests -o timeout=60 > "$OUT/c6-suite.log" 2>&1)
         echo "c6 suite rc=$? $(tail -n 1 "$OUT/c6-suite.log") $(took)"
     fi
-    if in_time 470; then
-        (cd scratch/c6 && PYTHONPATH=. timeout $(( 560 - $(date +%s) + t0 )) python -m perf --peer "flashmla=$CUTE_MLA_PEER" \
+    if in_time 120; then
+        (cd scratch/c6 && PYTHONPATH=. timeout $(( LIMIT - 20 - $(date +%s) + t0 )) python -m perf --peer "flashmla=$CUTE_MLA_PEER" \
             --commit "$(base)+c6" --no-png --out "$OUT/full" > "$OUT/full.log" 2>&1)
         echo "full grid rc=$? $(took)"; tail -n 2 "$OUT/full.log"
     fi
