@@ -1,20 +1,11 @@
 #!/bin/bash
 # Device steps for a session: build here, then one device call a step.
 #
-#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c3-c6,diag-*} with cubins
+#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,diag-*} with cubins
 #   then one device call a step, carry ["scratch", ".peers"], back to back (the machine goes back
 #   after 30 s idle):
-#   bash perf/results/pending/next.sh proof   # main: the small-head dense cases (h_kv 1, h_q 8 / 16 /
-#                                             # 32) beside FlashMLA, then the whole GPU suite
-#                                             # (136 s on an H100 in session 23; SUITE_S caps it)
-#   bash perf/results/pending/next.sh records   # branches exp/records-before-gather (c6, on main: the
-#                                             # next block's records before the gather) and
-#                                             # exp/heads-codes-before-acquire (c5, c4 + c6's change,
-#                                             # MODEL1's producer groups loading codes before the
-#                                             # acquire): tests of both, A/B c6 vs main (small heads
-#                                             # and some 64-row cases) and c5 vs c6 at h_q 8 / 16,
-#                                             # beside FlashMLA; memcheck; ncu by role; then (time
-#                                             # allowing) c6's whole suite and whole grid: one call
+#   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, then the whole
+#                                             # GPU suite
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only)
 #
 # Each step packs its outputs into one OUT/all.tgz (the run tool returns only a few files), and
@@ -40,6 +31,8 @@ RET=${OUT:-/tmp/next-ret}; OUT=/tmp/next-out; rm -rf "$OUT"; mkdir -p "$OUT" "$R
 LIMIT=${LIMIT_S:-590}  # the seconds this call may run: the run's limit_s, less a margin
 pack() { rm -rf "$OUT"/*-ab/old-*; tar czf "$RET/all.tgz.part" -C "$OUT" . && mv "$RET/all.tgz.part" "$RET/all.tgz"; }
 
+# Trees and steps: `tree` / `branch_tree` make a scratch tree of a patch or a branch; a step for
+# it is built of `sparse_tests`, `ab`, `memcheck` and `prof`, each skipped when it does not fit.
 tree() {  # tree NAME PATCH...: scratch/NAME is HEAD with these patches of pending/, in order
     local name=$1; shift
     rm -rf "scratch/$name" && mkdir -p "scratch/$name" && git archive HEAD | tar -x -C "scratch/$name"
@@ -68,6 +61,15 @@ sparse_tests() {  # sparse_tests TREE TAG [PYTEST ARGS]: the whole sparse decode
     echo "$tag tests rc=$? $(tail -n 1 "$OUT/$tag-tests.log") $(took)"
 }
 
+memcheck() {  # memcheck TREE TAG PYTEST ARGS...: device memory errors only (cuda-python's
+    # cuGetProcAddress probes are host API errors, and counted in the summary without this flag)
+    local t=$1 tag=$2; shift 2
+    in_time 105 || return
+    (cd "scratch/$t" && PYTHONPATH=. timeout 100 compute-sanitizer --tool memcheck --report-api-errors no \
+        --print-limit 5 python -m pytest -q -p no:cacheprovider -o timeout=90 "$@" > "$OUT/$tag-memcheck.log" 2>&1)
+    echo "$tag memcheck rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/$tag-memcheck.log" | tail -n 2) $(took)"
+}
+
 ab() {  # ab NEW OLD TAG ROUNDS FILTER...: perf.ab beside FlashMLA, its table's tail
     local new=$1 old=$2 tag=$3 rounds=$4; shift 4
     in_time 90 || return
@@ -80,65 +82,33 @@ case "${1:-}" in
 build)
     mkdir -p scratch && git rev-parse --short HEAD > scratch/base-commit
     tree main
-    branch_tree c3 exp/heads-split-producers
-    branch_tree c4 exp/heads-alt-producers
-    branch_tree c5 exp/heads-codes-before-acquire
-    branch_tree c6 exp/records-before-gather
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
-    for t in main c6; do  # both architectures: the wheel test of the whole suite
-        (cd scratch/$t && python -m cute_mla.compile | tail -n 1) &
-    done
-    for t in c3 c4 c5 $(for d in $DIAGS; do echo diag-$d; done); do
+    (cd scratch/main && python -m cute_mla.compile | tail -n 1) &  # both architectures: the suite's wheel test
+    for t in $(for d in $DIAGS; do echo diag-$d; done); do
         (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) &
     done
     wait
     ;;
 proof)
-    (cd scratch/main && PYTHONPATH=. python -m perf --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" \
-        --out "$OUT/grid" --filter "h_q=8 h_kv" "h_q=16 h_kv" "h_q=32 h_kv" > "$OUT/grid.log" 2>&1)
-    echo "grid rc=$? $(took)"; tail -n 3 "$OUT/grid.log"
-    (cd scratch/main && PYTHONPATH=. timeout "${SUITE_S:-480}" python -m pytest -q -p no:cacheprovider \
-        -m "full or not full" tests -o timeout=60 --durations=15 > "$OUT/suite.log" 2>&1)
-    echo "suite rc=$? $(tail -n 1 "$OUT/suite.log") $(took)"
-    pack
-    ;;
-records)
-    # c6 (exp/records-before-gather, on main): the producer resolves the next block's records
-    # before this block's gather; c5 (exp/heads-codes-before-acquire, on c4): c6's change plus
-    # c4's producer groups, MODEL1's loading their codes before the acquire
-    sparse_tests c6 c6
-    ab c6 main c6 2 "h_q=8 " "h_q=16 " "h_q=32 " "b=128 s_q=2 h_q=128" "b=2 s_q=2 h_q=128" "s_q=1 h_q=64"
-    sparse_tests c5 c5
-    ab c5 c6 c5 2 "fmt=MODEL1 b=32 s_q=1 h_q=8 " "h_q=16 " "fmt=MODEL1 b=128 s_q=1 h_q=8 " "fmt=V32 b=128 s_q=1 h_q=8 "
-    for t in c6 c5; do
-        in_time 105 || break
-        (cd scratch/$t && PYTHONPATH=. timeout 100 compute-sanitizer --tool memcheck --print-limit 5 python -m pytest \
-            -q -p no:cacheprovider tests/test_sparse_decode.py -o timeout=90 \
-            -k "padded_block_stride or strided_q or all_indices_invalid or some_requests_zero" > "$OUT/$t-memcheck.log" 2>&1)
-        echo "$t memcheck rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/$t-memcheck.log" | tail -n 2) $(took)"
-    done
-    prof c6 m1-c6 '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
-    prof c5 m1-c5 '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
-    # if c6 lands as it is, this is its proof (both architectures' cubins), then its whole grid
-    # beside FlashMLA (the committable run)
-    if in_time 220; then
-        (cd scratch/c6 && PYTHONPATH=. timeout 170 python -m pytest -q -p no:cacheprovider -m "full or not full" \
-            tests -o timeout=60 > "$OUT/c6-suite.log" 2>&1)
-        echo "c6 suite rc=$? $(tail -n 1 "$OUT/c6-suite.log") $(took)"
+    # main's whole grid beside FlashMLA (59 s on an H100 in session 23; on an H200 the first
+    # since session 19), then the whole GPU suite (136-209 s on an H100, sessions 23-24)
+    if in_time 90; then
+        (cd scratch/main && PYTHONPATH=. timeout $(( LIMIT - 20 - $(date +%s) + t0 )) python -m perf \
+            --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
+        echo "grid rc=$? $(took)"; tail -n 3 "$OUT/grid.log"
     fi
-    if in_time 120; then
-        (cd scratch/c6 && PYTHONPATH=. timeout $(( LIMIT - 20 - $(date +%s) + t0 )) python -m perf --peer "flashmla=$CUTE_MLA_PEER" \
-            --commit "$(base)+c6" --no-png --out "$OUT/full" > "$OUT/full.log" 2>&1)
-        echo "full grid rc=$? $(took)"; tail -n 2 "$OUT/full.log"
+    if in_time 150; then
+        (cd scratch/main && PYTHONPATH=. timeout $(( LIMIT - 10 - $(date +%s) + t0 )) python -m pytest \
+            -q -p no:cacheprovider -m "full or not full" tests -o timeout=60 --durations=15 > "$OUT/suite.log" 2>&1)
+        echo "suite rc=$? $(tail -n 1 "$OUT/suite.log") $(took)"
     fi
-    pack
     ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     pack
     ;;
 *)
-    echo "usage: $0 build|proof|records|diag" >&2
+    echo "usage: $0 build|proof|diag" >&2
     exit 2
     ;;
 esac
