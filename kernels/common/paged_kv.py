@@ -70,6 +70,13 @@ def clamped_seqlen(mSeqlens: cute.Tensor, r, capacity) -> cutlass.Int32:
     return cutlass.min(cutlass.max(mSeqlens[r], 0), capacity)
 
 
+def causal_key_limit(seqlen, s_q, iq):
+    """How many of a request's ``seqlen`` keys query token ``iq`` of ``s_q`` attends to under
+    causal masking (the last token all of them, each earlier one one fewer; may be <= 0).
+    Plain arithmetic, traced inline where a kernel calls it."""
+    return seqlen - (s_q - 1 - iq)
+
+
 @cute.jit
 def page_tile(mKTma: cute.Tensor, d: cutlass.Constexpr, head, block) -> cute.Tensor:
     """The (PAGE, d) coordinate tile of page ``block`` of kv head ``head``."""

@@ -15,7 +15,7 @@ from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.cluster import tma_desc_address, tma_load_4d_multicast
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.dtypes import dsl_dtype
-from cute_mla.kernels.common.paged_kv import (COLUMN_TILE, PAGE, clamped_seqlen, kv_smem_layout,
+from cute_mla.kernels.common.paged_kv import (COLUMN_TILE, PAGE, causal_key_limit, clamped_seqlen, kv_smem_layout,
                                               make_kv_column_tma, page_column_tile)
 from cute_mla.kernels.common.softmax import LOG2_E, Softmax
 from cute_mla.kernels.sm90.seesaw import SeesawConsumers, SeesawFragments
@@ -352,7 +352,7 @@ class DenseDecodeSm90(SeesawConsumers, SplitKvDecodeSm90):
             row_limit[h] = seqlen
             if causal != 0:
                 iq, _ = self.query_of_row(mblk * BLOCK_M + row, hk, heads_per_kv)
-                row_limit[h] = seqlen - (s_q - 1 - iq)
+                row_limit[h] = causal_key_limit(seqlen, s_q, iq)
         return KeyMask(row_limit, cutlass.min(row_limit[0], row_limit[1]))
 
     @cute.jit

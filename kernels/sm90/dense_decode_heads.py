@@ -36,7 +36,7 @@ from cutlass import Float32, Int32
 from cute_mla.kernels.common.dtypes import dsl_dtype
 from cute_mla.kernels.common.gmem import store_16B_shared
 from cute_mla.kernels.common.mma_sm90 import swizzle_128b
-from cute_mla.kernels.common.paged_kv import clamped_seqlen, kv_smem_layout, make_kv_tma, page_tile
+from cute_mla.kernels.common.paged_kv import causal_key_limit, clamped_seqlen, kv_smem_layout, make_kv_tma, page_tile
 from cute_mla.kernels.sm90.heads_consumer import HeadsOnN
 from cute_mla.kernels.sm90.split_kv_decode import DecodePart, SplitKvDecodeSm90
 from cute_mla.layouts.constants import BLOCK_N, D_V, DENSE_DECODE_SMALL_HEADS, PAGE_BLOCK_SIZE as PAGE
@@ -61,7 +61,7 @@ class PageKeys:
         """How many of request r's keys query token ``iq`` attends to (may be <= 0)."""
         n = self.length(r)
         if self.causal != 0:
-            n = n - (self.s_q - 1 - iq)
+            n = causal_key_limit(n, self.s_q, iq)
         return n
 
 
