@@ -1,11 +1,15 @@
 #!/bin/bash
 # Device steps for a session: build here, then one device call a step.
 #
-#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,diag-*} with cubins
+#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c7,diag-*} with cubins
 #   then one device call a step, carry ["scratch", ".peers"], back to back (the machine goes back
 #   after 30 s idle):
 #   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, then the whole
 #                                             # GPU suite
+#   bash perf/results/pending/next.sh c7      # branch exp/heads-gather-during-convert: its sparse
+#                                             # tests, A/B against main at h_q 8 / 16 beside
+#                                             # FlashMLA, memcheck, ncu by role (c7, main), then its
+#                                             # whole suite: one call of about 8 minutes
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only)
 #
 # Each step packs its outputs into one OUT/all.tgz (the run tool returns only a few files), and
@@ -82,8 +86,11 @@ case "${1:-}" in
 build)
     mkdir -p scratch && git rev-parse --short HEAD > scratch/base-commit
     tree main
+    branch_tree c7 exp/heads-gather-during-convert
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
-    (cd scratch/main && python -m cute_mla.compile | tail -n 1) &  # both architectures: the suite's wheel test
+    for t in main c7; do  # both architectures: the suite's wheel test
+        (cd scratch/$t && python -m cute_mla.compile | tail -n 1) &
+    done
     for t in $(for d in $DIAGS; do echo diag-$d; done); do
         (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) &
     done
@@ -103,12 +110,27 @@ proof)
         echo "suite rc=$? $(tail -n 1 "$OUT/suite.log") $(took)"
     fi
     ;;
+c7)
+    # branch exp/heads-gather-during-convert: the small-head producer gathers the next block
+    # during this block's conversion (f16 matmuls); if it wins, the suite on its tree is its proof
+    sparse_tests c7 c7
+    ab c7 main c7 2 "h_q=8 " "h_q=16 "
+    memcheck c7 c7 tests/test_sparse_decode.py \
+        -k "padded_block_stride or strided_q or all_indices_invalid or some_requests_zero"
+    prof c7 m1-c7 '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
+    prof main m1-main '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
+    if in_time 220; then
+        (cd scratch/c7 && PYTHONPATH=. timeout $(( LIMIT - 10 - $(date +%s) + t0 )) python -m pytest -q \
+            -p no:cacheprovider -m "full or not full" tests -o timeout=60 > "$OUT/c7-suite.log" 2>&1)
+        echo "c7 suite rc=$? $(tail -n 1 "$OUT/c7-suite.log") $(took)"
+    fi
+    ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     pack
     ;;
 *)
-    echo "usage: $0 build|proof|diag" >&2
+    echo "usage: $0 build|proof|c7|diag" >&2
     exit 2
     ;;
 esac
