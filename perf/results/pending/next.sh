@@ -1,15 +1,16 @@
 #!/bin/bash
 # Device steps for a session: build here, then one device call a step.
 #
-#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c7,diag-*} with cubins
+#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c7,c7b,diag-*} with cubins
 #   then one device call a step, carry ["scratch", ".peers"], back to back (the machine goes back
 #   after 30 s idle):
 #   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, then the whole
 #                                             # GPU suite
 #   bash perf/results/pending/next.sh c7      # branch exp/heads-gather-during-convert: its sparse
 #                                             # tests, A/B against main at h_q 8 / 16 beside
-#                                             # FlashMLA, memcheck, ncu by role (c7, main), then its
-#                                             # whole suite: one call of about 8 minutes
+#                                             # FlashMLA, c7b (+ RoPE prefetch) against c7, memcheck,
+#                                             # ncu by role (c7, main), then c7's whole suite: one
+#                                             # call of about 8 minutes
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only)
 #
 # Each step packs its outputs into one OUT/all.tgz (the run tool returns only a few files), and
@@ -87,11 +88,12 @@ build)
     mkdir -p scratch && git rev-parse --short HEAD > scratch/base-commit
     tree main
     branch_tree c7 exp/heads-gather-during-convert
+    branch_tree c7b exp/heads-gather-during-convert-rope
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
     for t in main c7; do  # both architectures: the suite's wheel test
         (cd scratch/$t && python -m cute_mla.compile | tail -n 1) &
     done
-    for t in $(for d in $DIAGS; do echo diag-$d; done); do
+    for t in c7b $(for d in $DIAGS; do echo diag-$d; done); do
         (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) &
     done
     wait
@@ -115,6 +117,8 @@ c7)
     # during this block's conversion (f16 matmuls); if it wins, the suite on its tree is its proof
     sparse_tests c7 c7
     ab c7 main c7 2 "h_q=8 " "h_q=16 "
+    ab c7b c7 c7b 2 "fmt=MODEL1 b=128 s_q=1 h_q=" "fmt=MODEL1 b=128 s_q=2 h_q=16 " "fmt=V32 b=128 s_q=1 h_q=16 " "fmt=V32 b=128 s_q=1 h_q=8 " \
+        "fmt=MODEL1 b=32 s_q=1 h_q=16 "  # c7b: c7 plus an L2 prefetch of the next block's RoPE lines
     memcheck c7 c7 tests/test_sparse_decode.py \
         -k "padded_block_stride or strided_q or all_indices_invalid or some_requests_zero"
     prof c7 m1-c7 '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
