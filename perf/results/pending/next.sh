@@ -37,7 +37,8 @@ LIMIT=${LIMIT_S:-590}  # the seconds this call may run: the run's limit_s, less 
 pack() { rm -rf "$OUT"/*-ab/old-*; tar czf "$RET/all.tgz.part" -C "$OUT" . && mv "$RET/all.tgz.part" "$RET/all.tgz"; }
 
 # Trees and steps: `tree` / `branch_tree` make a scratch tree of a patch or a branch; a step for
-# it is built of `sparse_tests`, `ab`, `memcheck` and `prof`, each skipped when it does not fit.
+# it is built of `sparse_tests`, `ab`, `suite`, `memcheck` and `prof`, each skipped when it does
+# not fit.
 tree() {  # tree NAME PATCH...: scratch/NAME is HEAD with these patches of pending/, in order
     local name=$1; shift
     rm -rf "scratch/$name" && mkdir -p "scratch/$name" && git archive HEAD | tar -x -C "scratch/$name"
@@ -50,6 +51,7 @@ branch_tree() {  # branch_tree NAME BRANCH: scratch/NAME is that branch's tree
 
 in_time() {  # in_time NEED: whether NEED more seconds fit in LIMIT
     [ $(( $(date +%s) - t0 + $1 )) -lt "$LIMIT" ] || { echo "(skipped: $1 s do not fit in $LIMIT)"; return 1; }; }
+left() { echo $(( LIMIT - $1 - $(date +%s) + t0 )); }  # left MARGIN: the seconds LIMIT leaves, less MARGIN
 
 prof() {  # prof TREE TAG KERNEL_REGEX CASE: perf.ncu by role, its CSVs kept (not the report)
     in_time 125 || return
@@ -64,6 +66,14 @@ sparse_tests() {  # sparse_tests TREE TAG [PYTEST ARGS]: the whole sparse decode
     (cd "scratch/$t" && PYTHONPATH=. python -m pytest -q -p no:cacheprovider -m "full or not full" \
         tests/test_sparse_decode.py -o timeout=60 "$@" > "$OUT/$tag-tests.log" 2>&1)
     echo "$tag tests rc=$? $(tail -n 1 "$OUT/$tag-tests.log") $(took)"
+}
+
+suite() {  # suite TREE TAG NEED: the whole GPU suite, full grid, if NEED seconds fit; cut at LIMIT
+    local t=$1 tag=$2
+    in_time "$3" || return
+    (cd "scratch/$t" && PYTHONPATH=. timeout "$(left 10)" python -m pytest -q -p no:cacheprovider \
+        -m "full or not full" tests -o timeout=60 --durations=15 > "$OUT/$tag-suite.log" 2>&1)
+    echo "$tag suite rc=$? $(tail -n 1 "$OUT/$tag-suite.log") $(took)"
 }
 
 memcheck() {  # memcheck TREE TAG PYTEST ARGS...: device memory errors only (cuda-python's
@@ -102,15 +112,11 @@ proof)
     # main's whole grid beside FlashMLA (59 s on an H100 in session 23; on an H200 the first
     # since session 19), then the whole GPU suite (136-209 s on an H100, sessions 23-24)
     if in_time 90; then
-        (cd scratch/main && PYTHONPATH=. timeout $(( LIMIT - 20 - $(date +%s) + t0 )) python -m perf \
+        (cd scratch/main && PYTHONPATH=. timeout "$(left 20)" python -m perf \
             --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
         echo "grid rc=$? $(took)"; tail -n 3 "$OUT/grid.log"
     fi
-    if in_time 150; then
-        (cd scratch/main && PYTHONPATH=. timeout $(( LIMIT - 10 - $(date +%s) + t0 )) python -m pytest \
-            -q -p no:cacheprovider -m "full or not full" tests -o timeout=60 --durations=15 > "$OUT/suite.log" 2>&1)
-        echo "suite rc=$? $(tail -n 1 "$OUT/suite.log") $(took)"
-    fi
+    suite main main 150
     ;;
 c7)
     # branch exp/heads-gather-during-convert: the small-head producer gathers the next block
@@ -123,15 +129,10 @@ c7)
         -k "padded_block_stride or strided_q or all_indices_invalid or some_requests_zero"
     prof c7 m1-c7 '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
     prof main m1-main '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
-    if in_time 220; then
-        (cd scratch/c7 && PYTHONPATH=. timeout $(( LIMIT - 10 - $(date +%s) + t0 )) python -m pytest -q \
-            -p no:cacheprovider -m "full or not full" tests -o timeout=60 > "$OUT/c7-suite.log" 2>&1)
-        echo "c7 suite rc=$? $(tail -n 1 "$OUT/c7-suite.log") $(took)"
-    fi
+    suite c7 c7 220
     ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
-    pack
     ;;
 *)
     echo "usage: $0 build|proof|c7|diag" >&2
