@@ -115,6 +115,14 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     # staging area in the stage (cp.async; at 64 registers a lane cannot hold its 256 codes);
     # True, the lane's registers (``ld.global``, 64 registers: a kernel whose producer has them)
     raw_in_registers = False
+    # (with ``raw_in_registers``) the next block's codes are loaded into each 64-code group's
+    # registers as soon as this block's group is converted, so the next gather is in flight
+    # during this block's conversion (the registers are reused: no second block of them, which
+    # lost in session 23's c2); its RoPE still waits for its stage
+    gather_during_convert = False
+    # (with ``gather_during_convert``) the next block's RoPE lines, which its code and scale
+    # loads do not touch, are prefetched into L2 as its gather starts
+    prefetch_rope_ahead = False
 
     def __init__(self, fmt: str, matmul: str = "f16"):
         self.fmt = get_format(fmt)
@@ -230,6 +238,10 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             idx_next = Int32(-1)
             if lo + 1 < hi:
                 idx_next = self.fetch_index(self.block_source(caches, lo + 1, r, iq, n, nb, nx), slot)
+            held = None  # (gather_during_convert) the registers the request's blocks pass through
+            if cutlass.const_expr(self.gather_during_convert):
+                held = self.lane_registers()
+                self.gather_registers(rec, sc, lane, *held)
             for blk in cutlass.range(lo, hi, unroll=1):
                 kv_pipe.producer_acquire(state)
                 stage = state.index
@@ -239,16 +251,21 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                         bias = -Float32.inf
                     sBias[slot, stage] = bias
                 stage_base = sk_base + stage * self.kv_bytes
-                scales, raw = self.stage_raw(rec, sc, stage_base, offs, sK_outer, lane)
+                scales, raw = self.stage_raw(rec, sc, stage_base, offs, sK_outer, lane, held)
                 # While this block's copies fly: the next block's records (its indices were
-                # loaded a block ago) to L2, and the indices of the one after.
+                # loaded a block ago) to L2 (or, gathering during the conversion, to its
+                # registers), and the indices of the one after.
                 rec_next, sc_next = self.token_record(self.block_source(caches, blk + 1, r, iq, n, nb, nx), idx_next)
-                self.prefetch_record(rec_next, sc_next, lane)
+                if cutlass.const_expr(not self.gather_during_convert):
+                    self.prefetch_record(rec_next, sc_next, lane)
                 idx_next = Int32(-1)
                 if blk + 2 < hi:
                     idx_next = self.fetch_index(self.block_source(caches, blk + 2, r, iq, n, nb, nx), slot)
-                cute.arch.cp_async_wait_group(0)
-                self.convert_raw(scales, raw, stage_base, offs, sK_outer, lane)
+                if cutlass.const_expr(self.gather_during_convert):
+                    self.convert_raw(scales, raw, stage_base, offs, sK_outer, lane, (rec_next, sc_next))
+                else:
+                    cute.arch.cp_async_wait_group(0)
+                    self.convert_raw(scales, raw, stage_base, offs, sK_outer, lane)
                 # Shared stores and cp.async are generic-proxy writes; WGMMA reads through the async proxy.
                 cute.arch.fence_proxy("async.shared", space="cta")
                 kv_pipe.producer_commit(state)
@@ -335,7 +352,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         return cute.crd2idx((warp * 16, 64 * g, 0), sK_outer) * 2 + 1024
 
     @cute.jit
-    def stage_raw(self, rec: Int64, sc: Int32, stage_base: Int32, offs, sK_outer: cute.Layout, lane: Int32):
+    def stage_raw(self, rec: Int64, sc: Int32, stage_base: Int32, offs, sK_outer: cute.Layout, lane: Int32,
+                  gathered=None):
         """Issue all of this lane's copies at once (their latencies overlap): its FP8 code
         pieces by cp.async into the staging area, its RoPE pieces (bf16, stored as is) by
         cp.async to their final place, zeros for an invalid token; then its tokens' scales
@@ -344,29 +362,56 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         copy.  Returns (scales, codes) with the copies in flight (one cp.async group; the
         caller waits, and each lane then reads only what it staged itself).  With
         ``raw_in_registers`` the codes go to the lane's registers instead (``codes``: (4
-        words, groups, 2 tokens); None otherwise), and only RoPE goes by cp.async."""
-        f = self.fmt
+        words, groups, 2 tokens); None otherwise), and only RoPE goes by cp.async.  ``gathered``:
+        the (scales, codes) the lane already holds (``gather_during_convert``); then only RoPE is
+        issued here."""
         raw_lane, rope_sw, _ = offs
-        n_words = 4 if f.scale_kind == "float32" else 2
-        scales = cute.make_rmem_tensor(cute.make_layout((n_words, 2)), Int32)
-        scales.fill(0)
-        codes = None
-        if cutlass.const_expr(self.raw_in_registers):
-            codes = cute.make_rmem_tensor(cute.make_layout((4, f.d_nope // 64, 2)), Int32)
+        early = gathered is not None
+        if cutlass.const_expr(early):
+            scales, codes = gathered
+        else:
+            scales, codes = self.lane_registers()
         for k in cutlass.range_constexpr(2):
             tok_rec, tok_sc = self.lane_token(rec, sc, k, lane)
             raw_dst = stage_base + raw_lane + 512 * k
             rope_dst = stage_base + cute.crd2idx((8 * k, 0, 0), sK_outer) * 2
             if tok_rec < 0:
-                self.token_codes(None, k, codes, raw_dst, sK_outer)
+                if cutlass.const_expr(not early):
+                    self.token_codes(None, k, codes, raw_dst, sK_outer)
                 self.token_rope(None, rope_dst, rope_sw)
             else:
                 src = tok_rec + Int64(PIECE * (lane % 4))
-                self.token_codes(src, k, codes, raw_dst, sK_outer)
+                if cutlass.const_expr(not early):
+                    self.token_codes(src, k, codes, raw_dst, sK_outer)
                 self.token_rope(src, rope_dst, rope_sw)
-                self.token_scales(tok_rec, tok_sc, k, scales)
+                if cutlass.const_expr(not early):
+                    self.token_scales(tok_rec, tok_sc, k, scales)
         cute.arch.cp_async_commit_group()
         return scales, codes
+
+    def lane_registers(self):
+        """A lane's scale words (zeros) and, with ``raw_in_registers``, its code registers (else None)."""
+        f = self.fmt
+        n_words = 4 if f.scale_kind == "float32" else 2
+        scales = cute.make_rmem_tensor(cute.make_layout((n_words, 2)), Int32)
+        scales.fill(0)
+        codes = None
+        if self.raw_in_registers:
+            codes = cute.make_rmem_tensor(cute.make_layout((4, f.d_nope // 64, 2)), Int32)
+        return scales, codes
+
+    @cute.jit
+    def gather_registers(self, rec: Int64, sc: Int32, lane: Int32, scales: cute.Tensor, codes: cute.Tensor):
+        """(``gather_during_convert``) The codes and scales of this lane's tokens of the block whose
+        records are ``rec`` / ``sc`` into ``codes`` / ``scales`` (zeros for an invalid token):
+        a request's first block, before the loop takes over."""
+        for k in cutlass.range_constexpr(2):
+            tok_rec, tok_sc = self.lane_token(rec, sc, k, lane)
+            if tok_rec < 0:
+                self.token_codes(None, k, codes, Int32(0), None)
+            else:
+                self.token_codes(tok_rec + Int64(PIECE * (lane % 4)), k, codes, Int32(0), None)
+                self.token_scales(tok_rec, tok_sc, k, scales)
 
     @cute.jit
     def lane_token(self, rec: Int64, sc: Int32, k: int, lane: Int32):
@@ -419,15 +464,29 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             load_8B(tok_rec + Int64(tok_sc), scales[None, k])
 
     @cute.jit
-    def convert_raw(self, scales: cute.Tensor, codes, stage_base: Int32, offs, sK_outer: cute.Layout, lane: Int32):
+    def convert_raw(self, scales: cute.Tensor, codes, stage_base: Int32, offs, sK_outer: cute.Layout, lane: Int32,
+                    ahead=None):
         """Staged FP8 codes -> f16 in place, one 64-column group at a time: lane l takes the
         16 codes of quarter l % 4 of tokens l // 4 and 8 + l // 4, the pieces it staged
         (each 8-lane phase reads 128 consecutive bytes and writes 8 distinct 16-byte bank
         groups), or (``codes`` not None) the pieces it holds in registers; then, where RoPE
-        is part of the f16 matmuls (MODEL1), the bf16 RoPE pieces it copied -> f16 in place."""
+        is part of the f16 matmuls (MODEL1), the bf16 RoPE pieces it copied -> f16 in place.
+        ``ahead`` (``gather_during_convert``): the next block's records (``rec``, ``sc``); each
+        group's registers take the next block's codes once converted, ``scales`` its scales once
+        all groups are, and this block's RoPE copies are waited for here, before RoPE's turn."""
         f = self.fmt
         raw_lane, rope_sw, out_sw = offs
         dequant = dequant_e4m3x4 if self.dtype == cutlass.Float16 else dequant_e4m3x4_bf16
+        next_toks = []
+        next_scales = None
+        if cutlass.const_expr(ahead is not None):
+            next_scales, _ = self.lane_registers()
+            for k in cutlass.range_constexpr(2):
+                next_toks.append(self.lane_token(ahead[0], ahead[1], k, lane))
+                if cutlass.const_expr(self.prefetch_rope_ahead):
+                    tok_rec, _ = next_toks[k]
+                    if tok_rec >= 0 and lane % 4 < 2:  # the first and last byte of its RoPE
+                        prefetch_l2(tok_rec + Int64(self.rope_offset + 127 * (lane % 4)))
         for g in cutlass.range_constexpr(f.d_nope // 64):
             if cutlass.const_expr(codes is not None):
                 raw = codes[None, g, None]
@@ -453,6 +512,13 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                     out[0], out[1] = dequant(raw[2 * j, k], scale)
                     out[2], out[3] = dequant(raw[2 * j + 1, k], scale)
                     store_16B_shared(out, dst + (out_sw ^ (PIECE * j)))
+            if cutlass.const_expr(ahead is not None):
+                for k in cutlass.range_constexpr(2):
+                    self.next_group(next_toks[k], k, g, codes, next_scales, lane)
+        if cutlass.const_expr(ahead is not None):
+            for i in cutlass.range_constexpr(cute.size(scales)):
+                scales[i] = next_scales[i]
+            cute.arch.cp_async_wait_group(0)  # this block's RoPE
         # RoPE inside the f16 matmuls (MODEL1: V includes it) -> f16; V32 keeps it bf16
         for k in cutlass.range_constexpr(2 if self.convert_rope else 0):
             rope_dst = stage_base + cute.crd2idx((8 * k, 0, 0), sK_outer) * 2
@@ -462,6 +528,20 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 for w in cutlass.range_constexpr(4):
                     piece[w] = bf16x2_to_f16x2(piece[w])
                 store_16B_shared(piece, rope_dst + (rope_sw ^ (4 * PIECE * m)))
+
+    @cute.jit
+    def next_group(self, tok, k: int, g: int, codes: cute.Tensor, scales: cute.Tensor, lane: Int32):
+        """(``gather_during_convert``) The next block's codes of group g of this lane's token k
+        (``tok``: its record and scale offset) into ``codes[None, g, k]``, zeros if invalid;
+        with group 0, the token's scales into ``scales[None, k]``."""
+        tok_rec, tok_sc = tok
+        if tok_rec < 0:
+            for w in cutlass.range_constexpr(4):
+                codes[w, g, k] = Int32(0)
+        else:
+            load_16B(tok_rec + Int64(PIECE * (lane % 4) + 64 * g), codes[None, g, k])
+            if cutlass.const_expr(g == 0):
+                self.token_scales(tok_rec, tok_sc, k, scales)
 
     @cute.jit
     def shuffle_i64(self, v: Int64, src_lane: Int32) -> Int64:

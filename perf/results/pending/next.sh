@@ -11,6 +11,7 @@
 #                                             # FlashMLA, c7b (+ RoPE prefetch) against c7, memcheck,
 #                                             # ncu by role (c7, main), then c7's whole suite: one
 #                                             # call of about 8 minutes
+#   bash perf/results/pending/next.sh h200    # main's grid, then c7b against main, its tests and suite
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only)
 #
 # Each step packs its outputs into one OUT/all.tgz (the run tool returns only a few files), and
@@ -131,11 +132,26 @@ c7)
     prof main m1-main '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
     suite c7 c7 220
     ;;
+h200)
+    # on an H200: main's whole grid beside FlashMLA (the first there since session 19), then
+    # c7b (c7 plus the RoPE prefetch) against main at h_q 8 / 16 / 32, its sparse tests,
+    # memcheck and whole suite (c7b was measured only against c7 in session 25)
+    if in_time 90; then
+        (cd scratch/main && PYTHONPATH=. timeout "$(left 20)" python -m perf \
+            --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
+        echo "grid rc=$? $(took)"; tail -n 3 "$OUT/grid.log"
+    fi
+    ab c7b main c7b-main 2 "h_q=8 " "h_q=16 " "fmt=V32 b=128 s_q=1 h_q=32 " "fmt=V32 b=32 s_q=1 h_q=32 "
+    sparse_tests c7b c7b
+    memcheck c7b c7b tests/test_sparse_decode.py \
+        -k "padded_block_stride or strided_q or all_indices_invalid or some_requests_zero"
+    suite c7b c7b 220
+    ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|proof|c7|diag" >&2
+    echo "usage: $0 build|proof|c7|h200|diag" >&2
     exit 2
     ;;
 esac
