@@ -1,18 +1,18 @@
 #!/bin/bash
 # Device steps for a session: build here, then one device call a step.
 #
-#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c7,c7b,diag-*} with cubins
+#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c8} with cubins (both archs)
 #   then one device call a step, carry ["scratch", ".peers"], back to back (the machine goes back
 #   after 30 s idle):
 #   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, then the whole
 #                                             # GPU suite
-#   bash perf/results/pending/next.sh c7      # branch exp/heads-gather-during-convert: its sparse
-#                                             # tests, A/B against main at h_q 8 / 16 beside
-#                                             # FlashMLA, c7b (+ RoPE prefetch) against c7, memcheck,
-#                                             # ncu by role (c7, main), then c7's whole suite: one
-#                                             # call of about 8 minutes
-#   bash perf/results/pending/next.sh h200    # main's grid, then c7b against main, its tests and suite
-#   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only)
+#   bash perf/results/pending/next.sh c8      # branch exp/heads-gather-during-convert-bf16 (MODEL1's
+#                                             # bf16 small-head kernels gather during conversion):
+#                                             # its sparse tests, A/B against main at h_q 8 / 16
+#                                             # beside FlashMLA, memcheck, its whole suite, its grid
+#   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
+#                                             # `build-diag` first: session 22's patches, which may
+#                                             # need regenerating on main since c7b)
 #
 # Each step packs its outputs into one OUT/all.tgz (the run tool returns only a few files), and
 # skips itself when it would not fit in LIMIT_S (default 590; pass the run's limit_s).  The
@@ -98,15 +98,15 @@ case "${1:-}" in
 build)
     mkdir -p scratch && git rev-parse --short HEAD > scratch/base-commit
     tree main
-    branch_tree c7 exp/heads-gather-during-convert
-    branch_tree c7b exp/heads-gather-during-convert-rope
-    for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
-    for t in main c7; do  # both architectures: the suite's wheel test
+    branch_tree c8 exp/heads-gather-during-convert-bf16
+    for t in main c8; do  # both architectures: the suite's wheel test
         (cd scratch/$t && python -m cute_mla.compile | tail -n 1) &
     done
-    for t in c7b $(for d in $DIAGS; do echo diag-$d; done); do
-        (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) &
-    done
+    wait
+    ;;
+build-diag)
+    for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
+    for d in $DIAGS; do (cd scratch/diag-$d && python -m cute_mla.compile --arch sm_90a | tail -n 1) & done
     wait
     ;;
 proof)
@@ -119,39 +119,25 @@ proof)
     fi
     suite main main 150
     ;;
-c7)
-    # branch exp/heads-gather-during-convert: the small-head producer gathers the next block
-    # during this block's conversion (f16 matmuls); if it wins, the suite on its tree is its proof
-    sparse_tests c7 c7
-    ab c7 main c7 2 "h_q=8 " "h_q=16 "
-    ab c7b c7 c7b 2 "fmt=MODEL1 b=128 s_q=1 h_q=" "fmt=MODEL1 b=128 s_q=2 h_q=16 " "fmt=V32 b=128 s_q=1 h_q=16 " "fmt=V32 b=128 s_q=1 h_q=8 " \
-        "fmt=MODEL1 b=32 s_q=1 h_q=16 "  # c7b: c7 plus an L2 prefetch of the next block's RoPE lines
-    memcheck c7 c7 tests/test_sparse_decode.py \
+c8)
+    # branch exp/heads-gather-during-convert-bf16: MODEL1's default (bf16) small-head kernels
+    # gather the next block during this block's conversion, as V32's f16 ones do since c7b
+    sparse_tests c8 c8
+    ab c8 main c8 2 "h_q=8 " "h_q=16 " "fmt=MODEL1 b=128 s_q=1 h_q=32 "
+    memcheck c8 c8 tests/test_sparse_decode.py \
         -k "padded_block_stride or strided_q or all_indices_invalid or some_requests_zero"
-    prof c7 m1-c7 '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
-    prof main m1-main '[Hh]eads' "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=16 "
-    suite c7 c7 220
-    ;;
-h200)
-    # on an H200: main's whole grid beside FlashMLA (the first there since session 19), then
-    # c7b (c7 plus the RoPE prefetch) against main at h_q 8 / 16 / 32, its sparse tests,
-    # memcheck and whole suite (c7b was measured only against c7 in session 25)
-    if in_time 90; then
-        (cd scratch/main && PYTHONPATH=. timeout "$(left 20)" python -m perf \
-            --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
-        echo "grid rc=$? $(took)"; tail -n 3 "$OUT/grid.log"
+    suite c8 c8 220
+    if in_time 80; then  # c8's grid: main's, if c8 lands
+        (cd scratch/c8 && PYTHONPATH=. timeout "$(left 10)" python -m perf \
+            --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)+c8" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
+        echo "grid rc=$? $(took)"; tail -n 2 "$OUT/grid.log"
     fi
-    ab c7b main c7b-main 2 "h_q=8 " "h_q=16 " "fmt=V32 b=128 s_q=1 h_q=32 " "fmt=V32 b=32 s_q=1 h_q=32 "
-    sparse_tests c7b c7b
-    memcheck c7b c7b tests/test_sparse_decode.py \
-        -k "padded_block_stride or strided_q or all_indices_invalid or some_requests_zero"
-    suite c7b c7b 220
     ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|proof|c7|h200|diag" >&2
+    echo "usage: $0 build|build-diag|proof|c8|diag" >&2
     exit 2
     ;;
 esac
