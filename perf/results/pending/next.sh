@@ -15,8 +15,9 @@
 #                                             # need regenerating on main since c7b)
 #
 # Each step packs its outputs into one OUT/all.tgz (the run tool returns only a few files), and
-# skips itself when it would not fit in LIMIT_S (default 590; pass the run's limit_s).  The
-# device tree may lack scratch/base-commit (session 23's did): write it in the command.
+# skips itself when it would not fit in LIMIT_S (default 590; pass the run's limit_s).  `build`
+# writes scratch/base-commit here; do not rewrite it in the device command: the device copy's git
+# metadata can be stale (session 25: it reported a437b70 with main two commits on).
 # A cold start cost 100-265 s of device time in sessions 22-23.  Never edit a tree under scratch/
 # after build: the launcher refuses cubins whose sources changed (session 23 lost a call to it);
 # if you must, rerun `python -m cute_mla.compile --arch sm_90a` in that tree (incremental).
