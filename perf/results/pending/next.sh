@@ -4,8 +4,8 @@
 #   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c8} with cubins (both archs)
 #   then one device call a step, carry ["scratch", ".peers"], back to back (the machine goes back
 #   after 30 s idle):
-#   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, then the whole
-#                                             # GPU suite
+#   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, ncu by role of
+#                                             # V32 b 128 h_q 16, then the whole GPU suite
 #   bash perf/results/pending/next.sh c8      # branch exp/heads-gather-during-convert-bf16 (MODEL1's
 #                                             # bf16 small-head kernels gather during conversion):
 #                                             # its sparse tests, A/B against main at h_q 8 / 16
@@ -118,6 +118,8 @@ proof)
             --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
         echo "grid rc=$? $(took)"; tail -n 3 "$OUT/grid.log"
     fi
+    # where the f16 small-head kernel's time goes since c7b (session 25 profiled only MODEL1's)
+    prof main v32-b128-h16 '[Hh]eads' "sparse_decode fmt=V32 b=128 s_q=1 h_q=16 "
     suite main main 150
     ;;
 c8)
