@@ -1,16 +1,14 @@
 """Compile-only tests (CPU, run in CI): every variant builds for every arch it is
 registered for, the PTX ABI matches layouts.operands, SASS has what we intended."""
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from cute_mla import compile as cm, registry
 from cute_mla.layouts import abi
+from perf import sass as perf_sass
 
 pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl (the build extra) is not installed")
 
@@ -62,28 +60,10 @@ def test_ptx_abi_mismatch_is_caught():
         cm.check_abi("decode_scheduler", expected, wrong)
 
 
-def _cuobjdump():
-    exe = shutil.which("cuobjdump")
-    if exe is None:
-        try:
-            import nvidia
-
-            for root in nvidia.__path__:
-                for cand in Path(root).glob("*/bin/cuobjdump"):
-                    exe = str(cand)
-        except ImportError:
-            pass
-    return exe
-
-
 def sass(cubin: Path) -> str:
-    exe = _cuobjdump()
-    if exe is None:
+    if perf_sass.cuobjdump() is None:
         pytest.skip("cuobjdump not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
-    env = dict(os.environ, PATH=os.environ.get("PATH", "") + os.pathsep + str(Path(exe).parent))
-    r = subprocess.run([exe, "-sass", str(cubin)], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
+    return perf_sass.dump(cubin)
 
 
 # What each sm_90a kernel's SASS must (and must not) contain.
@@ -169,3 +149,19 @@ def test_sm90_sass_has_intended_instructions(built, kd, cfg):
     # branch (C7520), silently: each HGMMA is then followed by its own wait.
     mmas, waits = text.count("HGMMA"), text.count("WARPGROUP.DEPBAR")
     assert waits * 4 <= mmas, f"{kd.key(cfg)}: {waits} WGMMA waits for {mmas} WGMMAs (serialised by ptxas?)"
+
+
+def test_sass_control_bits_decode_consistently(built):
+    """perf.sass reads each instruction's scheduling bits: every register-destination global
+    load signals one of the six scoreboards, and every scoreboard an instruction waits on is signalled by
+    some instruction of the kernel (bits read from the wrong place would break both)."""
+    for cubin in sorted((built / "sm_90a").glob("*.cubin")):
+        instructions = perf_sass.parse(sass(cubin))
+        assert instructions, cubin.name
+        loads = perf_sass.load_scoreboards(instructions)
+        assert set(loads) <= set(range(6)), f"{cubin.name}: global loads on scoreboards {dict(loads)}"
+        signalled = {i.write_sb for i in instructions} | {i.read_sb for i in instructions}
+        for ins in instructions:
+            for sb in range(6):
+                assert not ins.waits_on(sb) or sb in signalled, f"{cubin.name}: {ins} waits on unused {sb}"
+
