@@ -37,13 +37,13 @@ class SparseDecodeHeadsSm90(HeadsOnN, SparseDecodeSm90):
         self.raw_in_registers = True
         self.regs_producer = 192
         self.regs_consumer = 240
-        # f16 matmuls (V32's default, MODEL1 by choice): the next block's codes are gathered during this block's
-        # conversion, which needs more producer registers: 224, where no f16 variant has local
-        # memory, with or without the RoPE prefetch (192 spilled 4-18 instructions, 216 with the
-        # prefetch 8); bf16 spilled 6-16 at every count tried, 192-240, so it keeps the plain gather.
-        # Measured against the plain gather (session 25, H100, 2 rounds beside FlashMLA): V32
-        # b 128 +1.7-2.6%, b 32 s_q 2 +1.2-1.4%, b 32 s_q 1 +0.3-1.6%; without the RoPE prefetch
-        # (the line prefetch the plain gather does covers it) V32 lost 1-2%
+        # f16 matmuls (V32's default; MODEL1's on request): the next block's codes are gathered
+        # during this block's conversion, which needs 224 producer registers (no local memory
+        # there; 192 spilled 4-18 instructions, 216 with the RoPE prefetch 8).  Measured against
+        # the plain gather (session 25, H100, 2 rounds beside FlashMLA): V32 b 128 +1.7-2.6%,
+        # b 32 s_q 2 +1.2-1.4%, b 32 s_q 1 +0.3-1.6%; without the RoPE prefetch (the plain
+        # gather's record prefetch had covered those lines) V32 lost 1-2%.  bf16 keeps the plain
+        # gather: MODEL1's ran 0.96-0.99x with it (c8, clean at 224), V32's spills at every count.
         self.gather_during_convert = matmul == "f16"
         if self.gather_during_convert:
             self.regs_producer = 224
