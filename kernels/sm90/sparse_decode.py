@@ -429,17 +429,23 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         zeros.fill(0)
         for g in cutlass.range_constexpr(self.fmt.d_nope // 64):
             if cutlass.const_expr(codes is not None):
-                if cutlass.const_expr(src is None):
-                    for w in cutlass.range_constexpr(4):
-                        codes[w, g, k] = Int32(0)
-                else:
-                    load_16B(src + Int64(64 * g), codes[None, g, k])
+                self.group_codes(src, k, g, codes)
             else:
                 staged = raw_dst + cute.crd2idx((0, 64 * g, 0), sK_outer) * 2
                 if cutlass.const_expr(src is None):
                     store_16B_shared(zeros, staged)
                 else:
                     copy_16B_async(src + Int64(64 * g), staged)
+
+    @cute.jit
+    def group_codes(self, src, k: int, g: int, codes: cute.Tensor):
+        """Quarter l % 4 of 64-code group g of this lane's token k into ``codes[None, g, k]``,
+        from ``src`` as for ``token_codes`` (None: zeros)."""
+        if cutlass.const_expr(src is None):
+            for w in cutlass.range_constexpr(4):
+                codes[w, g, k] = Int32(0)
+        else:
+            load_16B(src + Int64(64 * g), codes[None, g, k])
 
     @cute.jit
     def token_rope(self, src, rope_dst: Int32, rope_sw: Int32):
@@ -536,10 +542,9 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         with group 0, the token's scales into ``scales[None, k]``."""
         tok_rec, tok_sc = tok
         if tok_rec < 0:
-            for w in cutlass.range_constexpr(4):
-                codes[w, g, k] = Int32(0)
+            self.group_codes(None, k, g, codes)
         else:
-            load_16B(tok_rec + Int64(PIECE * (lane % 4) + 64 * g), codes[None, g, k])
+            self.group_codes(tok_rec + Int64(PIECE * (lane % 4)), k, g, codes)
             if cutlass.const_expr(g == 0):
                 self.token_scales(tok_rec, tok_sc, k, scales)
 
