@@ -1,15 +1,13 @@
 #!/bin/bash
 # Device steps for a session: build here, then one device call a step.
 #
-#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c9,c9m} with cubins (both archs)
+#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c11} with cubins (both archs)
 #   then one device call a step, carry ["scratch", ".peers"], back to back (the machine goes back
 #   after 30 s idle):
-#   bash perf/results/pending/next.sh c9      # branches exp/heads-prefetch-two-ahead (c9: the f16
-#                                             # small-head producer prefetches block j + 2's records
-#                                             # into L2) and -model1 (c9m: c9 plus MODEL1's bf16
-#                                             # kernels gathering during conversion): their sparse
-#                                             # tests, each against main at h_q 8 / 16 beside
-#                                             # FlashMLA, memcheck and the whole suite of c9m
+#   bash perf/results/pending/next.sh c11     # branch exp/stage-ahead (c11: MODEL1's small-head
+#                                             # producer issues block j + 1's copies into its stage
+#                                             # before converting block j): its sparse tests, the
+#                                             # MODEL1 small-head cases against main, memcheck, suite
 #   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, ncu by role of
 #                                             # V32 b 128 h_q 16, then the whole GPU suite
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
@@ -101,9 +99,8 @@ case "${1:-}" in
 build)
     mkdir -p scratch && git rev-parse --short HEAD > scratch/base-commit
     tree main
-    branch_tree c9 exp/heads-prefetch-two-ahead
-    branch_tree c9m exp/heads-prefetch-two-ahead-model1
-    for t in main c9 c9m; do  # both architectures: the suite's wheel test
+    branch_tree c11 exp/stage-ahead
+    for t in main c11; do  # both architectures: the suite's wheel test
         (cd scratch/$t && python -m cute_mla.compile | tail -n 1) &
     done
     wait
@@ -125,24 +122,22 @@ proof)
     prof main v32-b128-h16 '[Hh]eads' "sparse_decode fmt=V32 b=128 s_q=1 h_q=16 "
     suite main main 150
     ;;
-c9)
-    # c9 (V32's f16 small-head kernels: block j + 2's records prefetched into L2 at block j, so
-    # the early register loads of block j + 1's codes hit L2) and c9m (c9 plus MODEL1's bf16
-    # kernels gathering during conversion, which lost alone as c8); c9m's V32 cubins are c9's
-    sparse_tests c9 c9
-    sparse_tests c9m c9m
-    ab c9 main c9 2 "h_q=8 " "h_q=16 " "fmt=V32 b=128 s_q=1 h_q=32 "
-    ab c9m main c9m 2 "fmt=MODEL1 b=32 s_q=1 h_q=8 " "fmt=MODEL1 b=32 s_q=1 h_q=16 " "fmt=MODEL1 b=128 s_q=1 h_q=8 " \
-        "fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=MODEL1 b=128 s_q=2 h_q=16 " "fmt=MODEL1 b=32 s_q=2 h_q=16 "
-    memcheck c9m c9m tests/test_sparse_decode.py \
-        -k "padded_block_stride or strided_q or all_indices_invalid or some_requests_zero"
-    suite c9m c9m 220
+c11)
+    # c11 (MODEL1's small-head producer stages its codes in the ring and issues block j + 1's
+    # copies, scales included, before converting block j): its sparse tests, the MODEL1
+    # small-head cases against main beside FlashMLA, memcheck, its whole suite
+    sparse_tests c11 c11
+    ab c11 main c11 2 "fmt=MODEL1 b=32 s_q=1 h_q=" "fmt=MODEL1 b=32 s_q=2 h_q=" "fmt=MODEL1 b=128 s_q=1 h_q=" \
+        "fmt=MODEL1 b=128 s_q=2 h_q=8 " "fmt=MODEL1 b=128 s_q=2 h_q=16 " "fmt=MODEL1 b=128 s_q=2 h_q=32 "
+    memcheck c11 c11 tests/test_sparse_decode.py \
+        -k "many_short_requests or padded_block_stride or all_indices_invalid or some_requests_zero"
+    suite c11 c11 160
     ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-diag|proof|c9|diag" >&2
+    echo "usage: $0 build|build-diag|proof|c11|diag" >&2
     exit 2
     ;;
 esac
