@@ -78,11 +78,12 @@ class HeadsOnN:
         self.scratch_floats = heads * 4
         fixed = heads * self.d * elt + 4 * self.scratch_floats + 2048
         p_bytes = heads * BLOCK_N * elt
-        self.stages = (SM90_SMEM_BYTES - fixed - 2 * p_bytes) // self.kv_bytes
+        per_stage = self.kv_bytes + self.stage_side_bytes
+        self.stages = (SM90_SMEM_BYTES - fixed - 2 * p_bytes) // per_stage
         assert self.stages >= 2, self.stages
         self.overlap = self.stages >= 3
         self.p_buffers = 2 if self.overlap else 1
-        self.smem_bytes = fixed + self.p_buffers * p_bytes + self.stages * self.kv_bytes
+        self.smem_bytes = fixed + self.p_buffers * p_bytes + self.stages * per_stage
 
     # ------------------------------------------------------------------ layouts / MMAs
     def q_smem_layout(self):
