@@ -337,6 +337,16 @@ def test_some_requests_zero_length():
     assert _empty(out[1], lse[1])  # request 1: topk_length 0 and extra_topk_length 0
 
 
+@pytest.mark.parametrize("h_q", [8, 16, 64])
+@pytest.mark.parametrize("d_qk", [576, 512])
+def test_many_short_requests_a_part(d_qk, h_q):
+    """400 requests of 0-2 blocks (topk 128, random topk_length: empty and one-block pieces; MODEL1 an extra
+    cache too): a part holds several requests' pieces, each opened on its own (a first block's stage, and
+    with ``stage_ahead`` the next block's, while the last piece's copies may still be in flight)."""
+    run_case(400, 2, h_q, d_qk, (256, 128, 64), seed=5, sink=True, lengths="random",
+             extra=(256, 64, 61) if d_qk == 512 else None)
+
+
 @pytest.mark.parametrize("d_qk", [576, 512])
 def test_sink_infinities(d_qk):
     g = torch.Generator(device=DEV).manual_seed(4)

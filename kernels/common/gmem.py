@@ -45,6 +45,29 @@ def store_16B_shared(src: cute.Tensor, addr: Int32):
 
 
 @cute.jit
+def store_8B_shared(src: cute.Tensor, addr: Int32):
+    """2 Int32 registers to an 8-byte aligned shared address."""
+    dst = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.smem, assumed_align=8), cute.make_layout(2))
+    cute.autovec_copy(src, dst)
+
+
+@cute.jit
+def load_8B_shared(addr: Int32, dst: cute.Tensor):
+    """8 bytes at an 8-byte aligned shared address into ``dst`` (2 Int32 registers)."""
+    src = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.smem, assumed_align=8), cute.make_layout(2))
+    cute.autovec_copy(src, dst)
+
+
+@dsl_user_op
+def copy_8B_async(src_addr: Int64, dst_addr: Int32, *, loc=None, ip=None) -> None:
+    """8 bytes global -> shared with cp.async (through L1: cg takes 16 bytes only); wait with
+    cp.async.wait_group."""
+    llvm.inline_asm(None, [Int32(dst_addr).ir_value(loc=loc, ip=ip), Int64(src_addr).ir_value(loc=loc, ip=ip)],
+                    "cp.async.ca.shared.global [$0], [$1], 8;", "r,l",
+                    has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+
+
+@cute.jit
 def copy_16B_async(src_addr: Int64, dst_addr: Int32):
     """16 bytes global -> shared with cp.async (bypassing L1); wait with cp.async.wait_group."""
     atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), Int32,

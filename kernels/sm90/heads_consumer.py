@@ -64,6 +64,10 @@ class HeadsOnN:
     ``mask_logits`` (applied to S^T) and ``clear_masked_v`` (masked rows' V, where they may hold
     anything)."""
 
+    # with a third stage, whether block j's O^T MMAs overlap block j + 1's S^T (the warpgroup then
+    # holds two stages); False keeps one stage held, so a producer staging ahead has two free
+    overlap_blocks = True
+
     threads = 256  # the producer warpgroup and one consumer warpgroup
     consumer_threads = 128
 
@@ -78,11 +82,12 @@ class HeadsOnN:
         self.scratch_floats = heads * 4
         fixed = heads * self.d * elt + 4 * self.scratch_floats + 2048
         p_bytes = heads * BLOCK_N * elt
-        self.stages = (SM90_SMEM_BYTES - fixed - 2 * p_bytes) // self.kv_bytes
+        per_stage = self.kv_bytes + self.stage_side_bytes
+        self.stages = (SM90_SMEM_BYTES - fixed - 2 * p_bytes) // per_stage
         assert self.stages >= 2, self.stages
-        self.overlap = self.stages >= 3
+        self.overlap = self.stages >= 3 and self.overlap_blocks
         self.p_buffers = 2 if self.overlap else 1
-        self.smem_bytes = fixed + self.p_buffers * p_bytes + self.stages * self.kv_bytes
+        self.smem_bytes = fixed + self.p_buffers * p_bytes + self.stages * per_stage
 
     # ------------------------------------------------------------------ layouts / MMAs
     def q_smem_layout(self):

@@ -71,6 +71,9 @@ class TwoConsumerMlaSm90:
     """Base of the SM90 MLA kernels: warpgroup 0 produces KV blocks, warpgroups 1 and 2
     consume them as described in this module's docstring."""
 
+    # shared bytes a KV ring stage takes beside its block (sparse decode's staged scales)
+    stage_side_bytes = 0
+
     threads = 384
     consumer_threads = 256
 

@@ -15,8 +15,8 @@ from cutlass import Float32, Int32, Int64
 
 from cute_mla.kernels.common.fp8 import (bf16x2_to_f16x2, dequant_e4m3x4, dequant_e4m3x4_bf16, f16x2_scale,
                                          f32_from_bits, ue8m0_to_f32)
-from cute_mla.kernels.common.gmem import (copy_16B_async, load_8B, load_16B, load_16B_shared, load_i32,
-                                          prefetch_l2, store_16B_shared)
+from cute_mla.kernels.common.gmem import (copy_8B_async, copy_16B_async, load_8B, load_8B_shared, load_16B,
+                                          load_16B_shared, load_i32, prefetch_l2, store_8B_shared, store_16B_shared)
 from cute_mla.kernels.common.mma_sm90 import swizzle_128b
 from cute_mla.kernels.common.paged_kv import kv_smem_layout
 from cute_mla.kernels.common.softmax import LOG2_E
@@ -123,6 +123,18 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     # (with ``gather_during_convert``) the next block's RoPE lines, which its code and scale
     # loads do not touch, are prefetched into L2 as its gather starts
     prefetch_rope_ahead = False
+    # (without ``raw_in_registers``) the producer opens block j + 1's stage and issues all of its
+    # copies before it converts block j: codes and RoPE as ever, and the scales by cp.async too,
+    # into ``stage_side_bytes`` beside the stage, so no load of the next block shares a SASS
+    # scoreboard with this block's conversion (NOTES, session 25).  With a ring of 3 stages the
+    # copies of block j + 1 then fly during block j's conversion whenever the consumers are
+    # waiting for the producer.
+    stage_ahead = False
+
+    @property
+    def stage_side_bytes(self) -> int:
+        """(``stage_ahead``) a stage's scales: each producer lane's two tokens' scale slots."""
+        return self.producer_threads * 2 * self.fmt.scale_slot_bytes if self.stage_ahead else 0
 
     def __init__(self, fmt: str, matmul: str = "f16"):
         self.fmt = get_format(fmt)
@@ -182,6 +194,11 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         smem = cutlass.memory.SmemAllocator()
         sQ, sK, sP, sStat = self.allocate_operands(smem, sQ_layout, sK_layout, sP_layout)
         sBias, kv_pipe = self.make_gathered_kv_pipeline(smem, self.producer_threads)
+        scale_base = Int32(0)  # (stage_ahead) the staged scales: stage s, producer thread t at (128 s + t) * 2 slots
+        if cutlass.const_expr(self.stage_ahead):
+            sScale = smem.allocate_tensor(cutlass.Int8, cute.make_layout(self.stages * self.stage_side_bytes),
+                                          byte_alignment=16)
+            scale_base = sScale.iterator.toint()
 
         part, _, mblk = cute.arch.block_idx()
         sched = DecodePart(mSchedMeta, mSplitOffsets, part)
@@ -190,7 +207,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         if wg == 0:
             cute.arch.setmaxregister_decrease(self.regs_producer)
             self.load(mK, mIndices, mXK, mXIndices, page_block_size, extra_page_block_size, lengths, sched, sK,
-                      sK_layout.outer, sBias, kv_pipe, (mblk * BLOCK_M) // self.token_rows(mQ), warp, tidx % 32)
+                      sK_layout.outer, sBias, kv_pipe, (mblk * BLOCK_M) // self.token_rows(mQ), warp, tidx % 32,
+                      scale_base)
         else:
             cute.arch.setmaxregister_increase(self.regs_consumer)
             self.consume(qk_mma, pv_mma, qk_tail_mma, sQ, sK, sP, sStat, sBias, sV_layout, mQ, lengths, mSink, sched,
@@ -215,7 +233,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     @cute.jit
     def load(self, mK: cute.Tensor, mIndices: cute.Tensor, mXK: cute.Tensor, mXIndices: cute.Tensor,
              pbs: Int32, xpbs: Int32, lengths: SlotLengths, sched: DecodePart, sK: cute.Tensor, sK_outer: cute.Layout,
-             sBias: cute.Tensor, kv_pipe, iq: Int32, warp: Int32, lane: Int32):
+             sBias: cute.Tensor, kv_pipe, iq: Int32, warp: Int32, lane: Int32, scale_base: Int32):
         # Lane l looks after quarter l % 4 of every 64-column group of tokens l // 4 and
         # 8 + l // 4 of the warp's 16: it stages their codes, converts them, stores them.
         # Byte offsets in a stage: its staging piece of group 0 (raw, unswizzled) and,
@@ -242,26 +260,39 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             if cutlass.const_expr(self.gather_during_convert):
                 held = self.lane_registers()
                 self.gather_registers(rec, sc, lane, *held)
+            if cutlass.const_expr(self.stage_ahead):
+                if lo < hi:  # the piece's first block: its stage opened, its copies issued
+                    self.open_stage(kv_pipe, state, rec, sc, sk_base, offs, sK_outer, sBias, slot, lane,
+                                    self.scale_slots(scale_base, state.index, warp, lane))
             for blk in cutlass.range(lo, hi, unroll=1):
-                kv_pipe.producer_acquire(state)
+                scales = None
+                raw = None
+                if cutlass.const_expr(not self.stage_ahead):
+                    scales, raw = self.open_stage(kv_pipe, state, rec, sc, sk_base, offs, sK_outer, sBias, slot, lane,
+                                                  None, held)
                 stage = state.index
-                if lane < 16:
-                    bias = Float32(0.0)
-                    if rec < 0:
-                        bias = -Float32.inf
-                    sBias[slot, stage] = bias
                 stage_base = sk_base + stage * self.kv_bytes
-                scales, raw = self.stage_raw(rec, sc, stage_base, offs, sK_outer, lane, held)
                 # While this block's copies fly: the next block's records (its indices were
                 # loaded a block ago) to L2 (or, gathering during the conversion, to its
-                # registers), and the indices of the one after.
+                # registers; or, staging ahead, to its stage), and the indices of the one after.
                 rec_next, sc_next = self.token_record(self.block_source(caches, blk + 1, r, iq, n, nb, nx), idx_next)
-                if cutlass.const_expr(not self.gather_during_convert):
+                if cutlass.const_expr(not self.gather_during_convert and not self.stage_ahead):
                     self.prefetch_record(rec_next, sc_next, lane)
                 idx_next = Int32(-1)
                 if blk + 2 < hi:
                     idx_next = self.fetch_index(self.block_source(caches, blk + 2, r, iq, n, nb, nx), slot)
-                if cutlass.const_expr(self.gather_during_convert):
+                if cutlass.const_expr(self.stage_ahead):
+                    if blk + 1 < hi:
+                        ahead = state.clone()
+                        ahead.advance()
+                        self.open_stage(kv_pipe, ahead, rec_next, sc_next, sk_base, offs, sK_outer, sBias, slot,
+                                        lane, self.scale_slots(scale_base, ahead.index, warp, lane))
+                        cute.arch.cp_async_wait_group(1)  # this block's copies; the next block's fly on
+                    else:
+                        cute.arch.cp_async_wait_group(0)
+                    scales = self.staged_scales(self.scale_slots(scale_base, stage, warp, lane))
+                    self.convert_raw(scales, raw, stage_base, offs, sK_outer, lane)
+                elif cutlass.const_expr(self.gather_during_convert):
                     self.convert_raw(scales, raw, stage_base, offs, sK_outer, lane, (rec_next, sc_next))
                 else:
                     cute.arch.cp_async_wait_group(0)
@@ -272,6 +303,36 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 state.advance()
                 rec = rec_next
                 sc = sc_next
+
+    @cute.jit
+    def open_stage(self, kv_pipe, state, rec: Int64, sc: Int32, sk_base: Int32, offs, sK_outer: cute.Layout,
+                   sBias: cute.Tensor, slot: Int32, lane: Int32, scale_dst, held=None):
+        """Acquire ``state``'s stage for the block whose records are ``rec`` / ``sc``, write its
+        logit bias and issue this lane's copies (``stage_raw``; ``scale_dst``: where its scales
+        go, ``stage_ahead``).  Returns ``stage_raw``'s (scales, codes)."""
+        kv_pipe.producer_acquire(state)
+        stage = state.index
+        if lane < 16:
+            bias = Float32(0.0)
+            if rec < 0:
+                bias = -Float32.inf
+            sBias[slot, stage] = bias
+        return self.stage_raw(rec, sc, sk_base + stage * self.kv_bytes, offs, sK_outer, lane, held, scale_dst)
+
+    def scale_slots(self, scale_base: Int32, stage: Int32, warp: Int32, lane: Int32) -> Int32:
+        """(``stage_ahead``) The shared address of this producer lane's two scale slots in ``stage``."""
+        return scale_base + ((stage * self.producer_threads + warp * 32 + lane) * 2) * self.fmt.scale_slot_bytes
+
+    @cute.jit
+    def staged_scales(self, slots: Int32) -> cute.Tensor:
+        """(``stage_ahead``) This lane's tokens' scales, from its slots, as ``lane_registers`` holds them."""
+        scales, _ = self.lane_registers()
+        for k in cutlass.range_constexpr(2):
+            if cutlass.const_expr(self.fmt.scale_kind == "float32"):
+                load_16B_shared(slots + k * self.fmt.scale_slot_bytes, scales[None, k])
+            else:
+                load_8B_shared(slots + k * self.fmt.scale_slot_bytes, scales[None, k])
+        return scales
 
     @cute.jit
     def block_source(self, caches, blk: Int32, r: Int32, iq: Int32, n: Int32, nb: Int32, nx: Int32):
@@ -353,7 +414,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
 
     @cute.jit
     def stage_raw(self, rec: Int64, sc: Int32, stage_base: Int32, offs, sK_outer: cute.Layout, lane: Int32,
-                  gathered=None):
+                  gathered=None, scale_dst=None):
         """Issue all of this lane's copies at once (their latencies overlap): its FP8 code
         pieces by cp.async into the staging area, its RoPE pieces (bf16, stored as is) by
         cp.async to their final place, zeros for an invalid token; then its tokens' scales
@@ -364,7 +425,8 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         ``raw_in_registers`` the codes go to the lane's registers instead (``codes``: (4
         words, groups, 2 tokens); None otherwise), and only RoPE goes by cp.async.  ``gathered``:
         the (scales, codes) the lane already holds (``gather_during_convert``); then only RoPE is
-        issued here."""
+        issued here.  ``scale_dst`` (``stage_ahead``): the scales go by cp.async to this lane's
+        slots there instead (zeros for an invalid token), in the same group."""
         raw_lane, rope_sw, _ = offs
         early = gathered is not None
         if cutlass.const_expr(early):
@@ -379,12 +441,16 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 if cutlass.const_expr(not early):
                     self.token_codes(None, k, codes, raw_dst, sK_outer)
                 self.token_rope(None, rope_dst, rope_sw)
+                if cutlass.const_expr(scale_dst is not None):
+                    self.stage_scales(None, tok_sc, scale_dst + k * self.fmt.scale_slot_bytes)
             else:
                 src = tok_rec + Int64(PIECE * (lane % 4))
                 if cutlass.const_expr(not early):
                     self.token_codes(src, k, codes, raw_dst, sK_outer)
                 self.token_rope(src, rope_dst, rope_sw)
-                if cutlass.const_expr(not early):
+                if cutlass.const_expr(scale_dst is not None):
+                    self.stage_scales(tok_rec, tok_sc, scale_dst + k * self.fmt.scale_slot_bytes)
+                elif cutlass.const_expr(not early):
                     self.token_scales(tok_rec, tok_sc, k, scales)
         cute.arch.cp_async_commit_group()
         return scales, codes
@@ -468,6 +534,24 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
             load_16B(tok_rec + Int64(self.scale_offset), scales[None, k])
         else:
             load_8B(tok_rec + Int64(tok_sc), scales[None, k])
+
+    @cute.jit
+    def stage_scales(self, tok_rec, tok_sc: Int32, dst: Int32):
+        """(``stage_ahead``) A token's scales by cp.async to the shared slot at ``dst`` (V32 the
+        record's 16 bytes, MODEL1 the 8 at record + ``tok_sc``); ``tok_rec`` None: an invalid
+        token, zeros."""
+        f = self.fmt
+        if cutlass.const_expr(tok_rec is None):
+            zeros = cute.make_rmem_tensor(cute.make_layout(f.scale_slot_bytes // 4), Int32)
+            zeros.fill(0)
+            if cutlass.const_expr(f.scale_kind == "float32"):
+                store_16B_shared(zeros, dst)
+            else:
+                store_8B_shared(zeros, dst)
+        elif cutlass.const_expr(f.scale_kind == "float32"):
+            copy_16B_async(tok_rec + Int64(self.scale_offset), dst)
+        else:
+            copy_8B_async(tok_rec + Int64(tok_sc), dst)
 
     @cute.jit
     def convert_raw(self, scales: cute.Tensor, codes, stage_base: Int32, offs, sK_outer: cute.Layout, lane: Int32,

@@ -48,6 +48,17 @@ class SparseDecodeHeadsSm90(HeadsOnN, SparseDecodeSm90):
         if self.gather_during_convert:
             self.regs_producer = 224
             self.prefetch_rope_ahead = True
+        # MODEL1 (3 stages): the codes staged in the ring, block j + 1's copies issued before
+        # block j's conversion (``stage_ahead``)
+        if fmt == "MODEL1":
+            self.raw_in_registers = False
+            self.gather_during_convert = False
+            self.prefetch_rope_ahead = False
+            self.regs_producer = 192
+            self.stage_ahead = True
+            # c11's profile (H100, MODEL1 b 128 h_q 16): the producer waited for an empty stage
+            # (7% of samples) while the consumers, holding two, waited for a full one (17%)
+            self.overlap_blocks = False
         super().__init__(fmt, matmul)
         self.size_ring(heads)
 
