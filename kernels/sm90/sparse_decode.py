@@ -126,9 +126,9 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
     # (without ``raw_in_registers``) the producer opens block j + 1's stage and issues all of its
     # copies before it converts block j: codes and RoPE as ever, and the scales by cp.async too,
     # into ``stage_side_bytes`` beside the stage, so no load of the next block shares a SASS
-    # scoreboard with this block's conversion (NOTES, session 25).  With a ring of 3 stages the
-    # copies of block j + 1 then fly during block j's conversion whenever the consumers are
-    # waiting for the producer.
+    # scoreboard with this block's conversion (NOTES, session 25).  It pays only where two stages
+    # are free of the consumers: 3 stages with a consumer that holds one (``HeadsOnN``'s
+    # ``overlap_blocks`` off; session 26: with the consumer holding two it ran 0.99-1.02x).
     stage_ahead = False
 
     @property

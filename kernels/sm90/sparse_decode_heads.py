@@ -2,11 +2,11 @@
 
 The consumer is ``kernels.sm90.heads_consumer.HeadsOnN`` (S^T = K Q^T, O^T = V^T P^T, one
 warpgroup: no padding rows); the producer, KV ring, split-KV schedule and outputs are the 64-row
-kernel's (``kernels.sm90.sparse_decode``).  With this kernel's 256 threads the producer can keep
-its FP8 codes in registers (``__init__``), and the ring holds as many stages as fit (MODEL1 3,
-V32 2).  One warpgroup with the codes in registers ran V32 at 1.07-1.17x the two-warpgroup
-kernel's speed (0.96x at b 32 s_q 1 h_q 16) and MODEL1 at 0.97-1.02x (perf/results/NOTES.md,
-session 19).
+kernel's (``kernels.sm90.sparse_decode``).  The ring holds as many stages as fit (MODEL1 3, V32
+2).  With this kernel's 256 threads V32's producer keeps its FP8 codes in registers; one warpgroup
+so ran V32 at 1.07-1.17x the two-warpgroup kernel's speed (0.96x at b 32 s_q 1 h_q 16;
+perf/results/NOTES.md, session 19).  MODEL1's producer instead stages its codes in the ring one
+block ahead of its conversion, beside a consumer that holds one stage (``__init__``; session 26).
 """
 from __future__ import annotations
 
@@ -37,28 +37,30 @@ class SparseDecodeHeadsSm90(HeadsOnN, SparseDecodeSm90):
         self.raw_in_registers = True
         self.regs_producer = 192
         self.regs_consumer = 240
-        # f16 matmuls (V32's default; MODEL1's on request): the next block's codes are gathered
-        # during this block's conversion, which needs 224 producer registers (no local memory
-        # there; 192 spilled 4-18 instructions, 216 with the RoPE prefetch 8).  Measured against
-        # the plain gather (session 25, H100, 2 rounds beside FlashMLA): V32 b 128 +1.7-2.6%,
-        # b 32 s_q 2 +1.2-1.4%, b 32 s_q 1 +0.3-1.6%; without the RoPE prefetch (the plain
-        # gather's record prefetch had covered those lines) V32 lost 1-2%.  bf16 keeps the plain
-        # gather: MODEL1's ran 0.96-0.99x with it (c8, clean at 224), V32's spills at every count.
-        self.gather_during_convert = matmul == "f16"
-        if self.gather_during_convert:
+        if fmt == "MODEL1":
+            # MODEL1 (3 stages): the codes are staged in the ring, and block j + 1's copies, its
+            # scales included, are issued before block j's conversion (``stage_ahead``: no load
+            # of the next block then shares a scoreboard with this block's conversion), while
+            # the consumer holds one stage at a time (no ``overlap_blocks``), so the producer has
+            # two.  Staging ahead alone was 0.99-1.02x (c11: its profile, H100 b 128 h_q 16, had
+            # the producer waiting for an empty stage, 7% of samples, and the consumer, holding
+            # two, for a full one, 17%); with one stage held, against the codes in registers
+            # (session 26, H100, 2 rounds beside FlashMLA, bf16 matmuls): b 128 +7.2-10.4%,
+            # b 32 s_q 2 +5.0-6.9%, b 32 s_q 1 -0.2-+0.6%.  (f16 MODEL1 stages ahead too; untimed.)
+            self.raw_in_registers = False
+            self.stage_ahead = True
+            self.overlap_blocks = False
+        elif matmul == "f16":
+            # V32's f16 (default) matmuls: the next block's codes are gathered during this
+            # block's conversion, which needs 224 producer registers (no local memory there; 192
+            # spilled 4-18 instructions, 216 with the RoPE prefetch 8).  Measured against the
+            # plain gather (session 25, H100, 2 rounds beside FlashMLA): b 128 +1.7-2.6%, b 32
+            # s_q 2 +1.2-1.4%, b 32 s_q 1 +0.3-1.6%; without the RoPE prefetch (the plain gather's
+            # record prefetch had covered those lines) it lost 1-2%.  MODEL1's bf16 kernels ran
+            # 0.96-0.99x with it (c8); V32's bf16 spill at every count, and keep the plain gather.
+            self.gather_during_convert = True
             self.regs_producer = 224
             self.prefetch_rope_ahead = True
-        # MODEL1 (3 stages): the codes staged in the ring, block j + 1's copies issued before
-        # block j's conversion (``stage_ahead``)
-        if fmt == "MODEL1":
-            self.raw_in_registers = False
-            self.gather_during_convert = False
-            self.prefetch_rope_ahead = False
-            self.regs_producer = 192
-            self.stage_ahead = True
-            # c11's profile (H100, MODEL1 b 128 h_q 16): the producer waited for an empty stage
-            # (7% of samples) while the consumers, holding two, waited for a full one (17%)
-            self.overlap_blocks = False
         super().__init__(fmt, matmul)
         self.size_ring(heads)
 
