@@ -10,52 +10,50 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
 
+def _words(addr, space, nbytes: int) -> cute.Tensor:
+    """``nbytes`` (4, 8 or 16) bytes at an ``nbytes``-aligned address in ``space``, as Int32 words."""
+    return cute.make_tensor(cute.make_ptr(Int32, addr, space, assumed_align=nbytes), cute.make_layout(nbytes // 4))
+
+
 @cute.jit
 def load_i32(addr: Int64) -> Int32:
-    return cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.gmem, assumed_align=4),
-                            cute.make_layout(1))[0]
+    return _words(addr, cute.AddressSpace.gmem, 4)[0]
 
 
 @cute.jit
 def load_8B(addr: Int64, dst: cute.Tensor):
     """8 bytes at an 8-byte aligned address into ``dst`` (2 Int32 registers)."""
-    src = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.gmem, assumed_align=8), cute.make_layout(2))
-    cute.autovec_copy(src, dst)
+    cute.autovec_copy(_words(addr, cute.AddressSpace.gmem, 8), dst)
 
 
 @cute.jit
 def load_16B(addr: Int64, dst: cute.Tensor):
     """16 bytes at a 16-byte aligned address into ``dst`` (4 Int32 registers)."""
-    src = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.gmem, assumed_align=16), cute.make_layout(4))
-    cute.autovec_copy(src, dst)
-
-
-@cute.jit
-def load_16B_shared(addr: Int32, dst: cute.Tensor):
-    """16 bytes at a 16-byte aligned shared address into ``dst`` (4 Int32 registers)."""
-    src = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.smem, assumed_align=16), cute.make_layout(4))
-    cute.autovec_copy(src, dst)
-
-
-@cute.jit
-def store_16B_shared(src: cute.Tensor, addr: Int32):
-    """4 Int32 registers to a 16-byte aligned shared address."""
-    dst = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.smem, assumed_align=16), cute.make_layout(4))
-    cute.autovec_copy(src, dst)
-
-
-@cute.jit
-def store_8B_shared(src: cute.Tensor, addr: Int32):
-    """2 Int32 registers to an 8-byte aligned shared address."""
-    dst = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.smem, assumed_align=8), cute.make_layout(2))
-    cute.autovec_copy(src, dst)
+    cute.autovec_copy(_words(addr, cute.AddressSpace.gmem, 16), dst)
 
 
 @cute.jit
 def load_8B_shared(addr: Int32, dst: cute.Tensor):
     """8 bytes at an 8-byte aligned shared address into ``dst`` (2 Int32 registers)."""
-    src = cute.make_tensor(cute.make_ptr(Int32, addr, cute.AddressSpace.smem, assumed_align=8), cute.make_layout(2))
-    cute.autovec_copy(src, dst)
+    cute.autovec_copy(_words(addr, cute.AddressSpace.smem, 8), dst)
+
+
+@cute.jit
+def load_16B_shared(addr: Int32, dst: cute.Tensor):
+    """16 bytes at a 16-byte aligned shared address into ``dst`` (4 Int32 registers)."""
+    cute.autovec_copy(_words(addr, cute.AddressSpace.smem, 16), dst)
+
+
+@cute.jit
+def store_8B_shared(src: cute.Tensor, addr: Int32):
+    """2 Int32 registers to an 8-byte aligned shared address."""
+    cute.autovec_copy(src, _words(addr, cute.AddressSpace.smem, 8))
+
+
+@cute.jit
+def store_16B_shared(src: cute.Tensor, addr: Int32):
+    """4 Int32 registers to a 16-byte aligned shared address."""
+    cute.autovec_copy(src, _words(addr, cute.AddressSpace.smem, 16))
 
 
 @dsl_user_op
@@ -72,11 +70,7 @@ def copy_16B_async(src_addr: Int64, dst_addr: Int32):
     """16 bytes global -> shared with cp.async (bypassing L1); wait with cp.async.wait_group."""
     atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), Int32,
                                num_bits_per_copy=128)
-    src = cute.make_tensor(cute.make_ptr(Int32, src_addr, cute.AddressSpace.gmem, assumed_align=16),
-                           cute.make_layout(4))
-    dst = cute.make_tensor(cute.make_ptr(Int32, dst_addr, cute.AddressSpace.smem, assumed_align=16),
-                           cute.make_layout(4))
-    cute.copy(atom, src, dst)
+    cute.copy(atom, _words(src_addr, cute.AddressSpace.gmem, 16), _words(dst_addr, cute.AddressSpace.smem, 16))
 
 
 @dsl_user_op

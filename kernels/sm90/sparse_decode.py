@@ -5,7 +5,7 @@ bf16: the ``matmul`` flag)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import cuda.bindings.driver as cuda
 import cutlass
@@ -53,6 +53,21 @@ class SlotLengths:
         if self.has_extra != 0:
             nx = counted(self.extra_topk, self.extra_topk_length, self.has_extra_topk_length, r)
         return n, nb, nx, nb * BLOCK_N + nx
+
+
+class StageWriter(NamedTuple):
+    """What a producer lane needs to open a ring stage and issue a block's copies into it
+    (``SparseDecodeSm90.open_stage``); made once in ``load``."""
+
+    kv_pipe: Any
+    sk_base: Any  # the ring's shared address
+    offs: Any  # the lane's byte offsets in a stage (``load``)
+    sK_outer: Any  # the ring's layout
+    sBias: Any  # (slot, stage) logit biases
+    scale_base: Any  # (``stage_ahead``) the staged scales' shared address
+    slot: Any  # the slot of each block the lane resolves
+    warp: Any
+    lane: Any
 
 
 class SparseDecodeSm90(SplitKvDecodeSm90):
@@ -245,6 +260,7 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
         sk_base = sK.iterator.toint()
         caches = (mK, mIndices, pbs, mXK, mXIndices, xpbs)
         slot = warp * 16 + lane % 16  # the slot of each block lane l (and l + 16) resolves
+        writer = StageWriter(kv_pipe, sk_base, offs, sK_outer, sBias, scale_base, slot, warp, lane)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
         for r in cutlass.range(sched.begin_req(), sched.end_req() + 1, unroll=1):
             n, nb, nx, seqlen = lengths.of(r)
@@ -262,14 +278,12 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 self.gather_registers(rec, sc, lane, *held)
             if cutlass.const_expr(self.stage_ahead):
                 if lo < hi:  # the piece's first block: its stage opened, its copies issued
-                    self.open_stage(kv_pipe, state, rec, sc, sk_base, offs, sK_outer, sBias, slot, lane,
-                                    self.scale_slots(scale_base, state.index, warp, lane))
+                    self.open_stage(writer, state, rec, sc)
             for blk in cutlass.range(lo, hi, unroll=1):
                 scales = None
                 raw = None
                 if cutlass.const_expr(not self.stage_ahead):
-                    scales, raw = self.open_stage(kv_pipe, state, rec, sc, sk_base, offs, sK_outer, sBias, slot, lane,
-                                                  None, held)
+                    scales, raw = self.open_stage(writer, state, rec, sc, held)
                 stage = state.index
                 stage_base = sk_base + stage * self.kv_bytes
                 # While this block's copies fly: the next block's records (its indices were
@@ -285,12 +299,11 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                     if blk + 1 < hi:
                         ahead = state.clone()
                         ahead.advance()
-                        self.open_stage(kv_pipe, ahead, rec_next, sc_next, sk_base, offs, sK_outer, sBias, slot,
-                                        lane, self.scale_slots(scale_base, ahead.index, warp, lane))
+                        self.open_stage(writer, ahead, rec_next, sc_next)
                         cute.arch.cp_async_wait_group(1)  # this block's copies; the next block's fly on
                     else:
                         cute.arch.cp_async_wait_group(0)
-                    scales = self.staged_scales(self.scale_slots(scale_base, stage, warp, lane))
+                    scales = self.staged_scales(self.scale_slots(writer, stage))
                     self.convert_raw(scales, raw, stage_base, offs, sK_outer, lane)
                 elif cutlass.const_expr(self.gather_during_convert):
                     self.convert_raw(scales, raw, stage_base, offs, sK_outer, lane, (rec_next, sc_next))
@@ -305,23 +318,25 @@ class SparseDecodeSm90(SplitKvDecodeSm90):
                 sc = sc_next
 
     @cute.jit
-    def open_stage(self, kv_pipe, state, rec: Int64, sc: Int32, sk_base: Int32, offs, sK_outer: cute.Layout,
-                   sBias: cute.Tensor, slot: Int32, lane: Int32, scale_dst, held=None):
+    def open_stage(self, w: StageWriter, state, rec: Int64, sc: Int32, held=None):
         """Acquire ``state``'s stage for the block whose records are ``rec`` / ``sc``, write its
-        logit bias and issue this lane's copies (``stage_raw``; ``scale_dst``: where its scales
-        go, ``stage_ahead``).  Returns ``stage_raw``'s (scales, codes)."""
-        kv_pipe.producer_acquire(state)
+        logit bias and issue this lane's copies (``stage_raw``; with ``stage_ahead`` the scales go
+        to the stage's scale slots).  Returns ``stage_raw``'s (scales, codes)."""
+        scale_dst = None
+        if cutlass.const_expr(self.stage_ahead):
+            scale_dst = self.scale_slots(w, state.index)
+        w.kv_pipe.producer_acquire(state)
         stage = state.index
-        if lane < 16:
+        if w.lane < 16:
             bias = Float32(0.0)
             if rec < 0:
                 bias = -Float32.inf
-            sBias[slot, stage] = bias
-        return self.stage_raw(rec, sc, sk_base + stage * self.kv_bytes, offs, sK_outer, lane, held, scale_dst)
+            w.sBias[w.slot, stage] = bias
+        return self.stage_raw(rec, sc, w.sk_base + stage * self.kv_bytes, w.offs, w.sK_outer, w.lane, held, scale_dst)
 
-    def scale_slots(self, scale_base: Int32, stage: Int32, warp: Int32, lane: Int32) -> Int32:
+    def scale_slots(self, w: StageWriter, stage: Int32) -> Int32:
         """(``stage_ahead``) The shared address of this producer lane's two scale slots in ``stage``."""
-        return scale_base + ((stage * self.producer_threads + warp * 32 + lane) * 2) * self.fmt.scale_slot_bytes
+        return w.scale_base + ((stage * self.producer_threads + w.warp * 32 + w.lane) * 2) * self.fmt.scale_slot_bytes
 
     @cute.jit
     def staged_scales(self, slots: Int32) -> cute.Tensor:
