@@ -1,15 +1,12 @@
 #!/bin/bash
 # Device steps for a session: build here, then one device call a step.
 #
-#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c11} with cubins (both archs)
+#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/main with cubins (both archs)
 #   then one device call a step, carry ["scratch", ".peers"], back to back (the machine goes back
 #   after 30 s idle):
-#   bash perf/results/pending/next.sh c11     # branch exp/stage-ahead (c11: MODEL1's small-head
-#                                             # producer issues block j + 1's copies into its stage
-#                                             # before converting block j): its sparse tests, the
-#                                             # MODEL1 small-head cases against main, memcheck, suite
-#   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, ncu by role of
-#                                             # V32 b 128 h_q 16, then the whole GPU suite
+#   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, 3 rounds of
+#                                             # issue 19's 24 small-head cases, ncu by role of MODEL1
+#                                             # b 32 s_q 1 h_q 16, then the whole GPU suite
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
 #                                             # need regenerating on main since c7b)
@@ -22,6 +19,11 @@
 # after build: the launcher refuses cubins whose sources changed (session 23 lost a call to it);
 # if you must, rerun `python -m cute_mla.compile --arch sm_90a` in that tree (incremental).
 DIAGS="noconvert nogather nopv"
+# issue 19's targets: b 32 / 128, s_q 1 / 2, h_q 8 / 16 / 32, both formats (24 cases)
+SMALL_HEAD_CASES=("sparse_decode fmt=V32 b=32 s_q=1 h_q=" "sparse_decode fmt=V32 b=32 s_q=2 h_q="
+                  "sparse_decode fmt=V32 b=128 s_q=1 h_q=" "sparse_decode fmt=V32 b=128 s_q=2 h_q="
+                  "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=" "sparse_decode fmt=MODEL1 b=32 s_q=2 h_q="
+                  "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=" "sparse_decode fmt=MODEL1 b=128 s_q=2 h_q=")
 DIAG_CASES=("fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=MODEL1 b=32 s_q=1 h_q=16 " "fmt=V32 b=128 s_q=1 h_q=16 "
             "fmt=V32 b=32 s_q=1 h_q=16 ")
 set -u
@@ -99,8 +101,7 @@ case "${1:-}" in
 build)
     mkdir -p scratch && git rev-parse --short HEAD > scratch/base-commit
     tree main
-    branch_tree c11 exp/stage-ahead
-    for t in main c11; do  # both architectures: the suite's wheel test
+    for t in main; do  # both architectures: the suite's wheel test
         (cd scratch/$t && python -m cute_mla.compile | tail -n 1) &
     done
     wait
@@ -111,33 +112,28 @@ build-diag)
     wait
     ;;
 proof)
-    # main's whole grid beside FlashMLA (59 s on an H100 in session 23; on an H200 the first
-    # since session 19), then the whole GPU suite (136-209 s on an H100, sessions 23-24)
+    # main's whole grid beside FlashMLA (52 s on an H200 in session 26), 3 rounds of issue 19's
+    # small-head cases (26 s), where MODEL1 b 32 s_q 1 h_q 16's time goes (the one target c12
+    # left short on the H200), then the whole GPU suite (150-165 s on an H100, session 26)
     if in_time 90; then
         (cd scratch/main && PYTHONPATH=. timeout "$(left 20)" python -m perf \
             --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
         echo "grid rc=$? $(took)"; tail -n 3 "$OUT/grid.log"
     fi
-    # where the f16 small-head kernel's time goes since c7b (session 25 profiled only MODEL1's)
-    prof main v32-b128-h16 '[Hh]eads' "sparse_decode fmt=V32 b=128 s_q=1 h_q=16 "
-    suite main main 150
-    ;;
-c11)
-    # c11 (MODEL1's small-head producer stages its codes in the ring and issues block j + 1's
-    # copies, scales included, before converting block j): its sparse tests, the MODEL1
-    # small-head cases against main beside FlashMLA, memcheck, its whole suite
-    sparse_tests c11 c11
-    ab c11 main c11 2 "fmt=MODEL1 b=32 s_q=1 h_q=" "fmt=MODEL1 b=32 s_q=2 h_q=" "fmt=MODEL1 b=128 s_q=1 h_q=" \
-        "fmt=MODEL1 b=128 s_q=2 h_q=8 " "fmt=MODEL1 b=128 s_q=2 h_q=16 " "fmt=MODEL1 b=128 s_q=2 h_q=32 "
-    memcheck c11 c11 tests/test_sparse_decode.py \
-        -k "many_short_requests or padded_block_stride or all_indices_invalid or some_requests_zero"
-    suite c11 c11 160
+    if in_time 60; then
+        (cd scratch/main && PYTHONPATH=. timeout "$(left 20)" python -m perf \
+            --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" --no-png --out "$OUT/small-heads" --rounds 3 \
+            --filter "${SMALL_HEAD_CASES[@]}" > "$OUT/small-heads.log" 2>&1)
+        echo "small heads rc=$? $(took)"; tail -n 2 "$OUT/small-heads.log"
+    fi
+    prof main m1-b32-h16 '[Hh]eads|combine' "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=16 "
+    suite main main 170
     ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-diag|proof|c11|diag" >&2
+    echo "usage: $0 build|build-diag|proof|diag" >&2
     exit 2
     ;;
 esac
