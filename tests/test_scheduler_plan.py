@@ -22,14 +22,15 @@ def _cases():
         yield lens, rng.choice([1, 2, 7, 33, 66, 132])
 
 
+@pytest.mark.parametrize("overhead", [FIXED_OVERHEAD_BLOCKS, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS, 0])
 @pytest.mark.parametrize("lens,parts", list(_cases()))
-def test_plan_covers_every_block_once_and_balances(lens, parts):
-    meta, offsets = plan_host(lens, parts)
+def test_plan_covers_every_block_once_and_balances(lens, parts, overhead):
+    meta, offsets = plan_host(lens, parts, fixed_overhead=overhead)
     nblocks = [-(-s // BLOCK_N) for s in lens]
     assert len(meta) == parts and len(offsets) == len(lens) + 1 and offsets[0] == 0
     covered = [[0] * n for n in nblocks]
     splits_seen = [set() for _ in lens]
-    payload = -(-(sum(nblocks) + FIXED_OVERHEAD_BLOCKS * len(lens)) // parts) + FIXED_OVERHEAD_BLOCKS
+    payload = -(-(sum(nblocks) + overhead * len(lens)) // parts) + overhead
     for row in meta:
         cost = 0
         for r, lo, hi, split in part_work(row, nblocks):
@@ -38,7 +39,7 @@ def test_plan_covers_every_block_once_and_balances(lens, parts):
                 covered[r][blk] += 1
             assert split not in splits_seen[r], "two parts write the same split"
             splits_seen[r].add(split)
-            cost += hi - lo + FIXED_OVERHEAD_BLOCKS
+            cost += hi - lo + overhead
         assert cost <= payload, "a part got more than its share"
     assert all(c == 1 for row in covered for c in row), "a KV block is missed or computed twice"
     for r in range(len(lens)):
