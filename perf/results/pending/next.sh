@@ -1,12 +1,15 @@
 #!/bin/bash
 # Device steps for a session: build here, then one device call a step.
 #
-#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/main with cubins (both archs)
+#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c13} with cubins (both archs)
 #   then one device call a step, carry ["scratch", ".peers"], back to back (the machine goes back
 #   after 30 s idle):
 #   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, 3 rounds of
 #                                             # issue 19's 24 small-head cases, ncu by role of MODEL1
 #                                             # b 32 s_q 1 h_q 16, then the whole GPU suite
+#   bash perf/results/pending/next.sh c13     # branch exp/sparse-overhead-0 (c13: sparse decode plans
+#                                             # with a fixed overhead of 0; host code only): its
+#                                             # tests, every sparse decode case against main, suite
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
 #                                             # need regenerating on main since c7b)
@@ -101,7 +104,8 @@ case "${1:-}" in
 build)
     mkdir -p scratch && git rev-parse --short HEAD > scratch/base-commit
     tree main
-    for t in main; do  # both architectures: the suite's wheel test
+    branch_tree c13 exp/sparse-overhead-0
+    for t in main c13; do  # both architectures: the suite's wheel test
         (cd scratch/$t && python -m cute_mla.compile | tail -n 1) &
     done
     wait
@@ -129,11 +133,21 @@ proof)
     prof main m1-b32-h16 '[Hh]eads|combine' "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=16 "
     suite main main 170
     ;;
+c13)
+    # c13 (sparse decode plans with a fixed overhead of 0: host code only, every cubin as
+    # main's): the scheduler's GPU-against-host test and the sparse decode file, every sparse
+    # decode case against main beside FlashMLA (2 rounds), then c13's whole suite
+    sparse_tests c13 c13
+    (cd scratch/c13 && PYTHONPATH=. timeout 60 python -m pytest -q -p no:cacheprovider tests/test_gpu_foundation.py \
+        -o timeout=60 > "$OUT/c13-foundation.log" 2>&1); echo "c13 foundation rc=$? $(tail -n 1 "$OUT/c13-foundation.log")"
+    ab c13 main c13 2 "sparse_decode fmt=" "sparse_decode_bf16" "sparse_decode_f16"
+    suite c13 c13 170
+    ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-diag|proof|diag" >&2
+    echo "usage: $0 build|build-diag|proof|c13|diag" >&2
     exit 2
     ;;
 esac
