@@ -341,8 +341,8 @@ def test_some_requests_zero_length():
 @pytest.mark.parametrize("d_qk", [576, 512])
 def test_many_short_requests_a_part(d_qk, h_q):
     """400 requests of 0-2 blocks (topk 128, random topk_length: empty and one-block pieces; MODEL1 an extra
-    cache too): a part holds several requests' pieces, each opened on its own (a first block's stage, and
-    with ``stage_ahead`` the next block's, while the last piece's copies may still be in flight)."""
+    cache too): a part holds several requests' pieces, each started on its own (its first block's stage, then,
+    with ``stage_ahead``, each next block's before the current one is converted)."""
     run_case(400, 2, h_q, d_qk, (256, 128, 64), seed=5, sink=True, lengths="random",
              extra=(256, 64, 61) if d_qk == 512 else None)
 

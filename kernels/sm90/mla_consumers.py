@@ -100,7 +100,7 @@ class TwoConsumerMlaSm90:
         # sQ + KV ring + P + (row statistics, per-kernel extras, barriers); every operand
         # buffer is 1024-byte aligned for the 128B swizzle.  At d 576 this is 231424 bytes:
         # all the opt-in shared memory an SM90 CTA has next to the allocator's reserved 1 KiB.
-        self.smem_bytes = self.q_bytes + self.stages * self.kv_bytes + self.p_bytes + 2048
+        self.smem_bytes = self.q_bytes + self.stages * (self.kv_bytes + self.stage_side_bytes) + self.p_bytes + 2048
 
     # ------------------------------------------------------------------ layouts / MMAs
     def q_smem_layout(self):
