@@ -135,7 +135,7 @@ proof)
             --filter "${SMALL_HEAD_CASES[@]}" > "$OUT/small-heads.log" 2>&1)
         echo "small heads rc=$? $(took)"; tail -n 2 "$OUT/small-heads.log"
     fi
-    prof main m1-b32-h16 '[Hh]eads|combine' "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=16 "
+    prof main m1-b32-h16 '[Hh]eads' "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=16 "
     suite main main 170
     ;;
 c13)
