@@ -26,15 +26,11 @@ class SparseDecodeHeadsSm90(HeadsOnN, SparseDecodeSm90):
     def __init__(self, fmt: str, matmul: str = "f16", heads: int = 16):
         assert heads in SPARSE_DECODE_SMALL_HEADS
         # 256 threads launch with the consumers' 240 registers each (ptxas takes the kernel's
-        # count from the largest setmaxnreg), so the producer can hold its lane's 256 FP8 codes
-        # (64 registers) from the gather to the conversion: no staging round trip through
-        # shared memory.  That ran 1.04-1.12x faster on V32 and at h_q 8 (MODEL1 h_q 16
-        # 0.97-0.99x; perf/results/NOTES.md, session 19).  Producer 192 with consumer 240 leaves
-        # every variant, both matmul types, without local memory: at 216 / 216 the non-default
-        # types spilled at every producer count, and beside 240 consumer registers only producer
+        # count from the largest setmaxnreg).  Producer 192 with consumer 240 leaves every
+        # variant, both matmul types, without local memory: at 216 / 216 the non-default types
+        # spilled at every producer count, and beside 240 consumer registers only producer
         # counts 192 and 216 of 184-240 were clean everywhere (session 20; ptxas is not monotonic
         # here).  (Set before the base class checks the split.)
-        self.raw_in_registers = True
         self.regs_producer = 192
         self.regs_consumer = 240
         if fmt == "MODEL1":
@@ -47,20 +43,24 @@ class SparseDecodeHeadsSm90(HeadsOnN, SparseDecodeSm90):
             # two, for a full one, 17%); with one stage held, against the codes in registers
             # (session 26, H100, 2 rounds beside FlashMLA, bf16 matmuls): b 128 +7.2-10.4%,
             # b 32 s_q 2 +5.0-6.9%, b 32 s_q 1 -0.2-+0.6%.  (f16 MODEL1 stages ahead too; untimed.)
-            self.raw_in_registers = False
             self.stage_ahead = True
             self.overlap_blocks = False
-        elif matmul == "f16":
-            # V32's f16 (default) matmuls: the next block's codes are gathered during this
-            # block's conversion, which needs 224 producer registers (no local memory there; 192
-            # spilled 4-18 instructions, 216 with the RoPE prefetch 8).  Measured against the
-            # plain gather (session 25, H100, 2 rounds beside FlashMLA): b 128 +1.7-2.6%, b 32
-            # s_q 2 +1.2-1.4%, b 32 s_q 1 +0.3-1.6%; without the RoPE prefetch (the plain gather's
-            # record prefetch had covered those lines) it lost 1-2%.  MODEL1's bf16 kernels ran
-            # 0.96-0.99x with it (c8); V32's bf16 spill at every count, and keep the plain gather.
-            self.gather_during_convert = True
-            self.regs_producer = 224
-            self.prefetch_rope_ahead = True
+        else:
+            # V32 (2 stages): the producer holds its lane's 256 FP8 codes (64 registers) from the
+            # gather to the conversion, with no staging round trip through shared memory; that
+            # ran 1.04-1.12x faster (perf/results/NOTES.md, session 19).
+            self.raw_in_registers = True
+            if matmul == "f16":
+                # V32's f16 (default) matmuls: the next block's codes are gathered during this
+                # block's conversion, which needs 224 producer registers (no local memory there; 192
+                # spilled 4-18 instructions, 216 with the RoPE prefetch 8).  Measured against the
+                # plain gather (session 25, H100, 2 rounds beside FlashMLA): b 128 +1.7-2.6%, b 32
+                # s_q 2 +1.2-1.4%, b 32 s_q 1 +0.3-1.6%; without the RoPE prefetch (the plain gather's
+                # record prefetch had covered those lines) it lost 1-2%.  MODEL1's bf16 kernels ran
+                # 0.96-0.99x with it (c8); V32's bf16 spill at every count, and keep the plain gather.
+                self.gather_during_convert = True
+                self.regs_producer = 224
+                self.prefetch_rope_ahead = True
         super().__init__(fmt, matmul)
         self.size_ring(heads)
 
