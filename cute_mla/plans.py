@@ -471,7 +471,8 @@ class SparseDecodePlan(SplitKvPlan):
     when whole requests per part cost no more than splitting them plus the combine
     (``decode_plan.whole_request_parts``), the plan takes that part count and launches the split
     kernel alone (it finalises every request itself): one launch less on the host, and no
-    combine on the GPU."""
+    combine on the GPU.  ``decode_plan.sparse_split`` makes that choice, and the overhead per
+    piece of a split plan (none for the small-head kernel)."""
 
     LENGTHS = slice(8, 10)  # the length arguments among ``DECODE_ARGS``: topk_length, extra_topk_length
     NO_LENGTHS = (None, None)  # their stamp when both are absent
@@ -483,12 +484,10 @@ class SparseDecodePlan(SplitKvPlan):
         self.extra_topk = 0 if extra_indices is None else extra_indices.shape[-1]
         token_rows = max(h_q, BLOCK_M)  # a row block gathers one query token's keys
         length = sparse_decode_max_length(self.topk, self.extra_topk)
-        parts = default_parts(q, 1, token_rows)
-        whole = None
-        if topk_length is None and extra_topk_length is None:
-            whole = decode_plan.whole_request_parts(b, length, parts)
-        super().__init__(q, config, 1, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS, length, token_rows, whole or parts,
-                         splits=whole is None)
+        small_heads = h_q in SPARSE_DECODE_SMALL_HEADS
+        split = decode_plan.sparse_split(b, length, default_parts(q, 1, token_rows), small_heads,
+                                         lengths_known=topk_length is None and extra_topk_length is None)
+        super().__init__(q, config, 1, split.fixed_overhead, length, token_rows, split.parts, splits=split.splits)
         # the scheduler's lengths are bound by shape only: nothing is enqueued before every check passed
         templates = self.templates(torch.empty(b, dtype=torch.int32, device=q.device))
         dm = dummies(self.device_index)
@@ -502,7 +501,7 @@ class SparseDecodePlan(SplitKvPlan):
         out, lse = self.outputs()
         # h_q 8 / 16: the kernel with the heads on the MMA's N side (no padding rows)
         kernel, variant = "sparse_decode_sm90", {"fmt": fmt, "matmul": matmul}
-        if h_q in SPARSE_DECODE_SMALL_HEADS:
+        if small_heads:
             kernel, variant = "sparse_decode_heads_sm90", dict(variant, heads=h_q)
         self.main = launcher.prepare(
             kernel, variant, grids.split_kv(self.parts, 1, s_q * token_rows),
@@ -513,7 +512,7 @@ class SparseDecodePlan(SplitKvPlan):
             has_topk_length=int(topk_length is not None), has_extra=int(has_extra),
             has_extra_topk_length=int(extra_topk_length is not None), has_sink=int(attn_sink is not None),
             **bound, **templates)
-        if whole is None:
+        if split.splits:
             self.prepare_combine(out, lse, attn_sink, templates)
         else:  # no request is ever split: nothing to combine
             self.bind_launches(self.main)

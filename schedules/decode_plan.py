@@ -29,7 +29,7 @@ used at inference, with no host sync); ``plan_host`` is its reference.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from cute_mla.layouts.constants import (BLOCK_M, BLOCK_N, META_BEGIN_BLOCK, META_BEGIN_REQ, META_BEGIN_SPLIT,
                                         META_END_BLOCK, META_END_REQ, SCHED_META_FIELDS)
@@ -39,6 +39,14 @@ FIXED_OVERHEAD_BLOCKS = 12
 # H100 (perf/results/NOTES.md, session 4) left the V32 cases unchanged and took 3.5-4% off
 # MODEL1 h_q 128 at b 128 and 256 with 2.
 SPARSE_FIXED_OVERHEAD_BLOCKS = 2
+# The small-head sparse decode kernel (h_q 8 / 16) splits with none: a piece's fixed cost is
+# its query load and its partial rows, h_q of them there against 64, and with a few blocks a
+# part the overhead mostly moves the plan's rounding (MODEL1 b 32 topk 512 at 132 parts: 96
+# parts of 3 blocks and 36 idle with 2, 128 parts of 2 with 0).  Measured (perf/results/NOTES.md,
+# session 27, H100, 2 rounds against 2): b 32 +3.0-9.0% at h_q 8 / 16, b 128 unchanged (one
+# request a part either way); 0 for the 64-row kernel too lost up to 12% (MODEL1 b 2, extra
+# cache), the splits' partial rows and combine outweighing the shorter parts there.
+SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS = 0
 # The longest length a plan counts: its block count (rounded up) still fits int32.  Callers
 # clamp lengths to their requests' capacity, which must not exceed it.
 MAX_PLAN_LEN = 2**31 - BLOCK_N
@@ -142,6 +150,27 @@ def whole_request_parts(b: int, length: int, parts: int, block_n: int = BLOCK_N,
     if any(hi - lo != 1 for lo, hi in zip(offsets, offsets[1:])):
         return None
     return whole
+
+
+class SparseSplit(NamedTuple):
+    """How a sparse decode call is planned (``sparse_split``)."""
+    parts: int  # persistent CTAs per row block
+    fixed_overhead: int  # the scheduler's overhead per piece, in blocks
+    splits: bool  # whether a request may be split (so a combine follows)
+
+
+def sparse_split(b: int, length: int, parts: int, small_heads: bool, lengths_known: bool) -> SparseSplit:
+    """The plan of ``b`` sparse decode requests of at most ``length`` slots over at most ``parts``
+    parts: whole requests a part when their lengths are known (no length tensor) and
+    ``whole_request_parts`` finds that no slower; else split, with the small-head kernel's
+    overhead (``SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS``) when ``small_heads``.  A whole-request
+    plan keeps ``SPARSE_FIXED_OVERHEAD_BLOCKS``, the overhead its one-split-a-request check ran
+    with."""
+    whole = whole_request_parts(b, length, parts) if lengths_known else None
+    if whole is not None:
+        return SparseSplit(whole, SPARSE_FIXED_OVERHEAD_BLOCKS, False)
+    overhead = SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS if small_heads else SPARSE_FIXED_OVERHEAD_BLOCKS
+    return SparseSplit(parts, overhead, True)
 
 
 def part_work(meta_row: Sequence[int], nblocks: Sequence[int]):

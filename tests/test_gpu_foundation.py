@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cute_mla import api, ops
-from cute_mla.schedules.decode_plan import FIXED_OVERHEAD_BLOCKS, SPARSE_FIXED_OVERHEAD_BLOCKS, plan_host
+from cute_mla.schedules.decode_plan import (FIXED_OVERHEAD_BLOCKS, SPARSE_FIXED_OVERHEAD_BLOCKS,
+                                            SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS, plan_host)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -28,8 +29,9 @@ SCHED_CASES = [(lens, parts) for lens, parts in [
 ]]
 
 
-# the dense (12) and sparse (2) decode paths' split overheads
-@pytest.mark.parametrize("overhead", [FIXED_OVERHEAD_BLOCKS, SPARSE_FIXED_OVERHEAD_BLOCKS])
+# the dense (12), sparse (2) and small-head sparse (0) decode paths' split overheads
+@pytest.mark.parametrize("overhead", [FIXED_OVERHEAD_BLOCKS, SPARSE_FIXED_OVERHEAD_BLOCKS,
+                                      SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS])
 @pytest.mark.parametrize("lens,parts", SCHED_CASES, ids=[f"b{len(c[0])}-p{c[1]}" for c in SCHED_CASES])
 def test_scheduler_matches_host_plan(lens, parts, overhead):
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)

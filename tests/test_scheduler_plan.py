@@ -88,6 +88,37 @@ def test_whole_request_parts(b, length, parts, expected):
         assert offsets == list(range(b + 1))
 
 
+@pytest.mark.parametrize("b,length,small_heads,known,expected", [
+    (32, 512, True, True, (132, decode_plan.SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS, True)),
+    (32, 512, False, True, (132, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS, True)),
+    (128, 2048, True, True, (128, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS, False)),  # one request a part
+    (128, 2048, True, False, (132, decode_plan.SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS, True)),  # lengths unknown
+    (74, 512, False, True, (74, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS, False)),
+])
+def test_sparse_split(b, length, small_heads, known, expected):
+    """Whole requests a part when the lengths are known and that is no slower; else split, the
+    small-head kernel with its own overhead per piece."""
+    got = decode_plan.sparse_split(b, length, 132, small_heads, known)
+    assert tuple(got) == expected
+    if not got.splits:  # the checked one-split-a-request plan is the one the scheduler makes
+        _, offsets = decode_plan.plan_host([length] * b, got.parts, fixed_overhead=got.fixed_overhead)
+        assert offsets == list(range(b + 1))
+
+
+def test_small_head_overhead_rounding():
+    """Why the small-head kernel splits with no overhead (decode_plan): MODEL1 b 32 topk 512 over
+    132 parts leaves 36 parts idle and the rest 3 blocks long with 2, and gives 128 parts of 2
+    blocks with 0."""
+    nblocks = [512 // BLOCK_N] * 32
+
+    def part_blocks(overhead):
+        meta, _ = plan_host([512] * 32, 132, fixed_overhead=overhead)
+        return sorted(sum(hi - lo for _, lo, hi, _ in part_work(row, nblocks)) for row in meta)
+
+    assert part_blocks(decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS) == [0] * 36 + [2] * 32 + [3] * 64
+    assert part_blocks(decode_plan.SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS) == [0] * 4 + [2] * 128
+
+
 @pytest.mark.parametrize("rows", [1, 63, 64, 65, 128, 1000])
 def test_split_kv_grid_covers_every_row_once(rows):
     parts, heads, blocks = grids.split_kv(7, 3, rows)
