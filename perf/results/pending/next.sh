@@ -1,19 +1,17 @@
 #!/bin/bash
 # Device steps for a session: build here, then one device call a step.
 #
-#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c13,c15} with cubins (both archs)
+#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c16} with cubins (both archs)
 #   then one device call a step, carry ["scratch", ".peers"], back to back (the machine goes back
 #   after 30 s idle):
 #   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, 3 rounds of
 #                                             # issue 19's 24 small-head cases, ncu by role of MODEL1
 #                                             # b 32 s_q 1 h_q 16, then the whole GPU suite
-#   bash perf/results/pending/next.sh c13     # branch exp/sparse-overhead-0 (c13: sparse decode plans
-#                                             # with a fixed overhead of 0; host code only): its
-#                                             # tests, every sparse decode case against main, suite
-#   bash perf/results/pending/next.sh c15     # branch exp/raw-apart (c15: V32's f16 small-head
-#                                             # producer stages the next block apart from the ring,
-#                                             # group by group): tests, V32 small heads against
-#                                             # main, memcheck, suite
+#   bash perf/results/pending/next.sh c16     # branch exp/heads-overhead-0 (c16: the small-head
+#                                             # sparse decode kernel splits with no overhead a
+#                                             # piece; host code only): its tests, issue 19's cases
+#                                             # against main (3 rounds), its grid beside FlashMLA,
+#                                             # its suite
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
 #                                             # need regenerating on main since c7b)
@@ -108,9 +106,8 @@ case "${1:-}" in
 build)
     mkdir -p scratch && git rev-parse --short HEAD > scratch/base-commit
     tree main
-    branch_tree c13 exp/sparse-overhead-0
-    branch_tree c15 exp/raw-apart
-    for t in main c13 c15; do  # both architectures: the suite's wheel test
+    branch_tree c16 exp/heads-overhead-0
+    for t in main c16; do  # both architectures: the suite's wheel test
         (cd scratch/$t && python -m cute_mla.compile | tail -n 1) &
     done
     wait
@@ -138,32 +135,27 @@ proof)
     prof main m1-b32-h16 '[Hh]eads' "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=16 "
     suite main main 170
     ;;
-c13)
-    # c13 (sparse decode plans with a fixed overhead of 0: host code only, every cubin as
-    # main's): the scheduler's GPU-against-host test and the sparse decode file, every sparse
-    # decode case against main beside FlashMLA (2 rounds), then c13's whole suite
-    sparse_tests c13 c13
-    (cd scratch/c13 && PYTHONPATH=. timeout 60 python -m pytest -q -p no:cacheprovider tests/test_gpu_foundation.py \
-        -o timeout=60 > "$OUT/c13-foundation.log" 2>&1); echo "c13 foundation rc=$? $(tail -n 1 "$OUT/c13-foundation.log")"
-    ab c13 main c13 2 "sparse_decode fmt=" "sparse_decode_bf16" "sparse_decode_f16"
-    suite c13 c13 170
-    ;;
-c15)
-    # c15 (V32's f16 small-head producer stages the next block's records by cp.async in a
-    # buffer apart from the ring, a code group at a time during this block's conversion): its
-    # sparse tests, V32's small-head cases against main beside FlashMLA, memcheck, its suite
-    sparse_tests c15 c15
-    ab c15 main c15 2 "fmt=V32 b=32 s_q=1 h_q=" "fmt=V32 b=32 s_q=2 h_q=" "fmt=V32 b=128 s_q=1 h_q=" \
-        "fmt=V32 b=128 s_q=2 h_q=8 " "fmt=V32 b=128 s_q=2 h_q=16 " "fmt=V32 b=128 s_q=2 h_q=32 "
-    memcheck c15 c15 tests/test_sparse_decode.py \
-        -k "many_short_requests or padded_block_stride or all_indices_invalid or strided_q"
-    suite c15 c15 170
+c16)
+    # c16 (the small-head sparse decode kernel plans its splits with no fixed overhead a piece;
+    # host code only, every cubin as main's): its sparse tests and the scheduler's GPU-against-
+    # host test, issue 19's 24 cases against main beside FlashMLA (3 rounds), c16's whole grid
+    # beside FlashMLA (the record, should it land), then c16's whole suite
+    sparse_tests c16 c16
+    (cd scratch/c16 && PYTHONPATH=. timeout 60 python -m pytest -q -p no:cacheprovider tests/test_gpu_foundation.py \
+        -o timeout=60 > "$OUT/c16-foundation.log" 2>&1); echo "c16 foundation rc=$? $(tail -n 1 "$OUT/c16-foundation.log")"
+    ab c16 main c16 3 "${SMALL_HEAD_CASES[@]}"
+    if in_time 90; then
+        (cd scratch/c16 && PYTHONPATH=. timeout "$(left 20)" python -m perf \
+            --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)+c16" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
+        echo "grid rc=$? $(took)"; tail -n 2 "$OUT/grid.log"
+    fi
+    suite c16 c16 170
     ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-diag|proof|c13|c15|diag" >&2
+    echo "usage: $0 build|build-diag|proof|c16|diag" >&2
     exit 2
     ;;
 esac
