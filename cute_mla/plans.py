@@ -472,7 +472,7 @@ class SparseDecodePlan(SplitKvPlan):
     (``decode_plan.whole_request_parts``), the plan takes that part count and launches the split
     kernel alone (it finalises every request itself): one launch less on the host, and no
     combine on the GPU.  ``decode_plan.sparse_split`` makes that choice, and the overhead per
-    piece of a split plan (none for the small-head kernel)."""
+    piece of a split plan (none under 64 heads)."""
 
     LENGTHS = slice(8, 10)  # the length arguments among ``DECODE_ARGS``: topk_length, extra_topk_length
     NO_LENGTHS = (None, None)  # their stamp when both are absent
@@ -484,8 +484,7 @@ class SparseDecodePlan(SplitKvPlan):
         self.extra_topk = 0 if extra_indices is None else extra_indices.shape[-1]
         token_rows = max(h_q, BLOCK_M)  # a row block gathers one query token's keys
         length = sparse_decode_max_length(self.topk, self.extra_topk)
-        small_heads = h_q in SPARSE_DECODE_SMALL_HEADS
-        split = decode_plan.sparse_split(b, length, default_parts(q, 1, token_rows), small_heads,
+        split = decode_plan.sparse_split(b, length, default_parts(q, 1, token_rows), h_q,
                                          lengths_known=topk_length is None and extra_topk_length is None)
         super().__init__(q, config, 1, split.fixed_overhead, length, token_rows, split.parts, splits=split.splits)
         # the scheduler's lengths are bound by shape only: nothing is enqueued before every check passed
@@ -501,7 +500,7 @@ class SparseDecodePlan(SplitKvPlan):
         out, lse = self.outputs()
         # h_q 8 / 16: the kernel with the heads on the MMA's N side (no padding rows)
         kernel, variant = "sparse_decode_sm90", {"fmt": fmt, "matmul": matmul}
-        if small_heads:
+        if h_q in SPARSE_DECODE_SMALL_HEADS:
             kernel, variant = "sparse_decode_heads_sm90", dict(variant, heads=h_q)
         self.main = launcher.prepare(
             kernel, variant, grids.split_kv(self.parts, 1, s_q * token_rows),

@@ -39,14 +39,16 @@ FIXED_OVERHEAD_BLOCKS = 12
 # H100 (perf/results/NOTES.md, session 4) left the V32 cases unchanged and took 3.5-4% off
 # MODEL1 h_q 128 at b 128 and 256 with 2.
 SPARSE_FIXED_OVERHEAD_BLOCKS = 2
-# The small-head sparse decode kernel (h_q 8 / 16) splits with none: a piece's fixed cost is
-# its query load and its partial rows, h_q of them there against 64, and with a few blocks a
-# part the overhead mostly moves the plan's rounding (MODEL1 b 32 topk 512 at 132 parts: 96
-# parts of 3 blocks and 36 idle with 2, 128 parts of 2 with 0).  Measured (perf/results/NOTES.md,
-# session 27, H100, 2 rounds against 2): b 32 +3.0-9.0% at h_q 8 / 16, b 128 unchanged (one
-# request a part either way); 0 for the 64-row kernel too lost up to 12% (MODEL1 b 2, extra
-# cache), the splits' partial rows and combine outweighing the shorter parts there.
-SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS = 0
+# Fewer heads than a row block (h_q 8 / 16 / 32) split with none: a piece's fixed cost is its
+# query load and its partial rows, h_q of them against 64 or 128, and with a few blocks a part
+# the overhead mostly moves the plan's rounding (MODEL1 b 32 topk 512 at 132 parts: 96 parts of
+# 3 blocks and 36 idle with 2, 128 parts of 2 with 0).  Measured (perf/results/NOTES.md,
+# session 27, H100, against 2): b 32 +2.8-7.8% at h_q 8 / 16 (c16, 3 rounds) and +2.4-7.7% at
+# h_q 32 (c13, 2 rounds: the same plans), b 128 unchanged (one request a part either way);
+# 0 at h_q 64 / 128 too (c13) lost up to 12% (MODEL1 b 2, extra cache), where a piece's 128-256
+# partial rows and the combine outweigh the shorter parts; and 26% where 0 in the whole-request
+# check split V32 b 74 topk 512 (so ``sparse_split`` checks whole plans with 2 at any h_q).
+SPARSE_FEW_HEADS_FIXED_OVERHEAD_BLOCKS = 0
 # The longest length a plan counts: its block count (rounded up) still fits int32.  Callers
 # clamp lengths to their requests' capacity, which must not exceed it.
 MAX_PLAN_LEN = 2**31 - BLOCK_N
@@ -159,17 +161,17 @@ class SparseSplit(NamedTuple):
     splits: bool  # whether a request may be split (so a combine follows)
 
 
-def sparse_split(b: int, length: int, parts: int, small_heads: bool, lengths_known: bool) -> SparseSplit:
-    """The plan of ``b`` sparse decode requests of at most ``length`` slots over at most ``parts``
-    parts: whole requests a part when their lengths are known (no length tensor) and
-    ``whole_request_parts`` finds that no slower; else split, with the small-head kernel's
-    overhead (``SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS``) when ``small_heads``.  A whole-request
-    plan keeps ``SPARSE_FIXED_OVERHEAD_BLOCKS``, the overhead its one-split-a-request check ran
-    with."""
+def sparse_split(b: int, length: int, parts: int, h_q: int, lengths_known: bool) -> SparseSplit:
+    """The plan of ``b`` sparse decode requests of ``h_q`` heads and at most ``length`` slots over
+    at most ``parts`` parts: whole requests a part when their lengths are known (no length
+    tensor) and ``whole_request_parts`` finds that no slower; else split, with
+    ``SPARSE_FEW_HEADS_FIXED_OVERHEAD_BLOCKS`` a piece when h_q is under a row block.  A
+    whole-request plan keeps ``SPARSE_FIXED_OVERHEAD_BLOCKS``, the overhead its
+    one-split-a-request check ran with."""
     whole = whole_request_parts(b, length, parts) if lengths_known else None
     if whole is not None:
         return SparseSplit(whole, SPARSE_FIXED_OVERHEAD_BLOCKS, False)
-    overhead = SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS if small_heads else SPARSE_FIXED_OVERHEAD_BLOCKS
+    overhead = SPARSE_FEW_HEADS_FIXED_OVERHEAD_BLOCKS if h_q < BLOCK_M else SPARSE_FIXED_OVERHEAD_BLOCKS
     return SparseSplit(parts, overhead, True)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from cute_mla import api, ops
 from cute_mla.schedules.decode_plan import (FIXED_OVERHEAD_BLOCKS, SPARSE_FIXED_OVERHEAD_BLOCKS,
-                                            SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS, plan_host)
+                                            SPARSE_FEW_HEADS_FIXED_OVERHEAD_BLOCKS, plan_host)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -31,7 +31,7 @@ SCHED_CASES = [(lens, parts) for lens, parts in [
 
 # the dense (12), sparse (2) and small-head sparse (0) decode paths' split overheads
 @pytest.mark.parametrize("overhead", [FIXED_OVERHEAD_BLOCKS, SPARSE_FIXED_OVERHEAD_BLOCKS,
-                                      SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS])
+                                      SPARSE_FEW_HEADS_FIXED_OVERHEAD_BLOCKS])
 @pytest.mark.parametrize("lens,parts", SCHED_CASES, ids=[f"b{len(c[0])}-p{c[1]}" for c in SCHED_CASES])
 def test_scheduler_matches_host_plan(lens, parts, overhead):
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)

@@ -88,25 +88,26 @@ def test_whole_request_parts(b, length, parts, expected):
         assert offsets == list(range(b + 1))
 
 
-@pytest.mark.parametrize("b,length,small_heads,known,expected", [
-    (32, 512, True, True, (132, decode_plan.SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS, True)),
-    (32, 512, False, True, (132, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS, True)),
-    (128, 2048, True, True, (128, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS, False)),  # one request a part
-    (128, 2048, True, False, (132, decode_plan.SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS, True)),  # lengths unknown
-    (74, 512, False, True, (74, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS, False)),
+@pytest.mark.parametrize("b,length,h_q,known,expected", [
+    (32, 512, 16, True, (132, decode_plan.SPARSE_FEW_HEADS_FIXED_OVERHEAD_BLOCKS, True)),
+    (32, 512, 32, True, (132, decode_plan.SPARSE_FEW_HEADS_FIXED_OVERHEAD_BLOCKS, True)),
+    (32, 512, 64, True, (132, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS, True)),
+    (128, 2048, 8, True, (128, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS, False)),  # one request a part
+    (128, 2048, 8, False, (132, decode_plan.SPARSE_FEW_HEADS_FIXED_OVERHEAD_BLOCKS, True)),  # lengths unknown
+    (74, 512, 64, True, (74, decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS, False)),
 ])
-def test_sparse_split(b, length, small_heads, known, expected):
-    """Whole requests a part when the lengths are known and that is no slower; else split, the
-    small-head kernel with its own overhead per piece."""
-    got = decode_plan.sparse_split(b, length, 132, small_heads, known)
+def test_sparse_split(b, length, h_q, known, expected):
+    """Whole requests a part when the lengths are known and that is no slower; else split, under
+    64 heads with its own overhead per piece."""
+    got = decode_plan.sparse_split(b, length, 132, h_q, known)
     assert tuple(got) == expected
     if not got.splits:  # the checked one-split-a-request plan is the one the scheduler makes
         _, offsets = decode_plan.plan_host([length] * b, got.parts, fixed_overhead=got.fixed_overhead)
         assert offsets == list(range(b + 1))
 
 
-def test_small_head_overhead_rounding():
-    """Why the small-head kernel splits with no overhead (decode_plan): MODEL1 b 32 topk 512 over
+def test_few_heads_overhead_rounding():
+    """Why fewer than 64 heads split with no overhead (decode_plan): MODEL1 b 32 topk 512 over
     132 parts leaves 36 parts idle and the rest 3 blocks long with 2, and gives 128 parts of 2
     blocks with 0."""
     nblocks = [512 // BLOCK_N] * 32
@@ -116,7 +117,7 @@ def test_small_head_overhead_rounding():
         return sorted(sum(hi - lo for _, lo, hi, _ in part_work(row, nblocks)) for row in meta)
 
     assert part_blocks(decode_plan.SPARSE_FIXED_OVERHEAD_BLOCKS) == [0] * 36 + [2] * 32 + [3] * 64
-    assert part_blocks(decode_plan.SPARSE_HEADS_FIXED_OVERHEAD_BLOCKS) == [0] * 4 + [2] * 128
+    assert part_blocks(decode_plan.SPARSE_FEW_HEADS_FIXED_OVERHEAD_BLOCKS) == [0] * 4 + [2] * 128
 
 
 @pytest.mark.parametrize("rows", [1, 63, 64, 65, 128, 1000])

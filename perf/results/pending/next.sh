@@ -1,17 +1,16 @@
 #!/bin/bash
 # Device steps for a session: build here, then one device call a step.
 #
-#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c16} with cubins (both archs)
+#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c17} with cubins (both archs)
 #   then one device call a step, carry ["scratch", ".peers"], back to back (the machine goes back
 #   after 30 s idle):
 #   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, 3 rounds of
 #                                             # issue 19's 24 small-head cases, ncu by role of MODEL1
 #                                             # b 32 s_q 1 h_q 16, then the whole GPU suite
-#   bash perf/results/pending/next.sh c16     # branch exp/heads-overhead-0 (c16: the small-head
-#                                             # sparse decode kernel splits with no overhead a
-#                                             # piece; host code only): its tests, issue 19's cases
-#                                             # against main (3 rounds), its grid beside FlashMLA,
-#                                             # its suite
+#   bash perf/results/pending/next.sh c17     # branch exp/sparse-pdl-trigger (c17: the sparse
+#                                             # decode kernels let the PDL combine launch at their
+#                                             # start): its sparse tests, every split sparse case
+#                                             # against main (3 rounds), memcheck, its suite
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
 #                                             # need regenerating on main since c7b)
@@ -106,8 +105,8 @@ case "${1:-}" in
 build)
     mkdir -p scratch && git rev-parse --short HEAD > scratch/base-commit
     tree main
-    branch_tree c16 exp/heads-overhead-0
-    for t in main c16; do  # both architectures: the suite's wheel test
+    branch_tree c17 exp/sparse-pdl-trigger
+    for t in main c17; do  # both architectures: the suite's wheel test
         (cd scratch/$t && python -m cute_mla.compile | tail -n 1) &
     done
     wait
@@ -135,27 +134,24 @@ proof)
     prof main m1-b32-h16 '[Hh]eads' "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=16 "
     suite main main 170
     ;;
-c16)
-    # c16 (the small-head sparse decode kernel plans its splits with no fixed overhead a piece;
-    # host code only, every cubin as main's): its sparse tests and the scheduler's GPU-against-
-    # host test, issue 19's 24 cases against main beside FlashMLA (3 rounds), c16's whole grid
-    # beside FlashMLA (the record, should it land), then c16's whole suite
-    sparse_tests c16 c16
-    (cd scratch/c16 && PYTHONPATH=. timeout 60 python -m pytest -q -p no:cacheprovider tests/test_gpu_foundation.py \
-        -o timeout=60 > "$OUT/c16-foundation.log" 2>&1); echo "c16 foundation rc=$? $(tail -n 1 "$OUT/c16-foundation.log")"
-    ab c16 main c16 3 "${SMALL_HEAD_CASES[@]}"
-    if in_time 90; then
-        (cd scratch/c16 && PYTHONPATH=. timeout "$(left 20)" python -m perf \
-            --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)+c16" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
-        echo "grid rc=$? $(took)"; tail -n 2 "$OUT/grid.log"
-    fi
-    suite c16 c16 170
+c17)
+    # c17 (the sparse decode kernels issue griddepcontrol.launch_dependents at their start):
+    # its sparse tests, the sparse decode cases whose plans split (so a combine follows; the
+    # whole-request ones cannot change) against main beside FlashMLA, 3 rounds, memcheck of
+    # the edge tests, then its whole suite
+    sparse_tests c17 c17
+    ab c17 main c17 3 "sparse_decode fmt=V32 b=32 " "sparse_decode fmt=MODEL1 b=32 " "sparse_decode fmt=V32 b=2 " \
+        "sparse_decode fmt=MODEL1 b=2 " "fmt=MODEL1 b=74 s_q=2 h_q=128" "fmt=MODEL1 b=148 s_q=2 h_q=128 d_qk=512 s_k=16384" \
+        "fmt=V32 b=74 s_q=2" "fmt=MODEL1 b=64 s_q=1"
+    memcheck c17 c17 tests/test_sparse_decode.py \
+        -k "many_short_requests or padded_block_stride or all_indices_invalid or strided_q"
+    suite c17 c17 170
     ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-diag|proof|c16|diag" >&2
+    echo "usage: $0 build|build-diag|proof|c17|diag" >&2
     exit 2
     ;;
 esac
