@@ -10,7 +10,7 @@
 #   bash perf/results/pending/next.sh c17     # branch exp/sparse-pdl-trigger (c17: the sparse
 #                                             # decode kernels let the PDL combine launch at their
 #                                             # start): its sparse tests, every split sparse case
-#                                             # against main (3 rounds), memcheck, its suite
+#                                             # against main (3 rounds), its suite, memcheck
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
 #                                             # need regenerating on main since c7b)
@@ -137,15 +137,15 @@ proof)
 c17)
     # c17 (the sparse decode kernels issue griddepcontrol.launch_dependents at their start):
     # its sparse tests, the sparse decode cases whose plans split (so a combine follows; the
-    # whole-request ones cannot change) against main beside FlashMLA, 3 rounds, memcheck of
-    # the edge tests, then its whole suite
+    # whole-request ones cannot change) against main beside FlashMLA, 3 rounds, its whole
+    # suite, then memcheck of the edge tests
     sparse_tests c17 c17
     ab c17 main c17 3 "sparse_decode fmt=V32 b=32 " "sparse_decode fmt=MODEL1 b=32 " "sparse_decode fmt=V32 b=2 " \
         "sparse_decode fmt=MODEL1 b=2 " "fmt=MODEL1 b=74 s_q=2 h_q=128" "fmt=MODEL1 b=148 s_q=2 h_q=128 d_qk=512 s_k=16384" \
         "fmt=V32 b=74 s_q=2" "fmt=MODEL1 b=64 s_q=1"
+    suite c17 c17 170
     memcheck c17 c17 tests/test_sparse_decode.py \
         -k "many_short_requests or padded_block_stride or all_indices_invalid or strided_q"
-    suite c17 c17 170
     ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
