@@ -29,7 +29,7 @@ SCHED_CASES = [(lens, parts) for lens, parts in [
 ]]
 
 
-# the dense (12), sparse (2) and small-head sparse (0) decode paths' split overheads
+# the split overheads of dense decode (12) and of sparse decode at 64 / 128 heads (2) and under 64 (0)
 @pytest.mark.parametrize("overhead", [FIXED_OVERHEAD_BLOCKS, SPARSE_FIXED_OVERHEAD_BLOCKS,
                                       SPARSE_FEW_HEADS_FIXED_OVERHEAD_BLOCKS])
 @pytest.mark.parametrize("lens,parts", SCHED_CASES, ids=[f"b{len(c[0])}-p{c[1]}" for c in SCHED_CASES])
