@@ -1,16 +1,12 @@
 #!/bin/bash
 # Device steps for a session: build here, then one device call a step.
 #
-#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/{main,c17} with cubins (both archs)
+#   bash perf/results/pending/next.sh build   # here, no GPU: scratch/main with cubins (both archs)
 #   then one device call a step, carry ["scratch", ".peers"], back to back (the machine goes back
 #   after 30 s idle):
 #   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, 3 rounds of
 #                                             # issue 19's 24 small-head cases, ncu by role of MODEL1
 #                                             # b 32 s_q 1 h_q 16, then the whole GPU suite
-#   bash perf/results/pending/next.sh c17     # branch exp/sparse-pdl-trigger (c17: the sparse
-#                                             # decode kernels let the PDL combine launch at their
-#                                             # start): its sparse tests, every split sparse case
-#                                             # against main (3 rounds), its suite, memcheck
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
 #                                             # need regenerating on main since c7b)
@@ -105,8 +101,7 @@ case "${1:-}" in
 build)
     mkdir -p scratch && git rev-parse --short HEAD > scratch/base-commit
     tree main
-    branch_tree c17 exp/sparse-pdl-trigger
-    for t in main c17; do  # both architectures: the suite's wheel test
+    for t in main; do  # both architectures: the suite's wheel test
         (cd scratch/$t && python -m cute_mla.compile | tail -n 1) &
     done
     wait
@@ -117,9 +112,10 @@ build-diag)
     wait
     ;;
 proof)
-    # main's whole grid beside FlashMLA (52 s on an H200 in session 26), 3 rounds of issue 19's
-    # small-head cases (26 s), where MODEL1 b 32 s_q 1 h_q 16's time goes (the one target c12
-    # left short on the H200), then the whole GPU suite (150-165 s on an H100, session 26)
+    # main's whole grid beside FlashMLA (52-60 s), 3 rounds of issue 19's small-head cases
+    # (26-75 s), where MODEL1 b 32 s_q 1 h_q 16's time goes, then the whole GPU suite (100-170 s;
+    # sessions 26-27).  Session 27 ran it on an H100; it is the H200 record that is missing since
+    # c12 and c16
     if in_time 90; then
         (cd scratch/main && PYTHONPATH=. timeout "$(left 20)" python -m perf \
             --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
@@ -134,24 +130,11 @@ proof)
     prof main m1-b32-h16 '[Hh]eads' "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=16 "
     suite main main 170
     ;;
-c17)
-    # c17 (the sparse decode kernels issue griddepcontrol.launch_dependents at their start):
-    # its sparse tests, the sparse decode cases whose plans split (so a combine follows; the
-    # whole-request ones cannot change) against main beside FlashMLA, 3 rounds, its whole
-    # suite, then memcheck of the edge tests
-    sparse_tests c17 c17
-    ab c17 main c17 3 "sparse_decode fmt=V32 b=32 " "sparse_decode fmt=MODEL1 b=32 " "sparse_decode fmt=V32 b=2 " \
-        "sparse_decode fmt=MODEL1 b=2 " "fmt=MODEL1 b=74 s_q=2 h_q=128" "fmt=MODEL1 b=148 s_q=2 h_q=128 d_qk=512 s_k=16384" \
-        "fmt=V32 b=74 s_q=2" "fmt=MODEL1 b=64 s_q=1"
-    suite c17 c17 170
-    memcheck c17 c17 tests/test_sparse_decode.py \
-        -k "many_short_requests or padded_block_stride or all_indices_invalid or strided_q"
-    ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-diag|proof|c17|diag" >&2
+    echo "usage: $0 build|build-diag|proof|diag" >&2
     exit 2
     ;;
 esac
