@@ -7,6 +7,10 @@
 #   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, 3 rounds of
 #                                             # issue 19's 24 small-head cases, ncu by role of MODEL1
 #                                             # b 32 s_q 1 h_q 16, then the whole GPU suite
+#   bash perf/results/pending/next.sh c18     # branch exp/heads-epilogue (c18: the small-head
+#                                             # consumer's epilogue without a branch an element):
+#                                             # every h_q 8 / 16 case against main (3 rounds), its
+#                                             # suite, memcheck of the small-head tests, a profile
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
 #                                             # need regenerating on main since c7b)
@@ -106,7 +110,22 @@ build)
     done
     wait
     ;;
-build-diag)
+build-c18)
+    branch_tree c18 exp/heads-epilogue
+    (cd scratch/c18 && python -m cute_mla.compile | tail -n 1)
+    ;;
+build-c18)
+    # c18 (the heads consumer's epilogue: one split-count test for all its stores, each store one
+    # base register plus a constant): every h_q 8 / 16 case (sparse and dense; the kernels it
+    # changes) against main beside FlashMLA, 3 rounds; its whole suite; memcheck of the small-head
+    # tests; where MODEL1 b 32 s_q 1 h_q 16's time goes now
+    ab c18 main c18 3 "h_q=8 " "h_q=16 "
+    suite c18 c18 170
+    memcheck c18 c18 tests/test_sparse_decode.py \
+        -k "many_short_requests or strided_q or all_indices_invalid or (sparse_decode_fast and (h8 or h16))"
+    prof c18 c18-m1-b32-h16 '[Hh]eads' "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=16 "
+    ;;
+diag)
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
     for d in $DIAGS; do (cd scratch/diag-$d && python -m cute_mla.compile --arch sm_90a | tail -n 1) & done
     wait
@@ -129,6 +148,17 @@ proof)
     fi
     prof main m1-b32-h16 '[Hh]eads' "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=16 "
     suite main main 170
+    ;;
+c18)
+    # c18 (the heads consumer's epilogue: one split-count test for all its stores, each store one
+    # base register plus a constant): every h_q 8 / 16 case (sparse and dense; the kernels it
+    # changes) against main beside FlashMLA, 3 rounds; its whole suite; memcheck of the small-head
+    # tests; where MODEL1 b 32 s_q 1 h_q 16's time goes now
+    ab c18 main c18 3 "h_q=8 " "h_q=16 "
+    suite c18 c18 170
+    memcheck c18 c18 tests/test_sparse_decode.py \
+        -k "many_short_requests or strided_q or all_indices_invalid or (sparse_decode_fast and (h8 or h16))"
+    prof c18 c18-m1-b32-h16 '[Hh]eads' "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=16 "
     ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
