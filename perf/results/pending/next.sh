@@ -7,10 +7,12 @@
 #   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, 3 rounds of
 #                                             # issue 19's 24 small-head cases, ncu by role of MODEL1
 #                                             # b 32 s_q 1 h_q 16, then the whole GPU suite
-#   bash perf/results/pending/next.sh c18     # branch exp/heads-epilogue (c18: the small-head
-#                                             # consumer's epilogue without a branch an element):
-#                                             # every h_q 8 / 16 case against main (3 rounds), its
-#                                             # suite, memcheck of the small-head tests, a profile
+#   bash perf/results/pending/next.sh c19     # main (c18 merged): the grid and 3 rounds of issue
+#                                             # 19's cases; branch exp/combine-columns (c19, built by
+#                                             # `build-c19`: the combine spreads a row over four
+#                                             # warps, 16 splits' loads in flight) against main on
+#                                             # every case whose plan splits (3 rounds), its suite,
+#                                             # memcheck
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
 #                                             # need regenerating on main since c7b)
@@ -101,40 +103,7 @@ ab() {  # ab NEW OLD TAG ROUNDS FILTER...: perf.ab beside FlashMLA, its table's 
     echo "$tag ab rc=$? $(took)"; grep -v '^perf.ab' "$OUT/$tag-ab.log" | tail -n 24
 }
 
-case "${1:-}" in
-build)
-    mkdir -p scratch && git rev-parse --short HEAD > scratch/base-commit
-    tree main
-    for t in main; do  # both architectures: the suite's wheel test
-        (cd scratch/$t && python -m cute_mla.compile | tail -n 1) &
-    done
-    wait
-    ;;
-build-c18)
-    branch_tree c18 exp/heads-epilogue
-    (cd scratch/c18 && python -m cute_mla.compile | tail -n 1)
-    ;;
-build-c18)
-    # c18 (the heads consumer's epilogue: one split-count test for all its stores, each store one
-    # base register plus a constant): every h_q 8 / 16 case (sparse and dense; the kernels it
-    # changes) against main beside FlashMLA, 3 rounds; its whole suite; memcheck of the small-head
-    # tests; where MODEL1 b 32 s_q 1 h_q 16's time goes now
-    ab c18 main c18 3 "h_q=8 " "h_q=16 "
-    suite c18 c18 170
-    memcheck c18 c18 tests/test_sparse_decode.py \
-        -k "many_short_requests or strided_q or all_indices_invalid or (sparse_decode_fast and (h8 or h16))"
-    prof c18 c18-m1-b32-h16 '[Hh]eads' "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=16 "
-    ;;
-diag)
-    for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
-    for d in $DIAGS; do (cd scratch/diag-$d && python -m cute_mla.compile --arch sm_90a | tail -n 1) & done
-    wait
-    ;;
-proof)
-    # main's whole grid beside FlashMLA (52-60 s), 3 rounds of issue 19's small-head cases
-    # (26-75 s), where MODEL1 b 32 s_q 1 h_q 16's time goes, then the whole GPU suite (100-170 s;
-    # sessions 26-27).  Session 27 ran it on an H100; it is the H200 record that is missing since
-    # c12 and c16
+grid_and_small_heads() {  # main's whole grid beside FlashMLA, then 3 rounds of issue 19's cases
     if in_time 90; then
         (cd scratch/main && PYTHONPATH=. timeout "$(left 20)" python -m perf \
             --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
@@ -146,25 +115,52 @@ proof)
             --filter "${SMALL_HEAD_CASES[@]}" > "$OUT/small-heads.log" 2>&1)
         echo "small heads rc=$? $(took)"; tail -n 2 "$OUT/small-heads.log"
     fi
+}
+
+case "${1:-}" in
+build)
+    mkdir -p scratch && git rev-parse --short HEAD > scratch/base-commit
+    tree main
+    for t in main; do  # both architectures: the suite's wheel test
+        (cd scratch/$t && python -m cute_mla.compile | tail -n 1) &
+    done
+    wait
+    ;;
+build-c19)
+    branch_tree c19 exp/combine-columns
+    (cd scratch/c19 && python -m cute_mla.compile | tail -n 1)
+    ;;
+build-diag)
+    for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
+    for d in $DIAGS; do (cd scratch/diag-$d && python -m cute_mla.compile --arch sm_90a | tail -n 1) & done
+    wait
+    ;;
+proof)
+    # main's whole grid beside FlashMLA (46-60 s), 3 rounds of issue 19's small-head cases
+    # (26-75 s), where MODEL1 b 32 s_q 1 h_q 16's time goes, then the whole GPU suite (75-170 s;
+    # sessions 26-28)
+    grid_and_small_heads
     prof main m1-b32-h16 '[Hh]eads' "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=16 "
     suite main main 170
     ;;
-c18)
-    # c18 (the heads consumer's epilogue: one split-count test for all its stores, each store one
-    # base register plus a constant): every h_q 8 / 16 case (sparse and dense; the kernels it
-    # changes) against main beside FlashMLA, 3 rounds; its whole suite; memcheck of the small-head
-    # tests; where MODEL1 b 32 s_q 1 h_q 16's time goes now
-    ab c18 main c18 3 "h_q=8 " "h_q=16 "
-    suite c18 c18 170
-    memcheck c18 c18 tests/test_sparse_decode.py \
-        -k "many_short_requests or strided_q or all_indices_invalid or (sparse_decode_fast and (h8 or h16))"
-    prof c18 c18-m1-b32-h16 '[Hh]eads' "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=16 "
+c19)
+    # main (c18 merged: every cubin as exp/heads-epilogue's) beside FlashMLA: the grid, then 3
+    # rounds of issue 19's 24 cases; then c19 (the combine kernel: a CTA a head row, a warp its 128
+    # columns, the first 16 splits' loads issued before the lse) against main on the cases whose
+    # plans split (a combine runs there) and the combine's own cases, 3 rounds; its suite;
+    # memcheck of the combine and split sparse tests
+    grid_and_small_heads
+    ab c19 main c19 3 "b=2 " "b=32 " "combine" "fmt=MODEL1 b=74 s_q=2 h_q=128" \
+        "fmt=MODEL1 b=148 s_q=2 h_q=128 d_qk=512 s_k=16384" "fmt=V32 b=74 s_q=2" "fmt=MODEL1 b=64 s_q=1"
+    suite c19 c19 170
+    memcheck c19 c19 tests/test_gpu_foundation.py tests/test_sparse_decode.py \
+        -k "combine or many_short_requests or all_indices_invalid or (sparse_decode_fast and (b4 or h16))"
     ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-diag|proof|diag" >&2
+    echo "usage: $0 build|build-c19|build-diag|proof|c19|diag" >&2
     exit 2
     ;;
 esac
