@@ -156,11 +156,21 @@ c19)
     memcheck c19 c19 tests/test_gpu_foundation.py tests/test_sparse_decode.py \
         -k "combine or many_short_requests or all_indices_invalid or (sparse_decode_fast and (b4 or h16))"
     ;;
+c19b)
+    # c19 again after the first call (c19's one-work-split combine lost 0.53-0.95 on many rows):
+    # the columns split is now a variant for calls of at most 512 rows; the same cases, suite and
+    # memcheck, without main's grid
+    ab c19 main c19 3 "b=2 " "b=32 " "combine" "fmt=MODEL1 b=74 s_q=2 h_q=128" \
+        "fmt=MODEL1 b=148 s_q=2 h_q=128 d_qk=512 s_k=16384" "fmt=V32 b=74 s_q=2" "fmt=MODEL1 b=64 s_q=1"
+    suite c19 c19 190
+    memcheck c19 c19 tests/test_gpu_foundation.py tests/test_sparse_decode.py \
+        -k "combine or many_short_requests or all_indices_invalid or (sparse_decode_fast and (b4 or h16))"
+    ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-c19|build-diag|proof|c19|diag" >&2
+    echo "usage: $0 build|build-c19|build-diag|proof|c19|c19b|diag" >&2
     exit 2
     ;;
 esac
