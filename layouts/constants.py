@@ -18,7 +18,7 @@ SPARSE_PREFILL_HEAD_BLOCK = BLOCK_M  # query heads per CTA of the sparse prefill
 SPARSE_DECODE_SMALL_HEADS = (8, 16)
 # h_q the small-head dense decode kernel is built for (h_kv 1; the same consumer, so the same N)
 DENSE_DECODE_SMALL_HEADS = SPARSE_DECODE_SMALL_HEADS
-COMBINE_HEADS_PER_CTA = 4  # the combine kernel runs one warp per head row
+COMBINE_HEADS_PER_CTA = 1  # the combine kernel merges a head row a CTA, a warp per 128 columns
 
 # ``sched_meta[part]``: SCHED_META_FIELDS int32 fields, named below (``schedules.decode_plan``
 # describes the plan); fields 5..7 are zero.
