@@ -26,31 +26,35 @@ SERIAL_SPLITS = 2
 class CombineKernel:
     """Finalise attention rows from split-KV partials.
 
-    Work split: a CTA merges one (request, query token, head) row, warp w its 128 columns
-    [128 w, 128 w + 128) (``merge_columns``), lane l four of them.  Grid: (h_q, s_q, b).  A warp
-    keeps ``IN_FLIGHT`` splits' loads of its columns in flight, and issues the first ones before
-    it reads the splits' lse, so a row of up to ``IN_FLIGHT`` splits costs one round trip to L2
-    after the split counts (the warp a row walked its splits four at a time, each lse first:
-    ncu, H100, session 28, the MODEL1 b 32 s_q 1 h_q 16 combine took 6.6 us for 4 splits a row).
+    Work split, by variant (``columns``; ``schedules.grids.combine_columns`` picks it from the
+    call's row count):
+      0  one warp a (request, query token, head) row (``merge_row``): a CTA of
+         ``COMBINE_HEADS_PER_CTA`` warps covers that many heads of one (request, query token);
+         grid (ceil(h_q / 4), s_q, b);
+      1  one CTA a row, warp w its 128 columns [128 w, 128 w + 128) (``merge_columns``); grid
+         (h_q, s_q, b).  A warp keeps ``IN_FLIGHT`` splits' loads of its columns in flight and
+         issues the first ones before it reads the splits' lse, so a row of up to ``IN_FLIGHT``
+         splits costs one round trip to L2 after the split counts.  Four times the warps for
+         the same rows: it wins where the rows are too few to fill the GPU (the b 2 and b 32
+         small-head plans; ``COMBINE_COLUMNS_MAX_ROWS`` has the measurement).
 
     Per row, with n = the request's split count and lse2_i the partials' base-2 lse:
       lse2 = log2(sum_i exp2(lse2_i)),  O = sum_i exp2(lse2_i - lse2) * O_i.
-    Splits with lse2_i = -inf (no valid key) are never added, so whatever their partial rows
-    hold cannot leak (their loads are issued, inside the partials buffer, and dropped).  A row
-    with no valid key at all becomes O = 0, lse = +inf.  The attention sink scales O by
-    1 / (1 + exp(sink - lse)), here and nowhere else, so it is applied exactly once.
+    Splits with lse2_i = -inf (no valid key) never reach the sum (variant 1 loads their rows,
+    inside the partials buffer, and drops them), so whatever those rows hold cannot leak.  A row with no valid key at all becomes O = 0, lse = +inf.  The
+    attention sink scales O by 1 / (1 + exp(sink - lse)), here and nowhere else, so it is
+    applied exactly once.
 
     Launched as a programmatic dependent (PDL) of the split kernel: everything before
     ``griddepcontrol_wait`` overlaps the producer's tail.
     """
 
-    warps_per_cta = CHUNKS
-    threads = 32 * warps_per_cta
-
-    def __init__(self, dtype: str):
+    def __init__(self, dtype: str, columns: int = 0):
         # ``dtype`` (the variant) types the ``out`` operand of the ABI; the kernel reads it there
-        # (``merge_columns`` converts to ``mOut.element_type``), so nothing here keeps it
-        assert COMBINE_HEADS_PER_CTA == 1, "a combine CTA merges one head row"
+        # (the merges convert to ``mOut.element_type``), so nothing here keeps it
+        self.columns = bool(columns)
+        self.heads_per_cta = 1 if self.columns else COMBINE_HEADS_PER_CTA
+        self.threads = 32 * (CHUNKS if self.columns else COMBINE_HEADS_PER_CTA)
         self.smem_bytes = 0
 
     @cute.jit
@@ -59,7 +63,7 @@ class CombineKernel:
                  skip_single_split: Int32, has_sink: Int32, stream: cuda.CUstream):
         b, s_q, h_q = out.shape[0], out.shape[1], out.shape[2]
         self.kernel(o_accum, lse_accum, split_offsets, attn_sink, out, lse, skip_single_split, has_sink).launch(
-            grid=[cute.ceil_div(h_q, COMBINE_HEADS_PER_CTA), s_q, b],
+            grid=[cute.ceil_div(h_q, self.heads_per_cta), s_q, b],
             block=[self.threads, 1, 1],
             stream=stream,
             use_pdl=True,
@@ -72,14 +76,22 @@ class CombineKernel:
         # mOAccum (n_splits, s_q, h_q, d_v) f32, mLseAccum (n_splits, s_q, h_q) f32 (log2)
         # mOut (b, s_q, h_q, d_v), mLse (b, h_q, s_q) f32 (natural log)
         lane = cute.arch.lane_idx()
-        chunk = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        h, iq, ib = cute.arch.block_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        hblk, iq, ib = cute.arch.block_idx()
+        h = hblk
+        if cutlass.const_expr(not self.columns):
+            h = hblk * self.heads_per_cta + warp
+        h_q = mOut.shape[2]
 
         # Everything above is independent of the producer; partials are read only after it.
         cute.arch.griddepcontrol_wait()
-        start, n = split_rows(mSplitOffsets, mOAccum, ib)
-        if not (skip_single_split != 0 and n == 1):
-            merge_columns(mOAccum, mLseAccum, mSink, mOut, mLse, has_sink, start, n, ib, iq, h, lane, chunk)
+        if h < h_q:
+            start, n = split_rows(mSplitOffsets, mOAccum, ib)
+            if not (skip_single_split != 0 and n == 1):
+                if cutlass.const_expr(self.columns):
+                    merge_columns(mOAccum, mLseAccum, mSink, mOut, mLse, has_sink, start, n, ib, iq, h, lane, warp)
+                else:
+                    merge_row(mOAccum, mLseAccum, mSink, mOut, mLse, has_sink, start, n, ib, iq, h, lane)
 
 
 @cute.jit
@@ -97,8 +109,8 @@ def merge_row(mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSink, mOut: cute.Te
     """One warp: merge the n partial rows ``start ..`` of (query token iq, head h) into row
     (ib, iq, h) of out and lse, by the formulas of ``CombineKernel`` (the sink only when
     ``mSink`` is a tensor and ``has_sink`` is set).  The dense decode kernel's own merge chunks
-    (``kernels.sm90.split_tickets.SplitTickets.merge_chunk``) run it; the combine kernel spreads a
-    row over four warps instead (``merge_columns``)."""
+    (``kernels.sm90.split_tickets.SplitTickets.merge_chunk``) and the combine kernel's variant 0
+    run it."""
     neg_inf = -Float32.inf
     lse2 = row_lse2(mLseAccum, start, n, iq, h, lane)
 
@@ -165,8 +177,7 @@ def merge_columns(mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSink, mOut: cut
     from its n partial rows ``start ..`` as ``merge_row`` merges whole rows, ``IN_FLIGHT`` splits'
     loads at a time; the first batch is issued before the lse is reduced."""
     parts = cute.make_rmem_tensor(cute.make_layout((4, IN_FLIGHT)), Float32)
-    if n > 0:
-        load_columns(mOAccum, parts, start, 0, n, iq, h, lane, chunk)
+    load_columns(mOAccum, parts, start, 0, n, iq, h, lane, chunk)
     lse2 = row_lse2(mLseAccum, start, n, iq, h, lane)  # -inf when n is 0
     acc = cute.make_rmem_tensor(cute.make_layout(4), Float32)
     acc.fill(0.0)
@@ -188,14 +199,14 @@ def merge_columns(mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSink, mOut: cut
 @cute.jit
 def load_columns(mOAccum: cute.Tensor, parts: cute.Tensor, start: Int32, c0: Int32, n: Int32, iq: Int32, h: Int32,
                  lane: Int32, chunk: Int32):
-    """parts[:, j] = this lane's 4 columns of chunk ``chunk`` of split c0 + j, for the
-    ``IN_FLIGHT`` splits from c0 (n >= 1): one 16-byte load each, all issued before any is used.
-    Splits past n load the last one again (no branch a load; ``add_columns`` weighs them 0)."""
+    """parts[:, j] = this lane's 4 columns of chunk ``chunk`` of split c0 + j, for the splits
+    c0 .. c0 + ``IN_FLIGHT`` below n: one 16-byte load each, all issued before any is used (the
+    others are left as they are; ``add_columns`` never reads them)."""
     row_layout = cute.make_layout((4, 32, CHUNKS), stride=(1, 4, 128))
     for j in cutlass.range_constexpr(IN_FLIGHT):
-        i = cutlass.min(c0 + j, n - 1)
-        gRow = cute.make_tensor(mOAccum[start + i, iq, h, None].iterator, row_layout)
-        cute.autovec_copy(gRow[None, lane, chunk], parts[None, j])
+        if c0 + j < n:
+            gRow = cute.make_tensor(mOAccum[start + c0 + j, iq, h, None].iterator, row_layout)
+            cute.autovec_copy(gRow[None, lane, chunk], parts[None, j])
 
 
 @cute.jit
