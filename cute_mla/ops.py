@@ -101,7 +101,8 @@ def combine(o_accum: torch.Tensor, lse_accum: torch.Tensor, split_offsets: torch
     else:
         sink = torch.empty(1, dtype=torch.float32, device=out.device)
     launcher.launch(
-        "combine", {"dtype": DTYPE_NAMES[out.dtype]}, grids.combine(b, s_q, h_q),
+        "combine", {"dtype": DTYPE_NAMES[out.dtype], "columns": grids.combine_columns(b, s_q, h_q)},
+        grids.combine(b, s_q, h_q),
         device_index=out.device.index, pdl=pdl, o_accum=o_accum, lse_accum=lse_accum, split_offsets=split_offsets,
         attn_sink=sink, out=out, lse=lse, skip_single_split=int(skip_single_split), has_sink=int(attn_sink is not None))
 

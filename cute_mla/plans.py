@@ -277,7 +277,8 @@ class SplitKvPlan:
         b, s_q, h_q, _ = self.out_shape
         has_sink = attn_sink is not None
         self.combine = launcher.prepare(
-            "combine", {"dtype": DTYPE_NAMES[self.dtype]}, grids.combine(b, s_q, h_q),
+            "combine", {"dtype": DTYPE_NAMES[self.dtype], "columns": grids.combine_columns(b, s_q, h_q)},
+            grids.combine(b, s_q, h_q),
             device_index=self.device_index, pdl=True, static=() if has_sink else ("attn_sink",), out=out, lse=lse,
             attn_sink=attn_sink if has_sink else dummies(self.device_index)["f32"],
             skip_single_split=1, has_sink=int(has_sink), o_accum=templates["o_accum"],

@@ -99,7 +99,7 @@ KERNELS: tuple[KernelDef, ...] = (
         source="cute_mla.kernels.common.combine:CombineKernel",
         archs=ARCHS,
         args=operands.combine_args,
-        variants=({"dtype": "bf16"}, {"dtype": "fp16"}),
+        variants=tuple({"dtype": d, "columns": c} for d in ("bf16", "fp16") for c in (0, 1)),
     ),
     KernelDef(
         name="decode_scheduler",

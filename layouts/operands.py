@@ -32,7 +32,8 @@ def split_counters():
     return TensorArg("split_counters", "i32", ("n_counters",), (1,), align=4)
 
 
-def combine_args(dtype: str):
+def combine_args(dtype: str, columns: int = 0):
+    """The combine (kernels.common.combine); ``columns`` picks its work split, not its operands."""
     return split_kv_partials() + (
         # (b + 1,) int32: split_offsets[i] = first partial row of request i
         TensorArg("split_offsets", "i32", ("b1",), (1,), align=4),

@@ -8,7 +8,8 @@ loop of ``kernels.sm90.sparse_prefill``, and the head rows of ``kernels.common.c
 """
 from __future__ import annotations
 
-from cute_mla.layouts.constants import BLOCK_M, COMBINE_HEADS_PER_CTA, SPARSE_PREFILL_HEAD_BLOCK
+from cute_mla.layouts.constants import (BLOCK_M, COMBINE_COLUMNS_MAX_ROWS, COMBINE_HEADS_PER_CTA,
+                                        SPARSE_PREFILL_HEAD_BLOCK)
 from cute_mla.schedules.decode_plan import cdiv
 
 Grid = tuple[int, int, int]
@@ -31,9 +32,15 @@ def sparse_prefill(s_q: int, h_q: int, num_sms: int) -> Grid:
     return min(s_q * (h_q // SPARSE_PREFILL_HEAD_BLOCK), num_sms), 1, 1
 
 
+def combine_columns(b: int, s_q: int, h_q: int) -> int:
+    """Whether a combine of these rows runs the ``columns`` variant (``COMBINE_COLUMNS_MAX_ROWS``)."""
+    return int(b * s_q * h_q <= COMBINE_COLUMNS_MAX_ROWS)
+
+
 def combine(b: int, s_q: int, h_q: int) -> Grid:
-    """The split-KV combine: ``COMBINE_HEADS_PER_CTA`` head rows a CTA, per query token and request."""
-    return cdiv(h_q, COMBINE_HEADS_PER_CTA), s_q, b
+    """The split-KV combine, per query token and request: ``COMBINE_HEADS_PER_CTA`` head rows a
+    CTA, or one in the ``columns`` variant (``combine_columns``)."""
+    return (h_q if combine_columns(b, s_q, h_q) else cdiv(h_q, COMBINE_HEADS_PER_CTA)), s_q, b
 
 
 SCHEDULER: Grid = (1, 1, 1)  # the decode scheduler: one warp plans the whole batch

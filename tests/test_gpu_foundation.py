@@ -108,6 +108,26 @@ def test_combine_matches_reference(case, sink, dtype):
     assert torch.isnan(out_buf[:, :, 0]).all() and torch.isnan(out_buf[:, :, h_q + 1:]).all(), "wrote out of bounds"
 
 
+@pytest.mark.parametrize("columns", [0, 1])
+@pytest.mark.parametrize("case", [COMBINE_CASES[2], COMBINE_CASES[4]], ids=lambda c: f"b{c[0]}-sq{c[1]}-h{c[2]}")
+def test_combine_variants_match_reference(case, columns, monkeypatch):
+    """Each work split of the combine (``grids.combine_columns``, forced here) on the same
+    partials: splits in one batch of loads and in several, empty ones NaN-poisoned."""
+    from cute_mla.schedules import grids
+    from cute_mla.testing import assert_close_named
+
+    monkeypatch.setattr(grids, "COMBINE_COLUMNS_MAX_ROWS", 10**9 if columns else 0)
+    b, s_q, h_q, nsplits = case
+    o, lse2, offsets = _partials(b, s_q, h_q, nsplits, seed=5 + h_q)
+    attn_sink = torch.randn(h_q, device=DEV)
+    out = torch.full((b, s_q, h_q, 512), math.nan, dtype=torch.bfloat16, device=DEV)
+    lse = torch.full((b, h_q, s_q), math.nan, device=DEV)
+    ops.combine(o, lse2, offsets, out, lse, attn_sink=attn_sink, pdl=False)
+    ref_out, ref_lse = ref_combine(o, lse2, offsets.cpu(), b, attn_sink)
+    assert_close_named("dense_decode_out", out.float(), ref_out.float())
+    assert_close_named("decode_lse", lse, ref_lse.float())
+
+
 def test_combine_all_invalid_gives_zero_and_inf():
     b, s_q, h_q = 3, 2, 8
     o, lse2, offsets = _partials(b, s_q, h_q, [1, 3, 2], seed=1, empty_frac=1.0)

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from cute_mla.layouts.constants import BLOCK_M, COMBINE_HEADS_PER_CTA
+from cute_mla.layouts.constants import BLOCK_M, COMBINE_COLUMNS_MAX_ROWS, COMBINE_HEADS_PER_CTA
 from cute_mla.schedules import decode_plan, grids
 from cute_mla.schedules.decode_plan import BLOCK_N, FIXED_OVERHEAD_BLOCKS, num_sm_parts, part_work, plan_host
 
@@ -132,10 +132,18 @@ def test_sparse_prefill_grid_is_persistent():
     assert grids.sparse_prefill(s_q=4096, h_q=64, num_sms=132) == (132, 1, 1)
 
 
-@pytest.mark.parametrize("h_q", [1, 4, 5, 16, 128])
-def test_combine_grid_covers_every_head(h_q):
-    x, s_q, b = grids.combine(b=9, s_q=2, h_q=h_q)
-    assert (s_q, b) == (2, 9) and (x - 1) * COMBINE_HEADS_PER_CTA < h_q <= x * COMBINE_HEADS_PER_CTA
+@pytest.mark.parametrize("b, h_q", [(9, 1), (9, 4), (9, 5), (9, 16), (9, 128), (300, 5), (2, 128)])
+def test_combine_grid_covers_every_head(b, h_q):
+    x, s_q, b_grid = grids.combine(b=b, s_q=2, h_q=h_q)
+    per_cta = 1 if grids.combine_columns(b, 2, h_q) else COMBINE_HEADS_PER_CTA
+    assert (s_q, b_grid) == (2, b) and (x - 1) * per_cta < h_q <= x * per_cta
+
+
+def test_combine_columns_up_to_the_row_limit():
+    """The ``columns`` combine runs calls of at most COMBINE_COLUMNS_MAX_ROWS rows (b * s_q * h_q)."""
+    assert grids.combine_columns(2, 2, 128) == 1 and COMBINE_COLUMNS_MAX_ROWS == 512
+    assert grids.combine_columns(32, 1, 16) == 1 and grids.combine_columns(32, 2, 16) == 0
+    assert grids.combine_columns(1, 1, COMBINE_COLUMNS_MAX_ROWS + 1) == 0
 
 
 def test_dense_cluster_rows(monkeypatch):

@@ -13,7 +13,10 @@ from cutlass import Float32, Int32
 from cute_mla.kernels.common.softmax import LN_2, sink_denominator
 from cute_mla.layouts.constants import COMBINE_HEADS_PER_CTA, D_V
 
-CHUNKS = D_V // 128  # float4 chunks of a row per lane
+CHUNKS = D_V // 128  # 128-column chunks of a row: float4s a lane (``merge_row``), warps a row (the combine)
+# Partial-row float4 loads a combine lane keeps in flight: one batch covers the 4 splits a row of
+# the small-head plans at b 32, the 16-17 of sparse decode at b 2.
+IN_FLIGHT = 16
 # Rows of at most this many splits take ``accumulate_serial``, the others
 # ``accumulate_broadcast`` (same run, H200, session 12: broadcast 7-9% slower at 2 splits
 # a row (b128: 29.4-29.9 us against 27.6-28.0), as fast at 4, 2-4% faster at 8).
@@ -23,29 +26,35 @@ SERIAL_SPLITS = 2
 class CombineKernel:
     """Finalise attention rows from split-KV partials.
 
-    Work split: one warp per (request, query token, head) row; a CTA of
-    ``warps_per_cta`` warps covers that many heads of one (request, query token).
-    Grid: (ceil(h_q / warps_per_cta), s_q, b).  Each lane owns ``D_V / 128`` float4
-    chunks of the 512-wide row, strided by 128 so every load and store of the warp
-    is one coalesced 512-byte line.
+    Work split, by variant (``columns``; ``schedules.grids.combine_columns`` picks it from the
+    call's row count):
+      0  one warp a (request, query token, head) row (``merge_row``): a CTA of
+         ``COMBINE_HEADS_PER_CTA`` warps covers that many heads of one (request, query token);
+         grid (ceil(h_q / 4), s_q, b);
+      1  one CTA a row, warp w its 128 columns [128 w, 128 w + 128) (``merge_columns``); grid
+         (h_q, s_q, b).  A warp keeps ``IN_FLIGHT`` splits' loads of its columns in flight and
+         issues the first ones before it reads the splits' lse, so a row of up to ``IN_FLIGHT``
+         splits costs one round trip to L2 after the split counts.  Four times the warps for
+         the same rows: it wins where the rows are too few to fill the GPU (the b 2 and b 32
+         small-head plans; ``COMBINE_COLUMNS_MAX_ROWS`` has the measurement).
 
     Per row, with n = the request's split count and lse2_i the partials' base-2 lse:
       lse2 = log2(sum_i exp2(lse2_i)),  O = sum_i exp2(lse2_i - lse2) * O_i.
-    Splits with lse2_i = -inf (no valid key) are never read, so whatever their
-    partial rows hold cannot leak.  A row with no valid key at all becomes
-    O = 0, lse = +inf.  The attention sink scales O by 1 / (1 + exp(sink - lse)),
-    here and nowhere else, so it is applied exactly once.
+    Splits with lse2_i = -inf (no valid key) never reach the sum (variant 1 loads their rows,
+    inside the partials buffer, and drops them), so whatever those rows hold cannot leak.  A row with no valid key at all becomes O = 0, lse = +inf.  The
+    attention sink scales O by 1 / (1 + exp(sink - lse)), here and nowhere else, so it is
+    applied exactly once.
 
-    Launched as a programmatic dependent (PDL) of the split kernel: everything
-    before ``griddepcontrol_wait`` overlaps the producer's tail.
+    Launched as a programmatic dependent (PDL) of the split kernel: everything before
+    ``griddepcontrol_wait`` overlaps the producer's tail.
     """
 
-    warps_per_cta = COMBINE_HEADS_PER_CTA
-    threads = 32 * warps_per_cta
-
-    def __init__(self, dtype: str):
+    def __init__(self, dtype: str, columns: int = 0):
         # ``dtype`` (the variant) types the ``out`` operand of the ABI; the kernel reads it there
-        # (``merge_row`` converts to ``mOut.element_type``), so nothing here keeps it
+        # (the merges convert to ``mOut.element_type``), so nothing here keeps it
+        self.columns = bool(columns)
+        self.heads_per_cta = 1 if self.columns else COMBINE_HEADS_PER_CTA
+        self.threads = 32 * (CHUNKS if self.columns else COMBINE_HEADS_PER_CTA)
         self.smem_bytes = 0
 
     @cute.jit
@@ -54,7 +63,7 @@ class CombineKernel:
                  skip_single_split: Int32, has_sink: Int32, stream: cuda.CUstream):
         b, s_q, h_q = out.shape[0], out.shape[1], out.shape[2]
         self.kernel(o_accum, lse_accum, split_offsets, attn_sink, out, lse, skip_single_split, has_sink).launch(
-            grid=[cute.ceil_div(h_q, self.warps_per_cta), s_q, b],
+            grid=[cute.ceil_div(h_q, self.heads_per_cta), s_q, b],
             block=[self.threads, 1, 1],
             stream=stream,
             use_pdl=True,
@@ -69,7 +78,9 @@ class CombineKernel:
         lane = cute.arch.lane_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         hblk, iq, ib = cute.arch.block_idx()
-        h = hblk * self.warps_per_cta + warp
+        h = hblk
+        if cutlass.const_expr(not self.columns):
+            h = hblk * self.heads_per_cta + warp
         h_q = mOut.shape[2]
 
         # Everything above is independent of the producer; partials are read only after it.
@@ -77,7 +88,10 @@ class CombineKernel:
         if h < h_q:
             start, n = split_rows(mSplitOffsets, mOAccum, ib)
             if not (skip_single_split != 0 and n == 1):
-                merge_row(mOAccum, mLseAccum, mSink, mOut, mLse, has_sink, start, n, ib, iq, h, lane)
+                if cutlass.const_expr(self.columns):
+                    merge_columns(mOAccum, mLseAccum, mSink, mOut, mLse, has_sink, start, n, ib, iq, h, lane, warp)
+                else:
+                    merge_row(mOAccum, mLseAccum, mSink, mOut, mLse, has_sink, start, n, ib, iq, h, lane)
 
 
 @cute.jit
@@ -94,21 +108,11 @@ def merge_row(mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSink, mOut: cute.Te
               has_sink: Int32, start: Int32, n: Int32, ib: Int32, iq: Int32, h: Int32, lane: Int32):
     """One warp: merge the n partial rows ``start ..`` of (query token iq, head h) into row
     (ib, iq, h) of out and lse, by the formulas of ``CombineKernel`` (the sink only when
-    ``mSink`` is a tensor and ``has_sink`` is set).  The combine kernel and the dense decode
-    kernel's own merge chunks (``kernels.sm90.split_tickets.SplitTickets.merge_chunk``) both run it."""
+    ``mSink`` is a tensor and ``has_sink`` is set).  The dense decode kernel's own merge chunks
+    (``kernels.sm90.split_tickets.SplitTickets.merge_chunk``) and the combine kernel's variant 0
+    run it."""
     neg_inf = -Float32.inf
-    # Row max and sum of the partial lse values, lanes striding over splits.
-    m = neg_inf
-    for i in cutlass.range(lane, n, 32):
-        m = cute.arch.fmax(m, mLseAccum[start + i, iq, h])
-    m = cute.arch.warp_reduction_max(m)
-    lse2 = neg_inf
-    if m != neg_inf:
-        s = Float32(0.0)
-        for i in cutlass.range(lane, n, 32):
-            s += cute.math.exp2(mLseAccum[start + i, iq, h] - m, fastmath=True)
-        s = cute.arch.warp_reduction_sum(s)
-        lse2 = m + cute.math.log2(s, fastmath=False)
+    lse2 = row_lse2(mLseAccum, start, n, iq, h, lane)
 
     # (4, 32, CHUNKS) view of the row: lane owns [4*lane + 128*j, +4) for each chunk j
     row_layout = cute.make_layout((4, 32, CHUNKS), stride=(1, 4, 128))
@@ -120,14 +124,7 @@ def merge_row(mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSink, mOut: cute.Te
         else:
             accumulate_broadcast(mOAccum, mLseAccum, acc, row_layout, lse2, start, n, iq, h, lane)
 
-    lse_out = Float32.inf
-    scale = Float32(0.0)
-    if lse2 != neg_inf:
-        lse_out = lse2 * LN_2
-        scale = Float32(1.0)
-        if cutlass.const_expr(mSink is not None):
-            if has_sink != 0:
-                scale = 1.0 / sink_denominator(mSink[h], lse2, fastmath=True)
+    lse_out, scale = row_finish(mSink, has_sink, lse2, h)
     res = cute.make_rmem_tensor_like(acc, mOut.element_type)
     for k in cutlass.range_constexpr(4 * CHUNKS):
         res[k] = (acc[k] * scale).to(mOut.element_type)
@@ -135,6 +132,99 @@ def merge_row(mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSink, mOut: cute.Te
     cute.autovec_copy(res, gOutRow[None, lane, None])
     if lane == 0:
         mLse[ib, h, iq] = lse_out
+
+
+@cute.jit
+def row_lse2(mLseAccum: cute.Tensor, start: Int32, n: Int32, iq: Int32, h: Int32, lane: Int32) -> Float32:
+    """One warp: the base-2 lse of (query token iq, head h) over its n partials ``start ..``
+    (lanes striding over splits); -inf when every split is empty."""
+    neg_inf = -Float32.inf
+    m = neg_inf
+    for i in cutlass.range(lane, n, 32):
+        m = cute.arch.fmax(m, mLseAccum[start + i, iq, h])
+    m = cute.arch.warp_reduction_max(m)
+    lse2 = neg_inf
+    if m != neg_inf:
+        s = Float32(0.0)
+        for i in cutlass.range(lane, n, 32):
+            s += cute.math.exp2(mLseAccum[start + i, iq, h] - m, fastmath=True)
+        s = cute.arch.warp_reduction_sum(s)
+        lse2 = m + cute.math.log2(s, fastmath=False)
+    return lse2
+
+
+@cute.jit
+def row_finish(mSink, has_sink: Int32, lse2: Float32, h: Int32):
+    """(natural-log lse, O's factor) of a merged row of base-2 lse ``lse2``: (+inf, 0) for a row
+    without a valid key, else (lse, 1) or, with the sink (``mSink`` a tensor and ``has_sink``
+    set), (lse, 1 / ``sink_denominator``)."""
+    lse_out = Float32.inf
+    scale = Float32(0.0)
+    if lse2 != -Float32.inf:
+        lse_out = lse2 * LN_2
+        scale = Float32(1.0)
+        if cutlass.const_expr(mSink is not None):
+            if has_sink != 0:
+                scale = 1.0 / sink_denominator(mSink[h], lse2, fastmath=True)
+    return lse_out, scale
+
+
+@cute.jit
+def merge_columns(mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSink, mOut: cute.Tensor, mLse: cute.Tensor,
+                  has_sink: Int32, start: Int32, n: Int32, ib: Int32, iq: Int32, h: Int32, lane: Int32,
+                  chunk: Int32):
+    """One warp of the combine: columns [128 chunk, 128 chunk + 128) of row (ib, iq, h), merged
+    from its n partial rows ``start ..`` as ``merge_row`` merges whole rows, ``IN_FLIGHT`` splits'
+    loads at a time; the first batch is issued before the lse is reduced."""
+    parts = cute.make_rmem_tensor(cute.make_layout((4, IN_FLIGHT)), Float32)
+    load_columns(mOAccum, parts, start, 0, n, iq, h, lane, chunk)
+    lse2 = row_lse2(mLseAccum, start, n, iq, h, lane)  # -inf when n is 0
+    acc = cute.make_rmem_tensor(cute.make_layout(4), Float32)
+    acc.fill(0.0)
+    if lse2 != -Float32.inf:
+        add_columns(mLseAccum, acc, parts, lse2, start, 0, n, iq, h, lane)
+        for c0 in cutlass.range(IN_FLIGHT, n, IN_FLIGHT, unroll=1):
+            load_columns(mOAccum, parts, start, c0, n, iq, h, lane, chunk)
+            add_columns(mLseAccum, acc, parts, lse2, start, c0, n, iq, h, lane)
+    lse_out, scale = row_finish(mSink, has_sink, lse2, h)
+    res = cute.make_rmem_tensor_like(acc, mOut.element_type)
+    for k in cutlass.range_constexpr(4):
+        res[k] = (acc[k] * scale).to(mOut.element_type)
+    gOutRow = cute.make_tensor(mOut[ib, iq, h, None].iterator, cute.make_layout((4, 32, CHUNKS), stride=(1, 4, 128)))
+    cute.autovec_copy(res, gOutRow[None, lane, chunk])
+    if chunk == 0 and lane == 0:
+        mLse[ib, h, iq] = lse_out
+
+
+@cute.jit
+def load_columns(mOAccum: cute.Tensor, parts: cute.Tensor, start: Int32, c0: Int32, n: Int32, iq: Int32, h: Int32,
+                 lane: Int32, chunk: Int32):
+    """parts[:, j] = this lane's 4 columns of chunk ``chunk`` of split c0 + j, for the splits
+    c0 .. c0 + ``IN_FLIGHT`` below n: one 16-byte load each, all issued before any is used (the
+    others are left as they are; ``add_columns`` never reads them)."""
+    row_layout = cute.make_layout((4, 32, CHUNKS), stride=(1, 4, 128))
+    for j in cutlass.range_constexpr(IN_FLIGHT):
+        if c0 + j < n:
+            gRow = cute.make_tensor(mOAccum[start + c0 + j, iq, h, None].iterator, row_layout)
+            cute.autovec_copy(gRow[None, lane, chunk], parts[None, j])
+
+
+@cute.jit
+def add_columns(mLseAccum: cute.Tensor, acc: cute.Tensor, parts: cute.Tensor, lse2: Float32, start: Int32,
+                c0: Int32, n: Int32, iq: Int32, h: Int32, lane: Int32):
+    """acc += exp2(lse2_i - lse2) * O_i over the batch of splits c0 .. (``load_columns``): lane j
+    weighs split c0 + j (0 when empty or past n), the warp broadcasts the weights by shuffles, and
+    an empty split's columns are never added (NaN times 0 would be NaN)."""
+    w_lane = Float32(0.0)
+    if lane < IN_FLIGHT and c0 + lane < n:
+        lse_i = mLseAccum[start + c0 + lane, iq, h]
+        if lse_i != -Float32.inf:
+            w_lane = cute.math.exp2(lse_i - lse2, fastmath=True)
+    for j in cutlass.range_constexpr(IN_FLIGHT):
+        w = cute.arch.shuffle_sync(w_lane, j)
+        if w != 0.0:
+            for k in cutlass.range_constexpr(4):
+                acc[k] += w * parts[k, j]
 
 
 @cute.jit
