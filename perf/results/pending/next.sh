@@ -156,6 +156,10 @@ c19)
     memcheck c19 c19 tests/test_gpu_foundation.py tests/test_sparse_decode.py \
         -k "combine or many_short_requests or all_indices_invalid or (sparse_decode_fast and (b4 or h16))"
     ;;
+grid)
+    # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
+    grid_and_small_heads
+    ;;
 c19b)
     # c19 again after the first call (c19's one-work-split combine lost 0.53-0.95 on many rows):
     # the columns split is now a variant for calls of at most 512 rows; the same cases, suite and
@@ -170,7 +174,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-c19|build-diag|proof|c19|c19b|diag" >&2
+    echo "usage: $0 build|build-c19|build-diag|proof|grid|c19|c19b|diag" >&2
     exit 2
     ;;
 esac
