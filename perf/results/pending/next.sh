@@ -7,12 +7,7 @@
 #   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, 3 rounds of
 #                                             # issue 19's 24 small-head cases, ncu by role of MODEL1
 #                                             # b 32 s_q 1 h_q 16, then the whole GPU suite
-#   bash perf/results/pending/next.sh c19     # main (c18 merged): the grid and 3 rounds of issue
-#                                             # 19's cases; branch exp/combine-columns (c19, built by
-#                                             # `build-c19`: the combine spreads a row over four
-#                                             # warps, 16 splits' loads in flight) against main on
-#                                             # every case whose plan splits (3 rounds), its suite,
-#                                             # memcheck
+#   bash perf/results/pending/next.sh grid    # main: the grid and 3 rounds of issue 19's cases only
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
 #                                             # need regenerating on main since c7b)
@@ -126,10 +121,6 @@ build)
     done
     wait
     ;;
-build-c19)
-    branch_tree c19 exp/combine-columns
-    (cd scratch/c19 && python -m cute_mla.compile | tail -n 1)
-    ;;
 build-diag)
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
     for d in $DIAGS; do (cd scratch/diag-$d && python -m cute_mla.compile --arch sm_90a | tail -n 1) & done
@@ -137,44 +128,21 @@ build-diag)
     ;;
 proof)
     # main's whole grid beside FlashMLA (46-60 s), 3 rounds of issue 19's small-head cases
-    # (26-75 s), where MODEL1 b 32 s_q 1 h_q 16's time goes, then the whole GPU suite (75-170 s;
-    # sessions 26-28)
+    # (25-75 s), where MODEL1 b 32 s_q 1 h_q 16's time goes, then the whole GPU suite (75-180 s;
+    # sessions 26-28).  Session 28 ran every call on an H100: the H200 record is missing since c12
     grid_and_small_heads
     prof main m1-b32-h16 '[Hh]eads' "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=16 "
     suite main main 170
-    ;;
-c19)
-    # main (c18 merged: every cubin as exp/heads-epilogue's) beside FlashMLA: the grid, then 3
-    # rounds of issue 19's 24 cases; then c19 (the combine kernel: a CTA a head row, a warp its 128
-    # columns, the first 16 splits' loads issued before the lse) against main on the cases whose
-    # plans split (a combine runs there) and the combine's own cases, 3 rounds; its suite;
-    # memcheck of the combine and split sparse tests
-    grid_and_small_heads
-    ab c19 main c19 3 "b=2 " "b=32 " "combine" "fmt=MODEL1 b=74 s_q=2 h_q=128" \
-        "fmt=MODEL1 b=148 s_q=2 h_q=128 d_qk=512 s_k=16384" "fmt=V32 b=74 s_q=2" "fmt=MODEL1 b=64 s_q=1"
-    suite c19 c19 170
-    memcheck c19 c19 tests/test_gpu_foundation.py tests/test_sparse_decode.py \
-        -k "combine or many_short_requests or all_indices_invalid or (sparse_decode_fast and (b4 or h16))"
     ;;
 grid)
     # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
     grid_and_small_heads
     ;;
-c19b)
-    # c19 again after the first call (c19's one-work-split combine lost 0.53-0.95 on many rows):
-    # the columns split is now a variant for calls of at most 512 rows; the same cases, suite and
-    # memcheck, without main's grid
-    ab c19 main c19 3 "b=2 " "b=32 " "combine" "fmt=MODEL1 b=74 s_q=2 h_q=128" \
-        "fmt=MODEL1 b=148 s_q=2 h_q=128 d_qk=512 s_k=16384" "fmt=V32 b=74 s_q=2" "fmt=MODEL1 b=64 s_q=1"
-    suite c19 c19 190
-    memcheck c19 c19 tests/test_gpu_foundation.py tests/test_sparse_decode.py \
-        -k "combine or many_short_requests or all_indices_invalid or (sparse_decode_fast and (b4 or h16))"
-    ;;
 diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-c19|build-diag|proof|grid|c19|c19b|diag" >&2
+    echo "usage: $0 build|build-diag|proof|grid|diag" >&2
     exit 2
     ;;
 esac
