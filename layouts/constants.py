@@ -21,9 +21,9 @@ DENSE_DECODE_SMALL_HEADS = SPARSE_DECODE_SMALL_HEADS
 COMBINE_HEADS_PER_CTA = 4  # the combine kernel runs one warp per head row, 4 a CTA
 # Calls of at most this many rows (b * s_q * h_q) run the combine's ``columns`` variant: a CTA a
 # row, a warp its 128 columns, so a few rows still spread over every SM.  Against the warp-a-row
-# kernel (H100, session 28, 3 rounds): 256-512 rows +2-14% (sparse b 2, b 32 s_q 1 h_q 8 / 16),
-# 1024 rows and more 0.86-0.95 (b 32 s_q 2 h_q 16 / 32, b 74-148), the combine's own b 128 cases
-# 0.53-0.56.
+# kernel (H100, session 28, 3 rounds, perf/results/NOTES.md): 256-512 rows +2-14% (sparse b 2,
+# b 32 s_q 1 h_q 8 / 16), 1024 rows and more 0.79-0.96 (b 32 s_q 2 h_q 16 / 32, b 64-148), the
+# combine's own cases of 2048-32768 rows 0.53-0.88.
 COMBINE_COLUMNS_MAX_ROWS = 512
 
 # ``sched_meta[part]``: SCHED_META_FIELDS int32 fields, named below (``schedules.decode_plan``

@@ -17,6 +17,13 @@ CHUNKS = D_V // 128  # 128-column chunks of a row: float4s a lane (``merge_row``
 # Partial-row float4 loads a combine lane keeps in flight: one batch covers the 4 splits a row of
 # the small-head plans at b 32, the 16-17 of sparse decode at b 2.
 IN_FLIGHT = 16
+assert IN_FLIGHT <= 32  # a lane of the warp weighs each split of a batch (``add_columns``)
+
+
+def lane_columns():
+    """(4, 32, CHUNKS) view of a 512-wide row: lane l owns columns [4 l + 128 j, + 4) of chunk j,
+    so each of a warp's loads and stores of a chunk is one coalesced 512-byte line."""
+    return cute.make_layout((4, 32, CHUNKS), stride=(1, 4, 128))
 # Rows of at most this many splits take ``accumulate_serial``, the others
 # ``accumulate_broadcast`` (same run, H200, session 12: broadcast 7-9% slower at 2 splits
 # a row (b128: 29.4-29.9 us against 27.6-28.0), as fast at 4, 2-4% faster at 8).
@@ -41,9 +48,9 @@ class CombineKernel:
     Per row, with n = the request's split count and lse2_i the partials' base-2 lse:
       lse2 = log2(sum_i exp2(lse2_i)),  O = sum_i exp2(lse2_i - lse2) * O_i.
     Splits with lse2_i = -inf (no valid key) never reach the sum (variant 1 loads their rows,
-    inside the partials buffer, and drops them), so whatever those rows hold cannot leak.  A row with no valid key at all becomes O = 0, lse = +inf.  The
-    attention sink scales O by 1 / (1 + exp(sink - lse)), here and nowhere else, so it is
-    applied exactly once.
+    inside the partials buffer, and drops them), so whatever those rows hold cannot leak.  A
+    row with no valid key at all becomes O = 0, lse = +inf.  The attention sink scales O by
+    1 / (1 + exp(sink - lse)), here and nowhere else, so it is applied exactly once.
 
     Launched as a programmatic dependent (PDL) of the split kernel: everything before
     ``griddepcontrol_wait`` overlaps the producer's tail.
@@ -114,8 +121,7 @@ def merge_row(mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSink, mOut: cute.Te
     neg_inf = -Float32.inf
     lse2 = row_lse2(mLseAccum, start, n, iq, h, lane)
 
-    # (4, 32, CHUNKS) view of the row: lane owns [4*lane + 128*j, +4) for each chunk j
-    row_layout = cute.make_layout((4, 32, CHUNKS), stride=(1, 4, 128))
+    row_layout = lane_columns()
     acc = cute.make_rmem_tensor(cute.make_layout((4, CHUNKS), stride=(1, 4)), Float32)
     acc.fill(0.0)
     if lse2 != neg_inf:
@@ -190,7 +196,7 @@ def merge_columns(mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSink, mOut: cut
     res = cute.make_rmem_tensor_like(acc, mOut.element_type)
     for k in cutlass.range_constexpr(4):
         res[k] = (acc[k] * scale).to(mOut.element_type)
-    gOutRow = cute.make_tensor(mOut[ib, iq, h, None].iterator, cute.make_layout((4, 32, CHUNKS), stride=(1, 4, 128)))
+    gOutRow = cute.make_tensor(mOut[ib, iq, h, None].iterator, lane_columns())
     cute.autovec_copy(res, gOutRow[None, lane, chunk])
     if chunk == 0 and lane == 0:
         mLse[ib, h, iq] = lse_out
@@ -202,7 +208,7 @@ def load_columns(mOAccum: cute.Tensor, parts: cute.Tensor, start: Int32, c0: Int
     """parts[:, j] = this lane's 4 columns of chunk ``chunk`` of split c0 + j, for the splits
     c0 .. c0 + ``IN_FLIGHT`` below n: one 16-byte load each, all issued before any is used (the
     others are left as they are; ``add_columns`` never reads them)."""
-    row_layout = cute.make_layout((4, 32, CHUNKS), stride=(1, 4, 128))
+    row_layout = lane_columns()
     for j in cutlass.range_constexpr(IN_FLIGHT):
         if c0 + j < n:
             gRow = cute.make_tensor(mOAccum[start + c0 + j, iq, h, None].iterator, row_layout)

@@ -369,8 +369,9 @@ class HeadsOnN:
     @cute.jit
     def store_t(self, acc_o, tOcO, inv, head0: cute.Tensor, h_q: Int32, ctid: Int32):
         """O^T times each head's factor into the (heads, 512) rows that begin at ``head0`` (head 0's
-        row of a contiguous output), in their element type, 4 bytes or 2 a lane; columns from head
-        h_q on are not stored.  The rows are viewed with static strides and partitioned as the
+        row of a contiguous output: the API takes only contiguous ``out``, ``api._check_out``, and
+        the partials are the plan's own), in their element type, 4 bytes or 2 a lane; columns from
+        head h_q on are not stored.  The rows are viewed with static strides and partitioned as the
         accumulator, so every store is one base register plus a constant."""
         _, pv_mma, _ = self.make_mmas()
         gOT = cute.make_tensor(head0.iterator, cute.make_layout((D_V, self.heads), stride=(1, D_V)))
