@@ -130,14 +130,7 @@ def merge_row(mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSink, mOut: cute.Te
         else:
             accumulate_broadcast(mOAccum, mLseAccum, acc, row_layout, lse2, start, n, iq, h, lane)
 
-    lse_out, scale = row_finish(mSink, has_sink, lse2, h)
-    res = cute.make_rmem_tensor_like(acc, mOut.element_type)
-    for k in cutlass.range_constexpr(4 * CHUNKS):
-        res[k] = (acc[k] * scale).to(mOut.element_type)
-    gOutRow = cute.make_tensor(mOut[ib, iq, h, None].iterator, row_layout)
-    cute.autovec_copy(res, gOutRow[None, lane, None])
-    if lane == 0:
-        mLse[ib, h, iq] = lse_out
+    write_merged(acc, mSink, has_sink, lse2, mOut, mLse, ib, iq, h, lane, None)
 
 
 @cute.jit
@@ -160,10 +153,13 @@ def row_lse2(mLseAccum: cute.Tensor, start: Int32, n: Int32, iq: Int32, h: Int32
 
 
 @cute.jit
-def row_finish(mSink, has_sink: Int32, lse2: Float32, h: Int32):
-    """(natural-log lse, O's factor) of a merged row of base-2 lse ``lse2``: (+inf, 0) for a row
-    without a valid key, else (lse, 1) or, with the sink (``mSink`` a tensor and ``has_sink``
-    set), (lse, 1 / ``sink_denominator``)."""
+def write_merged(acc: cute.Tensor, mSink, has_sink: Int32, lse2: Float32, mOut: cute.Tensor, mLse: cute.Tensor,
+                 ib: Int32, iq: Int32, h: Int32, lane: Int32, chunk):
+    """Finish a merged row of base-2 lse ``lse2`` and write it: lse = +inf and O = 0 for a row
+    without a valid key, else the natural-log lse and O = ``acc`` (scaled by 1 /
+    ``sink_denominator`` with the sink: ``mSink`` a tensor and ``has_sink`` set).  ``acc`` holds
+    this lane's columns (``lane_columns``) of every chunk (``chunk`` None; lane 0 writes the lse)
+    or of chunk ``chunk`` (lane 0 of chunk 0 writes it)."""
     lse_out = Float32.inf
     scale = Float32(0.0)
     if lse2 != -Float32.inf:
@@ -172,7 +168,18 @@ def row_finish(mSink, has_sink: Int32, lse2: Float32, h: Int32):
         if cutlass.const_expr(mSink is not None):
             if has_sink != 0:
                 scale = 1.0 / sink_denominator(mSink[h], lse2, fastmath=True)
-    return lse_out, scale
+    res = cute.make_rmem_tensor_like(acc, mOut.element_type)
+    for k in cutlass.range_constexpr(cute.size(acc)):
+        res[k] = (acc[k] * scale).to(mOut.element_type)
+    gOutRow = cute.make_tensor(mOut[ib, iq, h, None].iterator, lane_columns())
+    if cutlass.const_expr(chunk is None):
+        cute.autovec_copy(res, gOutRow[None, lane, None])
+        if lane == 0:
+            mLse[ib, h, iq] = lse_out
+    else:
+        cute.autovec_copy(res, gOutRow[None, lane, chunk])
+        if chunk == 0 and lane == 0:
+            mLse[ib, h, iq] = lse_out
 
 
 @cute.jit
@@ -192,14 +199,7 @@ def merge_columns(mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mSink, mOut: cut
         for c0 in cutlass.range(IN_FLIGHT, n, IN_FLIGHT, unroll=1):
             load_columns(mOAccum, parts, start, c0, n, iq, h, lane, chunk)
             add_columns(mLseAccum, acc, parts, lse2, start, c0, n, iq, h, lane)
-    lse_out, scale = row_finish(mSink, has_sink, lse2, h)
-    res = cute.make_rmem_tensor_like(acc, mOut.element_type)
-    for k in cutlass.range_constexpr(4):
-        res[k] = (acc[k] * scale).to(mOut.element_type)
-    gOutRow = cute.make_tensor(mOut[ib, iq, h, None].iterator, lane_columns())
-    cute.autovec_copy(res, gOutRow[None, lane, chunk])
-    if chunk == 0 and lane == 0:
-        mLse[ib, h, iq] = lse_out
+    write_merged(acc, mSink, has_sink, lse2, mOut, mLse, ib, iq, h, lane, chunk)
 
 
 @cute.jit
