@@ -1,6 +1,6 @@
 """python -m perf.ncu: Nsight Compute on one benchmark case, read back as short tables.
 
-    python -m perf.ncu run CASE [--kernel REGEX] [--out DIR] [--calls N]
+    python -m perf.ncu run CASE [--kernel REGEX] [--out DIR] [--calls N] [--peer]
     python -m perf.ncu durations DUR.csv
     python -m perf.ncu stalls SOURCE.csv [--top N]
     python -m perf.ncu details DETAILS.csv
@@ -222,10 +222,10 @@ def print_stalls(per_role: dict[str, float], per_ins: list, top: int, reasons: d
         print(f"{100 * n / total:5.1f}%  {role:>9}  {addr:>8}  {ins}")
 
 
-def run(case: str, kernel: str, out: Path, calls: int) -> int:
+def run(case: str, kernel: str, out: Path, calls: int, peer: bool = False) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ncu = ["ncu", "--clock-control", "none"]
-    once = [sys.executable, "-m", "perf.run_once", case, str(calls)]
+    once = [sys.executable, "-m", "perf.run_once", case, str(calls), *(["--peer"] if peer else [])]
     dur = subprocess.run([*ncu, "--metrics", "gpu__time_duration.sum", "--csv", *once],
                          capture_output=True, text=True)
     (out / "durations.csv").write_text(dur.stdout)
@@ -259,6 +259,8 @@ def main(argv=None) -> int:
     r.add_argument("--kernel", default="kernel_cutlass", help="regex of the kernel to profile in full")
     r.add_argument("--out", type=Path, default=Path("ncu-out"))
     r.add_argument("--calls", type=int, default=2, help="calls of the case (default 2)")
+    r.add_argument("--peer", action="store_true",
+                   help="FlashMLA's call too after each of ours (durations of both; --kernel may pick theirs)")
     d = sub.add_parser("durations", help="read a durations CSV")
     d.add_argument("csv", type=Path)
     t = sub.add_parser("details", help="read a details-page CSV")
@@ -270,7 +272,7 @@ def main(argv=None) -> int:
     s.add_argument("--top", type=int, default=30)
     args = p.parse_args(argv)
     if args.cmd == "run":
-        return run(args.case, args.kernel, args.out, args.calls)
+        return run(args.case, args.kernel, args.out, args.calls, args.peer)
     text = args.csv.read_text()
     if args.cmd == "durations":
         print_durations(durations(text))

@@ -7,6 +7,8 @@
 #   bash perf/results/pending/next.sh proof   # main: the whole grid beside FlashMLA, 3 rounds of
 #                                             # issue 19's 24 small-head cases, ncu by role of MODEL1
 #                                             # b 32 s_q 1 h_q 16, then the whole GPU suite
+#   bash perf/results/pending/next.sh look    # main: grid, issue 19's 3 rounds, then dense h_q 128
+#                                             # s_k 4096 profiled beside FlashMLA (both kernels)
 #   bash perf/results/pending/next.sh grid    # main: the grid and 3 rounds of issue 19's cases only
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
@@ -27,6 +29,7 @@ SMALL_HEAD_CASES=("sparse_decode fmt=V32 b=32 s_q=1 h_q=" "sparse_decode fmt=V32
                   "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=" "sparse_decode fmt=MODEL1 b=128 s_q=2 h_q=")
 DIAG_CASES=("fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=MODEL1 b=32 s_q=1 h_q=16 " "fmt=V32 b=128 s_q=1 h_q=16 "
             "fmt=V32 b=32 s_q=1 h_q=16 ")
+DENSE_4096="dense_decode b=128 s_q=1 s_k=4096 h_q=128 h_kv=1 d_qk=576 page_block_size=64 causal=False"
 set -u
 here=$(cd "$(dirname "$0")/../../.." && pwd)
 pending=$here/perf/results/pending
@@ -58,11 +61,12 @@ in_time() {  # in_time NEED: whether NEED more seconds fit in LIMIT
     [ $(( $(date +%s) - t0 + $1 )) -lt "$LIMIT" ] || { echo "(skipped: $1 s do not fit in $LIMIT)"; return 1; }; }
 left() { echo $(( LIMIT - $1 - $(date +%s) + t0 )); }  # left MARGIN: the seconds LIMIT leaves, less MARGIN
 
-prof() {  # prof TREE TAG KERNEL_REGEX CASE: perf.ncu by role, its CSVs kept (not the report)
+prof() {  # prof TREE TAG KERNEL_REGEX CASE [PERF.NCU ARGS]: perf.ncu by role, its CSVs kept (not the report)
     in_time 125 || return
-    (cd "scratch/$1" && PYTHONPATH=. timeout 120 python -m perf.ncu run "$4" --kernel "$3" --out "$OUT/$2" \
-        > "$OUT/$2.txt" 2>&1)
-    echo "== $2 rc=$? $(took)"; rm -f "$OUT/$2/profile.ncu-rep"
+    local t=$1 tag=$2 kernel=$3 case=$4; shift 4
+    (cd "scratch/$t" && PYTHONPATH=. timeout 120 python -m perf.ncu run "$case" --kernel "$kernel" --out "$OUT/$tag" "$@" \
+        > "$OUT/$tag.txt" 2>&1)
+    echo "== $tag rc=$? $(took)"; rm -f "$OUT/$tag/profile.ncu-rep"
 }
 
 sparse_tests() {  # sparse_tests TREE TAG [PYTEST ARGS]: the whole sparse decode file, full grid
@@ -134,6 +138,14 @@ proof)
     prof main m1-b32-h16 '[Hh]eads' "sparse_decode fmt=MODEL1 b=32 s_q=1 h_q=16 "
     suite main main 170
     ;;
+look)
+    # main beside FlashMLA: the grid and issue 19's 3 rounds (the H200 record, if an H200
+    # comes), then dense h_q 128 s_k 4096 s_q 1 profiled with FlashMLA's call in the same
+    # process: both libraries' kernel durations, our kernel's stalls, then FlashMLA's kernel's
+    grid_and_small_heads
+    prof main d4096 'DenseDecode' "$DENSE_4096" --peer
+    prof main d4096-flashmla 'splitkv' "$DENSE_4096" --peer
+    ;;
 grid)
     # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
     grid_and_small_heads
@@ -142,7 +154,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-diag|proof|grid|diag" >&2
+    echo "usage: $0 build|build-diag|proof|look|grid|diag" >&2
     exit 2
     ;;
 esac
