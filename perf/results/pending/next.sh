@@ -9,6 +9,7 @@
 #                                             # b 32 s_q 1 h_q 16, then the whole GPU suite
 #   bash perf/results/pending/next.sh look    # main: grid, issue 19's 3 rounds, then dense h_q 128
 #                                             # s_k 4096 profiled beside FlashMLA (both kernels)
+#   bash perf/results/pending/next.sh weight  # exp/split-weight: suite, memcheck, A/B (`build-weight`)
 #   bash perf/results/pending/next.sh grid    # main: the grid and 3 rounds of issue 19's cases only
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
@@ -125,6 +126,10 @@ build)
     done
     wait
     ;;
+build-weight)
+    branch_tree weight exp/split-weight
+    (cd scratch/weight && python -m cute_mla.compile | tail -n 1)
+    ;;
 build-diag)
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
     for d in $DIAGS; do (cd scratch/diag-$d && python -m cute_mla.compile --arch sm_90a | tail -n 1) & done
@@ -145,6 +150,16 @@ look)
     grid_and_small_heads
     prof main d4096 'DenseDecode' "$DENSE_4096" --peer
     prof main d4096-flashmla 'splitkv' "$DENSE_4096" --peer
+    prof main b5 'DenseDecode' "dense_decode b=5 s_q=3 s_k=777" --peer
+    ;;
+weight)
+    # exp/split-weight (the combine's split weights from one helper; SASS of the combine and
+    # dense decode changed by 8-24 instructions): the whole GPU suite, memcheck of the combine
+    # tests, then the split-plan cases against main beside FlashMLA, 2 rounds
+    suite weight weight 170
+    memcheck weight weight tests/test_gpu_foundation.py -k combine
+    ab weight main weight 2 "sparse_decode fmt=V32 b=2 " "sparse_decode fmt=MODEL1 b=2 " "b=32 s_q=1 h_q=16" \
+        "dense_decode b=5 " "dense_decode b=128 s_q=1 s_k=4096 "
     ;;
 grid)
     # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
@@ -154,7 +169,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-diag|proof|look|grid|diag" >&2
+    echo "usage: $0 build|build-weight|build-diag|proof|look|weight|grid|diag" >&2
     exit 2
     ;;
 esac
