@@ -9,7 +9,10 @@
 #                                             # b 32 s_q 1 h_q 16, then the whole GPU suite
 #   bash perf/results/pending/next.sh look    # main: grid, issue 19's 3 rounds, then dense h_q 128
 #                                             # s_k 4096 profiled beside FlashMLA (both kernels)
-#   bash perf/results/pending/next.sh weight  # exp/split-weight: suite, memcheck, A/B (`build-weight`)
+#   bash perf/results/pending/next.sh trial   # session 29's three candidates: tests, memcheck, A/B
+#                                             # against main (`build-trials`; about 500 s)
+#   bash perf/results/pending/next.sh final   # exp/session29-all: the whole suite, its grid and
+#                                             # issue 19's 3 rounds (`build-trials`)
 #   bash perf/results/pending/next.sh grid    # main: the grid and 3 rounds of issue 19's cases only
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
@@ -103,18 +106,28 @@ ab() {  # ab NEW OLD TAG ROUNDS FILTER...: perf.ab beside FlashMLA, its table's 
     echo "$tag ab rc=$? $(took)"; grep -v '^perf.ab' "$OUT/$tag-ab.log" | tail -n 24
 }
 
-grid_and_small_heads() {  # main's whole grid beside FlashMLA, then 3 rounds of issue 19's cases
+grid_and_small_heads() {  # TREE (default main): its whole grid beside FlashMLA, then 3 rounds of issue 19's cases
+    local t=${1:-main} commit
+    commit=$(base); [ "$t" = main ] || commit="$(base)+$t"
     if in_time 90; then
-        (cd scratch/main && PYTHONPATH=. timeout "$(left 20)" python -m perf \
-            --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
-        echo "grid rc=$? $(took)"; tail -n 3 "$OUT/grid.log"
+        (cd "scratch/$t" && PYTHONPATH=. timeout "$(left 20)" python -m perf \
+            --peer "flashmla=$CUTE_MLA_PEER" --commit "$commit" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
+        echo "grid ($t) rc=$? $(took)"; tail -n 3 "$OUT/grid.log"
     fi
     if in_time 60; then
-        (cd scratch/main && PYTHONPATH=. timeout "$(left 20)" python -m perf \
-            --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" --no-png --out "$OUT/small-heads" --rounds 3 \
+        (cd "scratch/$t" && PYTHONPATH=. timeout "$(left 20)" python -m perf \
+            --peer "flashmla=$CUTE_MLA_PEER" --commit "$commit" --no-png --out "$OUT/small-heads" --rounds 3 \
             --filter "${SMALL_HEAD_CASES[@]}" > "$OUT/small-heads.log" 2>&1)
-        echo "small heads rc=$? $(took)"; tail -n 2 "$OUT/small-heads.log"
+        echo "small heads ($t) rc=$? $(took)"; tail -n 2 "$OUT/small-heads.log"
     fi
+}
+
+dense_tests() {  # dense_tests TREE TAG [PYTEST ARGS]: the dense decode file (fast set unless told)
+    local t=$1 tag=$2; shift 2
+    in_time 60 || return
+    (cd "scratch/$t" && PYTHONPATH=. timeout "$(left 10)" python -m pytest -q -p no:cacheprovider \
+        tests/test_dense_decode.py -o timeout=60 "$@" > "$OUT/$tag-tests.log" 2>&1)
+    echo "$tag tests rc=$? $(tail -n 1 "$OUT/$tag-tests.log") $(took)"
 }
 
 case "${1:-}" in
@@ -126,9 +139,16 @@ build)
     done
     wait
     ;;
-build-weight)
+build-trials)
+    # session 29's candidates (sm_90a: tests and A/Bs) and their merge `all` (both archs: the
+    # suite's wheel test), next to `build`'s main
     branch_tree weight exp/split-weight
-    (cd scratch/weight && python -m cute_mla.compile | tail -n 1)
+    branch_tree qahead exp/dense-q-ahead
+    branch_tree tokens exp/dense-heads-tokens
+    branch_tree all exp/session29-all
+    for t in weight qahead tokens; do (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) & done
+    (cd scratch/all && python -m cute_mla.compile | tail -n 1) &
+    wait
     ;;
 build-diag)
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
@@ -152,14 +172,31 @@ look)
     prof main d4096-flashmla 'splitkv' "$DENSE_4096" --peer
     prof main b5 'DenseDecode' "dense_decode b=5 s_q=3 s_k=777" --peer
     ;;
-weight)
-    # exp/split-weight (the combine's split weights from one helper; SASS of the combine and
-    # dense decode changed by 8-24 instructions): the whole GPU suite, memcheck of the combine
-    # tests, then the split-plan cases against main beside FlashMLA, 2 rounds
-    suite weight weight 170
+trial)
+    # session 29's three candidates, each against main beside FlashMLA (2 rounds) after its own
+    # GPU tests; the largest expected gain first.  `build-trials` first.
+    #  tokens: exp/dense-heads-tokens -- dense h_q 32 at s_q 1 and s_q 2 / 4 (up to 32 columns)
+    #          on the small-head kernel, a CTA taking every token (the 64-row kernel before)
+    dense_tests tokens tokens -m "full or not full" -k "small_heads or (kv1 and (h8 or h16 or h32))"
+    memcheck tokens tokens tests/test_dense_decode.py -k "small_heads_both_kernels and 16-heads"
+    ab tokens main tokens 2 "dense_decode b=32 " "dense_decode b=128 s_q=1 s_k=8192 h_q=32" \
+        "dense_decode b=128 s_q=2 s_k=8192 h_q=8 " "dense_decode b=128 s_q=2 s_k=8192 h_q=16 " "dense_decode b=64 "
+    #  qahead: exp/dense-q-ahead -- the 64-row dense kernel's Q by cp.async, the next piece's
+    #          during an epilogue (pieces: b 128 at s_k 4096, b 5)
+    dense_tests qahead qahead
+    ab qahead main qahead 2 "dense_decode b=128 s_q=1 s_k=4096 " "dense_decode b=128 s_q=2 s_k=4096 " \
+        "dense_decode b=5 " "dense_decode b=128 s_q=1 s_k=32768 causal=False" "dense_decode b=32 s_q=2 s_k=8192 h_q=32"
+    #  weight: exp/split-weight -- the combine's split weights from one helper (SASS of combine
+    #          and dense decode changed by 8-24 instructions)
     memcheck weight weight tests/test_gpu_foundation.py -k combine
-    ab weight main weight 2 "sparse_decode fmt=V32 b=2 " "sparse_decode fmt=MODEL1 b=2 " "b=32 s_q=1 h_q=16" \
-        "dense_decode b=5 " "dense_decode b=128 s_q=1 s_k=4096 "
+    ab weight main weight 2 "sparse_decode fmt=V32 b=2 " "sparse_decode fmt=MODEL1 b=2 " "dense_decode b=5 "
+    ;;
+final)
+    # exp/session29-all (main + the three candidates): the whole GPU suite, then its grid and
+    # issue 19's 3 rounds beside FlashMLA.  Drop a candidate that lost in `trial` from the
+    # branch (and rebuild with `build-trials`) before this step.
+    suite all all 200
+    grid_and_small_heads all
     ;;
 grid)
     # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
@@ -169,7 +206,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-weight|build-diag|proof|look|weight|grid|diag" >&2
+    echo "usage: $0 build|build-trials|build-diag|proof|look|trial|final|grid|diag" >&2
     exit 2
     ;;
 esac
