@@ -13,6 +13,8 @@
 #                                             # against main (`build-trials`; about 500 s)
 #   bash perf/results/pending/next.sh final   # exp/session29-all: the whole suite, its grid and
 #                                             # issue 19's 3 rounds (`build-trials`)
+#   bash perf/results/pending/next.sh sweep   # exp/session29-all: dense decode's fixed cost a piece
+#                                             # at 0 / 5 / 24 against 12 (`build-trials`)
 #   bash perf/results/pending/next.sh grid    # main: the grid and 3 rounds of issue 19's cases only
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
@@ -104,6 +106,14 @@ ab() {  # ab NEW OLD TAG ROUNDS FILTER...: perf.ab beside FlashMLA, its table's 
     python -m perf.ab "scratch/$new" "scratch/$old" --filter "$@" --rounds "$rounds" \
         --peer "flashmla=$CUTE_MLA_PEER" --new-commit "$(base)+$new" --out "$OUT/$tag-ab" > "$OUT/$tag-ab.log" 2>&1
     echo "$tag ab rc=$? $(took)"; grep -v '^perf.ab' "$OUT/$tag-ab.log" | tail -n 24
+}
+
+ab_env() {  # ab_env TREE TAG ROUNDS NAME=VALUE FILTER...: TREE with the variable against itself without
+    local t=$1 tag=$2 rounds=$3 var=$4; shift 4
+    in_time 90 || return
+    python -m perf.ab "scratch/$t" "scratch/$t" --filter "$@" --rounds "$rounds" --new-env "$var" \
+        --peer "flashmla=$CUTE_MLA_PEER" --new-commit "$(base)+$t+$var" --out "$OUT/$tag-ab" > "$OUT/$tag-ab.log" 2>&1
+    echo "$tag ab rc=$? $(took)"; grep -v '^perf.ab' "$OUT/$tag-ab.log" | tail -n 14
 }
 
 grid_and_small_heads() {  # TREE (default main): its whole grid beside FlashMLA, then 3 rounds of issue 19's cases
@@ -198,6 +208,16 @@ final)
     suite all all 200
     grid_and_small_heads all
     ;;
+sweep)
+    # exp/session29-all with dense decode's fixed cost a piece (FIXED_OVERHEAD_BLOCKS 12, set in
+    # session 10 on an older kernel) at 0, 5 and 24 against 12, one round each: the cases where a
+    # part holds several pieces (s_k 4096, b 5, b 32)
+    for n in 0 5 24; do
+        ab_env all "ov$n" 1 "CUTE_MLA_DENSE_FIXED_OVERHEAD=$n" "dense_decode b=128 s_q=1 s_k=4096 " \
+            "dense_decode b=128 s_q=2 s_k=4096 causal=False" "dense_decode b=5 " "dense_decode b=32 " \
+            "dense_decode b=64 " "dense_decode b=128 s_q=1 s_k=32768 causal=False"
+    done
+    ;;
 grid)
     # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
     grid_and_small_heads
@@ -206,7 +226,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-trials|build-diag|proof|look|trial|final|grid|diag" >&2
+    echo "usage: $0 build|build-trials|build-diag|proof|look|trial|final|sweep|grid|diag" >&2
     exit 2
     ;;
 esac
