@@ -152,10 +152,12 @@ build)
 build-trials)
     # session 29's candidates (sm_90a: tests and A/Bs) and their merge `all` (both archs: the
     # suite's wheel test), next to `build`'s main
-    branch_tree weight exp/split-weight
-    branch_tree qahead exp/dense-q-ahead
-    branch_tree tokens exp/dense-heads-tokens
-    branch_tree all exp/session29-all
+    # each from its branch where this checkout has it, else from its patch in pending/ (on HEAD)
+    for pair in weight:split-weight qahead:dense-q-ahead tokens:dense-heads-tokens all:session29-all; do
+        t=${pair%%:*} name=${pair#*:}
+        if git rev-parse -q --verify "exp/$name" > /dev/null; then branch_tree "$t" "exp/$name"
+        else tree "$t" "$name.patch"; fi
+    done
     for t in weight qahead tokens; do (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) & done
     (cd scratch/all && python -m cute_mla.compile | tail -n 1) &
     wait
