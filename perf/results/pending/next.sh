@@ -9,8 +9,9 @@
 #                                             # b 32 s_q 1 h_q 16, then the whole GPU suite
 #   bash perf/results/pending/next.sh look    # main: grid, issue 19's 3 rounds, then dense h_q 128
 #                                             # s_k 4096 profiled beside FlashMLA (both kernels)
-#   bash perf/results/pending/next.sh trial   # session 29's three candidates: tests, memcheck, A/B
-#                                             # against main (`build-trials`; about 500 s)
+#   bash perf/results/pending/next.sh trial-a # session 29's candidates tokens and qahead: tests,
+#                                             # memcheck, A/B against main (`build-trials`; ~400 s)
+#   bash perf/results/pending/next.sh trial-b # seesaw and weight, the same (~350 s)
 #   bash perf/results/pending/next.sh final   # exp/session29-all: the whole suite, its grid and
 #                                             # issue 19's 3 rounds (`build-trials`)
 #   bash perf/results/pending/next.sh sweep   # exp/session29-all: dense decode's fixed cost a piece
@@ -153,12 +154,13 @@ build-trials)
     # session 29's candidates (sm_90a: tests and A/Bs) and their merge `all` (both archs: the
     # suite's wheel test), next to `build`'s main
     # each from its branch where this checkout has it, else from its patch in pending/ (on HEAD)
-    for pair in weight:split-weight qahead:dense-q-ahead tokens:dense-heads-tokens all:session29-all; do
+    for pair in weight:split-weight qahead:dense-q-ahead tokens:dense-heads-tokens seesaw:seesaw-p all:session29-all; do
         t=${pair%%:*} name=${pair#*:}
-        if git rev-parse -q --verify "exp/$name" > /dev/null; then branch_tree "$t" "exp/$name"
+        branch=exp/$name; [ "$name" = seesaw-p ] && branch=exp/seesaw-packed-cvt
+        if git rev-parse -q --verify "$branch" > /dev/null; then branch_tree "$t" "$branch"
         else tree "$t" "$name.patch"; fi
     done
-    for t in weight qahead tokens; do (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) & done
+    for t in weight qahead tokens seesaw; do (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) & done
     (cd scratch/all && python -m cute_mla.compile | tail -n 1) &
     wait
     ;;
@@ -184,9 +186,9 @@ look)
     prof main d4096-flashmla 'splitkv' "$DENSE_4096" --peer
     prof main b5 'DenseDecode' "dense_decode b=5 s_q=3 s_k=777" --peer
     ;;
-trial)
-    # session 29's three candidates, each against main beside FlashMLA (2 rounds) after its own
-    # GPU tests; the largest expected gain first.  `build-trials` first.
+trial-a)
+    # session 29's candidates, each against main beside FlashMLA (2 rounds) after its own GPU
+    # tests; the largest expected gain first (`trial-b` has the other two).  `build-trials` first.
     #  tokens: exp/dense-heads-tokens -- dense h_q 32 at s_q 1 and s_q 2 / 4 (up to 32 columns)
     #          on the small-head kernel, a CTA taking every token (the 64-row kernel before)
     dense_tests tokens tokens -m "full or not full" -k "small_heads or (kv1 and (h8 or h16 or h32))"
@@ -198,13 +200,28 @@ trial)
     dense_tests qahead qahead
     ab qahead main qahead 2 "dense_decode b=128 s_q=1 s_k=4096 " "dense_decode b=128 s_q=2 s_k=4096 " \
         "dense_decode b=5 " "dense_decode b=128 s_q=1 s_k=32768 causal=False" "dense_decode b=32 s_q=2 s_k=8192 h_q=32"
+    ;;
+trial-b)
+    #  seesaw: exp/seesaw-packed-cvt -- the seesaw's P to bf16 a pair at a time and handed over
+    #          by stmatrix (dense decode and sparse prefill, 80-128 instructions fewer), and the
+    #          sparse 64-row consumers' P by stmatrix
+    dense_tests seesaw seesaw
+    (cd scratch/seesaw && PYTHONPATH=. timeout 150 python -m pytest -q -p no:cacheprovider \
+        tests/test_sparse_prefill.py tests/test_sparse_decode.py -o timeout=60 > "$OUT/seesaw-sparse-tests.log" 2>&1)
+    echo "seesaw sparse tests (default set) rc=$? $(tail -n 1 "$OUT/seesaw-sparse-tests.log") $(took)"
+    memcheck seesaw seesaw tests/test_dense_decode.py -k "fast and (b2-sq2-sk140-h128 or b6-sq4-sk140-h64) and bf16"
+    ab seesaw main seesaw 2 "dense_decode b=128 s_q=1 s_k=4096 causal=False" \
+        "dense_decode b=128 s_q=2 s_k=32768 causal=False" "dense_decode b=1 " "sparse_prefill s_q=4096 s_kv=8192 " \
+        "sparse_prefill s_q=4096 s_kv=65536 topk=512" "sparse_prefill s_q=70000" \
+        "sparse_decode fmt=V32 b=128 s_q=2 h_q=128" "sparse_decode_bf16 fmt=V32 b=148 s_q=2 h_q=128" \
+        "sparse_decode fmt=MODEL1 b=148 s_q=2 h_q=128 d_qk=512 s_k=32768"
     #  weight: exp/split-weight -- the combine's split weights from one helper (SASS of combine
     #          and dense decode changed by 8-24 instructions)
     memcheck weight weight tests/test_gpu_foundation.py -k combine
     ab weight main weight 2 "sparse_decode fmt=V32 b=2 " "sparse_decode fmt=MODEL1 b=2 " "dense_decode b=5 "
     ;;
 final)
-    # exp/session29-all (main + the three candidates): the whole GPU suite, then its grid and
+    # exp/session29-all (main + the five candidates): the whole GPU suite, then its grid and
     # issue 19's 3 rounds beside FlashMLA.  Drop a candidate that lost in `trial` from the
     # branch (and rebuild with `build-trials`) before this step.
     suite all all 200
@@ -228,7 +245,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-trials|build-diag|proof|look|trial|final|sweep|grid|diag" >&2
+    echo "usage: $0 build|build-trials|build-diag|proof|look|trial-a|trial-b|final|sweep|grid|diag" >&2
     exit 2
     ;;
 esac
