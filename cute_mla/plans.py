@@ -426,7 +426,7 @@ def dense_heads(h_kv: int, h_q: int, s_q: int) -> bool:
 
 
 class DenseDecodeHeadsPlan(DenseSplitKvPlan):
-    """SM90 dense decode of h_kv 1 and h_q 8 / 16 on the small-head kernel
+    """SM90 dense decode of h_kv 1 and h_q 8 / 16 / 32 on the small-head kernel
     (``kernels.sm90.dense_decode_heads``): split kernel + combine over the schedule of
     ``cache_seqlens``, a row block a query token."""
 

@@ -17,8 +17,10 @@ import pytest
 pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl (the build extra) is not installed")
 
 from cute_mla.kernels.common import mma_sm90  # noqa: E402
+from cute_mla.layouts.constants import DENSE_DECODE_SMALL_HEADS  # noqa: E402
 from cute_mla.kernels.sm90 import heads_consumer, mla_consumers  # noqa: E402
 from cute_mla.kernels.sm90.dense_decode import DenseDecodeSm90  # noqa: E402
+from cute_mla.kernels.sm90.dense_decode_heads import DenseDecodeHeadsSm90  # noqa: E402
 from cute_mla.kernels.sm90.sparse_decode import SparseDecodeSm90  # noqa: E402
 from cute_mla.kernels.sm90.sparse_decode_heads import SparseDecodeHeadsSm90  # noqa: E402
 from cute_mla.kernels.sm90.sparse_prefill import SparsePrefillSm90  # noqa: E402
@@ -92,6 +94,14 @@ def test_qt_map_covers_the_tile_once_at_the_operand_addresses(fmt, matmul, heads
     """The small-head kernel's Q^T tile: N rows (one a head), 128 / N threads a row, whose last step
     runs past the row (V32: 72 pieces a row, 8 or 16 threads) and copies nothing there."""
     kernel = SparseDecodeHeadsSm90(fmt, matmul, heads)
+    check_map(kernel, heads, kernel.consumer_threads)
+
+
+@pytest.mark.parametrize("heads", DENSE_DECODE_SMALL_HEADS)
+def test_dense_qt_map_covers_the_tile_once_at_the_operand_addresses(heads):
+    """The dense small-head kernel's Q^T tile (72 pieces a row): at h_q 32 four threads a row,
+    their steps alternating between the halves of a 128-byte line."""
+    kernel = DenseDecodeHeadsSm90("bf16", heads)
     check_map(kernel, heads, kernel.consumer_threads)
 
 

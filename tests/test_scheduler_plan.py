@@ -160,15 +160,15 @@ def test_dense_cluster_rows(monkeypatch):
 
 
 def test_dense_heads_route(monkeypatch):
-    """Dense decode of one kv head, 8 or 16 query heads and one query token runs the small-head
-    kernel; CUTE_MLA_DENSE_HEADS=1 takes it at any s_q, 0 never; anything else stays on the
-    64-row kernel."""
+    """Dense decode of one kv head, 8, 16 or 32 query heads and one query token runs the
+    small-head kernel; CUTE_MLA_DENSE_HEADS=1 takes it at any s_q, 0 never; anything else stays
+    on the 64-row kernel."""
     from cute_mla import plans
 
-    cases = [(1, 8, 1), (1, 16, 1), (1, 16, 2), (1, 8, 4), (1, 4, 1), (1, 32, 1), (1, 64, 1), (2, 16, 1),
+    cases = [(1, 8, 1), (1, 16, 1), (1, 32, 1), (1, 16, 2), (1, 32, 4), (1, 4, 1), (1, 64, 1), (2, 16, 1),
              (8, 8, 1)]
-    for env, expected in ((None, [True, True] + [False] * 7), ("1", [True] * 4 + [False] * 5),
-                          ("0", [False] * 9), ("junk", [True, True] + [False] * 7)):
+    for env, expected in ((None, [True] * 3 + [False] * 6), ("1", [True] * 5 + [False] * 4),
+                          ("0", [False] * 9), ("junk", [True] * 3 + [False] * 6)):
         if env is None:
             monkeypatch.delenv(plans.DENSE_HEADS_ENV, raising=False)
         else:

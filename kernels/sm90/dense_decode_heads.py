@@ -1,4 +1,4 @@
-"""SM90 dense decode for 8 or 16 query heads of one kv head, with the heads on the MMA's N side.
+"""SM90 dense decode for 8, 16 or 32 query heads of one kv head, with the heads on the MMA's N side.
 
 Dense decode's 64-row kernel (``kernels.sm90.dense_decode``) gives a query token of a request a
 64-row block, so at h_q 16 three quarters of its MMA rows are padding; that padded compute costs

@@ -169,20 +169,28 @@ class HeadsOnN:
         """This thread's share of Q^T (head n's 576 (512) values into row n of sQ^T): 128 / N
         threads share a row; thread t takes its row's 16-byte pieces p0 + (128 / N) j, p0 =
         t % (128 / N).  Piece c of row n lies in 64-column tile c // 8 (all N rows, each row
-        one 128-byte line), piece c % 8 of the line; 128 / N is a multiple of 8, so step j
-        adds (128 / N) / 8 whole tiles, and each of the thread's global and shared addresses
-        is one register plus a constant.  The last step's pieces may lie past the row's end."""
+        one 128-byte line), piece c % 8 of the line.  Where 128 / N is a multiple of 8, step j
+        adds (128 / N) / 8 whole tiles; at N 32 (4 threads a row) steps alternate between
+        the two halves of a line (bit 6 of the swizzled address, as ``TwoConsumerMlaSm90.q_share``)
+        and every second one adds a tile.  Either way each of the thread's global and shared
+        addresses is one of two registers plus a constant.  The last step's pieces may lie
+        past the row's end."""
         per_row = self.d * 2 // 16
         share = self.consumer_threads // self.heads
         steps = (per_row + share - 1) // share
+        tile = self.heads * 128  # bytes of one 64-column tile of all N rows (a multiple of 1024)
         # a step's pieces all lie on one side of tail_start, and a step moves whole swizzle atoms
         assert self.tail_start == self.d or self.tail_start // 8 % share == 0
-        assert share % 8 == 0 and (share // 8) * self.heads * 128 % 1024 == 0
+        assert (share % 8 == 0 or share == 4) and tile % 1024 == 0
         n = ctid // share
         p0 = ctid - n * share
         dst0 = sQ.iterator.toint() + swizzle_128b(((p0 // 8) * self.heads + n) * 128 + (p0 % 8) * 16)
+        if cutlass.const_expr(share % 8 == 0):
+            dsts = [dst0 + (share // 8) * j * tile for j in range(steps)]
+        else:
+            dsts = [(dst0, dst0 ^ 64)[j % 2] + (j // 2) * tile for j in range(steps)]
         return QShare(n, Int64(16 * p0),
-                      [QChunk(16 * share * j, dst0 + (share // 8) * j * self.heads * 128,
+                      [QChunk(16 * share * j, dsts[j],
                               True if (j + 1) * share <= per_row else p0 + share * j < per_row,
                               min(share * (j + 1), per_row) * 8 <= self.tail_start)
                        for j in range(steps)])
