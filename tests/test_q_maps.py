@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl (the build extra) is not installed")
 
 from cute_mla.kernels.common import mma_sm90  # noqa: E402
-from cute_mla.layouts.constants import DENSE_DECODE_SMALL_HEADS  # noqa: E402
+from cute_mla import registry  # noqa: E402
 from cute_mla.kernels.sm90 import heads_consumer, mla_consumers  # noqa: E402
 from cute_mla.kernels.sm90.dense_decode import DenseDecodeSm90  # noqa: E402
 from cute_mla.kernels.sm90.dense_decode_heads import DenseDecodeHeadsSm90  # noqa: E402
@@ -97,12 +97,14 @@ def test_qt_map_covers_the_tile_once_at_the_operand_addresses(fmt, matmul, heads
     check_map(kernel, heads, kernel.consumer_threads)
 
 
-@pytest.mark.parametrize("heads", DENSE_DECODE_SMALL_HEADS)
-def test_dense_qt_map_covers_the_tile_once_at_the_operand_addresses(heads):
-    """The dense small-head kernel's Q^T tile (72 pieces a row): at h_q 32 four threads a row,
-    their steps alternating between the halves of a 128-byte line."""
-    kernel = DenseDecodeHeadsSm90("bf16", heads)
-    check_map(kernel, heads, kernel.consumer_threads)
+@pytest.mark.parametrize("heads,tokens", [(v["heads"], v["tokens"]) for v in registry.get("dense_decode_heads_sm90").variants
+                                          if v["dtype"] == "bf16"])
+def test_dense_qt_map_covers_the_tile_once_at_the_operand_addresses(heads, tokens):
+    """The dense small-head kernel's Q^T tile (72 pieces a row, a row per column: tokens x
+    heads): at 32 columns four threads a row, their steps alternating between the halves of a
+    128-byte line."""
+    kernel = DenseDecodeHeadsSm90("bf16", heads, tokens)
+    check_map(kernel, heads * tokens, kernel.consumer_threads)
 
 
 def test_rounding_follows_tail_start():
