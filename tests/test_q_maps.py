@@ -97,8 +97,11 @@ def test_qt_map_covers_the_tile_once_at_the_operand_addresses(fmt, matmul, heads
     check_map(kernel, heads, kernel.consumer_threads)
 
 
-@pytest.mark.parametrize("heads,tokens", [(v["heads"], v["tokens"]) for v in registry.get("dense_decode_heads_sm90").variants
-                                          if v["dtype"] == "bf16"])
+DENSE_HEADS_SHAPES = [(v["heads"], v["tokens"]) for v in registry.get("dense_decode_heads_sm90").variants
+                      if v["dtype"] == "bf16"]
+
+
+@pytest.mark.parametrize("heads,tokens", DENSE_HEADS_SHAPES)
 def test_dense_qt_map_covers_the_tile_once_at_the_operand_addresses(heads, tokens):
     """The dense small-head kernel's Q^T tile (72 pieces a row, a row per column: tokens x
     heads): at 32 columns four threads a row, their steps alternating between the halves of a

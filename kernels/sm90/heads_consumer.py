@@ -394,8 +394,9 @@ class HeadsOnN:
         """O^T times each head's factor into the (heads, 512) rows that begin at ``head0`` (head 0's
         row of a contiguous output: the API takes only contiguous ``out``, ``api._check_out``, and
         the partials are the plan's own; several tokens' rows follow one another there too), in
-        their element type, 4 bytes or 2 a lane; columns from ``h_q`` on are not stored.  The rows are viewed with static strides and partitioned as the
-        accumulator, so every store is one base register plus a constant."""
+        their element type, 4 bytes or 2 a lane; columns from ``h_q`` on are not stored.  The rows
+        are viewed with static strides and partitioned as the accumulator, so every store is one
+        base register plus a constant."""
         _, pv_mma, _ = self.make_mmas()
         gOT = cute.make_tensor(head0.iterator, cute.make_layout((D_V, self.heads), stride=(1, D_V)))
         tOgO = pv_mma.get_slice(ctid).partition_C(gOT)
