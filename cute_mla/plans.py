@@ -29,7 +29,8 @@ import torch
 from cute_mla import driver, launcher, registry
 from cute_mla.ops import DTYPE_NAMES
 from cute_mla.sched_meta import FlashMLASchedMeta, KeptWorkspace, require_sched_meta
-from cute_mla.layouts.constants import (BLOCK_M, BLOCK_N, D_V, DENSE_DECODE_SMALL_HEADS, PAGE_BLOCK_SIZE,
+from cute_mla.layouts.constants import (BLOCK_M, BLOCK_N, D_V, DENSE_DECODE_MAX_COLUMNS, DENSE_DECODE_SMALL_HEADS,
+                                        DENSE_DECODE_TOKENS, PAGE_BLOCK_SIZE,
                                         SCHED_META_FIELDS, SPARSE_DECODE_SMALL_HEADS, SPLIT_COUNTS)
 from cute_mla.schedules import decode_plan, grids
 
@@ -415,29 +416,41 @@ DENSE_HEADS_ENV = "CUTE_MLA_DENSE_HEADS"
 
 def dense_heads(h_kv: int, h_q: int, s_q: int) -> bool:
     """Whether a dense decode plan runs the small-head kernel (``DenseDecodeHeadsPlan``): h_kv 1,
-    h_q one of ``DENSE_DECODE_SMALL_HEADS`` and s_q 1.  A CTA there is one query token, so at s_q
-    2 two CTAs would stream each page where the 64-row kernel streams it once for both tokens'
-    rows.  CUTE_MLA_DENSE_HEADS (read when a plan is made) overrides, to time the two kernels
-    against each other: 0 never, 1 at any s_q."""
+    h_q one of ``DENSE_DECODE_SMALL_HEADS``, and a CTA can take all s_q query tokens
+    (``dense_heads_tokens``), so that each page streams once for all of them, as the 64-row
+    kernel streams it once for all its rows.  CUTE_MLA_DENSE_HEADS (read when a plan is made)
+    overrides, to time the two kernels against each other: 0 never, 1 at any s_q (a CTA then
+    takes one token where it cannot take all)."""
     env = os.environ.get(DENSE_HEADS_ENV)
     if env == "0" or h_kv != 1 or h_q not in DENSE_DECODE_SMALL_HEADS:
         return False
-    return s_q == 1 or env == "1"
+    return dense_heads_tokens(h_q, s_q) == s_q or env == "1"
+
+
+def dense_heads_tokens(h_q: int, s_q: int) -> int:
+    """The query tokens a CTA of the small-head dense kernel takes: all s_q where it is built for
+    that many (``DENSE_DECODE_TOKENS``, at most ``DENSE_DECODE_MAX_COLUMNS`` columns of tokens x
+    heads), else one."""
+    if s_q in DENSE_DECODE_TOKENS and s_q * h_q <= DENSE_DECODE_MAX_COLUMNS:
+        return s_q
+    return 1
 
 
 class DenseDecodeHeadsPlan(DenseSplitKvPlan):
-    """SM90 dense decode of h_kv 1 and h_q 8 / 16 on the small-head kernel
+    """SM90 dense decode of h_kv 1 and h_q 8 / 16 / 32 on the small-head kernel
     (``kernels.sm90.dense_decode_heads``): split kernel + combine over the schedule of
-    ``cache_seqlens``, a row block a query token."""
+    ``cache_seqlens``, a row block a group of ``dense_heads_tokens`` query tokens."""
 
     def __init__(self, q, k_cache, block_table, cache_seqlens, softmax_scale: float, causal: bool,
                  config: FlashMLASchedMeta.Config):
         _, s_q, h_q, _ = q.shape
+        tokens = dense_heads_tokens(h_q, s_q)
+        token_rows = BLOCK_M // tokens  # so that a group of tokens is one row block of the plan
         super().__init__(q, config, 1, decode_plan.FIXED_OVERHEAD_BLOCKS, block_table.shape[1] * PAGE_BLOCK_SIZE,
-                         token_rows=BLOCK_M)
+                         token_rows=token_rows)
         templates, out, lse = self.prepare_dense(
-            "dense_decode_heads_sm90", {"dtype": DTYPE_NAMES[q.dtype], "heads": h_q}, 1, s_q * BLOCK_M, q, k_cache,
-            block_table, cache_seqlens, softmax_scale, causal)
+            "dense_decode_heads_sm90", {"dtype": DTYPE_NAMES[q.dtype], "heads": h_q, "tokens": tokens}, 1,
+            s_q * token_rows, q, k_cache, block_table, cache_seqlens, softmax_scale, causal)
         self.prepare_combine(out, lse, None, templates)
 
 

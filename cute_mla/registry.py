@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from cute_mla.layouts import operands
-from cute_mla.layouts.constants import DENSE_DECODE_SMALL_HEADS, SPARSE_DECODE_SMALL_HEADS
+from cute_mla.layouts.constants import (DENSE_DECODE_MAX_COLUMNS, DENSE_DECODE_SMALL_HEADS, DENSE_DECODE_TOKENS,
+                                        SPARSE_DECODE_SMALL_HEADS)
 
 ARCHS = ("sm_90a", "sm_100a")
 # compute capability (major, minor) -> cubin architecture
@@ -92,7 +93,8 @@ KERNELS: tuple[KernelDef, ...] = (
         source="cute_mla.kernels.sm90.dense_decode_heads:DenseDecodeHeadsSm90",
         archs=("sm_90a",),
         args=operands.dense_decode_heads_args,
-        variants=tuple({"dtype": d, "heads": h} for d in ("bf16", "fp16") for h in DENSE_DECODE_SMALL_HEADS),
+        variants=tuple({"dtype": d, "heads": h, "tokens": t} for d in ("bf16", "fp16") for h in DENSE_DECODE_SMALL_HEADS
+                       for t in DENSE_DECODE_TOKENS if h * t <= DENSE_DECODE_MAX_COLUMNS),
     ),
     KernelDef(
         name="combine",

@@ -16,8 +16,13 @@ SPARSE_PREFILL_HEAD_BLOCK = BLOCK_M  # query heads per CTA of the sparse prefill
 # kernel: on the one-warpgroup heads kernel it built without spilling, but ran 0.70-0.80x the
 # 64-row kernel's speed at b 32 and on MODEL1, 1.05x only at V32 b 128 (session 19).
 SPARSE_DECODE_SMALL_HEADS = (8, 16)
-# h_q the small-head dense decode kernel is built for (h_kv 1; the same consumer, so the same N)
-DENSE_DECODE_SMALL_HEADS = SPARSE_DECODE_SMALL_HEADS
+# h_q the small-head dense decode kernel is built for (h_kv 1; the same consumer): also 32, where
+# the 64-row kernel pads half its rows
+DENSE_DECODE_SMALL_HEADS = SPARSE_DECODE_SMALL_HEADS + (32,)
+# query tokens one of its CTAs may take (s_q of a call), so that each page streams once for all
+# of them, and the most columns (tokens x heads: the MMAs' N) it is built for
+DENSE_DECODE_TOKENS = (1, 2, 4)
+DENSE_DECODE_MAX_COLUMNS = 32
 COMBINE_HEADS_PER_CTA = 4  # the combine kernel runs one warp per head row, 4 a CTA
 # Calls of at most this many rows (b * s_q * h_q) run the combine's ``columns`` variant: a CTA a
 # row, a warp its 128 columns, so a few rows still spread over every SM.  Against the warp-a-row

@@ -129,10 +129,10 @@ def dense_decode_args(dtype: str, d_qk: int = 576, cluster_rows: int = 1):
     )
 
 
-def dense_decode_heads_args(dtype: str, heads: int = 16):
+def dense_decode_heads_args(dtype: str, heads: int = 16, tokens: int = 1):
     """The small-head dense decode (kernels.sm90.dense_decode_heads), h_kv 1: dense decode's
     operands less its merge counters and heads_per_kv (its splits go to the combine kernel); h_q
-    stays a dynamic extent, the variant's ``heads`` is its MMA N."""
+    stays a dynamic extent, the variant's ``heads`` times ``tokens`` is its MMA N."""
     return dense_decode_io(dtype) + (
         ScalarArg("softmax_scale", "f32"),
         ScalarArg("causal"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cute_mla
+from cute_mla.layouts.constants import DENSE_DECODE_SMALL_HEADS
 from cute_mla.reference import ref_dense_decode
 from cute_mla.testing import (SHARP, SOFT, assert_close_named, data_for, make_paged_kv, randn_clipped, strided_view,
                               varlen_seqlens)
@@ -49,7 +50,7 @@ def _valid(h_q, h_kv):
 
 
 FULL_GRID = [c for c in itertools.product([1, 2, 6, 64], [1, 2, 4], [20, 140, 4096],
-                                          [1, 3, 8, 9, 16, 63, 64, 126, 128], [1, 2, 3, 8], [False, True],
+                                          [1, 3, 8, 9, 16, 32, 63, 64, 126, 128], [1, 2, 3, 8], [False, True],
                                           [False, True]) if _valid(c[3], c[4])]
 FAST = [
     # b, s_q, s_k, h_q, h_kv, varlen, causal
@@ -64,10 +65,14 @@ FAST = [
     (2, 1, 140, 64, 8, True, False),
     (64, 2, 140, 16, 1, True, True),
     (64, 1, 4096, 128, 1, True, False),
-    # h_kv 1, h_q 8 / 16, s_q 1: the small-head kernel (``kernels.sm90.dense_decode_heads``)
+    # h_kv 1, h_q 8 / 16 / 32, s_q 1, and s_q 2 / 4 up to 32 columns (a CTA takes every token):
+    # the small-head kernel (``kernels.sm90.dense_decode_heads``)
     (6, 1, 4096, 8, 1, True, False),
     (6, 1, 700, 16, 1, True, True),
     (9, 1, 20, 16, 1, True, False),
+    (6, 1, 4096, 32, 1, True, True),
+    (6, 2, 4096, 16, 1, True, True),
+    (5, 4, 777, 8, 1, True, True),
 ]
 
 
@@ -107,22 +112,27 @@ def _dense_kernel_keys(monkeypatch):
 
 
 @pytest.mark.parametrize("route", ["heads", "64-row"])
-@pytest.mark.parametrize("h_q", [8, 16])
+@pytest.mark.parametrize("h_q", DENSE_DECODE_SMALL_HEADS)
 def test_small_heads_both_kernels(monkeypatch, route, h_q):
-    """h_kv 1 with 8 or 16 query heads: the small-head kernel and the combine (forced at every
-    s_q by CUTE_MLA_DENSE_HEADS=1, so causal query tokens are covered), and the 64-row kernel
-    (CUTE_MLA_DENSE_HEADS=0), which must stay right there too.  Cases with splits (b 2 of 4096
-    keys), causal query tokens, keys ending mid-page, a page's NaN tail."""
+    """h_kv 1 with 8, 16 or 32 query heads: the small-head kernel and the combine (forced at every
+    s_q by CUTE_MLA_DENSE_HEADS=1: a CTA takes all s_q tokens where it can, else one, so both
+    are covered under causal masking), and the 64-row kernel (CUTE_MLA_DENSE_HEADS=0), which
+    must stay right there too.  Cases with splits (b 2 of 4096 keys), causal query tokens, keys
+    ending mid-page, a page's NaN tail, requests shorter than s_q (early tokens see no key)."""
     from cute_mla import plans
 
     monkeypatch.setenv(plans.DENSE_HEADS_ENV, "1" if route == "heads" else "0")
     keys = _dense_kernel_keys(monkeypatch)
-    for seed, (b, s_q, s_k, causal) in enumerate([(2, 1, 4096, False), (2, 2, 4096, True), (9, 3, 333, True),
-                                                   (64, 1, 777, False), (4, 4, 20, True)]):
+    shapes = [(2, 1, 4096, False), (2, 2, 4096, True), (9, 3, 333, True), (64, 1, 777, False), (4, 4, 20, True),
+              (8, 2, 1, True), (8, 4, 2, True)]
+    for seed, (b, s_q, s_k, causal) in enumerate(shapes):
         run_case(b, s_q, s_k, h_q, 1, True, causal, seed=70 + seed, data=SHARP[0] if seed % 2 else SOFT)
         run_case(b, s_q, s_k, h_q, 1, True, causal, dtype=torch.float16, seed=80 + seed)
     kernels = {k.split("__")[0] for k in keys} - {"decode_scheduler", "combine"}
     assert kernels == ({"dense_decode_heads_sm90"} if route == "heads" else {"dense_decode_sm90"}), keys
+    if route == "heads":  # every token group the route takes, and no other
+        groups = {int(k.rsplit("tokens-", 1)[1]) for k in keys if k.startswith("dense_decode_heads_sm90")}
+        assert groups == {plans.dense_heads_tokens(h_q, s_q) for _, s_q, _, _ in shapes}, keys
 
 
 @pytest.mark.parametrize("cap,expected", [("1", (1, 1, 1)), ("2", (2, 2, 1)), ("4", (4, 2, 1))])

@@ -17,8 +17,10 @@ import pytest
 pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl (the build extra) is not installed")
 
 from cute_mla.kernels.common import mma_sm90  # noqa: E402
+from cute_mla import registry  # noqa: E402
 from cute_mla.kernels.sm90 import heads_consumer, mla_consumers  # noqa: E402
 from cute_mla.kernels.sm90.dense_decode import DenseDecodeSm90  # noqa: E402
+from cute_mla.kernels.sm90.dense_decode_heads import DenseDecodeHeadsSm90  # noqa: E402
 from cute_mla.kernels.sm90.sparse_decode import SparseDecodeSm90  # noqa: E402
 from cute_mla.kernels.sm90.sparse_decode_heads import SparseDecodeHeadsSm90  # noqa: E402
 from cute_mla.kernels.sm90.sparse_prefill import SparsePrefillSm90  # noqa: E402
@@ -93,6 +95,19 @@ def test_qt_map_covers_the_tile_once_at_the_operand_addresses(fmt, matmul, heads
     runs past the row (V32: 72 pieces a row, 8 or 16 threads) and copies nothing there."""
     kernel = SparseDecodeHeadsSm90(fmt, matmul, heads)
     check_map(kernel, heads, kernel.consumer_threads)
+
+
+DENSE_HEADS_SHAPES = [(v["heads"], v["tokens"]) for v in registry.get("dense_decode_heads_sm90").variants
+                      if v["dtype"] == "bf16"]
+
+
+@pytest.mark.parametrize("heads,tokens", DENSE_HEADS_SHAPES)
+def test_dense_qt_map_covers_the_tile_once_at_the_operand_addresses(heads, tokens):
+    """The dense small-head kernel's Q^T tile (72 pieces a row, a row per column: tokens x
+    heads): at 32 columns four threads a row, their steps alternating between the halves of a
+    128-byte line."""
+    kernel = DenseDecodeHeadsSm90("bf16", heads, tokens)
+    check_map(kernel, heads * tokens, kernel.consumer_threads)
 
 
 def test_rounding_follows_tail_start():

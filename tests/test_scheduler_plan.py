@@ -160,15 +160,19 @@ def test_dense_cluster_rows(monkeypatch):
 
 
 def test_dense_heads_route(monkeypatch):
-    """Dense decode of one kv head, 8 or 16 query heads and one query token runs the small-head
-    kernel; CUTE_MLA_DENSE_HEADS=1 takes it at any s_q, 0 never; anything else stays on the
-    64-row kernel."""
+    """Dense decode of one kv head and 8, 16 or 32 query heads runs the small-head kernel where a
+    CTA can take every query token (at most 32 columns of tokens x heads, s_q 1, 2 or 4);
+    CUTE_MLA_DENSE_HEADS=1 takes it at any s_q (a token a CTA where it cannot take all), 0
+    never; anything else stays on the 64-row kernel."""
     from cute_mla import plans
 
-    cases = [(1, 8, 1), (1, 16, 1), (1, 16, 2), (1, 8, 4), (1, 4, 1), (1, 32, 1), (1, 64, 1), (2, 16, 1),
-             (8, 8, 1)]
-    for env, expected in ((None, [True, True] + [False] * 7), ("1", [True] * 4 + [False] * 5),
-                          ("0", [False] * 9), ("junk", [True, True] + [False] * 7)):
+    # (h_kv, h_q, s_q): the first five take every token, the next four one a CTA when forced
+    cases = [(1, 8, 1), (1, 16, 1), (1, 32, 1), (1, 8, 2), (1, 16, 2), (1, 8, 4), (1, 8, 3), (1, 16, 4),
+             (1, 32, 2), (1, 4, 1), (1, 64, 1), (2, 16, 1), (8, 8, 1)]
+    tokens = [1, 1, 1, 2, 2, 4, 1, 1, 1]
+    assert [plans.dense_heads_tokens(h, s) for _, h, s in cases[:9]] == tokens
+    for env, expected in ((None, [True] * 6 + [False] * 7), ("1", [True] * 9 + [False] * 4),
+                          ("0", [False] * 13), ("junk", [True] * 6 + [False] * 7)):
         if env is None:
             monkeypatch.delenv(plans.DENSE_HEADS_ENV, raising=False)
         else:

@@ -1,4 +1,4 @@
-"""SM90 dense decode for 8 or 16 query heads of one kv head, with the heads on the MMA's N side.
+"""SM90 dense decode for 8, 16 or 32 query heads of one kv head, with the heads on the MMA's N side.
 
 Dense decode's 64-row kernel (``kernels.sm90.dense_decode``) gives a query token of a request a
 64-row block, so at h_q 16 three quarters of its MMA rows are padding; that padded compute costs
@@ -37,9 +37,10 @@ from cute_mla.kernels.common.dtypes import dsl_dtype
 from cute_mla.kernels.common.gmem import store_16B_shared
 from cute_mla.kernels.common.mma_sm90 import swizzle_128b
 from cute_mla.kernels.common.paged_kv import causal_key_limit, clamped_seqlen, kv_smem_layout, make_kv_tma, page_tile
-from cute_mla.kernels.sm90.heads_consumer import HeadsOnN
+from cute_mla.kernels.sm90.heads_consumer import HeadSoftmax, HeadsOnN
 from cute_mla.kernels.sm90.split_kv_decode import DecodePart, SplitKvDecodeSm90
-from cute_mla.layouts.constants import BLOCK_N, D_V, DENSE_DECODE_SMALL_HEADS, PAGE_BLOCK_SIZE as PAGE
+from cute_mla.layouts.constants import (BLOCK_N, D_V, DENSE_DECODE_MAX_COLUMNS, DENSE_DECODE_SMALL_HEADS,
+                                        DENSE_DECODE_TOKENS, PAGE_BLOCK_SIZE as PAGE)
 
 
 @dataclass(frozen=True)  # frozen: the DSL passes it through loops and branches as a constant
@@ -74,10 +75,14 @@ class DenseDecodeHeadsSm90(HeadsOnN, SplitKvDecodeSm90):
     regs_producer = 40
     regs_consumer = 240
 
-    def __init__(self, dtype: str, heads: int = 16):
-        assert heads in DENSE_DECODE_SMALL_HEADS
+    def __init__(self, dtype: str, heads: int = 16, tokens: int = 1):
+        """``heads``: h_q; ``tokens``: the query tokens a CTA takes (its MMAs' N is heads *
+        tokens, ``dense_heads_tokens``)."""
+        assert heads in DENSE_DECODE_SMALL_HEADS and tokens in DENSE_DECODE_TOKENS
+        assert heads * tokens <= DENSE_DECODE_MAX_COLUMNS
         super().__init__(dsl_dtype(dtype), 576)
-        self.size_ring(heads)
+        self.tokens = tokens
+        self.size_ring(heads * tokens)
 
     # ------------------------------------------------------------------ host side
     @cute.jit
@@ -88,7 +93,7 @@ class DenseDecodeHeadsSm90(HeadsOnN, SplitKvDecodeSm90):
         # q (b, s_q, h_q, 576); k_cache (num_blocks, PAGE, 1, 576); out (b, s_q, h_q, 512); lse (b, h_q, s_q)
         sK_layout = kv_smem_layout(self.dtype, self.d, self.stages)
         kv_atom, mKTma = make_kv_tma(k_cache, sK_layout, self.d)
-        grid = [sched_meta.shape[0], 1, q.shape[1]]  # a row block a query token
+        grid = [sched_meta.shape[0], 1, q.shape[1] // self.tokens]  # a row block a token group
         self.kernel(q, kv_atom, mKTma, block_table, cache_seqlens, sched_meta, split_offsets, out, lse, o_accum,
                     lse_accum, softmax_scale, causal, self.q_smem_layout(), sK_layout, self.v_smem_layout(),
                     self.p_smem_layout()).launch(
@@ -160,30 +165,60 @@ class DenseDecodeHeadsSm90(HeadsOnN, SplitKvDecodeSm90):
         lo, hi = sched.block_range(keys.length(r), r)
         return lo, hi, sched.split_of(r, begin_req)
 
-    def piece_keys(self, keys: PageKeys, sMask, r: Int32, iq: Int32):
-        """The piece's mask: how many of request r's keys query token ``iq`` attends to."""
-        return keys.limit(r, iq)
+    def q_row(self, mQ: cute.Tensor, where, row: Int32):
+        """Column ``row`` of the CTA's Q^T tile: head row % h_q of query token ``tokens *
+        where.row_block + row // h_q`` (every one exists)."""
+        if cutlass.const_expr(self.tokens == 1):
+            return mQ[where.request, where.row_block, row, None], True
+        h = self.heads // self.tokens
+        return mQ[where.request, where.row_block * self.tokens + row // h, row % h, None], True
 
-    def block_mask(self, limit: Int32, blk: Int32):
-        """How many of block ``blk``'s tokens are keys (<= 0: none; >= 64: all)."""
-        return limit - blk * BLOCK_N
+    def piece_keys(self, keys: PageKeys, sMask, r: Int32, iq: Int32):
+        """The piece's mask: how many of request r's keys the CTA's first query token attends to
+        (token group ``iq``), and how many more each later token does (1 under causal masking)."""
+        if cutlass.const_expr(self.tokens == 1):
+            return keys.limit(r, iq)
+        return keys.limit(r, iq * self.tokens), keys.causal
+
+    def block_mask(self, limit, blk: Int32):
+        """How many of block ``blk``'s tokens are keys of the first query token (<= 0: none;
+        >= 64: all) (and the step to the next token's)."""
+        if cutlass.const_expr(self.tokens == 1):
+            return limit - blk * BLOCK_N
+        first, step = limit
+        return first - blk * BLOCK_N, step
+
+    def valid_rows(self, mask):
+        """(the fewest, the most) of a block's tokens that are keys of some column of the CTA."""
+        if cutlass.const_expr(self.tokens == 1):
+            return mask, mask
+        first, step = mask
+        return first, first + step * (self.tokens - 1)
 
     @cute.jit
-    def mask_logits(self, acc_s: cute.Tensor, tScS: cute.Tensor, valid: Int32, stage: Int32):
-        """Tokens at or past ``valid`` get -inf, selected, so that whatever S^T holds there (NaN
-        from a page's unused tail) is gone.  Whole blocks (all but a piece's last) skip it."""
-        if valid < BLOCK_N:
+    def mask_logits(self, acc_s: cute.Tensor, tScS: cute.Tensor, mask, stage: Int32):
+        """Tokens at or past a column's key count get -inf, selected, so that whatever S^T holds
+        there (NaN from a page's unused tail) is gone.  Whole blocks (all but a piece's last)
+        skip it."""
+        fewest, _ = self.valid_rows(mask)
+        if fewest < BLOCK_N:
             for k in cutlass.range_constexpr(cute.size(acc_s)):
                 t, _ = tScS[k]
+                valid = fewest
+                if cutlass.const_expr(self.tokens > 1):
+                    # element k lies in column slot 2 (k // 4) + k % 2 (``HeadSoftmax.slot``)
+                    _, step = mask
+                    valid = fewest + step * self.token_of(HeadSoftmax.slot(k))
                 if t >= valid:
                     acc_s[k] = -Float32.inf
 
     @cute.jit
-    def clear_masked_v(self, sK: cute.Tensor, valid: Int32, stage: Int32, ctid: Int32):
-        """Zero the V columns (the first 512) of the stage's rows at or past ``valid``, then fence
-        them for the O^T MMAs: P is 0 there, but 0 times NaN is NaN.  Thread t takes 16-byte piece
-        t % 64 of rows t // 64 + 2 j; in the stage a 64-column tile of all 64 rows is 8 KiB and a
-        row's 64 columns one swizzled 128-byte line."""
+    def clear_masked_v(self, sK: cute.Tensor, mask, stage: Int32, ctid: Int32):
+        """Zero the V columns (the first 512) of the stage's rows that no column attends to, then
+        fence them for the O^T MMAs: P is 0 there, but 0 times NaN is NaN.  Thread t takes
+        16-byte piece t % 64 of rows t // 64 + 2 j; in the stage a 64-column tile of all 64 rows
+        is 8 KiB and a row's 64 columns one swizzled 128-byte line."""
+        _, valid = self.valid_rows(mask)
         if valid < BLOCK_N:
             zeros = cute.make_rmem_tensor(cute.make_layout(4), Int32)
             zeros.fill(0)

@@ -70,6 +70,9 @@ class HeadsOnN:
 
     threads = 256  # the producer warpgroup and one consumer warpgroup
     consumer_threads = 128
+    # query tokens a CTA takes: its N columns are ``tokens`` tokens' heads, token-major (a dense
+    # kernel streams each page once for all of them; gathering kernels take one)
+    tokens = 1
 
     def size_ring(self, heads: int):
         """Set ``heads`` and, from the KV block size, the stages that fit next to Q^T, P^T and
@@ -133,8 +136,20 @@ class HeadsOnN:
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def column_of(cs: int, lane: Int32) -> Int32:
-        """The head of this thread's column slot ``cs`` (``HeadSoftmax.slot``)."""
+        """The column (head) of this thread's column slot ``cs`` (``HeadSoftmax.slot``)."""
         return 8 * (cs // 2) + 2 * (lane % 4) + cs % 2
+
+    def token_of(self, cs: int) -> int:
+        """Which of the CTA's ``tokens`` query tokens column slot ``cs`` belongs to (a token's
+        heads are a multiple of 8 columns, so every lane's slot cs lies in the same one)."""
+        return 8 * (cs // 2) // (self.heads // self.tokens)
+
+    def column_row(self, iq, cs: int, n):
+        """(query token, head) of column n, slot ``cs``, in the CTA of token group ``iq``."""
+        if cutlass.const_expr(self.tokens == 1):
+            return iq, n
+        t = self.token_of(cs)
+        return iq * self.tokens + t, n - t * (self.heads // self.tokens)
 
     @cute.jit
     def head_reduce(self, vals: cute.Tensor, sRed: cute.Tensor, warp: Int32, lane: Int32,
@@ -169,20 +184,28 @@ class HeadsOnN:
         """This thread's share of Q^T (head n's 576 (512) values into row n of sQ^T): 128 / N
         threads share a row; thread t takes its row's 16-byte pieces p0 + (128 / N) j, p0 =
         t % (128 / N).  Piece c of row n lies in 64-column tile c // 8 (all N rows, each row
-        one 128-byte line), piece c % 8 of the line; 128 / N is a multiple of 8, so step j
-        adds (128 / N) / 8 whole tiles, and each of the thread's global and shared addresses
-        is one register plus a constant.  The last step's pieces may lie past the row's end."""
+        one 128-byte line), piece c % 8 of the line.  Where 128 / N is a multiple of 8, step j
+        adds (128 / N) / 8 whole tiles; at N 32 (4 threads a row) steps alternate between
+        the two halves of a line (bit 6 of the swizzled address, as ``TwoConsumerMlaSm90.q_share``)
+        and every second one adds a tile.  Either way each of the thread's global and shared
+        addresses is one of two registers plus a constant.  The last step's pieces may lie
+        past the row's end."""
         per_row = self.d * 2 // 16
         share = self.consumer_threads // self.heads
         steps = (per_row + share - 1) // share
+        tile = self.heads * 128  # bytes of one 64-column tile of all N rows (a multiple of 1024)
         # a step's pieces all lie on one side of tail_start, and a step moves whole swizzle atoms
         assert self.tail_start == self.d or self.tail_start // 8 % share == 0
-        assert share % 8 == 0 and (share // 8) * self.heads * 128 % 1024 == 0
+        assert (share % 8 == 0 or share == 4) and tile % 1024 == 0
         n = ctid // share
         p0 = ctid - n * share
         dst0 = sQ.iterator.toint() + swizzle_128b(((p0 // 8) * self.heads + n) * 128 + (p0 % 8) * 16)
+        if cutlass.const_expr(share % 8 == 0):
+            dsts = [dst0 + (share // 8) * j * tile for j in range(steps)]
+        else:
+            dsts = [(dst0, dst0 ^ 64)[j % 2] + (j // 2) * tile for j in range(steps)]
         return QShare(n, Int64(16 * p0),
-                      [QChunk(16 * share * j, dst0 + (share // 8) * j * self.heads * 128,
+                      [QChunk(16 * share * j, dsts[j],
                               True if (j + 1) * share <= per_row else p0 + share * j < per_row,
                               min(share * (j + 1), per_row) * 8 <= self.tail_start)
                        for j in range(steps)])
@@ -370,9 +393,10 @@ class HeadsOnN:
     def store_t(self, acc_o, tOcO, inv, head0: cute.Tensor, h_q: Int32, ctid: Int32):
         """O^T times each head's factor into the (heads, 512) rows that begin at ``head0`` (head 0's
         row of a contiguous output: the API takes only contiguous ``out``, ``api._check_out``, and
-        the partials are the plan's own), in their element type, 4 bytes or 2 a lane; columns from
-        head h_q on are not stored.  The rows are viewed with static strides and partitioned as the
-        accumulator, so every store is one base register plus a constant."""
+        the partials are the plan's own; several tokens' rows follow one another there too), in
+        their element type, 4 bytes or 2 a lane; columns from ``h_q`` on are not stored.  The rows
+        are viewed with static strides and partitioned as the accumulator, so every store is one
+        base register plus a constant."""
         _, pv_mma, _ = self.make_mmas()
         gOT = cute.make_tensor(head0.iterator, cute.make_layout((D_V, self.heads), stride=(1, D_V)))
         tOgO = pv_mma.get_slice(ctid).partition_C(gOT)
@@ -391,6 +415,10 @@ class HeadsOnN:
         split's partial O and base-2 lse."""
         N = self.heads
         h_q = mOut.shape[2]
+        # the columns that are output rows: h_q (N may pad it), or every column of several tokens
+        columns = h_q
+        if cutlass.const_expr(self.tokens > 1):
+            columns = N
         # a finalised column is scaled by its head's sink (a column past h_q reads the last head's);
         # a kernel without sinks passes mSink None
         sink_of = None
@@ -403,15 +431,17 @@ class HeadsOnN:
         # out anew, this epilogue took 28% of the MODEL1 b 32 s_q 1 h_q 16 kernel's stall samples
         # (about 15 instructions an element; ncu, H100, session 28).
         ctid = warp * 32 + lane
+        token0, _ = self.column_row(iq, 0, 0)  # the first token's head 0 row; the others follow it
         if nsplits == 1:
-            self.store_t(acc_o, tOcO, inv, mOut[r, iq, 0, None], h_q, ctid)
+            self.store_t(acc_o, tOcO, inv, mOut[r, token0, 0, None], columns, ctid)
         else:
-            self.store_t(acc_o, tOcO, inv, mOAccum[split_row, iq, 0, None], h_q, ctid)
+            self.store_t(acc_o, tOcO, inv, mOAccum[split_row, token0, 0, None], columns, ctid)
         if (warp == 0) & (lane < 4):
             for cs in cutlass.range_constexpr(N // 4):
                 n = self.column_of(cs, lane)
-                if n < h_q:
+                if n < columns:
+                    token, head = self.column_row(iq, cs, n)
                     if nsplits == 1:
-                        mLse[r, n, iq] = output_lse(lse2[cs])
+                        mLse[r, head, token] = output_lse(lse2[cs])
                     else:
-                        mLseAccum[split_row, iq, n] = lse2[cs]
+                        mLseAccum[split_row, token, head] = lse2[cs]
