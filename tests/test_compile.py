@@ -79,21 +79,26 @@ SASS_EXPECT = {
     # warpgroup's P from smem, V transposed from the same K pages, pages by 4-D TMA;
     # no producer warpgroup, so no register reallocation; tickets and split counts by GPU-scope
     # atomics, the counts polled by acquire loads after a release fence (split_tickets);
-    # finished O rows leave 16 bytes a lane after a quad exchange (fragment_store)
-    "dense_decode_sm90": (["STG.E.128", "SHFL.BFLY", "HGMMA.64x64x16.F32", r"re:HGMMA\.64x256x16\.F32\S* R\d+, R\d+, gdesc",
+    # finished O rows leave 16 bytes a lane after a quad exchange (fragment_store); P handed to
+    # the other warpgroup by stmatrix, converted to bf16 a pair at a time (no F2F.BF16)
+    "dense_decode_sm90": (["STG.E.128", "SHFL.BFLY", "STSM.16.M88.4", "HGMMA.64x64x16.F32",
+                           r"re:HGMMA\.64x256x16\.F32\S* R\d+, R\d+, gdesc",
                            r"re:HGMMA\.64x256x16\.F32\S* R\d+, gdesc", "tnspB", "UTMALDG.4D",
                            "ATOMG.E.ADD.STRONG.GPU", "REDG.E.ADD.S32.STRONG.GPU", "LDG.E.STRONG.GPU",
                            "MEMBAR.ALL.GPU"],
-                          ["LDL", "STL", "USETMAXREG"]),
+                          ["LDL", "STL", "USETMAXREG", "F2F.BF16.F32"]),
     # the seesaw's MMAs as in dense decode; kv rows gathered by 16-byte zero-filling
     # cp.async that bypass L1, each half-block's copies completing on an mbarrier; O rows
-    # stored 16 bytes a lane (fragment_store)
-    "sparse_prefill_sm90": (["STG.E.128", "HGMMA.64x64x16.F32", r"re:HGMMA\.64x256x16\.F32\S* R\d+, R\d+, gdesc",
+    # stored 16 bytes a lane (fragment_store); P by stmatrix, as dense decode
+    "sparse_prefill_sm90": (["STG.E.128", "STSM.16.M88.4", "HGMMA.64x64x16.F32",
+                             r"re:HGMMA\.64x256x16\.F32\S* R\d+, R\d+, gdesc",
                              r"re:HGMMA\.64x256x16\.F32\S* R\d+, gdesc", "tnspB", "LDGSTS.E.BYPASS.LTC256B.128",
-                             "ARRIVES.LDGSTSBAR", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
+                             "ARRIVES.LDGSTSBAR", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"],
+                            ["LDL", "STL", "F2F.BF16.F32"]),
     # the same consumer MMAs (64x32 S per warpgroup, 64x256 O), FP8 codes -> f16 pairs in
-    # hardware, bf16 RoPE by cp.async, bf16 output 16 bytes a lane; then per matmul type (below)
-    "sparse_decode_sm90": (["STG.E.128", "tnspB", "F2FP.F16.E4M3.UNPACK_B", "F2FP.BF16.F32.PACK_AB", "LDG.E.128",
+    # hardware, bf16 RoPE by cp.async, bf16 output 16 bytes a lane, P by stmatrix; then per matmul
+    # type (below)
+    "sparse_decode_sm90": (["STG.E.128", "tnspB", "STSM.16.M88.4", "F2FP.F16.E4M3.UNPACK_B", "F2FP.BF16.F32.PACK_AB", "LDG.E.128",
                             "LDGSTS.E.BYPASS.128", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
     # heads on N, dense: the same consumer; whole pages by TMA (4-D, the paged view) from one
     # producer warp; tail rows' V zeroed by 16-byte shared stores

@@ -26,10 +26,12 @@ import cutlass.pipeline as pipeline
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import warpgroup
+from cutlass.cute.nvgpu.warp import StMatrix8x8x16bOp
 from cutlass.tensor_utils import LayoutEnum
 
 from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.named_barrier import NamedBarrier
+from cute_mla.kernels.common.convert import f32x2_to_bf16x2
 from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
 from cute_mla.kernels.common.gmem import copy_16B_async, load_16B, load_16B_shared, store_16B_shared
 from cute_mla.kernels.common.mma_sm90 import gemm, swizzle_128b
@@ -324,7 +326,7 @@ class TwoConsumerMlaSm90:
             _, slot = tScS[k]
             acc_s[k] = acc_s[k] + sBias[half * (BLOCK_N // 2) + slot, stage]
         self.block_softmax(acc_s, tScS, acc_o, softmax, sStat, half, wtid)
-        self.store_p(acc_s, tScS, sP, half)
+        self.store_p(acc_s, sP, qk_mma, half, wtid)
         cute.arch.fence_proxy("async.shared", space="cta")
         named_barrier.sync(NamedBarrier.P_READY, self.consumer_threads)
         tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(self.v_view(sK, sV_layout, stage, half)))
@@ -359,15 +361,22 @@ class TwoConsumerMlaSm90:
                 vals[h] = vals[h] + sStat[1 - half, row]
 
     @cute.jit
-    def store_p(self, acc_s: cute.Tensor, tScS: cute.Tensor, sP: cute.Tensor, half: Int32):
-        """This consumer's 64 x 32 probabilities into its half of sP (fragment elements 2j,
-        2j+1 are adjacent columns of one row: one 4-byte store each)."""
-        for j in cutlass.range_constexpr(cute.size(acc_s) // 2):
-            row, tok = tScS[2 * j]
-            pair = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
-            pair[0] = acc_s[2 * j].to(self.dtype)
-            pair[1] = acc_s[2 * j + 1].to(self.dtype)
-            cute.autovec_copy(pair, cute.local_tile(sP[row, None, 0], (2,), ((half * (BLOCK_N // 2) + tok) // 2,)))
+    def store_p(self, acc_s: cute.Tensor, sP: cute.Tensor, qk_mma: cute.TiledMma, half: Int32, wtid: Int32):
+        """This consumer's 64 x 32 probabilities into its half of sP by ``stmatrix`` (a warp's
+        16 x 32 slab is 8 8 x 8 matrices, 2 ``STSM.16.M88.4`` a thread, for 16 4-byte stores
+        with a swizzled address each), converted a pair at a time (``convert``)."""
+        rP = cute.make_rmem_tensor_like(acc_s, self.dtype)
+        if cutlass.const_expr(self.dtype == cutlass.BFloat16):
+            words = cute.recast_tensor(rP, Int32)
+            for j in cutlass.range_constexpr(cute.size(acc_s) // 2):
+                words[j] = f32x2_to_bf16x2(acc_s[2 * j], acc_s[2 * j + 1])
+        else:
+            for k in cutlass.range_constexpr(cute.size(acc_s)):
+                rP[k] = acc_s[k].to(self.dtype)
+        sP_half = cute.local_tile(sP[None, None, 0], (BLOCK_M, BLOCK_N // 2), (0, half))
+        atom = cute.make_copy_atom(StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype)
+        thr = cute.make_tiled_copy_C(atom, qk_mma).get_slice(wtid)
+        cute.copy(atom, thr.retile(rP), thr.partition_D(sP_half))
 
     @cute.jit
     def v_view(self, sK: cute.Tensor, sV_layout: cute.ComposedLayout, stage: Int32, half: Int32) -> cute.Tensor:

@@ -33,8 +33,10 @@ import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import warpgroup
+from cutlass.cute.nvgpu.warp import StMatrix8x8x16bOp
 
 from cute_mla.kernels.common import named_barrier
+from cute_mla.kernels.common.convert import f32x2_to_bf16x2
 from cute_mla.kernels.common.named_barrier import NamedBarrier
 from cute_mla.kernels.common.mma_sm90 import gemm
 from cute_mla.kernels.common.softmax import Softmax
@@ -140,21 +142,32 @@ class SeesawConsumers:
             m[h] = sMax[wg, row]
 
     @cute.jit
-    def store_p(self, rP: cute.Tensor, factor, tScS: cute.Tensor, sP: cute.Tensor):
-        """P (the register operand, optionally times a per-row ``factor``) into a P tile:
-        fragment elements 2j, 2j+1 are adjacent columns of one row, one 4-byte store each.
-        Rescaling the rounded P rounds twice; that keeps S's fp32 registers dead while P V
-        runs (with them live the kernel spills)."""
-        for j in cutlass.range_constexpr(cute.size(rP) // 2):
-            row, tok = tScS[2 * j]
-            pair = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
-            if cutlass.const_expr(factor is None):
-                pair[0] = rP[2 * j]
-                pair[1] = rP[2 * j + 1]
+    def store_p(self, rP: cute.Tensor, factor, sP: cute.Tensor, qk_mma: cute.TiledMma, acc_s: cute.Tensor,
+                wtid: Int32):
+        """P (the register operand, optionally times a per-row ``factor``) into a P tile by
+        ``stmatrix``: a warp's 16 x 64 slab is 16 8 x 8 matrices, four an instruction, each lane
+        giving one matrix row's address (the 16-byte rows the tile's 128-byte swizzle keeps
+        whole).  32-bit stores took 16 instructions a thread, each with its own swizzled address
+        recomputed every pair (ptxas kept 16 address registers' worth of work in the loop;
+        SASS, session 29); FlashMLA stores its P with 4 ``STSM``.  Rescaling the rounded P rounds
+        twice; that keeps S's fp32 registers dead while P V runs (with them live the kernel
+        spills)."""
+        src = rP
+        if cutlass.const_expr(factor is not None):
+            src = cute.make_rmem_tensor_like(rP)
+            if cutlass.const_expr(self.dtype == cutlass.BFloat16):
+                words = cute.recast_tensor(src, Int32)
+                for j in cutlass.range_constexpr(cute.size(rP) // 2):
+                    f = factor[j % 2]  # fragment pairs alternate between the thread's two rows
+                    words[j] = f32x2_to_bf16x2(rP[2 * j].to(Float32) * f, rP[2 * j + 1].to(Float32) * f)
             else:
-                pair[0] = (rP[2 * j].to(Float32) * factor[j % 2]).to(self.dtype)
-                pair[1] = (rP[2 * j + 1].to(Float32) * factor[j % 2]).to(self.dtype)
-            cute.autovec_copy(pair, cute.local_tile(sP[row, None], (2,), (tok // 2,)))
+                for k in cutlass.range_constexpr(cute.size(rP)):
+                    src[k] = (rP[k].to(Float32) * factor[(k // 2) % 2]).to(self.dtype)
+        # the A operand lists P's elements in the S accumulator's order (``to_operand``)
+        src_c = cute.make_tensor(src.iterator, acc_s.layout)
+        atom = cute.make_copy_atom(StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype)
+        thr = cute.make_tiled_copy_C(atom, qk_mma).get_slice(wtid)
+        cute.copy(atom, thr.retile(src_c), thr.partition_D(sP))
         # Generic stores read next by WGMMA (async proxy).
         cute.arch.fence_proxy("async.shared", space="cta")
 
@@ -162,9 +175,14 @@ class SeesawConsumers:
     def to_operand(self, acc_s: cute.Tensor, rP: cute.Tensor):
         """S/P accumulator -> register A operand of P V: a 64 x 64 accumulator fragment and
         the A fragment of four k16 steps list the same (row, column) pairs in the same
-        order, so this is an element-wise conversion."""
-        for k in cutlass.range_constexpr(cute.size(acc_s)):
-            rP[k] = acc_s[k].to(self.dtype)
+        order, so this is an element-wise conversion (bf16 a pair at a time, ``convert``)."""
+        if cutlass.const_expr(self.dtype == cutlass.BFloat16):
+            words = cute.recast_tensor(rP, Int32)
+            for j in cutlass.range_constexpr(cute.size(acc_s) // 2):
+                words[j] = f32x2_to_bf16x2(acc_s[2 * j], acc_s[2 * j + 1])
+        else:
+            for k in cutlass.range_constexpr(cute.size(acc_s)):
+                rP[k] = acc_s[k].to(self.dtype)
 
     def p_view(self, base, sP_layout: cute.ComposedLayout) -> cute.Tensor:
         """A (64 rows, 64 tokens) K-major A operand (P) at ``base``."""
@@ -202,7 +220,7 @@ class SeesawConsumers:
         # The pair's maxima: the even block's P handed to warpgroup 1 is rescaled to them.
         self.read_max(m_pair, sMax, tScS, 1, NamedBarrier.MAX_1)
         softmax.rescale_to(m_pair, base, factor2)
-        self.store_p(rP, factor2, tScS, sP_own)
+        self.store_p(rP, factor2, sP_own, qk_mma, acc_s, wtid)
         named_barrier.arrive(NamedBarrier.P_0, self.consumer_threads)
         warpgroup.wait_group(0)
         self.release(ctx, 0, 0, wtid)
@@ -241,7 +259,7 @@ class SeesawConsumers:
         if a + 1 < hi:
             softmax.exponentiate(acc_s, base, factor)
             self.to_operand(acc_s, rP)
-            self.store_p(rP, None, tScS, sP_own)
+            self.store_p(rP, None, sP_own, qk_mma, acc_s, wtid)
         else:
             softmax.scale_sums(factor)
         named_barrier.arrive(NamedBarrier.P_1, self.consumer_threads)
