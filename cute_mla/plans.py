@@ -404,11 +404,22 @@ class DenseDecodePlan(DenseSplitKvPlan):
                 variant["cluster_rows"] = 1
             else:
                 parts = min(parts, max(clusters * variant["cluster_rows"] // (h_kv * row_blocks), 1))
-        super().__init__(q, config, h_kv, decode_plan.FIXED_OVERHEAD_BLOCKS, block_table.shape[1] * PAGE_BLOCK_SIZE,
+        super().__init__(q, config, h_kv, dense_fixed_overhead(), block_table.shape[1] * PAGE_BLOCK_SIZE,
                          parts=parts, counters=SPLIT_COUNTS + b * h_kv * row_blocks)
         self.prepare_dense("dense_decode_sm90", variant, h_kv, rows, q, k_cache, block_table, cache_seqlens,
                            softmax_scale, causal, heads_per_kv=h_q // h_kv)
         self.bind_launches(self.main)
+
+
+DENSE_FIXED_OVERHEAD_ENV = "CUTE_MLA_DENSE_FIXED_OVERHEAD"
+
+
+def dense_fixed_overhead() -> int:
+    """The fixed cost of a piece, in blocks, that dense decode plans with
+    (``decode_plan.FIXED_OVERHEAD_BLOCKS``), or CUTE_MLA_DENSE_FIXED_OVERHEAD (an integer 0-64,
+    read when a plan is made), to time other values against it."""
+    env = os.environ.get(DENSE_FIXED_OVERHEAD_ENV, "")
+    return int(env) if env.isdigit() and int(env) <= 64 else decode_plan.FIXED_OVERHEAD_BLOCKS
 
 
 DENSE_HEADS_ENV = "CUTE_MLA_DENSE_HEADS"
@@ -446,7 +457,7 @@ class DenseDecodeHeadsPlan(DenseSplitKvPlan):
         _, s_q, h_q, _ = q.shape
         tokens = dense_heads_tokens(h_q, s_q)
         token_rows = BLOCK_M // tokens  # so that a group of tokens is one row block of the plan
-        super().__init__(q, config, 1, decode_plan.FIXED_OVERHEAD_BLOCKS, block_table.shape[1] * PAGE_BLOCK_SIZE,
+        super().__init__(q, config, 1, dense_fixed_overhead(), block_table.shape[1] * PAGE_BLOCK_SIZE,
                          token_rows=token_rows)
         templates, out, lse = self.prepare_dense(
             "dense_decode_heads_sm90", {"dtype": DTYPE_NAMES[q.dtype], "heads": h_q, "tokens": tokens}, 1,

@@ -178,3 +178,18 @@ def test_dense_heads_route(monkeypatch):
         else:
             monkeypatch.setenv(plans.DENSE_HEADS_ENV, env)
         assert [plans.dense_heads(*c) for c in cases] == expected, env
+
+
+def test_dense_fixed_overhead_env(monkeypatch):
+    """Dense plans take ``FIXED_OVERHEAD_BLOCKS`` unless CUTE_MLA_DENSE_FIXED_OVERHEAD gives an
+    integer 0-64 (a sweep's knob); anything else is ignored."""
+    from cute_mla import plans
+
+    for env, expected in ((None, decode_plan.FIXED_OVERHEAD_BLOCKS), ("0", 0), ("5", 5), ("64", 64),
+                          ("65", decode_plan.FIXED_OVERHEAD_BLOCKS), ("-1", decode_plan.FIXED_OVERHEAD_BLOCKS),
+                          ("x", decode_plan.FIXED_OVERHEAD_BLOCKS)):
+        if env is None:
+            monkeypatch.delenv(plans.DENSE_FIXED_OVERHEAD_ENV, raising=False)
+        else:
+            monkeypatch.setenv(plans.DENSE_FIXED_OVERHEAD_ENV, env)
+        assert plans.dense_fixed_overhead() == expected, env
