@@ -16,6 +16,7 @@
 #                                             # issue 19's 3 rounds (`build-trials`)
 #   bash perf/results/pending/next.sh sweep   # exp/session29-all: dense decode's fixed cost a piece
 #                                             # at 0 / 5 / 24 against 12 (`build-trials`)
+#   bash perf/results/pending/next.sh land    # main: suite, grid, issue 19's 3 rounds, overhead sweep
 #   bash perf/results/pending/next.sh grid    # main: the grid and 3 rounds of issue 19's cases only
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
@@ -210,8 +211,8 @@ trial-b)
         tests/test_sparse_prefill.py tests/test_sparse_decode.py -o timeout=60 > "$OUT/seesaw-sparse-tests.log" 2>&1)
     echo "seesaw sparse tests (default set) rc=$? $(tail -n 1 "$OUT/seesaw-sparse-tests.log") $(took)"
     memcheck seesaw seesaw tests/test_dense_decode.py -k "fast and (b2-sq2-sk140-h128 or b6-sq4-sk140-h64) and bf16"
-    ab seesaw main seesaw 2 "dense_decode b=128 s_q=1 s_k=4096 causal=False" \
-        "dense_decode b=128 s_q=2 s_k=32768 causal=False" "dense_decode b=1 " "sparse_prefill s_q=4096 s_kv=8192 " \
+    ab seesaw main seesaw 2 "dense_decode b=128 s_q=1 s_k=4096 " \
+        "dense_decode b=128 s_q=2 s_k=32768 " "dense_decode b=1 " "sparse_prefill s_q=4096 s_kv=8192 " \
         "sparse_prefill s_q=4096 s_kv=65536 topk=512" "sparse_prefill s_q=70000" \
         "sparse_decode fmt=V32 b=128 s_q=2 h_q=128" "sparse_decode_bf16 fmt=V32 b=148 s_q=2 h_q=128" \
         "sparse_decode fmt=MODEL1 b=148 s_q=2 h_q=128 d_qk=512 s_k=32768"
@@ -237,6 +238,16 @@ sweep)
             "dense_decode b=64 " "dense_decode b=128 s_q=1 s_k=32768 causal=False"
     done
     ;;
+land)
+    # main after landing candidates: the whole GPU suite, the grid and issue 19's 3 rounds beside
+    # FlashMLA, then dense decode's fixed cost a piece at 0 and 24 against 12 (one round)
+    suite main main 200
+    grid_and_small_heads main
+    for n in 0 24; do
+        ab_env main "ov$n" 1 "CUTE_MLA_DENSE_FIXED_OVERHEAD=$n" "dense_decode b=128 s_q=1 s_k=4096 " \
+            "dense_decode b=128 s_q=2 s_k=4096 " "dense_decode b=5 " "dense_decode b=32 " "dense_decode b=64 "
+    done
+    ;;
 grid)
     # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
     grid_and_small_heads
@@ -245,7 +256,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-trials|build-diag|proof|look|trial-a|trial-b|final|sweep|grid|diag" >&2
+    echo "usage: $0 build|build-trials|build-diag|proof|look|trial-a|trial-b|final|land|sweep|grid|diag" >&2
     exit 2
     ;;
 esac
