@@ -183,6 +183,8 @@ look)
     # comes), then dense h_q 128 s_k 4096 s_q 1 profiled with FlashMLA's call in the same
     # process: both libraries' kernel durations, our kernel's stalls, then FlashMLA's kernel's
     grid_and_small_heads
+    ;&
+profiles)
     prof main d4096 'DenseDecode' "$DENSE_4096" --peer
     prof main d4096-flashmla 'splitkv' "$DENSE_4096" --peer
     prof main b5 'DenseDecode' "dense_decode b=5 s_q=3 s_k=777" --peer
