@@ -250,6 +250,13 @@ land)
             "dense_decode b=128 s_q=2 s_k=4096 " "dense_decode b=5 " "dense_decode b=32 " "dense_decode b=64 "
     done
     ;;
+qahead2)
+    # exp/dense-q-ahead rebased on main, the first piece's Q fetched after its pages' TMA: tests,
+    # then against main beside FlashMLA (2 rounds) where a part holds one piece (b 5) or several
+    dense_tests qahead qahead
+    ab qahead main qahead 2 "dense_decode b=5 " "dense_decode b=128 s_q=1 s_k=4096 " "dense_decode b=128 s_q=2 s_k=4096 " \
+        "dense_decode b=32 s_q=2 s_k=8192 h_q=32"
+    ;;
 grid)
     # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
     grid_and_small_heads
@@ -258,7 +265,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-trials|build-diag|proof|look|trial-a|trial-b|final|land|sweep|grid|diag" >&2
+    echo "usage: $0 build|build-trials|build-diag|proof|look|profiles|trial-a|trial-b|final|land|qahead2|sweep|grid|diag" >&2
     exit 2
     ;;
 esac
