@@ -26,15 +26,14 @@ import cutlass.pipeline as pipeline
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import warpgroup
-from cutlass.cute.nvgpu.warp import StMatrix8x8x16bOp
 from cutlass.tensor_utils import LayoutEnum
 
 from cute_mla.kernels.common import named_barrier
 from cute_mla.kernels.common.named_barrier import NamedBarrier
-from cute_mla.kernels.common.convert import f32x2_to_bf16x2
+from cute_mla.kernels.common.convert import convert_to
 from cute_mla.kernels.common.fp8 import bf16x2_to_f16x2
 from cute_mla.kernels.common.gmem import copy_16B_async, load_16B, load_16B_shared, store_16B_shared
-from cute_mla.kernels.common.mma_sm90 import gemm, swizzle_128b
+from cute_mla.kernels.common.mma_sm90 import gemm, store_c_stmatrix, swizzle_128b
 from cute_mla.kernels.common.softmax import Softmax
 
 from cute_mla.layouts.constants import BLOCK_M, BLOCK_N, D_V
@@ -366,17 +365,8 @@ class TwoConsumerMlaSm90:
         16 x 32 slab is 8 8 x 8 matrices, 2 ``STSM.16.M88.4`` a thread, for 16 4-byte stores
         with a swizzled address each), converted a pair at a time (``convert``)."""
         rP = cute.make_rmem_tensor_like(acc_s, self.dtype)
-        if cutlass.const_expr(self.dtype == cutlass.BFloat16):
-            words = cute.recast_tensor(rP, Int32)
-            for j in cutlass.range_constexpr(cute.size(acc_s) // 2):
-                words[j] = f32x2_to_bf16x2(acc_s[2 * j], acc_s[2 * j + 1])
-        else:
-            for k in cutlass.range_constexpr(cute.size(acc_s)):
-                rP[k] = acc_s[k].to(self.dtype)
-        sP_half = cute.local_tile(sP[None, None, 0], (BLOCK_M, BLOCK_N // 2), (0, half))
-        atom = cute.make_copy_atom(StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype)
-        thr = cute.make_tiled_copy_C(atom, qk_mma).get_slice(wtid)
-        cute.copy(atom, thr.retile(rP), thr.partition_D(sP_half))
+        convert_to(acc_s, rP)
+        store_c_stmatrix(rP, qk_mma, cute.local_tile(sP[None, None, 0], (BLOCK_M, BLOCK_N // 2), (0, half)), wtid)
 
     @cute.jit
     def v_view(self, sK: cute.Tensor, sV_layout: cute.ComposedLayout, stage: Int32, half: Int32) -> cute.Tensor:

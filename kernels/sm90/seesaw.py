@@ -33,12 +33,11 @@ import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import warpgroup
-from cutlass.cute.nvgpu.warp import StMatrix8x8x16bOp
 
 from cute_mla.kernels.common import named_barrier
-from cute_mla.kernels.common.convert import f32x2_to_bf16x2
+from cute_mla.kernels.common.convert import convert_to
 from cute_mla.kernels.common.named_barrier import NamedBarrier
-from cute_mla.kernels.common.mma_sm90 import gemm
+from cute_mla.kernels.common.mma_sm90 import gemm, store_c_stmatrix
 from cute_mla.kernels.common.softmax import Softmax
 from cute_mla.layouts.constants import BLOCK_M, BLOCK_N
 
@@ -154,20 +153,13 @@ class SeesawConsumers:
         spills)."""
         src = rP
         if cutlass.const_expr(factor is not None):
+            scaled = cute.make_rmem_tensor_like(rP, Float32)
+            for k in cutlass.range_constexpr(cute.size(rP)):
+                scaled[k] = rP[k].to(Float32) * factor[(k // 2) % 2]  # pairs alternate the 2 rows
             src = cute.make_rmem_tensor_like(rP)
-            if cutlass.const_expr(self.dtype == cutlass.BFloat16):
-                words = cute.recast_tensor(src, Int32)
-                for j in cutlass.range_constexpr(cute.size(rP) // 2):
-                    f = factor[j % 2]  # fragment pairs alternate between the thread's two rows
-                    words[j] = f32x2_to_bf16x2(rP[2 * j].to(Float32) * f, rP[2 * j + 1].to(Float32) * f)
-            else:
-                for k in cutlass.range_constexpr(cute.size(rP)):
-                    src[k] = (rP[k].to(Float32) * factor[(k // 2) % 2]).to(self.dtype)
+            convert_to(scaled, src)
         # the A operand lists P's elements in the S accumulator's order (``to_operand``)
-        src_c = cute.make_tensor(src.iterator, acc_s.layout)
-        atom = cute.make_copy_atom(StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype)
-        thr = cute.make_tiled_copy_C(atom, qk_mma).get_slice(wtid)
-        cute.copy(atom, thr.retile(src_c), thr.partition_D(sP))
+        store_c_stmatrix(cute.make_tensor(src.iterator, acc_s.layout), qk_mma, sP, wtid)
         # Generic stores read next by WGMMA (async proxy).
         cute.arch.fence_proxy("async.shared", space="cta")
 
@@ -176,13 +168,7 @@ class SeesawConsumers:
         """S/P accumulator -> register A operand of P V: a 64 x 64 accumulator fragment and
         the A fragment of four k16 steps list the same (row, column) pairs in the same
         order, so this is an element-wise conversion (bf16 a pair at a time, ``convert``)."""
-        if cutlass.const_expr(self.dtype == cutlass.BFloat16):
-            words = cute.recast_tensor(rP, Int32)
-            for j in cutlass.range_constexpr(cute.size(acc_s) // 2):
-                words[j] = f32x2_to_bf16x2(acc_s[2 * j], acc_s[2 * j + 1])
-        else:
-            for k in cutlass.range_constexpr(cute.size(acc_s)):
-                rP[k] = acc_s[k].to(self.dtype)
+        convert_to(acc_s, rP)
 
     def p_view(self, base, sP_layout: cute.ComposedLayout) -> cute.Tensor:
         """A (64 rows, 64 tokens) K-major A operand (P) at ``base``."""
