@@ -256,6 +256,7 @@ qahead2)
     dense_tests qahead qahead
     ab qahead main qahead 2 "dense_decode b=5 " "dense_decode b=128 s_q=1 s_k=4096 " "dense_decode b=128 s_q=2 s_k=4096 " \
         "dense_decode b=32 s_q=2 s_k=8192 h_q=32"
+    suite qahead qahead 150
     ;;
 grid)
     # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
