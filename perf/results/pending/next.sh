@@ -9,14 +9,8 @@
 #                                             # b 32 s_q 1 h_q 16, then the whole GPU suite
 #   bash perf/results/pending/next.sh look    # main: grid, issue 19's 3 rounds, then dense h_q 128
 #                                             # s_k 4096 profiled beside FlashMLA (both kernels)
-#   bash perf/results/pending/next.sh trial-a # session 29's candidates tokens and qahead: tests,
-#                                             # memcheck, A/B against main (`build-trials`; ~400 s)
-#   bash perf/results/pending/next.sh trial-b # seesaw and weight, the same (~350 s)
-#   bash perf/results/pending/next.sh final   # exp/session29-all: the whole suite, its grid and
-#                                             # issue 19's 3 rounds (`build-trials`)
-#   bash perf/results/pending/next.sh sweep   # exp/session29-all: dense decode's fixed cost a piece
-#                                             # at 0 / 5 / 24 against 12 (`build-trials`)
-#   bash perf/results/pending/next.sh land    # main: suite, grid, issue 19's 3 rounds, overhead sweep
+#   bash perf/results/pending/next.sh qahead2 # exp/dense-q-ahead: tests, A/B against main, suite
+#                                             # (`build-qahead`; about 200 s)
 #   bash perf/results/pending/next.sh grid    # main: the grid and 3 rounds of issue 19's cases only
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
@@ -110,14 +104,6 @@ ab() {  # ab NEW OLD TAG ROUNDS FILTER...: perf.ab beside FlashMLA, its table's 
     echo "$tag ab rc=$? $(took)"; grep -v '^perf.ab' "$OUT/$tag-ab.log" | tail -n 24
 }
 
-ab_env() {  # ab_env TREE TAG ROUNDS NAME=VALUE FILTER...: TREE with the variable against itself without
-    local t=$1 tag=$2 rounds=$3 var=$4; shift 4
-    in_time 90 || return
-    python -m perf.ab "scratch/$t" "scratch/$t" --filter "$@" --rounds "$rounds" --new-env "$var" \
-        --peer "flashmla=$CUTE_MLA_PEER" --new-commit "$(base)+$t+$var" --out "$OUT/$tag-ab" > "$OUT/$tag-ab.log" 2>&1
-    echo "$tag ab rc=$? $(took)"; grep -v '^perf.ab' "$OUT/$tag-ab.log" | tail -n 14
-}
-
 grid_and_small_heads() {  # TREE (default main): its whole grid beside FlashMLA, then 3 rounds of issue 19's cases
     local t=${1:-main} commit
     commit=$(base); [ "$t" = main ] || commit="$(base)+$t"
@@ -151,19 +137,11 @@ build)
     done
     wait
     ;;
-build-trials)
-    # session 29's candidates (sm_90a: tests and A/Bs) and their merge `all` (both archs: the
-    # suite's wheel test), next to `build`'s main
-    # each from its branch where this checkout has it, else from its patch in pending/ (on HEAD)
-    for pair in weight:split-weight qahead:dense-q-ahead tokens:dense-heads-tokens seesaw:seesaw-p all:session29-all; do
-        t=${pair%%:*} name=${pair#*:}
-        branch=exp/$name; [ "$name" = seesaw-p ] && branch=exp/seesaw-packed-cvt
-        if git rev-parse -q --verify "$branch" > /dev/null; then branch_tree "$t" "$branch"
-        else tree "$t" "$name.patch"; fi
-    done
-    for t in weight qahead tokens seesaw; do (cd scratch/$t && python -m cute_mla.compile --arch sm_90a | tail -n 1) & done
-    (cd scratch/all && python -m cute_mla.compile | tail -n 1) &
-    wait
+build-qahead)
+    # exp/dense-q-ahead (or its patch on HEAD) for `qahead2`, both architectures (its suite)
+    if git rev-parse -q --verify exp/dense-q-ahead > /dev/null; then branch_tree qahead exp/dense-q-ahead
+    else tree qahead dense-q-ahead.patch; fi
+    (cd scratch/qahead && python -m cute_mla.compile | tail -n 1)
     ;;
 build-diag)
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
@@ -189,67 +167,6 @@ profiles)
     prof main d4096-flashmla 'splitkv' "$DENSE_4096" --peer
     prof main b5 'DenseDecode' "dense_decode b=5 s_q=3 s_k=777" --peer
     ;;
-trial-a)
-    # session 29's candidates, each against main beside FlashMLA (2 rounds) after its own GPU
-    # tests; the largest expected gain first (`trial-b` has the other two).  `build-trials` first.
-    #  tokens: exp/dense-heads-tokens -- dense h_q 32 at s_q 1 and s_q 2 / 4 (up to 32 columns)
-    #          on the small-head kernel, a CTA taking every token (the 64-row kernel before)
-    dense_tests tokens tokens -m "full or not full" -k "small_heads or (kv1 and (h8 or h16 or h32))"
-    memcheck tokens tokens tests/test_dense_decode.py -k "small_heads_both_kernels and 16-heads"
-    ab tokens main tokens 2 "dense_decode b=32 " "dense_decode b=128 s_q=1 s_k=8192 h_q=32" \
-        "dense_decode b=128 s_q=2 s_k=8192 h_q=8 " "dense_decode b=128 s_q=2 s_k=8192 h_q=16 " "dense_decode b=64 "
-    #  qahead: exp/dense-q-ahead -- the 64-row dense kernel's Q by cp.async, the next piece's
-    #          during an epilogue (pieces: b 128 at s_k 4096, b 5)
-    dense_tests qahead qahead
-    ab qahead main qahead 2 "dense_decode b=128 s_q=1 s_k=4096 " "dense_decode b=128 s_q=2 s_k=4096 " \
-        "dense_decode b=5 " "dense_decode b=128 s_q=1 s_k=32768 causal=False" "dense_decode b=32 s_q=2 s_k=8192 h_q=32"
-    ;;
-trial-b)
-    #  seesaw: exp/seesaw-packed-cvt -- the seesaw's P to bf16 a pair at a time and handed over
-    #          by stmatrix (dense decode and sparse prefill, 80-128 instructions fewer), and the
-    #          sparse 64-row consumers' P by stmatrix
-    dense_tests seesaw seesaw
-    (cd scratch/seesaw && PYTHONPATH=. timeout 150 python -m pytest -q -p no:cacheprovider \
-        tests/test_sparse_prefill.py tests/test_sparse_decode.py -o timeout=60 > "$OUT/seesaw-sparse-tests.log" 2>&1)
-    echo "seesaw sparse tests (default set) rc=$? $(tail -n 1 "$OUT/seesaw-sparse-tests.log") $(took)"
-    memcheck seesaw seesaw tests/test_dense_decode.py -k "fast and (b2-sq2-sk140-h128 or b6-sq4-sk140-h64) and bf16"
-    ab seesaw main seesaw 2 "dense_decode b=128 s_q=1 s_k=4096 " \
-        "dense_decode b=128 s_q=2 s_k=32768 " "dense_decode b=1 " "sparse_prefill s_q=4096 s_kv=8192 " \
-        "sparse_prefill s_q=4096 s_kv=65536 topk=512" "sparse_prefill s_q=70000" \
-        "sparse_decode fmt=V32 b=128 s_q=2 h_q=128" "sparse_decode_bf16 fmt=V32 b=148 s_q=2 h_q=128" \
-        "sparse_decode fmt=MODEL1 b=148 s_q=2 h_q=128 d_qk=512 s_k=32768"
-    #  weight: exp/split-weight -- the combine's split weights from one helper (SASS of combine
-    #          and dense decode changed by 8-24 instructions)
-    memcheck weight weight tests/test_gpu_foundation.py -k combine
-    ab weight main weight 2 "sparse_decode fmt=V32 b=2 " "sparse_decode fmt=MODEL1 b=2 " "dense_decode b=5 "
-    ;;
-final)
-    # exp/session29-all (main + the five candidates): the whole GPU suite, then its grid and
-    # issue 19's 3 rounds beside FlashMLA.  Drop a candidate that lost in `trial` from the
-    # branch (and rebuild with `build-trials`) before this step.
-    suite all all 200
-    grid_and_small_heads all
-    ;;
-sweep)
-    # exp/session29-all with dense decode's fixed cost a piece (FIXED_OVERHEAD_BLOCKS 12, set in
-    # session 10 on an older kernel) at 0, 5 and 24 against 12, one round each: the cases where a
-    # part holds several pieces (s_k 4096, b 5, b 32)
-    for n in 0 5 24; do
-        ab_env all "ov$n" 1 "CUTE_MLA_DENSE_FIXED_OVERHEAD=$n" "dense_decode b=128 s_q=1 s_k=4096 " \
-            "dense_decode b=128 s_q=2 s_k=4096 causal=False" "dense_decode b=5 " "dense_decode b=32 " \
-            "dense_decode b=64 " "dense_decode b=128 s_q=1 s_k=32768 causal=False"
-    done
-    ;;
-land)
-    # main after landing candidates: the whole GPU suite, the grid and issue 19's 3 rounds beside
-    # FlashMLA, then dense decode's fixed cost a piece at 0 and 24 against 12 (one round)
-    suite main main 200
-    grid_and_small_heads main
-    for n in 0 24; do
-        ab_env main "ov$n" 1 "CUTE_MLA_DENSE_FIXED_OVERHEAD=$n" "dense_decode b=128 s_q=1 s_k=4096 " \
-            "dense_decode b=128 s_q=2 s_k=4096 " "dense_decode b=5 " "dense_decode b=32 " "dense_decode b=64 "
-    done
-    ;;
 qahead2)
     # exp/dense-q-ahead rebased on main, the first piece's Q fetched after its pages' TMA: tests,
     # then against main beside FlashMLA (2 rounds) where a part holds one piece (b 5) or several
@@ -266,7 +183,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-trials|build-diag|proof|look|profiles|trial-a|trial-b|final|land|qahead2|sweep|grid|diag" >&2
+    echo "usage: $0 build|build-qahead|build-diag|proof|look|profiles|qahead2|grid|diag" >&2
     exit 2
     ;;
 esac
