@@ -93,8 +93,9 @@ KERNELS: tuple[KernelDef, ...] = (
         source="cute_mla.kernels.sm90.dense_decode_heads:DenseDecodeHeadsSm90",
         archs=("sm_90a",),
         args=operands.dense_decode_heads_args,
-        variants=tuple({"dtype": d, "heads": h, "tokens": t} for d in ("bf16", "fp16") for h in DENSE_DECODE_SMALL_HEADS
-                       for t in DENSE_DECODE_TOKENS if h * t <= DENSE_DECODE_MAX_COLUMNS),
+        variants=tuple({"dtype": d, "heads": h, "tokens": t} for d in ("bf16", "fp16")
+                       for h in DENSE_DECODE_SMALL_HEADS for t in DENSE_DECODE_TOKENS
+                       if h * t <= DENSE_DECODE_MAX_COLUMNS),
     ),
     KernelDef(
         name="combine",

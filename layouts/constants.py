@@ -17,10 +17,11 @@ SPARSE_PREFILL_HEAD_BLOCK = BLOCK_M  # query heads per CTA of the sparse prefill
 # 64-row kernel's speed at b 32 and on MODEL1, 1.05x only at V32 b 128 (session 19).
 SPARSE_DECODE_SMALL_HEADS = (8, 16)
 # h_q the small-head dense decode kernel is built for (h_kv 1; the same consumer): also 32, where
-# the 64-row kernel pads half its rows
+# the 64-row kernel pads half its rows (b 32 s_q 1 h_q 32 1.086x it, b 128 1.018x; H100, session 29)
 DENSE_DECODE_SMALL_HEADS = SPARSE_DECODE_SMALL_HEADS + (32,)
 # query tokens one of its CTAs may take (s_q of a call), so that each page streams once for all
-# of them, and the most columns (tokens x heads: the MMAs' N) it is built for
+# of them, and the most columns (tokens x heads: the MMAs' N) it is built for.  Against the
+# 64-row kernel at s_q 2: b 32 h_q 8 / 16 1.145x / 1.089x, b 128 1.031x / 1.023x (H100, session 29)
 DENSE_DECODE_TOKENS = (1, 2, 4)
 DENSE_DECODE_MAX_COLUMNS = 32
 COMBINE_HEADS_PER_CTA = 4  # the combine kernel runs one warp per head row, 4 a CTA
