@@ -158,8 +158,9 @@ proof)
     ;;
 look)
     # main beside FlashMLA: the grid and issue 19's 3 rounds (the H200 record, if an H200
-    # comes), then dense h_q 128 s_k 4096 s_q 1 profiled with FlashMLA's call in the same
-    # process: both libraries' kernel durations, our kernel's stalls, then FlashMLA's kernel's
+    # comes), then (`profiles` alone starts here) dense h_q 128 s_k 4096 s_q 1 and dense b 5
+    # profiled with FlashMLA's call in the same process: both libraries' kernel durations, our
+    # kernels' stalls and FlashMLA's dense kernel's (about 60 s on an H100, session 29)
     grid_and_small_heads
     ;&
 profiles)
