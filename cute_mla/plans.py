@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 
 from cute_mla import driver, launcher, registry
-from cute_mla.ops import DTYPE_NAMES
+from cute_mla.ops import DTYPE_NAMES, combine_variant
 from cute_mla.sched_meta import FlashMLASchedMeta, KeptWorkspace, require_sched_meta
 from cute_mla.layouts.constants import (BLOCK_M, BLOCK_N, D_V, DENSE_DECODE_MAX_COLUMNS, DENSE_DECODE_SMALL_HEADS,
                                         DENSE_DECODE_TOKENS, PAGE_BLOCK_SIZE,
@@ -278,9 +278,8 @@ class SplitKvPlan:
         b, s_q, h_q, _ = self.out_shape
         has_sink = attn_sink is not None
         self.combine = launcher.prepare(
-            "combine", {"dtype": DTYPE_NAMES[self.dtype], "columns": grids.combine_columns(b, s_q, h_q)},
-            grids.combine(b, s_q, h_q),
-            device_index=self.device_index, pdl=True, static=() if has_sink else ("attn_sink",), out=out, lse=lse,
+            "combine", *combine_variant(self.dtype, b, s_q, h_q), device_index=self.device_index, pdl=True,
+            static=() if has_sink else ("attn_sink",), out=out, lse=lse,
             attn_sink=attn_sink if has_sink else dummies(self.device_index)["f32"],
             skip_single_split=1, has_sink=int(has_sink), o_accum=templates["o_accum"],
             lse_accum=templates["lse_accum"], split_offsets=templates["split_offsets"])

@@ -98,8 +98,8 @@ SASS_EXPECT = {
     # the same consumer MMAs (64x32 S per warpgroup, 64x256 O), FP8 codes -> f16 pairs in
     # hardware, bf16 RoPE by cp.async, bf16 output 16 bytes a lane, P by stmatrix; then per matmul
     # type (below)
-    "sparse_decode_sm90": (["STG.E.128", "tnspB", "STSM.16.M88.4", "F2FP.F16.E4M3.UNPACK_B", "F2FP.BF16.F32.PACK_AB", "LDG.E.128",
-                            "LDGSTS.E.BYPASS.128", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
+    "sparse_decode_sm90": (["STG.E.128", "tnspB", "STSM.16.M88.4", "F2FP.F16.E4M3.UNPACK_B", "F2FP.BF16.F32.PACK_AB",
+                            "LDG.E.128", "LDGSTS.E.BYPASS.128", "USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC"], ["LDL", "STL"]),
     # heads on N, dense: the same consumer; whole pages by TMA (4-D, the paged view) from one
     # producer warp; tail rows' V zeroed by 16-byte shared stores
     "dense_decode_heads_sm90": ([r"re:HGMMA\.64x(8|16|32)x16\.F32", "tnspA", "UTMALDG.4D", "STS.128",
