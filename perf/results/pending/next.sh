@@ -143,6 +143,11 @@ build-qahead)
     else tree qahead dense-q-ahead.patch; fi
     (cd scratch/qahead && python -m cute_mla.compile | tail -n 1)
     ;;
+build-pagea)
+    # exp/dense-page-ahead for `pagea` (sm_90a only: its step runs no wheel test)
+    branch_tree pagea exp/dense-page-ahead
+    (cd scratch/pagea && python -m cute_mla.compile --arch sm_90a | tail -n 1)
+    ;;
 build-diag)
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
     for d in $DIAGS; do (cd scratch/diag-$d && python -m cute_mla.compile --arch sm_90a | tail -n 1) & done
@@ -176,6 +181,13 @@ qahead2)
         "dense_decode b=32 s_q=2 s_k=8192 h_q=32"
     suite qahead qahead 150
     ;;
+pagea)
+    # exp/dense-page-ahead (`build-pagea`): the dense full grid on its tree, then against main
+    # beside FlashMLA (2 rounds) on dense h_q 128 (clusters of 2), b 5 and the 1M-token request
+    dense_tests pagea pagea -m "full or not full"
+    ab pagea main pagea 2 "dense_decode b=128 s_q=1 s_k=4096 " "dense_decode b=128 s_q=2 s_k=8192 " \
+        "dense_decode b=128 s_q=1 s_k=32768 " "dense_decode b=5 " "dense_decode b=1 "
+    ;;
 grid)
     # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
     grid_and_small_heads
@@ -184,7 +196,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-qahead|build-diag|proof|look|profiles|qahead2|grid|diag" >&2
+    echo "usage: $0 build|build-qahead|build-pagea|build-diag|proof|look|profiles|qahead2|pagea|grid|diag" >&2
     exit 2
     ;;
 esac
