@@ -31,6 +31,9 @@ SMALL_HEAD_CASES=("sparse_decode fmt=V32 b=32 s_q=1 h_q=" "sparse_decode fmt=V32
                   "sparse_decode fmt=MODEL1 b=128 s_q=1 h_q=" "sparse_decode fmt=MODEL1 b=128 s_q=2 h_q=")
 DIAG_CASES=("fmt=MODEL1 b=128 s_q=1 h_q=16 " "fmt=MODEL1 b=32 s_q=1 h_q=16 " "fmt=V32 b=128 s_q=1 h_q=16 "
             "fmt=V32 b=32 s_q=1 h_q=16 ")
+# dense h_q 128 (clusters of 2) at s_k 4096 / 32K and s_q 2, b 5 (one row-block kernel), 1M tokens
+DENSE_AB=("dense_decode b=128 s_q=1 s_k=4096 " "dense_decode b=128 s_q=2 s_k=8192 " "dense_decode b=128 s_q=1 s_k=32768 "
+          "dense_decode b=5 " "dense_decode b=1 ")
 DENSE_4096="dense_decode b=128 s_q=1 s_k=4096 h_q=128 h_kv=1 d_qk=576 page_block_size=64 causal=False"
 set -u
 here=$(cd "$(dirname "$0")/../../.." && pwd)
@@ -148,6 +151,11 @@ build-pagea)
     branch_tree pagea exp/dense-page-ahead
     (cd scratch/pagea && python -m cute_mla.compile --arch sm_90a | tail -n 1)
     ;;
+build-ownf)
+    # exp/seesaw-own-first for `trials` (sm_90a only)
+    branch_tree ownf exp/seesaw-own-first
+    (cd scratch/ownf && python -m cute_mla.compile --arch sm_90a | tail -n 1)
+    ;;
 build-diag)
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
     for d in $DIAGS; do (cd scratch/diag-$d && python -m cute_mla.compile --arch sm_90a | tail -n 1) & done
@@ -185,8 +193,15 @@ pagea)
     # exp/dense-page-ahead (`build-pagea`): the dense full grid on its tree, then against main
     # beside FlashMLA (2 rounds) on dense h_q 128 (clusters of 2), b 5 and the 1M-token request
     dense_tests pagea pagea -m "full or not full"
-    ab pagea main pagea 2 "dense_decode b=128 s_q=1 s_k=4096 " "dense_decode b=128 s_q=2 s_k=8192 " \
-        "dense_decode b=128 s_q=1 s_k=32768 " "dense_decode b=5 " "dense_decode b=1 "
+    ab pagea main pagea 2 "${DENSE_AB[@]}"
+    ;;
+trials)
+    # exp/seesaw-own-first (`build-ownf`) and exp/dense-page-ahead (`build-pagea`): each tree's
+    # dense full grid, then each against main beside FlashMLA (2 rounds, DENSE_AB's cases)
+    dense_tests ownf ownf -m "full or not full"
+    ab ownf main ownf 2 "${DENSE_AB[@]}"
+    dense_tests pagea pagea -m "full or not full"
+    ab pagea main pagea 2 "${DENSE_AB[@]}"
     ;;
 grid)
     # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
@@ -196,7 +211,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-qahead|build-pagea|build-diag|proof|look|profiles|qahead2|pagea|grid|diag" >&2
+    echo "usage: $0 build|build-qahead|build-pagea|build-ownf|build-diag|proof|look|profiles|qahead2|pagea|trials|grid|diag" >&2
     exit 2
     ;;
 esac
