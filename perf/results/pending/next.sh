@@ -156,6 +156,11 @@ build-ownf)
     branch_tree ownf exp/seesaw-own-first
     (cd scratch/ownf && python -m cute_mla.compile --arch sm_90a | tail -n 1)
     ;;
+build-l2pf)
+    # exp/dense-l2-prefetch for `l2pf` (sm_90a only)
+    branch_tree l2pf exp/dense-l2-prefetch
+    (cd scratch/l2pf && python -m cute_mla.compile --arch sm_90a | tail -n 1)
+    ;;
 build-diag)
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
     for d in $DIAGS; do (cd scratch/diag-$d && python -m cute_mla.compile --arch sm_90a | tail -n 1) & done
@@ -203,6 +208,12 @@ trials)
     dense_tests pagea pagea -m "full or not full"
     ab pagea main pagea 2 "${DENSE_AB[@]}"
     ;;
+l2pf)
+    # exp/dense-l2-prefetch (`build-l2pf`): the dense full grid on its tree, then against main
+    # beside FlashMLA (3 rounds: 2 rounds of the same trees swung 2-3% a case in session 30)
+    dense_tests l2pf l2pf -m "full or not full"
+    ab l2pf main l2pf 3 "${DENSE_AB[@]}" "dense_decode b=128 s_q=1 s_k=16384 "
+    ;;
 grid)
     # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
     grid_and_small_heads
@@ -211,7 +222,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-qahead|build-pagea|build-ownf|build-diag|proof|look|profiles|qahead2|pagea|trials|grid|diag" >&2
+    echo "usage: $0 build|build-qahead|build-pagea|build-ownf|build-l2pf|build-diag|proof|look|profiles|qahead2|pagea|trials|l2pf|grid|diag" >&2
     exit 2
     ;;
 esac
