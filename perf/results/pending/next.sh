@@ -157,9 +157,9 @@ build-ownf)
     (cd scratch/ownf && python -m cute_mla.compile --arch sm_90a | tail -n 1)
     ;;
 build-l2pf)
-    # exp/dense-l2-prefetch for `l2pf` (sm_90a only)
+    # exp/dense-l2-prefetch for `l2pf` (both architectures: its step ends with the suite)
     branch_tree l2pf exp/dense-l2-prefetch
-    (cd scratch/l2pf && python -m cute_mla.compile --arch sm_90a | tail -n 1)
+    (cd scratch/l2pf && python -m cute_mla.compile | tail -n 1)
     ;;
 build-diag)
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
@@ -213,6 +213,7 @@ l2pf)
     # beside FlashMLA (3 rounds: 2 rounds of the same trees swung 2-3% a case in session 30)
     dense_tests l2pf l2pf -m "full or not full"
     ab l2pf main l2pf 3 "${DENSE_AB[@]}" "dense_decode b=128 s_q=1 s_k=16384 "
+    suite l2pf l2pf 150
     ;;
 grid)
     # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
