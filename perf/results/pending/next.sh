@@ -161,6 +161,11 @@ build-l2pf)
     branch_tree l2pf exp/dense-l2-prefetch
     (cd scratch/l2pf && python -m cute_mla.compile | tail -n 1)
     ;;
+build-l2near)
+    # exp/dense-l2-near for `l2near` (sm_90a only)
+    branch_tree l2near exp/dense-l2-near
+    (cd scratch/l2near && python -m cute_mla.compile --arch sm_90a | tail -n 1)
+    ;;
 build-diag)
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
     for d in $DIAGS; do (cd scratch/diag-$d && python -m cute_mla.compile --arch sm_90a | tail -n 1) & done
@@ -215,6 +220,12 @@ l2pf)
     ab l2pf main l2pf 3 "${DENSE_AB[@]}" "dense_decode b=128 s_q=1 s_k=16384 "
     suite l2pf l2pf 150
     ;;
+l2near)
+    # exp/dense-l2-near (`build-l2near`): the dense full grid on its tree, then against main
+    # beside FlashMLA, 3 rounds (about 170 s on an H100)
+    dense_tests l2near l2near -m "full or not full"
+    ab l2near main l2near 3 "${DENSE_AB[@]}" "dense_decode b=128 s_q=1 s_k=16384 "
+    ;;
 grid)
     # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
     grid_and_small_heads
@@ -223,7 +234,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-qahead|build-pagea|build-ownf|build-l2pf|build-diag|proof|look|profiles|qahead2|pagea|trials|l2pf|grid|diag" >&2
+    echo "usage: $0 build|build-qahead|build-pagea|build-ownf|build-l2pf|build-l2near|build-diag|proof|look|profiles|qahead2|pagea|trials|l2pf|l2near|grid|diag" >&2
     exit 2
     ;;
 esac
