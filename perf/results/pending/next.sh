@@ -9,8 +9,8 @@
 #                                             # b 32 s_q 1 h_q 16, then the whole GPU suite
 #   bash perf/results/pending/next.sh look    # main: grid, issue 19's 3 rounds, then dense h_q 128
 #                                             # s_k 4096 profiled beside FlashMLA (both kernels)
-#   bash perf/results/pending/next.sh qahead2 # exp/dense-q-ahead: tests, A/B against main, suite
-#                                             # (`build-qahead`; about 200 s)
+#   bash perf/results/pending/next.sh l2near  # exp/dense-l2-near: dense tests, A/B against main
+#                                             # (`build-l2near`; about 170 s)
 #   bash perf/results/pending/next.sh grid    # main: the grid and 3 rounds of issue 19's cases only
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
@@ -140,27 +140,6 @@ build)
     done
     wait
     ;;
-build-qahead)
-    # exp/dense-q-ahead (or its patch on HEAD) for `qahead2`, both architectures (its suite)
-    if git rev-parse -q --verify exp/dense-q-ahead > /dev/null; then branch_tree qahead exp/dense-q-ahead
-    else tree qahead dense-q-ahead.patch; fi
-    (cd scratch/qahead && python -m cute_mla.compile | tail -n 1)
-    ;;
-build-pagea)
-    # exp/dense-page-ahead for `pagea` (sm_90a only: its step runs no wheel test)
-    branch_tree pagea exp/dense-page-ahead
-    (cd scratch/pagea && python -m cute_mla.compile --arch sm_90a | tail -n 1)
-    ;;
-build-ownf)
-    # exp/seesaw-own-first for `trials` (sm_90a only)
-    branch_tree ownf exp/seesaw-own-first
-    (cd scratch/ownf && python -m cute_mla.compile --arch sm_90a | tail -n 1)
-    ;;
-build-l2pf)
-    # exp/dense-l2-prefetch for `l2pf` (both architectures: its step ends with the suite)
-    branch_tree l2pf exp/dense-l2-prefetch
-    (cd scratch/l2pf && python -m cute_mla.compile | tail -n 1)
-    ;;
 build-l2near)
     # exp/dense-l2-near for `l2near` (sm_90a only)
     branch_tree l2near exp/dense-l2-near
@@ -191,35 +170,6 @@ profiles)
     prof main d4096-flashmla 'splitkv' "$DENSE_4096" --peer
     prof main b5 'DenseDecode' "dense_decode b=5 s_q=3 s_k=777" --peer
     ;;
-qahead2)
-    # exp/dense-q-ahead rebased on main, the first piece's Q fetched after its pages' TMA: tests,
-    # then against main beside FlashMLA (2 rounds) where a part holds one piece (b 5) or several
-    dense_tests qahead qahead
-    ab qahead main qahead 2 "dense_decode b=5 " "dense_decode b=128 s_q=1 s_k=4096 " "dense_decode b=128 s_q=2 s_k=4096 " \
-        "dense_decode b=32 s_q=2 s_k=8192 h_q=32"
-    suite qahead qahead 150
-    ;;
-pagea)
-    # exp/dense-page-ahead (`build-pagea`): the dense full grid on its tree, then against main
-    # beside FlashMLA (2 rounds) on dense h_q 128 (clusters of 2), b 5 and the 1M-token request
-    dense_tests pagea pagea -m "full or not full"
-    ab pagea main pagea 2 "${DENSE_AB[@]}"
-    ;;
-trials)
-    # exp/seesaw-own-first (`build-ownf`) and exp/dense-page-ahead (`build-pagea`): each tree's
-    # dense full grid, then each against main beside FlashMLA (2 rounds, DENSE_AB's cases)
-    dense_tests ownf ownf -m "full or not full"
-    ab ownf main ownf 2 "${DENSE_AB[@]}"
-    dense_tests pagea pagea -m "full or not full"
-    ab pagea main pagea 2 "${DENSE_AB[@]}"
-    ;;
-l2pf)
-    # exp/dense-l2-prefetch (`build-l2pf`): the dense full grid on its tree, then against main
-    # beside FlashMLA (3 rounds: 2 rounds of the same trees swung 2-3% a case in session 30)
-    dense_tests l2pf l2pf -m "full or not full"
-    ab l2pf main l2pf 3 "${DENSE_AB[@]}" "dense_decode b=128 s_q=1 s_k=16384 "
-    suite l2pf l2pf 150
-    ;;
 l2near)
     # exp/dense-l2-near (`build-l2near`): the dense full grid on its tree, then against main
     # beside FlashMLA, 3 rounds (about 170 s on an H100)
@@ -234,7 +184,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-qahead|build-pagea|build-ownf|build-l2pf|build-l2near|build-diag|proof|look|profiles|qahead2|pagea|trials|l2pf|l2near|grid|diag" >&2
+    echo "usage: $0 build|build-l2near|build-diag|proof|look|profiles|l2near|grid|diag" >&2
     exit 2
     ;;
 esac
