@@ -102,9 +102,9 @@ def combine(o_accum: torch.Tensor, lse_accum: torch.Tensor, split_offsets: torch
         sink = torch.empty(1, dtype=torch.float32, device=out.device)
     variant, grid = combine_variant(out.dtype, b, s_q, h_q)
     launcher.launch(
-        "combine", variant, grid, device_index=out.device.index, pdl=pdl, o_accum=o_accum, lse_accum=lse_accum, split_offsets=split_offsets,
-        attn_sink=sink, out=out, lse=lse, skip_single_split=int(skip_single_split), has_sink=int(attn_sink is not None))
-
+        "combine", variant, grid, device_index=out.device.index, pdl=pdl, o_accum=o_accum, lse_accum=lse_accum,
+        split_offsets=split_offsets, attn_sink=sink, out=out, lse=lse, skip_single_split=int(skip_single_split),
+        has_sink=int(attn_sink is not None))
 
 
 def combine_variant(dtype: torch.dtype, b: int, s_q: int, h_q: int) -> tuple[dict, grids.Grid]:
@@ -112,6 +112,7 @@ def combine_variant(dtype: torch.dtype, b: int, s_q: int, h_q: int) -> tuple[dic
     the ``columns`` variant up to ``COMBINE_COLUMNS_MAX_ROWS`` rows (``grids.combine_columns``)."""
     return ({"dtype": DTYPE_NAMES[dtype], "columns": grids.combine_columns(b, s_q, h_q)},
             grids.combine(b, s_q, h_q))
+
 
 # The default matmul type of sparse decode per cache format (perf/results/NOTES.md, session 8):
 # V32 f16, 10% faster than bf16 there, its dequantisation f16(code * f16(scale)) is more exact
