@@ -107,19 +107,17 @@ ab() {  # ab NEW OLD TAG ROUNDS FILTER...: perf.ab beside FlashMLA, its table's 
     echo "$tag ab rc=$? $(took)"; grep -v '^perf.ab' "$OUT/$tag-ab.log" | tail -n 24
 }
 
-grid_and_small_heads() {  # TREE (default main): its whole grid beside FlashMLA, then 3 rounds of issue 19's cases
-    local t=${1:-main} commit
-    commit=$(base); [ "$t" = main ] || commit="$(base)+$t"
+grid_and_small_heads() {  # main's whole grid beside FlashMLA, then 3 rounds of issue 19's cases
     if in_time 90; then
-        (cd "scratch/$t" && PYTHONPATH=. timeout "$(left 20)" python -m perf \
-            --peer "flashmla=$CUTE_MLA_PEER" --commit "$commit" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
-        echo "grid ($t) rc=$? $(took)"; tail -n 3 "$OUT/grid.log"
+        (cd scratch/main && PYTHONPATH=. timeout "$(left 20)" python -m perf \
+            --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
+        echo "grid rc=$? $(took)"; tail -n 3 "$OUT/grid.log"
     fi
     if in_time 60; then
-        (cd "scratch/$t" && PYTHONPATH=. timeout "$(left 20)" python -m perf \
-            --peer "flashmla=$CUTE_MLA_PEER" --commit "$commit" --no-png --out "$OUT/small-heads" --rounds 3 \
+        (cd scratch/main && PYTHONPATH=. timeout "$(left 20)" python -m perf \
+            --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" --no-png --out "$OUT/small-heads" --rounds 3 \
             --filter "${SMALL_HEAD_CASES[@]}" > "$OUT/small-heads.log" 2>&1)
-        echo "small heads ($t) rc=$? $(took)"; tail -n 2 "$OUT/small-heads.log"
+        echo "small heads rc=$? $(took)"; tail -n 2 "$OUT/small-heads.log"
     fi
 }
 
