@@ -107,18 +107,35 @@ ab() {  # ab NEW OLD TAG ROUNDS FILTER...: perf.ab beside FlashMLA, its table's 
     echo "$tag ab rc=$? $(took)"; grep -v '^perf.ab' "$OUT/$tag-ab.log" | tail -n 24
 }
 
-grid_and_small_heads() {  # main's whole grid beside FlashMLA, then 3 rounds of issue 19's cases
+grid_and_small_heads() {  # [TREE]: its whole grid beside FlashMLA, then 3 rounds of issue 19's cases
+    local t=${1:-main} commit; commit=$(base); [ "$t" = main ] || commit="$commit+$t"
     if in_time 90; then
-        (cd scratch/main && PYTHONPATH=. timeout "$(left 20)" python -m perf \
-            --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
+        (cd "scratch/$t" && PYTHONPATH=. timeout "$(left 20)" python -m perf \
+            --peer "flashmla=$CUTE_MLA_PEER" --commit "$commit" --no-png --out "$OUT/grid" > "$OUT/grid.log" 2>&1)
         echo "grid rc=$? $(took)"; tail -n 3 "$OUT/grid.log"
     fi
     if in_time 60; then
-        (cd scratch/main && PYTHONPATH=. timeout "$(left 20)" python -m perf \
-            --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)" --no-png --out "$OUT/small-heads" --rounds 3 \
+        (cd "scratch/$t" && PYTHONPATH=. timeout "$(left 20)" python -m perf \
+            --peer "flashmla=$CUTE_MLA_PEER" --commit "$commit" --no-png --out "$OUT/small-heads" --rounds 3 \
             --filter "${SMALL_HEAD_CASES[@]}" > "$OUT/small-heads.log" 2>&1)
         echo "small heads rc=$? $(took)"; tail -n 2 "$OUT/small-heads.log"
     fi
+}
+
+timeline() {  # timeline TREE TAG FILTER...: kineto kernel timelines of both libraries
+    local t=$1 tag=$2; shift 2
+    in_time 60 || return
+    (cd "scratch/$t" && PYTHONPATH=. timeout 120 python "$pending/timeline.py" "$@" > "$OUT/$tag.txt" 2>&1)
+    echo "$tag rc=$? $(took)"; grep -v Warning "$OUT/$tag.txt" | tail -n 60
+}
+
+own_times() {  # own_times TREE TAG FILTER...: beside FlashMLA, 3 rounds in one process (env: OWN_ENV)
+    local t=$1 tag=$2; shift 2
+    in_time 30 || return
+    (cd "scratch/$t" && env ${OWN_ENV:-} PYTHONPATH=. timeout 60 python -m perf --filter "$@" --rounds 3 --no-png \
+        --peer "flashmla=$CUTE_MLA_PEER" --commit "$(base)+$t" \
+        --out "$OUT/$tag" > "$OUT/$tag.log" 2>&1)
+    echo "$tag rc=$? $(took)"; grep -E "dense_decode" "$OUT/$tag.log" | tail -n 3
 }
 
 dense_tests() {  # dense_tests TREE TAG [PYTEST ARGS]: the dense decode file (fast set unless told)
@@ -142,6 +159,28 @@ build-l2near)
     # exp/dense-l2-near for `l2near` (sm_90a only)
     branch_tree l2near exp/dense-l2-near
     (cd scratch/l2near && python -m cute_mla.compile --arch sm_90a | tail -n 1)
+    ;;
+build-light)
+    # exp/light-overhead for `light` (both archs: the suite's wheel test), main's cubins reused
+    branch_tree light exp/light-overhead
+    cp -r scratch/main/cute_mla/_cubins scratch/light/cute_mla/
+    (cd scratch/light && python -m cute_mla.compile | tail -n 1)
+    ;;
+build-mlf)
+    # exp/merge-loads-first for `s31` (sm_90a only)
+    branch_tree mlf exp/merge-loads-first
+    (cd scratch/mlf && python -m cute_mla.compile --arch sm_90a | tail -n 1)
+    ;;
+build-b5)
+    # dense b 5 diagnostics (timing only, wrong outputs): merge chunks that do nothing, merges
+    # that do not wait for their splits, and a kernel of tickets alone (no split work, no merge)
+    for d in nomerge nowait empty; do
+        tree "b5-$d" "diag-b5-$d.patch"
+        cp -r scratch/main/cute_mla/_cubins "scratch/b5-$d/cute_mla/"
+    done
+    for d in nomerge nowait empty; do
+        (cd "scratch/b5-$d" && python -m cute_mla.compile --arch sm_90a --only dense_decode_sm90__cluster_rows-1__dtype-bf16 | tail -n 1)
+    done
     ;;
 build-diag)
     for d in $DIAGS; do tree "diag-$d" "diag-$d.patch"; done
@@ -174,6 +213,29 @@ l2near)
     dense_tests l2near l2near -m "full or not full"
     ab l2near main l2near 3 "${DENSE_AB[@]}" "dense_decode b=128 s_q=1 s_k=16384 "
     ;;
+s31)
+    # session 31: on an H200 first the grid (issue 18's record), then the kernel timelines of
+    # dense b 5, the 1M-token request and s_k 4096 (kineto, both libraries), then `l2near`
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then grid_and_small_heads; fi
+    timeline main timeline "dense_decode b=5 " "dense_decode b=1 " "$DENSE_4096"
+    for d in main b5-nomerge b5-nowait b5-empty mlf; do own_times "$d" "diag-$d" "dense_decode b=5 "; done
+    for oh in 2 5; do
+        for t in main mlf; do OWN_ENV="CUTE_MLA_DENSE_FIXED_OVERHEAD=$oh" own_times $t "oh$oh-$t" "dense_decode b=5 "; done
+    done
+    dense_tests mlf mlf -m "full or not full"
+    ab mlf main mlf 3 "${DENSE_AB[@]}"
+    ;&
+l2near_only)
+    dense_tests l2near l2near -m "full or not full"
+    ab l2near main l2near 3 "${DENSE_AB[@]}" "dense_decode b=128 s_q=1 s_k=16384 "
+    ;;
+light)
+    # exp/light-overhead (`build-light`): against main beside FlashMLA, 3 rounds (dense cases,
+    # b 5 the light one), the whole GPU suite on its tree, then its grid (the record if it lands)
+    ab light main light 3 "${DENSE_AB[@]}" "dense_decode b=64 "
+    suite light light 200
+    grid_and_small_heads light
+    ;;
 grid)
     # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
     grid_and_small_heads
@@ -182,7 +244,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-l2near|build-diag|proof|look|profiles|l2near|grid|diag" >&2
+    echo "usage: $0 build|build-light|light|build-l2near|s31|l2near_only|build-diag|proof|look|profiles|l2near|grid|diag" >&2
     exit 2
     ;;
 esac
