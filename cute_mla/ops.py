@@ -49,11 +49,13 @@ def scale_value(name: str, value) -> float:
 
 
 def plan_decode(cache_seqlens: torch.Tensor, num_parts: int, block_n: int = BLOCK_N,
-                fixed_overhead: int = decode_plan.FIXED_OVERHEAD_BLOCKS, max_len: Optional[int] = None):
+                fixed_overhead: int = decode_plan.FIXED_OVERHEAD_BLOCKS, max_len: Optional[int] = None,
+                light_overhead: Optional[int] = None):
     """Run the split-KV scheduler on the GPU: returns (sched_meta [parts, 8], split_offsets [b + 1]).
 
     Lengths are clamped to [0, max_len] (default: the most the plan's int32 arithmetic can
-    hold for this batch, ``decode_plan.max_plan_len``).  Enqueued on the current stream with no host sync;
+    hold for this batch, ``decode_plan.max_plan_len``).  A light plan counts ``light_overhead`` a
+    piece (``decode_plan.piece_overhead``; default ``fixed_overhead``).  Enqueued on the current stream with no host sync;
     the decode kernel that follows may start early (it is a PDL dependent of this one).
     """
     _check_int32_vector("cache_seqlens", cache_seqlens)
@@ -63,6 +65,9 @@ def plan_decode(cache_seqlens: torch.Tensor, num_parts: int, block_n: int = BLOC
     if max_len is None:
         max_len = decode_plan.max_plan_len(b, num_parts, block_n, fixed_overhead)
     decode_plan.check_plan_fits(b, max_len, num_parts, block_n, fixed_overhead)
+    light_overhead = fixed_overhead if light_overhead is None else light_overhead
+    _require(0 <= light_overhead <= fixed_overhead,
+             f"light_overhead must be in [0, fixed_overhead = {fixed_overhead}], got {light_overhead}")
     dev = cache_seqlens.device
     sched_meta = torch.empty(num_parts, SCHED_META_FIELDS, dtype=torch.int32, device=dev)
     split_offsets = torch.empty(b + 1, dtype=torch.int32, device=dev)
@@ -70,7 +75,7 @@ def plan_decode(cache_seqlens: torch.Tensor, num_parts: int, block_n: int = BLOC
         return sched_meta.zero_(), split_offsets.zero_()
     launcher.launch("decode_scheduler", {}, grids.SCHEDULER, device_index=dev.index, cache_seqlens=cache_seqlens,
                     sched_meta=sched_meta, split_offsets=split_offsets, block_n=block_n, fixed_overhead=fixed_overhead,
-                    max_len=max_len)
+                    light_overhead=light_overhead, max_len=max_len)
     return sched_meta, split_offsets
 
 

@@ -189,7 +189,7 @@ class SplitKvPlan:
 
     def __init__(self, q: torch.Tensor, config: FlashMLASchedMeta.Config, h_kv: int, fixed_overhead: int,
                  max_len: int, token_rows: Optional[int] = None, parts: Optional[int] = None,
-                 splits: bool = True, counters: int = 0):
+                 splits: bool = True, counters: int = 0, light_overhead: Optional[int] = None):
         """``token_rows``: the kernel's query rows per query token and kv head (default
         h_q / h_kv; sparse decode rounds h_q up to a whole row block); ``parts``: the
         persistent CTAs per row block (default ``decode_plan.num_sm_parts``); ``splits``:
@@ -197,7 +197,8 @@ class SplitKvPlan:
         partial: the launches are bound to a one-row workspace for its shape, and every call
         passes a stand-in, ``idle_workspace``); ``counters``: int32 counters after the partials
         (``layouts.operands.split_counters``), zero in a new workspace; every launch leaves them
-        zero."""
+        zero; ``light_overhead``: the scheduler's fixed cost a piece in a light plan
+        (``decode_plan.piece_overhead``; default ``fixed_overhead``)."""
         b, s_q, h_q, _ = q.shape
         self.device_index = q.get_device()
         self.device = q.device
@@ -220,6 +221,7 @@ class SplitKvPlan:
         self.lse_accum_offset = rows * D_V * 4  # bytes
         self.counters_offset = self.counters_start * 4  # bytes
         self.fixed_overhead = fixed_overhead
+        self.light_overhead = fixed_overhead if light_overhead is None else light_overhead
         # the most KV tokens one request can have: the scheduler clamps each length to it
         self.max_len = max_len
         decode_plan.check_plan_fits(b, max_len, self.parts, BLOCK_N, fixed_overhead)
@@ -240,7 +242,7 @@ class SplitKvPlan:
         self.scheduler = launcher.prepare(
             "decode_scheduler", {}, grids.SCHEDULER, device_index=self.device_index, cache_seqlens=lengths,
             sched_meta=t["sched_meta"], split_offsets=t["split_offsets"], block_n=BLOCK_N,
-            fixed_overhead=self.fixed_overhead, max_len=self.max_len)
+            fixed_overhead=self.fixed_overhead, light_overhead=self.light_overhead, max_len=self.max_len)
         return t
 
     def workspace(self) -> torch.Tensor:
@@ -404,7 +406,8 @@ class DenseDecodePlan(DenseSplitKvPlan):
             else:
                 parts = min(parts, max(clusters * variant["cluster_rows"] // (h_kv * row_blocks), 1))
         super().__init__(q, config, h_kv, dense_fixed_overhead(), block_table.shape[1] * PAGE_BLOCK_SIZE,
-                         parts=parts, counters=SPLIT_COUNTS + b * h_kv * row_blocks)
+                         parts=parts, counters=SPLIT_COUNTS + b * h_kv * row_blocks,
+                         light_overhead=dense_fixed_overhead(light=True))
         self.prepare_dense("dense_decode_sm90", variant, h_kv, rows, q, k_cache, block_table, cache_seqlens,
                            softmax_scale, causal, heads_per_kv=h_q // h_kv)
         self.bind_launches(self.main)
@@ -413,12 +416,15 @@ class DenseDecodePlan(DenseSplitKvPlan):
 DENSE_FIXED_OVERHEAD_ENV = "CUTE_MLA_DENSE_FIXED_OVERHEAD"
 
 
-def dense_fixed_overhead() -> int:
+def dense_fixed_overhead(light: bool = False) -> int:
     """The fixed cost of a piece, in blocks, that dense decode plans with
-    (``decode_plan.FIXED_OVERHEAD_BLOCKS``), or CUTE_MLA_DENSE_FIXED_OVERHEAD (an integer 0-64,
-    read when a plan is made), to time other values against it."""
+    (``decode_plan.FIXED_OVERHEAD_BLOCKS``; with ``light``, in a light plan of the 64-row kernel:
+    ``decode_plan.DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS``), or CUTE_MLA_DENSE_FIXED_OVERHEAD (an
+    integer 0-64, read when a plan is made, then for every plan), to time other values against it."""
     env = os.environ.get(DENSE_FIXED_OVERHEAD_ENV, "")
-    return int(env) if env.isdigit() and int(env) <= 64 else decode_plan.FIXED_OVERHEAD_BLOCKS
+    if env.isdigit() and int(env) <= 64:
+        return int(env)
+    return decode_plan.DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS if light else decode_plan.FIXED_OVERHEAD_BLOCKS
 
 
 DENSE_HEADS_ENV = "CUTE_MLA_DENSE_HEADS"

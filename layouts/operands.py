@@ -59,6 +59,8 @@ def decode_scheduler_args():
         TensorArg("split_offsets", "i32", ("b1",), (1,), align=4),
         ScalarArg("block_n"),
         ScalarArg("fixed_overhead"),
+        # the overhead of a light plan (``decode_plan.piece_overhead``)
+        ScalarArg("light_overhead"),
         # lengths are clamped to [0, max_len] (<= decode_plan.MAX_PLAN_LEN)
         ScalarArg("max_len"),
     )

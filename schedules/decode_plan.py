@@ -35,6 +35,15 @@ from cute_mla.layouts.constants import (BLOCK_M, BLOCK_N, META_BEGIN_BLOCK, META
                                         META_END_BLOCK, META_END_REQ, SCHED_META_FIELDS)
 
 FIXED_OVERHEAD_BLOCKS = 12
+# A light plan, whose parts average at most LIGHT_LOAD_BLOCKS KV blocks, counts a piece's fixed
+# cost as ``light_overhead`` instead (``piece_overhead``).  There a part holds one or two pairs
+# of blocks, and 12 rounded every part of dense b 5 s_q 3 (about 1.5 blocks a part) up to 3
+# blocks, a pair and a lone block, where 2 makes it 2, one pair: 29.6 us against 32.1, 3 rounds
+# each, FlashMLA 26.4-26.6 beside them (perf/results/NOTES.md, session 31, H100); 5 gave the
+# same parts as 12 there.  The 64-row dense kernel plans light loads with
+# DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS; every other plan counts the same cost either way.
+LIGHT_LOAD_BLOCKS = 4
+DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS = 2
 # The sparse decode path plans with its own value, measured: a sweep of 12 / 2 / 5 / 8 on an
 # H100 (perf/results/NOTES.md, session 4) left the V32 cases unchanged and took 3.5-4% off
 # MODEL1 h_q 128 at b 128 and 256 with 2.
@@ -69,6 +78,13 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def piece_overhead(blocks: int, parts: int, fixed_overhead: int, light_overhead: int) -> int:
+    """The fixed cost a piece that a plan of ``blocks`` KV blocks in all over ``parts`` parts
+    counts: ``light_overhead`` when they average at most LIGHT_LOAD_BLOCKS a part, else
+    ``fixed_overhead`` (the GPU scheduler decides the same way)."""
+    return light_overhead if blocks <= LIGHT_LOAD_BLOCKS * parts else fixed_overhead
+
+
 def check_plan_fits(b: int, max_len: int, parts: int, block_n: int = BLOCK_N,
                     fixed_overhead: int = FIXED_OVERHEAD_BLOCKS) -> None:
     """Raise ValueError unless every quantity the GPU scheduler computes for ``b`` requests of
@@ -89,11 +105,14 @@ def max_plan_len(b: int, parts: int, block_n: int = BLOCK_N, fixed_overhead: int
 
 def plan_host(cache_seqlens: Sequence[int], parts: int, block_n: int = BLOCK_N,
               fixed_overhead: int = FIXED_OVERHEAD_BLOCKS,
-              max_len: int = MAX_PLAN_LEN) -> tuple[list[list[int]], list[int]]:
+              max_len: int = MAX_PLAN_LEN, light_overhead: "int | None" = None) -> tuple[list[list[int]], list[int]]:
     """Plan on the host: returns (sched_meta rows, split_offsets); lengths are clamped to
-    [0, max_len], as the GPU scheduler does."""
+    [0, max_len], as the GPU scheduler does.  A light plan counts ``light_overhead`` a piece
+    (``piece_overhead``; default: ``fixed_overhead``, as every plan does but dense decode's)."""
     b = len(cache_seqlens)
     nblocks = [cdiv(min(max(int(s), 0), max_len), block_n) for s in cache_seqlens]  # negative = empty
+    light = fixed_overhead if light_overhead is None else light_overhead
+    fixed_overhead = piece_overhead(sum(nblocks), parts, fixed_overhead, light)
     total = sum(nblocks) + fixed_overhead * b
     payload = cdiv(total, parts) + fixed_overhead
     meta = []

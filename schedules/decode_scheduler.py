@@ -19,6 +19,7 @@ from cutlass import Int32
 
 from cute_mla.layouts.constants import (META_BEGIN_BLOCK, META_BEGIN_REQ, META_BEGIN_SPLIT, META_END_BLOCK,
                                         META_END_REQ, SCHED_META_FIELDS)
+from cute_mla.schedules.decode_plan import LIGHT_LOAD_BLOCKS
 
 STAGED_REQUESTS = 8192  # block counts staged in shared memory (32 KiB, under the 48 KiB default limit)
 
@@ -38,29 +39,33 @@ class DecodeSchedulerKernel:
 
     @cute.jit
     def __call__(self, cache_seqlens: cute.Tensor, sched_meta: cute.Tensor, split_offsets: cute.Tensor,
-                 block_n: Int32, fixed_overhead: Int32, max_len: Int32, stream: cuda.CUstream):
-        self.kernel(cache_seqlens, sched_meta, split_offsets, block_n, fixed_overhead, max_len).launch(
+                 block_n: Int32, fixed_overhead: Int32, light_overhead: Int32, max_len: Int32, stream: cuda.CUstream):
+        self.kernel(cache_seqlens, sched_meta, split_offsets, block_n, fixed_overhead, light_overhead, max_len).launch(
             grid=[1, 1, 1], block=[self.threads, 1, 1], smem=self.smem_bytes, stream=stream)
 
     @cute.kernel
     def kernel(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mOffsets: cute.Tensor,
-               block_n: Int32, fixed_overhead: Int32, max_len: Int32):
+               block_n: Int32, fixed_overhead: Int32, light_overhead: Int32, max_len: Int32):
         # mSeqlens (b,), mMeta (parts, 8), mOffsets (b + 1,)
         lane = cute.arch.lane_idx()
         b = mSeqlens.shape[0]
         smem = cutlass.memory.SmemAllocator()
         sBlocks = smem.allocate_tensor(Int32, cute.make_layout(STAGED_REQUESTS), byte_alignment=16)  # (b,)
         staged = b <= STAGED_REQUESTS
-        total = Int32(0)
+        blocks = Int32(0)
         for i in cutlass.range(lane, b, 32):
             nb = self.blocks_of(mSeqlens[i], block_n, max_len)
             if staged:
                 sBlocks[i] = nb
-            total += nb + fixed_overhead
-        total = cute.arch.warp_reduction_sum(total)
+            blocks += nb
+        blocks = cute.arch.warp_reduction_sum(blocks)
         cute.arch.sync_warp()
+        # ``decode_plan.piece_overhead``; the host keeps blocks + overhead * b inside int32
+        overhead = fixed_overhead
+        if blocks <= LIGHT_LOAD_BLOCKS * mMeta.shape[0]:
+            overhead = light_overhead
         if lane == 0:
-            self.plan(sBlocks, mSeqlens, staged, mMeta, mOffsets, block_n, fixed_overhead, max_len, total)
+            self.plan(sBlocks, mSeqlens, staged, mMeta, mOffsets, block_n, overhead, max_len, blocks + overhead * b)
         cute.arch.griddepcontrol_launch_dependents()
 
     @cute.jit

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cute_mla import api, ops
-from cute_mla.schedules.decode_plan import (FIXED_OVERHEAD_BLOCKS, SPARSE_FIXED_OVERHEAD_BLOCKS,
+from cute_mla.schedules.decode_plan import (DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS, FIXED_OVERHEAD_BLOCKS,
+                                            SPARSE_FIXED_OVERHEAD_BLOCKS,
                                             SPARSE_FEW_HEADS_FIXED_OVERHEAD_BLOCKS, plan_host)
 
 pytestmark = pytest.mark.gpu
@@ -29,14 +30,18 @@ SCHED_CASES = [(lens, parts) for lens, parts in [
 ]]
 
 
-# the split overheads of dense decode (12) and of sparse decode at 64 / 128 heads (2) and under 64 (0)
-@pytest.mark.parametrize("overhead", [FIXED_OVERHEAD_BLOCKS, SPARSE_FIXED_OVERHEAD_BLOCKS,
-                                      SPARSE_FEW_HEADS_FIXED_OVERHEAD_BLOCKS])
+# the split overheads (fixed, light) of dense decode (12, 2) and of sparse decode at 64 / 128 heads
+# (2) and under 64 (0); the cases below 4 blocks a part take the light one
+@pytest.mark.parametrize("overhead,light", [(FIXED_OVERHEAD_BLOCKS, DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS),
+                                            (FIXED_OVERHEAD_BLOCKS, FIXED_OVERHEAD_BLOCKS),
+                                            (SPARSE_FIXED_OVERHEAD_BLOCKS, SPARSE_FIXED_OVERHEAD_BLOCKS),
+                                            (SPARSE_FEW_HEADS_FIXED_OVERHEAD_BLOCKS,
+                                             SPARSE_FEW_HEADS_FIXED_OVERHEAD_BLOCKS)])
 @pytest.mark.parametrize("lens,parts", SCHED_CASES, ids=[f"b{len(c[0])}-p{c[1]}" for c in SCHED_CASES])
-def test_scheduler_matches_host_plan(lens, parts, overhead):
+def test_scheduler_matches_host_plan(lens, parts, overhead, light):
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    meta, offsets = ops.plan_decode(seqlens, parts, fixed_overhead=overhead)
-    ref_meta, ref_offsets = plan_host(lens, parts, fixed_overhead=overhead)
+    meta, offsets = ops.plan_decode(seqlens, parts, fixed_overhead=overhead, light_overhead=light)
+    ref_meta, ref_offsets = plan_host(lens, parts, fixed_overhead=overhead, light_overhead=light)
     assert meta.cpu().tolist() == ref_meta
     assert offsets.cpu().tolist() == ref_offsets
 

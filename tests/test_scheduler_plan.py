@@ -120,6 +120,32 @@ def test_few_heads_overhead_rounding():
     assert part_blocks(decode_plan.SPARSE_FEW_HEADS_FIXED_OVERHEAD_BLOCKS) == [0] * 4 + [2] * 128
 
 
+def test_light_plan_overhead():
+    """A plan whose parts average at most LIGHT_LOAD_BLOCKS blocks counts ``light_overhead`` a
+    piece: dense b 5 s_q 3 (five requests of 56 blocks in all, 44 parts) gets parts of at most one
+    pair of blocks with the dense light overhead, where 12 rounds them up to 3; one block more
+    than the light bound and the plan is the fixed overhead's, as is any plan without a light
+    overhead."""
+    lens = [1375, 663, 1, 998, 356]  # 22 + 11 + 1 + 16 + 6 = 56 blocks
+    nblocks = [-(-s // BLOCK_N) for s in lens]
+
+    def longest(meta):
+        return max(sum(hi - lo for _, lo, hi, _ in part_work(row, nblocks)) for row in meta)
+
+    light = decode_plan.DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS
+    assert decode_plan.piece_overhead(56, 44, FIXED_OVERHEAD_BLOCKS, light) == light
+    assert decode_plan.piece_overhead(4 * 14 + 1, 14, FIXED_OVERHEAD_BLOCKS, light) == FIXED_OVERHEAD_BLOCKS
+    assert decode_plan.piece_overhead(4 * 14, 14, FIXED_OVERHEAD_BLOCKS, light) == light
+    fixed = plan_host(lens, 44, fixed_overhead=FIXED_OVERHEAD_BLOCKS)
+    assert longest(fixed[0]) == 3
+    assert plan_host(lens, 44, fixed_overhead=FIXED_OVERHEAD_BLOCKS, light_overhead=light) == \
+        plan_host(lens, 44, fixed_overhead=light)
+    assert longest(plan_host(lens, 44, fixed_overhead=FIXED_OVERHEAD_BLOCKS, light_overhead=light)[0]) == 2
+    assert plan_host(lens, 44, fixed_overhead=FIXED_OVERHEAD_BLOCKS, light_overhead=FIXED_OVERHEAD_BLOCKS) == fixed
+    heavy = [4096] * 128  # 64 blocks a request over 66 parts: not light
+    assert plan_host(heavy, 66, light_overhead=light) == plan_host(heavy, 66)
+
+
 @pytest.mark.parametrize("rows", [1, 63, 64, 65, 128, 1000])
 def test_split_kv_grid_covers_every_row_once(rows):
     parts, heads, blocks = grids.split_kv(7, 3, rows)
@@ -181,8 +207,9 @@ def test_dense_heads_route(monkeypatch):
 
 
 def test_dense_fixed_overhead_env(monkeypatch):
-    """Dense plans take ``FIXED_OVERHEAD_BLOCKS`` unless CUTE_MLA_DENSE_FIXED_OVERHEAD gives an
-    integer 0-64 (a sweep's knob); anything else is ignored."""
+    """Dense plans take ``FIXED_OVERHEAD_BLOCKS`` (light ones of the 64-row kernel
+    ``DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS``) unless CUTE_MLA_DENSE_FIXED_OVERHEAD gives an integer
+    0-64 (a sweep's knob, then for every plan); anything else is ignored."""
     from cute_mla import plans
 
     for env, expected in ((None, decode_plan.FIXED_OVERHEAD_BLOCKS), ("0", 0), ("5", 5), ("64", 64),
@@ -193,3 +220,6 @@ def test_dense_fixed_overhead_env(monkeypatch):
         else:
             monkeypatch.setenv(plans.DENSE_FIXED_OVERHEAD_ENV, env)
         assert plans.dense_fixed_overhead() == expected, env
+        # a valid value is every plan's; else a light plan takes the dense light overhead
+        light = expected if env in ("0", "5", "64") else decode_plan.DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS
+        assert plans.dense_fixed_overhead(light=True) == light, env
