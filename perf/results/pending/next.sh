@@ -236,6 +236,11 @@ light)
     suite light light 200
     grid_and_small_heads light
     ;;
+h200grid)
+    # on an H200 only: main's grid and issue 19's 3 rounds (`build-light` made its tree: main's kernels)
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then grid_and_small_heads light
+    else echo "not an H200: nothing run"; fi
+    ;;
 grid)
     # main beside FlashMLA: the whole grid, then 3 rounds of issue 19's cases (about 90 s)
     grid_and_small_heads
