@@ -160,12 +160,6 @@ build-l2near)
     branch_tree l2near exp/dense-l2-near
     (cd scratch/l2near && python -m cute_mla.compile --arch sm_90a | tail -n 1)
     ;;
-build-light)
-    # exp/light-overhead for `light` (both archs: the suite's wheel test), main's cubins reused
-    branch_tree light exp/light-overhead
-    cp -r scratch/main/cute_mla/_cubins scratch/light/cute_mla/
-    (cd scratch/light && python -m cute_mla.compile | tail -n 1)
-    ;;
 build-mlf)
     # exp/merge-loads-first for `s31` (sm_90a only)
     branch_tree mlf exp/merge-loads-first
@@ -229,16 +223,9 @@ l2near_only)
     dense_tests l2near l2near -m "full or not full"
     ab l2near main l2near 3 "${DENSE_AB[@]}" "dense_decode b=128 s_q=1 s_k=16384 "
     ;;
-light)
-    # exp/light-overhead (`build-light`): against main beside FlashMLA, 3 rounds (dense cases,
-    # b 5 the light one), the whole GPU suite on its tree, then its grid (the record if it lands)
-    ab light main light 3 "${DENSE_AB[@]}" "dense_decode b=64 "
-    suite light light 200
-    grid_and_small_heads light
-    ;;
 h200grid)
-    # on an H200 only: main's grid and issue 19's 3 rounds (`build-light` made its tree: main's kernels)
-    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then grid_and_small_heads light
+    # on an H200 only (`build` first): main's grid and issue 19's 3 rounds, issue 18's H200 record
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then grid_and_small_heads
     else echo "not an H200: nothing run"; fi
     ;;
 grid)
@@ -249,7 +236,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|build-light|light|build-l2near|s31|l2near_only|build-diag|proof|look|profiles|l2near|grid|diag" >&2
+    echo "usage: $0 build|h200grid|build-l2near|s31|l2near_only|build-diag|proof|look|profiles|l2near|grid|diag" >&2
     exit 2
     ;;
 esac
