@@ -160,7 +160,13 @@ build-l2near)
     branch_tree l2near exp/dense-l2-near
     (cd scratch/l2near && python -m cute_mla.compile --arch sm_90a | tail -n 1)
     ;;
-build-memset)
+build-s32)
+    # session 32: on an H200 the grid and issue 19's cases (issue 18's record), the light-plan
+    # metadata test on main, then `memset` (build, build-memset first)
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then grid_and_small_heads; fi
+    dense_tests main light -k light_call
+    ;&
+memset)
     # exp/counters-memset for `memset` (host code only: main's cubins serve it)
     branch_tree memset exp/counters-memset
     cp -r scratch/main/cute_mla/_cubins scratch/memset/cute_mla/
@@ -250,7 +256,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|h200grid|build-memset|memset|build-l2near|s31|l2near_only|build-diag|proof|look|profiles|l2near|grid|diag" >&2
+    echo "usage: $0 build|s32|h200grid|build-memset|memset|build-l2near|s31|l2near_only|build-diag|proof|look|profiles|l2near|grid|diag" >&2
     exit 2
     ;;
 esac
