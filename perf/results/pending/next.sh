@@ -160,13 +160,7 @@ build-l2near)
     branch_tree l2near exp/dense-l2-near
     (cd scratch/l2near && python -m cute_mla.compile --arch sm_90a | tail -n 1)
     ;;
-build-s32)
-    # session 32: on an H200 the grid and issue 19's cases (issue 18's record), the light-plan
-    # metadata test on main, then `memset` (build, build-memset first)
-    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then grid_and_small_heads; fi
-    dense_tests main light -k light_call
-    ;&
-memset)
+build-memset)
     # exp/counters-memset for `memset` (host code only: main's cubins serve it)
     branch_tree memset exp/counters-memset
     cp -r scratch/main/cute_mla/_cubins scratch/memset/cute_mla/
@@ -234,6 +228,12 @@ l2near_only)
     dense_tests l2near l2near -m "full or not full"
     ab l2near main l2near 3 "${DENSE_AB[@]}" "dense_decode b=128 s_q=1 s_k=16384 "
     ;;
+s32)
+    # session 32: on an H200 the grid and issue 19's cases (issue 18's record), the light-plan
+    # metadata test on main, then `memset` (build, build-memset first)
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then grid_and_small_heads; fi
+    dense_tests main light -k light_call
+    ;&
 memset)
     # exp/counters-memset (`build` then `build-memset`): the graph and launch-path tests, the
     # dense fast tests, then against main beside FlashMLA, 3 rounds (graph-timed: the fill it
