@@ -234,6 +234,12 @@ s32)
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then grid_and_small_heads; fi
     dense_tests main light -k light_call
     ;&
+s32b)
+    # session 32, second call: on an H200 issue 18's record, then the whole GPU suite on
+    # exp/counters-memset (its fix for new threads; `build-memset` first)
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then grid_and_small_heads; fi
+    suite memset memset 150
+    ;;
 memset)
     # exp/counters-memset (`build` then `build-memset`): the graph and launch-path tests, the
     # dense fast tests, then against main beside FlashMLA, 3 rounds (graph-timed: the fill it
@@ -256,7 +262,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|s32|h200grid|build-memset|memset|build-l2near|s31|l2near_only|build-diag|proof|look|profiles|l2near|grid|diag" >&2
+    echo "usage: $0 build|s32|s32b|h200grid|build-memset|memset|build-l2near|s31|l2near_only|build-diag|proof|look|profiles|l2near|grid|diag" >&2
     exit 2
     ;;
 esac
