@@ -44,6 +44,12 @@ def check(result, what: str):
     return rest[0] if len(rest) == 1 else tuple(rest)
 
 
+def memset_d32(ptr: int, value: int, count: int, stream: int) -> None:
+    """Enqueue ``count`` 32-bit words of ``value`` at ``ptr`` on the raw ``stream``
+    (``cuMemsetD32Async``; under graph capture a memset node, not a kernel)."""
+    check(_drv().cuMemsetD32Async(ptr, value, count, stream), "cuMemsetD32Async")
+
+
 _PRIMARY: dict[int, Any] = {}
 _PRIMARY_LOCK = threading.Lock()
 
