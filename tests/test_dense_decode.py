@@ -12,6 +12,8 @@ import torch
 import cute_mla
 from cute_mla.layouts.constants import DENSE_DECODE_SMALL_HEADS
 from cute_mla.reference import ref_dense_decode
+from cute_mla.schedules.decode_plan import (DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS, FIXED_OVERHEAD_BLOCKS, piece_overhead,
+                                            plan_host)
 from cute_mla.testing import (SHARP, SOFT, assert_close_named, data_for, make_paged_kv, randn_clipped, strided_view,
                               varlen_seqlens)
 
@@ -164,6 +166,24 @@ def test_cluster_plan_runs_no_more_parts_than_clusters_fit(monkeypatch, cap, n):
     assert 0 < clusters <= num_sms // n
     parts = meta.tile_scheduler_metadata.shape[0]
     assert parts == min(num_sms // 4, clusters * n // 4), (parts, clusters)
+
+
+def test_light_call_runs_the_light_plan():
+    """A call whose plan is light (b 5, s_q 3, h_q 64, 13 blocks a request: perf's small-batch
+    case) is scheduled with the dense light overhead: its metadata is the host plan's with
+    (fixed, light) = (12, 2), which differs from the plan of 12 alone, and the output is right."""
+    meta = cute_mla.get_mla_metadata()[0]
+    run_case(5, 3, 777, 64, 1, False, True, seed=61, sched_meta=meta, data=SHARP[0])
+    parts = meta.tile_scheduler_metadata.shape[0]
+    lens = [777] * 5
+    light = plan_host(lens, parts, fixed_overhead=FIXED_OVERHEAD_BLOCKS,
+                      light_overhead=DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS)
+    assert piece_overhead(5 * 13, parts, FIXED_OVERHEAD_BLOCKS, DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS) == \
+        DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS
+    if parts == 44:  # 132 SMs (H100 / H200 SXM): the light plan is one pair a part, 12's rounds to 3 blocks
+        assert light != plan_host(lens, parts, fixed_overhead=FIXED_OVERHEAD_BLOCKS)
+    assert meta.tile_scheduler_metadata.cpu().tolist() == light[0]
+    assert meta.num_splits.cpu().tolist() == light[1]
 
 
 @pytest.mark.parametrize("cap", ["1", "2", "4"])

@@ -160,6 +160,11 @@ build-l2near)
     branch_tree l2near exp/dense-l2-near
     (cd scratch/l2near && python -m cute_mla.compile --arch sm_90a | tail -n 1)
     ;;
+build-memset)
+    # exp/counters-memset for `memset` (host code only: main's cubins serve it)
+    branch_tree memset exp/counters-memset
+    cp -r scratch/main/cute_mla/_cubins scratch/memset/cute_mla/
+    ;;
 build-mlf)
     # exp/merge-loads-first for `s31` (sm_90a only)
     branch_tree mlf exp/merge-loads-first
@@ -223,6 +228,21 @@ l2near_only)
     dense_tests l2near l2near -m "full or not full"
     ab l2near main l2near 3 "${DENSE_AB[@]}" "dense_decode b=128 s_q=1 s_k=16384 "
     ;;
+s32)
+    # session 32: on an H200 the grid and issue 19's cases (issue 18's record), the light-plan
+    # metadata test on main, then `memset` (build, build-memset first)
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then grid_and_small_heads; fi
+    dense_tests main light -k light_call
+    ;&
+memset)
+    # exp/counters-memset (`build` then `build-memset`): the graph and launch-path tests, the
+    # dense fast tests, then against main beside FlashMLA, 3 rounds (graph-timed: the fill it
+    # replaces cost 1.4 us a call, session 31)
+    (cd scratch/memset && PYTHONPATH=. timeout 120 python -m pytest -q -p no:cacheprovider -o timeout=60 \
+        tests/test_launch_path.py tests/test_hardening.py tests/test_dense_decode.py > "$OUT/memset-tests.log" 2>&1)
+    echo "memset tests rc=$? $(tail -n 1 "$OUT/memset-tests.log") $(took)"
+    ab memset main memset 3 "${DENSE_AB[@]}"
+    ;;
 h200grid)
     # on an H200 only (`build` first): main's grid and issue 19's 3 rounds, issue 18's H200 record
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then grid_and_small_heads
@@ -236,7 +256,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|h200grid|build-l2near|s31|l2near_only|build-diag|proof|look|profiles|l2near|grid|diag" >&2
+    echo "usage: $0 build|s32|h200grid|build-memset|memset|build-l2near|s31|l2near_only|build-diag|proof|look|profiles|l2near|grid|diag" >&2
     exit 2
     ;;
 esac
