@@ -44,6 +44,8 @@ def check(result, what: str):
     return rest[0] if len(rest) == 1 else tuple(rest)
 
 
+
+
 _PRIMARY: dict[int, Any] = {}
 _PRIMARY_LOCK = threading.Lock()
 
@@ -92,6 +94,15 @@ def is_current(handle: int) -> bool:
     """Whether the context with this handle (``int(ctx)``) is the calling thread's current one."""
     err, cur = _drv().cuCtxGetCurrent()
     return not err and cur is not None and int(cur) == handle
+
+
+def memset_d32(ptr: int, value: int, count: int, stream: int, device_index: int) -> None:
+    """Enqueue ``count`` 32-bit words of ``value`` at ``ptr`` on the raw ``stream`` of device
+    ``device_index`` (``cuMemsetD32Async``; under graph capture a memset node, not a kernel), in
+    that device's primary context: a thread torch has not used has no current context, and the
+    driver refuses the call there (CUDA_ERROR_INVALID_CONTEXT, H100, session 32)."""
+    with DeviceContext(primary_context(device_index)):
+        check(_drv().cuMemsetD32Async(ptr, value, count, stream), "cuMemsetD32Async")
 
 
 def _raw_stream_getter():
