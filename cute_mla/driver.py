@@ -3,6 +3,8 @@
 - ``check``: turn a cuda-python result tuple into a value or a RuntimeError naming the call.
 - ``primary_context`` / ``DeviceContext``: launches run in the primary context of the tensors'
   device, made current for the launch when the calling thread has another one (or none).
+- ``memset_d32``: 32-bit words set on a stream (a memset node under graph capture), in the
+  device's primary context.
 - ``current_stream``: torch's current stream of a device as a raw handle, in about 0.15 us
   where ``torch.cuda.current_stream(i).cuda_stream`` takes 1.7 (H200 host, 2026-12-04).
 - ``tensor_maps`` / ``tensor_map``: the 128-byte ``CUtensorMap`` of a TMA argument, cached by
