@@ -46,8 +46,6 @@ def check(result, what: str):
     return rest[0] if len(rest) == 1 else tuple(rest)
 
 
-
-
 _PRIMARY: dict[int, Any] = {}
 _PRIMARY_LOCK = threading.Lock()
 

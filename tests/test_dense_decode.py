@@ -171,7 +171,8 @@ def test_cluster_plan_runs_no_more_parts_than_clusters_fit(monkeypatch, cap, n):
 def test_light_call_runs_the_light_plan():
     """A call whose plan is light (b 5, s_q 3, h_q 64, 13 blocks a request: perf's small-batch
     case) is scheduled with the dense light overhead: its metadata is the host plan's with
-    (fixed, light) = (12, 2), which differs from the plan of 12 alone, and the output is right."""
+    (fixed, light) = (12, 2), and the output is right.  On 132 SMs (44 parts) that plan differs
+    from the plan of 12 alone (7 splits a request against 5), so the check can fail there."""
     meta = cute_mla.get_mla_metadata()[0]
     run_case(5, 3, 777, 64, 1, False, True, seed=61, sched_meta=meta, data=SHARP[0])
     parts = meta.tile_scheduler_metadata.shape[0]
@@ -180,7 +181,7 @@ def test_light_call_runs_the_light_plan():
                       light_overhead=DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS)
     assert piece_overhead(5 * 13, parts, FIXED_OVERHEAD_BLOCKS, DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS) == \
         DENSE_LIGHT_FIXED_OVERHEAD_BLOCKS
-    if parts == 44:  # 132 SMs (H100 / H200 SXM): the light plan is one pair a part, 12's rounds to 3 blocks
+    if parts == 44:  # 132 SMs (H100 / H200 SXM): light parts hold one pair, 12's a pair and a lone block
         assert light != plan_host(lens, parts, fixed_overhead=FIXED_OVERHEAD_BLOCKS)
     assert meta.tile_scheduler_metadata.cpu().tolist() == light[0]
     assert meta.num_splits.cpu().tolist() == light[1]
