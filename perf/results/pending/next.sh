@@ -11,6 +11,9 @@
 #                                             # s_k 4096 profiled beside FlashMLA (both kernels)
 #   bash perf/results/pending/next.sh l2near  # exp/dense-l2-near: dense tests, A/B against main
 #                                             # (`build-l2near`; about 170 s)
+#   bash perf/results/pending/next.sh b5      # dense b 5's timelines and diagnostic kernels
+#                                             # (`build-b5`; session 31's, about 120 s)
+#   bash perf/results/pending/next.sh h200grid  # `grid` on an H200 only (issue 18's record)
 #   bash perf/results/pending/next.sh grid    # main: the grid and 3 rounds of issue 19's cases only
 #   bash perf/results/pending/next.sh diag    # the three diag patches against main (timing only;
 #                                             # `build-diag` first: session 22's patches, which may
@@ -160,16 +163,6 @@ build-l2near)
     branch_tree l2near exp/dense-l2-near
     (cd scratch/l2near && python -m cute_mla.compile --arch sm_90a | tail -n 1)
     ;;
-build-memset)
-    # exp/counters-memset for `memset` (host code only: main's cubins serve it)
-    branch_tree memset exp/counters-memset
-    cp -r scratch/main/cute_mla/_cubins scratch/memset/cute_mla/
-    ;;
-build-mlf)
-    # exp/merge-loads-first for `s31` (sm_90a only)
-    branch_tree mlf exp/merge-loads-first
-    (cd scratch/mlf && python -m cute_mla.compile --arch sm_90a | tail -n 1)
-    ;;
 build-b5)
     # dense b 5 diagnostics (timing only, wrong outputs): merge chunks that do nothing, merges
     # that do not wait for their splits, and a kernel of tickets alone (no split work, no merge)
@@ -212,42 +205,11 @@ l2near)
     dense_tests l2near l2near -m "full or not full"
     ab l2near main l2near 3 "${DENSE_AB[@]}" "dense_decode b=128 s_q=1 s_k=16384 "
     ;;
-s31)
-    # session 31: on an H200 first the grid (issue 18's record), then the kernel timelines of
-    # dense b 5, the 1M-token request and s_k 4096 (kineto, both libraries), then `l2near`
-    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then grid_and_small_heads; fi
+b5)
+    # dense b 5 s_q 3 (`build-b5` first): kineto timelines of both libraries (b 5, the 1M-token
+    # request, s_k 4096), then main and the three diagnostic kernels beside FlashMLA, 3 rounds each
     timeline main timeline "dense_decode b=5 " "dense_decode b=1 " "$DENSE_4096"
-    for d in main b5-nomerge b5-nowait b5-empty mlf; do own_times "$d" "diag-$d" "dense_decode b=5 "; done
-    for oh in 2 5; do
-        for t in main mlf; do OWN_ENV="CUTE_MLA_DENSE_FIXED_OVERHEAD=$oh" own_times $t "oh$oh-$t" "dense_decode b=5 "; done
-    done
-    dense_tests mlf mlf -m "full or not full"
-    ab mlf main mlf 3 "${DENSE_AB[@]}"
-    ;&
-l2near_only)
-    dense_tests l2near l2near -m "full or not full"
-    ab l2near main l2near 3 "${DENSE_AB[@]}" "dense_decode b=128 s_q=1 s_k=16384 "
-    ;;
-s32)
-    # session 32: on an H200 the grid and issue 19's cases (issue 18's record), the light-plan
-    # metadata test on main, then `memset` (build, build-memset first)
-    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then grid_and_small_heads; fi
-    dense_tests main light -k light_call
-    ;&
-s32b)
-    # session 32, second call: on an H200 issue 18's record, then the whole GPU suite on
-    # exp/counters-memset (its fix for new threads; `build-memset` first)
-    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then grid_and_small_heads; fi
-    suite memset memset 150
-    ;;
-memset)
-    # exp/counters-memset (`build` then `build-memset`): the graph and launch-path tests, the
-    # dense fast tests, then against main beside FlashMLA, 3 rounds (graph-timed: the fill it
-    # replaces cost 1.4 us a call, session 31)
-    (cd scratch/memset && PYTHONPATH=. timeout 120 python -m pytest -q -p no:cacheprovider -o timeout=60 \
-        tests/test_launch_path.py tests/test_hardening.py tests/test_dense_decode.py > "$OUT/memset-tests.log" 2>&1)
-    echo "memset tests rc=$? $(tail -n 1 "$OUT/memset-tests.log") $(took)"
-    ab memset main memset 3 "${DENSE_AB[@]}"
+    for d in main b5-nomerge b5-nowait b5-empty; do own_times "$d" "diag-$d" "dense_decode b=5 "; done
     ;;
 h200grid)
     # on an H200 only (`build` first): main's grid and issue 19's 3 rounds, issue 18's H200 record
@@ -262,7 +224,7 @@ diag)
     for d in $DIAGS; do ab "diag-$d" main "diag-$d" 1 "${DIAG_CASES[@]}"; done
     ;;
 *)
-    echo "usage: $0 build|s32|s32b|h200grid|build-memset|memset|build-l2near|s31|l2near_only|build-diag|proof|look|profiles|l2near|grid|diag" >&2
+    echo "usage: $0 build|build-l2near|build-b5|build-diag|proof|look|profiles|l2near|b5|h200grid|grid|diag" >&2
     exit 2
     ;;
 esac
